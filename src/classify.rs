@@ -1,0 +1,119 @@
+//! Deciding whether an attempt succeeded, may succeed if replayed, or never will.
+//!
+//! Every attempt ends in one of three [`Outcome`]s. The policy retries only a
+//! [`Outcome::Transient`] one; a [`Outcome::Permanent`] rejection ends the call
+//! at once, because replaying a request the server has refused only burns the
+//! schedule.
+//!
+//! [`DefaultClassifier`] is the rule of the terminal callbacks: below 400 is a
+//! success, 5xx, 408 and 429 are transient, every other 4xx is permanent, and any
+//! error of the inner service (refused or reset connection, an elapsed per-attempt
+//! timeout) is transient. Its status rule is [`classify_status`], usable on its own.
+//!
+//! Any `Fn(&Result<Res, E>) -> Outcome` is a classifier too, so a special case can
+//! be layered over the default:
+//!
+//! ```
+//! use http::{Response, StatusCode};
+//! use tower_terminal_retry::classify::{Classify, DefaultClassifier, Outcome};
+//!
+//! // This server answers 409 when a report was already accepted: a success.
+//! let classifier = |result: &Result<Response<()>, std::io::Error>| match result {
+//!     Ok(response) if response.status() == StatusCode::CONFLICT => Outcome::Success,
+//!     other => DefaultClassifier.classify(other),
+//! };
+//!
+//! let conflict = Ok(Response::builder().status(409).body(()).unwrap());
+//! assert_eq!(classifier.classify(&conflict), Outcome::Success);
+//! let bad_gateway = Ok(Response::builder().status(502).body(()).unwrap());
+//! assert_eq!(classifier.classify(&bad_gateway), Outcome::Transient);
+//! let refused = Err(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+//! assert_eq!(classifier.classify(&refused), Outcome::Transient);
+//! ```
+
+use http::{Response, StatusCode};
+
+/// How one attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// The server took the request: return it, no retry.
+    Success,
+    /// A hiccup that a replay may get past: retry while the schedule lasts.
+    Transient,
+    /// The server refused the request for good: return it at once.
+    Permanent,
+}
+
+impl Outcome {
+    /// Whether this outcome is worth a retry.
+    pub fn is_transient(self) -> bool {
+        self == Outcome::Transient
+    }
+
+    /// The name used in `tracing` events: `success`, `transient` or `permanent`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Success => "success",
+            Outcome::Transient => "transient",
+            Outcome::Permanent => "permanent",
+        }
+    }
+}
+
+/// Sorts the result of one attempt into an [`Outcome`].
+///
+/// Implemented by [`DefaultClassifier`] and by every
+/// `Fn(&Result<Res, E>) -> Outcome`.
+pub trait Classify<Res, E> {
+    /// Classifies the result of one attempt.
+    fn classify(&self, result: &Result<Res, E>) -> Outcome;
+}
+
+impl<F, Res, E> Classify<Res, E> for F
+where
+    F: Fn(&Result<Res, E>) -> Outcome,
+{
+    fn classify(&self, result: &Result<Res, E>) -> Outcome {
+        self(result)
+    }
+}
+
+/// The terminal-callback rule: statuses by [`classify_status`], every inner
+/// service error transient.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DefaultClassifier;
+
+impl<B, E> Classify<Response<B>, E> for DefaultClassifier {
+    fn classify(&self, result: &Result<Response<B>, E>) -> Outcome {
+        match result {
+            Ok(response) => classify_status(response.status()),
+            // The inner service failed before a status came back: a refused or
+            // reset connection, a TLS or I/O error, an elapsed timeout. None of
+            // them says the server rejected the request.
+            Err(_) => Outcome::Transient,
+        }
+    }
+}
+
+/// Classifies a response status: below 400 is [`Outcome::Success`]; 5xx (and
+/// any non-standard code above 599), 408
+/// (Request Timeout) and 429 (Too Many Requests) are [`Outcome::Transient`];
+/// every other 4xx is [`Outcome::Permanent`].
+///
+/// ```
+/// use http::StatusCode;
+/// use tower_terminal_retry::classify::{classify_status, Outcome};
+///
+/// assert_eq!(classify_status(StatusCode::OK), Outcome::Success);
+/// assert_eq!(classify_status(StatusCode::BAD_GATEWAY), Outcome::Transient);
+/// assert_eq!(classify_status(StatusCode::TOO_MANY_REQUESTS), Outcome::Transient);
+/// assert_eq!(classify_status(StatusCode::NOT_FOUND), Outcome::Permanent);
+/// ```
+pub fn classify_status(status: StatusCode) -> Outcome {
+    match status.as_u16() {
+        // 5xx and the non-standard codes above it, as the Go original did.
+        500.. | 408 | 429 => Outcome::Transient,
+        400..=499 => Outcome::Permanent,
+        _ => Outcome::Success,
+    }
+}

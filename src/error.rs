@@ -1,0 +1,54 @@
+//! The crate's own error: configuration rejected when it is built.
+
+use std::{error::Error, fmt, time::Duration};
+
+/// A configuration the crate refuses, reported when it is built so that no
+/// request ever meets it.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A schedule holds more delays than [`MAX_RETRIES`](crate::schedule::MAX_RETRIES).
+    TooManyRetries {
+        /// How many delays were given.
+        count: usize,
+    },
+    /// A delay, or a cap on delays, is longer than [`MAX_DELAY`](crate::schedule::MAX_DELAY).
+    DelayTooLong {
+        /// The delay that was given.
+        delay: Duration,
+    },
+    /// An exponential schedule's factor is not a finite number of at least 1.
+    InvalidFactor {
+        /// The factor that was given.
+        factor: f64,
+    },
+    /// A retry budget's parameters are outside what the budget accepts.
+    InvalidBudget {
+        /// Which parameter, and the accepted range.
+        reason: &'static str,
+    },
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigError::TooManyRetries { count } => write!(
+                f,
+                "retry schedule has {count} delays, at most {} are allowed",
+                crate::schedule::MAX_RETRIES
+            ),
+            ConfigError::DelayTooLong { delay } => write!(
+                f,
+                "retry delay of {delay:?} is longer than the maximum of {:?}",
+                crate::schedule::MAX_DELAY
+            ),
+            ConfigError::InvalidFactor { factor } => write!(
+                f,
+                "exponential backoff factor {factor} is not a finite number of at least 1"
+            ),
+            ConfigError::InvalidBudget { reason } => write!(f, "invalid retry budget: {reason}"),
+        }
+    }
+}
+
+impl Error for ConfigError {}

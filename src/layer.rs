@@ -1,0 +1,120 @@
+//! The layer: [`TerminalRetryLayer`] wraps any `Service<http::Request<B>>`.
+//!
+//! The wrapped service, [`TerminalRetry`], is tower's own
+//! [`Retry`] driven by a [`TerminalRetryPolicy`]. It has
+//! exactly the inner service's `Response` and `Error` types: after the last
+//! attempt the caller gets the last response (a 502 stays an `Ok` response with
+//! its body readable) or the last error, unchanged, and can still classify it.
+//!
+//! Put a per-attempt timeout *inside* the layer, so that a hung attempt counts
+//! as a transient error and is retried, and buffer streaming bodies *outside*
+//! it (see the crate docs). Stacked onto hyper-util's client:
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use bytes::Bytes;
+//! use http_body_util::Full;
+//! use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+//! use tower::{ServiceBuilder, ServiceExt};
+//! use tower_terminal_retry::TerminalRetryLayer;
+//!
+//! # async fn run() -> Result<(), tower::BoxError> {
+//! let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+//! let service = ServiceBuilder::new()
+//!     .layer(TerminalRetryLayer::new())
+//!     .timeout(Duration::from_secs(30)) // per attempt
+//!     .service(client);
+//!
+//! let request = http::Request::post("http://127.0.0.1:8080/api/daemon/tasks/t1/complete")
+//!     .header("content-type", "application/json")
+//!     .body(Full::from(r#"{"output":"done"}"#))?;
+//! let response = service.oneshot(request).await?;
+//! println!("{}", response.status());
+//! # Ok(())
+//! # }
+//! ```
+
+use http::HeaderName;
+use tower::{retry::Retry, Layer};
+
+use crate::{
+    classify::DefaultClassifier, Jitter, RetryAfter, RetryBudget, Schedule, TerminalRetryPolicy,
+};
+
+/// The service [`TerminalRetryLayer`] produces: tower's `Retry` with the
+/// terminal policy.
+pub type TerminalRetry<S, C = DefaultClassifier> = Retry<TerminalRetryPolicy<C>, S>;
+
+/// Retries idempotent requests on transient failures: see the [module docs](self).
+///
+/// Its settings are those of [`TerminalRetryPolicy`], which every method here
+/// forwards to. Clones share the schedule, classifier and budget.
+#[derive(Debug, Clone)]
+pub struct TerminalRetryLayer<C = DefaultClassifier> {
+    policy: TerminalRetryPolicy<C>,
+}
+
+impl TerminalRetryLayer {
+    /// The default layer: the schedule 4, 8, 16, 32, 64 s and the default
+    /// classifier (see [`TerminalRetryPolicy`]).
+    pub fn new() -> Self {
+        TerminalRetryLayer::default()
+    }
+}
+
+impl Default for TerminalRetryLayer {
+    fn default() -> Self {
+        TerminalRetryLayer::from(TerminalRetryPolicy::default())
+    }
+}
+
+impl<C> From<TerminalRetryPolicy<C>> for TerminalRetryLayer<C> {
+    fn from(policy: TerminalRetryPolicy<C>) -> Self {
+        TerminalRetryLayer { policy }
+    }
+}
+
+impl<C> TerminalRetryLayer<C> {
+    /// See [`TerminalRetryPolicy::with_schedule`].
+    pub fn with_schedule(self, schedule: Schedule) -> Self {
+        self.policy.with_schedule(schedule).into()
+    }
+
+    /// See [`TerminalRetryPolicy::with_classifier`].
+    pub fn with_classifier<D>(self, classifier: D) -> TerminalRetryLayer<D> {
+        self.policy.with_classifier(classifier).into()
+    }
+
+    /// See [`TerminalRetryPolicy::with_retry_after`].
+    pub fn with_retry_after(self, retry_after: RetryAfter) -> Self {
+        self.policy.with_retry_after(retry_after).into()
+    }
+
+    /// See [`TerminalRetryPolicy::with_jitter`].
+    pub fn with_jitter(self, jitter: Jitter) -> Self {
+        self.policy.with_jitter(jitter).into()
+    }
+
+    /// See [`TerminalRetryPolicy::with_budget`].
+    pub fn with_budget(self, budget: RetryBudget) -> Self {
+        self.policy.with_budget(budget).into()
+    }
+
+    /// See [`TerminalRetryPolicy::with_attempt_header`].
+    pub fn with_attempt_header(self, name: HeaderName) -> Self {
+        self.policy.with_attempt_header(name).into()
+    }
+
+    /// The policy each wrapped service starts from.
+    pub fn policy(&self) -> &TerminalRetryPolicy<C> {
+        &self.policy
+    }
+}
+
+impl<S, C> Layer<S> for TerminalRetryLayer<C> {
+    type Service = TerminalRetry<S, C>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Retry::new(self.policy.clone(), inner)
+    }
+}

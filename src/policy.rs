@@ -1,0 +1,318 @@
+//! The retry policy: a [`tower::retry::Policy`] for idempotent HTTP requests.
+//!
+//! [`TerminalRetryPolicy`] decides, after each attempt, whether to try again and
+//! how long to wait first. It works with tower's own
+//! [`RetryLayer`](tower::retry::RetryLayer) as well as through
+//! [`TerminalRetryLayer`](crate::TerminalRetryLayer), which is the same thing
+//! with a shorter name.
+//!
+//! After each attempt the policy:
+//! 1. classifies the result (see [`classify`](crate::classify)); a success or a
+//!    permanent rejection ends the call;
+//! 2. ends the call when the schedule is exhausted (a `warn` event) or the
+//!    retry budget, if any, is spent (also `warn`);
+//! 3. otherwise waits the schedule's next delay, jittered if asked, or the
+//!    server's `Retry-After` on a 429 or 503, then replays an exact clone of the
+//!    request (an `info` event per retry).
+//!
+//! Each call has its own attempt count: tower clones the policy per call.
+//!
+//! ```
+//! use std::convert::Infallible;
+//! use std::time::Duration;
+//! use bytes::Bytes;
+//! use http::{Request, Response, StatusCode};
+//! use http_body_util::Full;
+//! use tower::{retry::RetryLayer, service_fn, ServiceBuilder, ServiceExt};
+//! use tower_terminal_retry::{Schedule, TerminalRetryPolicy};
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let policy = TerminalRetryPolicy::default().with_schedule(Schedule::new([Duration::from_secs(1)])?);
+//! let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+//! let counted = calls.clone();
+//! let service = ServiceBuilder::new()
+//!     .layer(RetryLayer::new(policy))
+//!     .service(service_fn(move |_request: Request<Full<Bytes>>| {
+//!         // 502 first, then 200.
+//!         let n = counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+//!         let status = if n == 0 { StatusCode::BAD_GATEWAY } else { StatusCode::OK };
+//!         async move { Ok::<_, Infallible>(Response::builder().status(status).body(()).unwrap()) }
+//!     }));
+//! let response = service.oneshot(Request::post("/x").body(Full::from("{}"))?).await?;
+//! assert_eq!(response.status(), StatusCode::OK);
+//! assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 2);
+//! # Ok(())
+//! # }
+//! ```
+
+use std::{any::type_name, fmt, sync::Arc, time::SystemTime};
+
+use http::{HeaderName, HeaderValue, Request, Response};
+use tokio::time::Sleep;
+use tower::retry::Policy;
+
+use crate::{
+    classify::{Classify, DefaultClassifier, Outcome},
+    Jitter, RetryAfter, RetryBudget, Schedule,
+};
+
+/// The retry policy of terminal callbacks: see the [module docs](self).
+///
+/// `Default` is the agreed plan: the default [`Schedule`] (4, 8, 16, 32, 64 s),
+/// the [`DefaultClassifier`], `Retry-After` honoured up to five minutes, no
+/// jitter, no budget and no attempt header.
+pub struct TerminalRetryPolicy<C = DefaultClassifier> {
+    config: Arc<Config<C>>,
+    /// Attempts finished so far in this call.
+    attempts: u32,
+}
+
+/// What every clone of a policy shares; one `Arc` so a per-call clone is one
+/// reference-count increment.
+struct Config<C> {
+    schedule: Schedule,
+    classifier: Arc<C>,
+    retry_after: RetryAfter,
+    jitter: Jitter,
+    budget: Option<RetryBudget>,
+    attempt_header: Option<HeaderName>,
+}
+
+impl<C> Clone for Config<C> {
+    fn clone(&self) -> Self {
+        Config {
+            schedule: self.schedule.clone(),
+            classifier: self.classifier.clone(),
+            retry_after: self.retry_after,
+            jitter: self.jitter.clone(),
+            budget: self.budget.clone(),
+            attempt_header: self.attempt_header.clone(),
+        }
+    }
+}
+
+impl Default for TerminalRetryPolicy {
+    fn default() -> Self {
+        TerminalRetryPolicy::with_classifier_only(DefaultClassifier)
+    }
+}
+
+impl<C> TerminalRetryPolicy<C> {
+    fn with_classifier_only(classifier: C) -> Self {
+        TerminalRetryPolicy {
+            config: Arc::new(Config {
+                schedule: Schedule::default(),
+                classifier: Arc::new(classifier),
+                retry_after: RetryAfter::default(),
+                jitter: Jitter::none(),
+                budget: None,
+                attempt_header: None,
+            }),
+            attempts: 0,
+        }
+    }
+
+    fn configure(mut self, change: impl FnOnce(&mut Config<C>)) -> Self {
+        change(Arc::make_mut(&mut self.config));
+        self
+    }
+
+    /// Uses `schedule` for the delays between attempts.
+    pub fn with_schedule(self, schedule: Schedule) -> Self {
+        self.configure(|config| config.schedule = schedule)
+    }
+
+    /// Uses `classifier` to sort results into success, transient and permanent.
+    pub fn with_classifier<D>(self, classifier: D) -> TerminalRetryPolicy<D> {
+        let config = &*self.config;
+        TerminalRetryPolicy {
+            config: Arc::new(Config {
+                schedule: config.schedule.clone(),
+                classifier: Arc::new(classifier),
+                retry_after: config.retry_after,
+                jitter: config.jitter.clone(),
+                budget: config.budget.clone(),
+                attempt_header: config.attempt_header.clone(),
+            }),
+            attempts: 0,
+        }
+    }
+
+    /// Sets how the server's `Retry-After` is honoured (by default up to five
+    /// minutes).
+    pub fn with_retry_after(self, retry_after: RetryAfter) -> Self {
+        self.configure(|config| config.retry_after = retry_after)
+    }
+
+    /// Randomises the schedule's delays (off by default).
+    pub fn with_jitter(self, jitter: Jitter) -> Self {
+        self.configure(|config| config.jitter = jitter)
+    }
+
+    /// Limits retries with `budget`, shared by every clone of this policy.
+    pub fn with_budget(self, budget: RetryBudget) -> Self {
+        self.configure(|config| config.budget = Some(budget))
+    }
+
+    /// Numbers retried requests in the header `name`: the second attempt
+    /// carries `name: 2`, the third `name: 3`, and so on. The first attempt
+    /// goes out as the caller built it.
+    pub fn with_attempt_header(self, name: HeaderName) -> Self {
+        self.configure(|config| config.attempt_header = Some(name))
+    }
+
+    /// The schedule in use.
+    pub fn schedule(&self) -> &Schedule {
+        &self.config.schedule
+    }
+}
+
+impl<C> Clone for TerminalRetryPolicy<C> {
+    fn clone(&self) -> Self {
+        TerminalRetryPolicy {
+            config: self.config.clone(),
+            attempts: self.attempts,
+        }
+    }
+}
+
+impl<C> fmt::Debug for TerminalRetryPolicy<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let config = &*self.config;
+        f.debug_struct("TerminalRetryPolicy")
+            .field("schedule", &config.schedule.delays())
+            .field("classifier", &type_name::<C>())
+            .field("retry_after", &config.retry_after)
+            .field("jitter", &config.jitter)
+            .field("budget", &config.budget)
+            .field("attempt_header", &config.attempt_header)
+            .field("attempts", &self.attempts)
+            .finish()
+    }
+}
+
+impl<B, RB, E, C> Policy<Request<B>, Response<RB>, E> for TerminalRetryPolicy<C>
+where
+    B: Clone,
+    E: fmt::Debug,
+    C: Classify<Response<RB>, E>,
+{
+    type Future = Sleep;
+
+    fn retry(
+        &mut self,
+        request: &mut Request<B>,
+        result: &mut Result<Response<RB>, E>,
+    ) -> Option<Sleep> {
+        let config = &*self.config;
+        self.attempts += 1;
+        let attempt = self.attempts;
+        if attempt == 1 {
+            if let Some(budget) = &config.budget {
+                budget.deposit();
+            }
+        }
+        let outcome = config.classifier.classify(result);
+        match outcome {
+            Outcome::Success => return None,
+            Outcome::Permanent => {
+                log_ending(Ending::Permanent, request, result, attempt);
+                return None;
+            }
+            Outcome::Transient => {}
+        }
+        let Some(&scheduled) = config.schedule.delays().get(attempt as usize - 1) else {
+            log_ending(Ending::Exhausted, request, result, attempt);
+            return None;
+        };
+        if config
+            .budget
+            .as_ref()
+            .is_some_and(|budget| !budget.withdraw())
+        {
+            log_ending(Ending::BudgetSpent, request, result, attempt);
+            return None;
+        }
+        let delay = result
+            .as_ref()
+            .ok()
+            .and_then(|response| {
+                let now = SystemTime::now();
+                config
+                    .retry_after
+                    .delay(response.status(), response.headers(), now)
+            })
+            .unwrap_or_else(|| config.jitter.apply(scheduled));
+        if let Some(name) = &config.attempt_header {
+            request
+                .headers_mut()
+                .insert(name.clone(), HeaderValue::from(attempt + 1));
+        }
+        tracing::info!(
+            method = %request.method(),
+            path = request.uri().path(),
+            attempt,
+            outcome = outcome.as_str(),
+            status = result.as_ref().ok().map(|response| response.status().as_u16()),
+            error = result.as_ref().err().map(tracing::field::debug),
+            delay_ms = delay.as_millis() as u64,
+            "transient failure, retrying"
+        );
+        Some(tokio::time::sleep(delay))
+    }
+
+    fn clone_request(&mut self, request: &Request<B>) -> Option<Request<B>> {
+        Some(request.clone())
+    }
+}
+
+/// Why a call ends without success.
+#[derive(Clone, Copy)]
+enum Ending {
+    Permanent,
+    Exhausted,
+    BudgetSpent,
+}
+
+/// The event for a call that ends without success: `DEBUG` for a permanent
+/// rejection, which the caller sees and reports; `WARN` when retries ran out.
+fn log_ending<B, RB, E: fmt::Debug>(
+    ending: Ending,
+    request: &Request<B>,
+    result: &Result<Response<RB>, E>,
+    attempts: u32,
+) {
+    let status = result
+        .as_ref()
+        .ok()
+        .map(|response| response.status().as_u16());
+    let error = result.as_ref().err().map(tracing::field::debug);
+    let (method, path) = (request.method().as_str(), request.uri().path());
+    match ending {
+        Ending::Permanent => tracing::debug!(
+            method,
+            path,
+            attempts,
+            status,
+            error,
+            "permanent rejection, not retrying"
+        ),
+        Ending::Exhausted => tracing::warn!(
+            method,
+            path,
+            attempts,
+            status,
+            error,
+            "retry schedule exhausted, returning the last result"
+        ),
+        Ending::BudgetSpent => tracing::warn!(
+            method,
+            path,
+            attempts,
+            status,
+            error,
+            "retry budget spent, returning the last result"
+        ),
+    }
+}

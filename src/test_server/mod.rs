@@ -1,0 +1,280 @@
+//! A loopback HTTP server for tests: scripted replies, faults, and a record of
+//! every request it saw (enable the `test-server` feature).
+//!
+//! Real HTTP over 127.0.0.1, HTTP/1.1 and HTTP/2 (prior knowledge), so the
+//! client under test, its connection pool and its error paths are the real
+//! ones. Each request is answered by a [`Reply`]: a response, the connection
+//! closed before any response, or a hang until the server is dropped.
+//! Dropping the server stops it and every connection.
+//!
+//! ```
+//! use bytes::Bytes;
+//! use http_body_util::Full;
+//! use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+//! use tower::{Layer, ServiceExt};
+//! use tower_terminal_retry::{test_server::{Reply, TestServer}, Schedule, TerminalRetryLayer};
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // Two 502s, a closed connection, then 200 for every later request.
+//! let server = TestServer::scripted([Reply::status(502), Reply::status(502), Reply::Close]).await?;
+//!
+//! let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+//! let service = TerminalRetryLayer::new().layer(client);
+//! let request = http::Request::post(server.url("/callback")).body(Full::from("{}"))?;
+//! let response = service.oneshot(request).await?;
+//!
+//! assert_eq!(response.status(), 200);
+//! assert_eq!(server.requests().len(), 4);
+//! # Ok(())
+//! # }
+//! ```
+
+use std::{
+    collections::VecDeque,
+    convert::Infallible,
+    fmt, io,
+    net::SocketAddr,
+    sync::{Arc, Mutex, PoisonError},
+};
+
+use bytes::Bytes;
+use http::{header::RETRY_AFTER, HeaderMap, HeaderValue, Method, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+};
+use tokio::{net::TcpListener, task::JoinSet, time::Instant};
+
+/// How the server answers one request.
+#[derive(Debug, Clone)]
+pub enum Reply {
+    /// Send this response.
+    Respond(Response<Full<Bytes>>),
+    /// Close the connection without sending any response.
+    Close,
+    /// Never answer; the connection stays open until the server is dropped.
+    Hang,
+}
+
+impl Reply {
+    /// An empty response with this status.
+    ///
+    /// # Panics
+    ///
+    /// When `status` is not a valid status code (100 to 999).
+    pub fn status(status: u16) -> Reply {
+        Reply::text(status, "")
+    }
+
+    /// A plain-text response with this status and body.
+    ///
+    /// # Panics
+    ///
+    /// When `status` is not a valid status code (100 to 999).
+    pub fn text(status: u16, body: impl Into<Bytes>) -> Reply {
+        let mut response = Response::new(Full::new(body.into()));
+        *response.status_mut() = StatusCode::from_u16(status).expect("a valid status code");
+        Reply::Respond(response)
+    }
+
+    /// An empty response with this status and a `Retry-After` header holding
+    /// `value`, verbatim (valid or not).
+    ///
+    /// # Panics
+    ///
+    /// When `status` is not a valid status code or `value` holds bytes a header
+    /// cannot.
+    pub fn retry_after(status: u16, value: &str) -> Reply {
+        let mut reply = Reply::status(status);
+        if let Reply::Respond(response) = &mut reply {
+            let value = HeaderValue::from_str(value).expect("a header value");
+            response.headers_mut().insert(RETRY_AFTER, value);
+        }
+        reply
+    }
+}
+
+/// A request as the server saw it.
+#[derive(Clone)]
+pub struct RecordedRequest {
+    /// The method.
+    pub method: Method,
+    /// The request target.
+    pub uri: Uri,
+    /// The headers.
+    pub headers: HeaderMap,
+    /// The whole body.
+    pub body: Bytes,
+    /// When the request arrived, on tokio's clock (paused or not).
+    pub at: Instant,
+}
+
+impl fmt::Debug for RecordedRequest {
+    // Header values stay out: they may hold credentials.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RecordedRequest")
+            .field("method", &self.method)
+            .field("uri", &self.uri)
+            .field("headers", &self.headers.keys().collect::<Vec<_>>())
+            .field("body_len", &self.body.len())
+            .field("at", &self.at)
+            .finish()
+    }
+}
+
+type Handler = dyn Fn(&RecordedRequest) -> Reply + Send + Sync;
+
+/// A loopback HTTP server: see the [module docs](self).
+pub struct TestServer {
+    addr: SocketAddr,
+    requests: Arc<Mutex<Vec<RecordedRequest>>>,
+    // Aborted on drop, and with it every connection it spawned.
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl TestServer {
+    /// Starts a server on 127.0.0.1 (a free port) that answers every request
+    /// with `handler`'s reply.
+    ///
+    /// # Errors
+    ///
+    /// When no loopback port can be bound.
+    pub async fn start(
+        handler: impl Fn(&RecordedRequest) -> Reply + Send + Sync + 'static,
+    ) -> io::Result<TestServer> {
+        let listener = TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).await?;
+        let addr = listener.local_addr()?;
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let handler: Arc<Handler> = Arc::new(handler);
+        let accept = tokio::spawn(accept_loop(listener, handler, requests.clone()));
+        Ok(TestServer {
+            addr,
+            requests,
+            accept,
+        })
+    }
+
+    /// Starts a server that answers with `replies` in order, then 200 (empty)
+    /// to every later request.
+    ///
+    /// # Errors
+    ///
+    /// When no loopback port can be bound.
+    pub async fn scripted(replies: impl IntoIterator<Item = Reply>) -> io::Result<TestServer> {
+        let script = Mutex::new(replies.into_iter().collect::<VecDeque<_>>());
+        TestServer::start(move |_| {
+            lock(&script)
+                .pop_front()
+                .unwrap_or_else(|| Reply::status(200))
+        })
+        .await
+    }
+
+    /// The address the server listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:PORT` followed by `path_and_query`.
+    pub fn url(&self, path_and_query: &str) -> String {
+        format!("http://{}{}", self.addr, path_and_query)
+    }
+
+    /// Every request seen so far, in order of arrival.
+    pub fn requests(&self) -> Vec<RecordedRequest> {
+        lock(&self.requests).clone()
+    }
+}
+
+impl fmt::Debug for TestServer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TestServer")
+            .field("addr", &self.addr)
+            .field("requests", &lock(&self.requests).len())
+            .finish()
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+/// Locks a mutex, going on past a panic elsewhere: a test's record stays
+/// readable after one of its tasks panicked.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    handler: Arc<Handler>,
+    requests: Arc<Mutex<Vec<RecordedRequest>>>,
+) {
+    let mut connections = JoinSet::new();
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(_) => continue,
+            },
+            // Reap finished connections so a long test does not pile them up.
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+        };
+        let (handler, requests) = (handler.clone(), requests.clone());
+        let service = service_fn(move |request| {
+            let (handler, requests) = (handler.clone(), requests.clone());
+            async move { answer(request, &*handler, &requests).await }
+        });
+        connections.spawn(async move {
+            // A connection ending in error is what `Reply::Close` asks for.
+            let _ = auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+/// The error that makes hyper close a connection without a response.
+#[derive(Debug)]
+struct CloseConnection;
+
+impl fmt::Display for CloseConnection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("connection closed by the test server's script")
+    }
+}
+
+impl std::error::Error for CloseConnection {}
+
+async fn answer(
+    request: http::Request<Incoming>,
+    handler: &Handler,
+    requests: &Mutex<Vec<RecordedRequest>>,
+) -> Result<Response<Full<Bytes>>, CloseConnection> {
+    let (parts, body) = request.into_parts();
+    let body = match body.collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(_) => return Err(CloseConnection),
+    };
+    let recorded = RecordedRequest {
+        method: parts.method,
+        uri: parts.uri,
+        headers: parts.headers,
+        body,
+        at: Instant::now(),
+    };
+    let reply = handler(&recorded);
+    lock(requests).push(recorded);
+    match reply {
+        Reply::Respond(response) => Ok(response),
+        Reply::Close => Err(CloseConnection),
+        Reply::Hang => std::future::pending::<Result<_, Infallible>>()
+            .await
+            .map_err(|never| match never {}),
+    }
+}
