@@ -110,3 +110,8 @@ pub use schedule::Schedule;
 
 #[cfg(feature = "test-server")]
 pub mod test_server;
+
+// Compiles the README's examples with the doc tests.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
