@@ -92,6 +92,7 @@
 
 pub mod budget;
 pub mod classify;
+pub mod client;
 mod error;
 pub mod jitter;
 pub mod layer;

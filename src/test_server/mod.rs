@@ -30,6 +30,9 @@
 //! # }
 //! ```
 
+mod task;
+pub use task::{Action, Attempt, Fault, Handling, TaskServer, TaskState};
+
 use std::{
     collections::VecDeque,
     convert::Infallible,

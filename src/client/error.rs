@@ -1,0 +1,195 @@
+//! The client's one error type.
+
+use std::{error::Error as StdError, fmt};
+
+use http::{Method, StatusCode};
+use tower::BoxError;
+
+use crate::classify::Outcome;
+
+/// Why a call of the [`TaskClient`](super::TaskClient) failed, or why it could
+/// not be built.
+///
+/// Whether a replay may help is decided once, by the crate's classifier (the
+/// rule the retry layer used), and kept: [`is_transient`](Error::is_transient).
+pub struct Error {
+    kind: Kind,
+    outcome: Outcome,
+}
+
+enum Kind {
+    /// The client's configuration was refused when it was built.
+    Config {
+        message: String,
+        source: Option<BoxError>,
+    },
+    /// The server answered with a status that is not a success.
+    Status {
+        route: Route,
+        status: StatusCode,
+        body: String,
+    },
+    /// No status came back: a refused or reset connection, TLS, an elapsed
+    /// per-attempt timeout.
+    Transport { route: Route, source: BoxError },
+}
+
+/// The method and path of the request an error is about (no host: the base
+/// URL is the client's, and may carry credentials in its user info).
+struct Route {
+    method: Method,
+    path: String,
+}
+
+impl fmt::Display for Route {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.method, self.path)
+    }
+}
+
+impl Error {
+    pub(super) fn config(message: impl Into<String>, source: Option<BoxError>) -> Error {
+        Error {
+            kind: Kind::Config {
+                message: message.into(),
+                source,
+            },
+            outcome: Outcome::Permanent,
+        }
+    }
+
+    /// A status the classifier did not call a success; `body` is the start of
+    /// the response body, already cut to size.
+    pub(super) fn rejected(
+        method: Method,
+        path: String,
+        status: StatusCode,
+        body: String,
+        outcome: Outcome,
+    ) -> Error {
+        Error {
+            kind: Kind::Status {
+                route: Route { method, path },
+                status,
+                body,
+            },
+            outcome,
+        }
+    }
+
+    pub(super) fn transport(
+        method: Method,
+        path: String,
+        source: BoxError,
+        outcome: Outcome,
+    ) -> Error {
+        Error {
+            kind: Kind::Transport {
+                route: Route { method, path },
+                source,
+            },
+            outcome,
+        }
+    }
+
+    /// The status the server answered with, if it answered.
+    pub fn status(&self) -> Option<StatusCode> {
+        match &self.kind {
+            Kind::Status { status, .. } => Some(*status),
+            Kind::Config { .. } | Kind::Transport { .. } => None,
+        }
+    }
+
+    /// Whether a replay may succeed: 5xx, 408, 429 and every transport error
+    /// (including an elapsed per-attempt timeout). A configuration error and
+    /// any other 4xx are permanent.
+    pub fn is_transient(&self) -> bool {
+        self.outcome.is_transient()
+    }
+
+    /// Whether the client was refused when it was built (a bad base URL, token
+    /// or version, a zero timeout, no tokio runtime).
+    pub fn is_config(&self) -> bool {
+        matches!(self.kind, Kind::Config { .. })
+    }
+
+    /// Whether the request timed out (the per-attempt timeout elapsed).
+    pub fn is_timeout(&self) -> bool {
+        match &self.kind {
+            Kind::Transport { source, .. } => source.is::<tower::timeout::error::Elapsed>(),
+            Kind::Config { .. } | Kind::Status { .. } => false,
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            Kind::Config { message, .. } => write!(f, "invalid task client configuration: {message}"),
+            Kind::Status { route, status, body } if body.is_empty() => {
+                write!(f, "{route} returned {}", status.as_u16())
+            }
+            Kind::Status { route, status, body } => {
+                write!(f, "{route} returned {}: {body}", status.as_u16())
+            }
+            Kind::Transport { route, source } if source.is::<tower::timeout::error::Elapsed>() => {
+                write!(f, "{route} timed out")
+            }
+            Kind::Transport { route, .. } => write!(f, "{route} failed before any response"),
+        }
+    }
+}
+
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut debug = f.debug_struct("Error");
+        match &self.kind {
+            Kind::Config { message, source } => debug
+                .field("kind", &"config")
+                .field("message", message)
+                .field("source", source),
+            Kind::Status {
+                route,
+                status,
+                body,
+            } => debug
+                .field("kind", &"status")
+                .field("route", &format_args!("{route}"))
+                .field("status", status)
+                .field("body", body),
+            Kind::Transport { route, source } => debug
+                .field("kind", &"transport")
+                .field("route", &format_args!("{route}"))
+                .field("source", source),
+        };
+        debug.field("transient", &self.is_transient()).finish()
+    }
+}
+
+impl StdError for Error {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        match &self.kind {
+            Kind::Config { source, .. } => source.as_deref().map(|source| source as _),
+            Kind::Transport { source, .. } => Some(&**source),
+            Kind::Status { .. } => None,
+        }
+    }
+}
+
+/// Renders an error with its chain of sources, `outer: inner: innermost`, for
+/// log events and messages sent to the server.
+pub(super) struct Chain<'a>(pub(super) &'a (dyn StdError + 'static));
+
+impl fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        // Source chains are short; the bound keeps a cyclic one from spinning.
+        for _ in 0..16 {
+            let Some(error) = source else { break };
+            write!(f, ": {error}")?;
+            source = error.source();
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,498 @@
+//! A loopback task server that behaves like the real one, with scripted
+//! faults: for testing a daemon's task callbacks (see
+//! [`TaskClient`](crate::client::TaskClient)).
+//!
+//! [`TaskServer`] serves `POST /api/daemon/tasks/{id}/{action}` for the
+//! actions of [`Action`], on a [`TestServer`]:
+//!
+//! - `complete` and `fail` are idempotent: on a task already completed or
+//!   failed they answer 200 `already terminal` and change nothing;
+//! - an unknown task is 404 `task not found`, a bad body 400;
+//! - a [`Fault`] can stand in for the server: a 502, 503 or 504, a 429 with
+//!   `Retry-After`, a connection reset before any response, a reply lost
+//!   *after* the state was committed, a hang. Faults are scripted per task
+//!   and action ([`TaskServer::script`]) or for every request in a window of
+//!   time ([`TaskServer::outage`]);
+//! - it keeps each task's state and every attempt it saw ([`Attempt`]).
+//!
+//! ```
+//! use bytes::Bytes;
+//! use http_body_util::Full;
+//! use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+//! use tower_terminal_retry::test_server::{Action, Fault, Handling, TaskServer, TaskState};
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let server = TaskServer::start().await?;
+//! server.add_task("t1");
+//! // The first `complete` is committed, but its reply never arrives.
+//! server.script("t1", Action::Complete, [Fault::ReplyLost]);
+//!
+//! let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+//! let complete = || {
+//!     http::Request::post(server.url() + "/api/daemon/tasks/t1/complete")
+//!         .body(Full::from(r#"{"output":"done"}"#))
+//! };
+//! assert!(client.request(complete()?).await.is_err());
+//! assert_eq!(server.state("t1"), Some(TaskState::Completed));
+//!
+//! // The replay is harmless: "already terminal", 200.
+//! assert_eq!(client.request(complete()?).await?.status(), 200);
+//! let attempts = server.attempts();
+//! assert_eq!(attempts[0].fault, Some(Fault::ReplyLost));
+//! assert_eq!(attempts[1].handling, Handling::AlreadyTerminal);
+//! # Ok(())
+//! # }
+//! ```
+
+use std::{
+    collections::{HashMap, VecDeque},
+    fmt, io,
+    ops::Range,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use http::{Method, StatusCode};
+use serde_json::Value;
+use tokio::time::Instant;
+
+use super::{lock, RecordedRequest, Reply, TestServer};
+
+/// The routes of a task, `POST /api/daemon/tasks/{id}/{action}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Action {
+    /// `start`: a queued task becomes running.
+    Start,
+    /// `progress`: `{summary, step, total}`.
+    Progress,
+    /// `usage`: `{usage: [...]}`.
+    Usage,
+    /// `session`: `{session_id?, work_dir?}`.
+    Session,
+    /// `complete`: `{output, ...}`; terminal.
+    Complete,
+    /// `fail`: `{error, ...}`; terminal.
+    Fail,
+}
+
+impl Action {
+    const ALL: [Action; 6] = [
+        Action::Start,
+        Action::Progress,
+        Action::Usage,
+        Action::Session,
+        Action::Complete,
+        Action::Fail,
+    ];
+
+    /// The last segment of the route.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Start => "start",
+            Action::Progress => "progress",
+            Action::Usage => "usage",
+            Action::Session => "session",
+            Action::Complete => "complete",
+            Action::Fail => "fail",
+        }
+    }
+
+    /// The field the body must hold, as a string, for the server to take it.
+    fn required_text(self) -> Option<&'static str> {
+        match self {
+            Action::Progress => Some("summary"),
+            Action::Complete => Some("output"),
+            Action::Fail => Some("error"),
+            Action::Start | Action::Usage | Action::Session => None,
+        }
+    }
+}
+
+/// Where a task stands on the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TaskState {
+    /// Added, not started.
+    Queued,
+    /// Started.
+    Running,
+    /// Completed: final.
+    Completed,
+    /// Failed: final.
+    Failed,
+}
+
+impl TaskState {
+    /// Whether the state is final (completed or failed).
+    pub fn is_terminal(self) -> bool {
+        matches!(self, TaskState::Completed | TaskState::Failed)
+    }
+}
+
+/// Something going wrong between the client and the server, in place of the
+/// server's answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// This status (a 502, 503 or 504 from a proxy, say); the server never
+    /// sees the request.
+    Status(StatusCode),
+    /// 429 with `Retry-After: <seconds>`; the server never sees the request.
+    RateLimited {
+        /// The delay the client is asked to wait, in seconds.
+        retry_after_secs: u32,
+    },
+    /// The connection is closed before any response; the server never sees
+    /// the request.
+    Reset,
+    /// The server handles the request (and commits it), then the connection is
+    /// closed before the reply: the client cannot tell this from [`Fault::Reset`].
+    ReplyLost,
+    /// No answer, ever: the connection stays open until the server is dropped.
+    Hang,
+}
+
+impl Fault {
+    fn reply(&self) -> Reply {
+        match self {
+            Fault::Status(status) => Reply::status(status.as_u16()),
+            Fault::RateLimited { retry_after_secs } => {
+                Reply::retry_after(429, &retry_after_secs.to_string())
+            }
+            Fault::Reset | Fault::ReplyLost => Reply::Close,
+            Fault::Hang => Reply::Hang,
+        }
+    }
+}
+
+/// What the server did with an attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handling {
+    /// A fault answered first: the server never saw the request.
+    NotReached,
+    /// Taken: the state changed (start, complete, fail) or the report was
+    /// recorded (progress, usage, session).
+    Applied,
+    /// `complete` or `fail` on a task already completed or failed: 200,
+    /// nothing changed.
+    AlreadyTerminal,
+    /// Refused with this status: 400 (bad body), 404 (unknown task), 405 (not
+    /// a `POST`), 409 (`start` on a finished task).
+    Rejected(StatusCode),
+}
+
+/// One request to a task route, as the server saw it.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    /// The task, its id decoded from the path.
+    pub task_id: String,
+    /// The route.
+    pub action: Action,
+    /// When it arrived, on tokio's clock.
+    pub at: Instant,
+    /// The fault that stood in for the server, if any.
+    pub fault: Option<Fault>,
+    /// What the server did.
+    pub handling: Handling,
+}
+
+impl Attempt {
+    /// The status the client received: `None` when the connection was closed
+    /// or hung.
+    pub fn status(&self) -> Option<StatusCode> {
+        match (&self.fault, self.handling) {
+            (Some(Fault::Status(status)), _) => Some(*status),
+            (Some(Fault::RateLimited { .. }), _) => Some(StatusCode::TOO_MANY_REQUESTS),
+            (Some(Fault::Reset | Fault::ReplyLost | Fault::Hang), _) => None,
+            (None, Handling::Rejected(status)) => Some(status),
+            (None, Handling::NotReached | Handling::Applied | Handling::AlreadyTerminal) => {
+                Some(StatusCode::OK)
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Task {
+    state: TaskState,
+    /// The body of the request that made the task final.
+    final_report: Option<Value>,
+}
+
+#[derive(Debug)]
+struct Outage {
+    window: Range<Duration>,
+    fault: Fault,
+}
+
+#[derive(Debug)]
+struct State {
+    started: Instant,
+    tasks: HashMap<String, Task>,
+    scripts: HashMap<(String, Action), VecDeque<Fault>>,
+    outages: Vec<Outage>,
+    attempts: Vec<Attempt>,
+}
+
+/// A loopback task server: see the [module docs](self).
+pub struct TaskServer {
+    server: TestServer,
+    state: Arc<Mutex<State>>,
+}
+
+impl TaskServer {
+    /// Starts a task server on 127.0.0.1 (a free port), with no task.
+    ///
+    /// # Errors
+    ///
+    /// When no loopback port can be bound.
+    pub async fn start() -> io::Result<TaskServer> {
+        let state = Arc::new(Mutex::new(State {
+            started: Instant::now(),
+            tasks: HashMap::new(),
+            scripts: HashMap::new(),
+            outages: Vec::new(),
+            attempts: Vec::new(),
+        }));
+        let shared = state.clone();
+        let server = TestServer::start(move |request| lock(&shared).answer(request)).await?;
+        Ok(TaskServer { server, state })
+    }
+
+    /// `http://127.0.0.1:PORT`, the base URL for a client.
+    pub fn url(&self) -> String {
+        self.server.url("")
+    }
+
+    /// Adds a queued task (a task already there is left as it is).
+    pub fn add_task(&self, task_id: &str) {
+        self.add_tasks([task_id]);
+    }
+
+    /// Adds queued tasks (those already there are left as they are).
+    pub fn add_tasks<'a>(&self, task_ids: impl IntoIterator<Item = &'a str>) {
+        let mut state = lock(&self.state);
+        for task_id in task_ids {
+            state.tasks.entry(task_id.to_owned()).or_insert(Task {
+                state: TaskState::Queued,
+                final_report: None,
+            });
+        }
+    }
+
+    /// Answers the next requests of `task_id` on `action` with `faults`, one
+    /// each, in order (after any scripted before); later requests are handled.
+    pub fn script(&self, task_id: &str, action: Action, faults: impl IntoIterator<Item = Fault>) {
+        lock(&self.state)
+            .scripts
+            .entry((task_id.to_owned(), action))
+            .or_default()
+            .extend(faults);
+    }
+
+    /// Answers every request to a task route arriving between `from` and
+    /// `until` after the server started (tokio's clock) with `fault`, unless a
+    /// script has one for it. The first outage added wins where two overlap.
+    pub fn outage(&self, from: Duration, until: Duration, fault: Fault) {
+        lock(&self.state).outages.push(Outage {
+            window: from..until,
+            fault,
+        });
+    }
+
+    /// A task's state, `None` for an unknown task.
+    pub fn state(&self, task_id: &str) -> Option<TaskState> {
+        lock(&self.state).tasks.get(task_id).map(|task| task.state)
+    }
+
+    /// Every task with its state, in no particular order.
+    pub fn states(&self) -> Vec<(String, TaskState)> {
+        let state = lock(&self.state);
+        let tasks = state.tasks.iter();
+        tasks.map(|(id, task)| (id.clone(), task.state)).collect()
+    }
+
+    /// The JSON body that made the task final (completed or failed).
+    pub fn final_report(&self, task_id: &str) -> Option<Value> {
+        let state = lock(&self.state);
+        state.tasks.get(task_id)?.final_report.clone()
+    }
+
+    /// Every attempt on a task route, in order of arrival.
+    pub fn attempts(&self) -> Vec<Attempt> {
+        lock(&self.state).attempts.clone()
+    }
+
+    /// How many requests `task_id` made on `action`.
+    pub fn attempts_of(&self, task_id: &str, action: Action) -> usize {
+        let state = lock(&self.state);
+        let attempts = state.attempts.iter();
+        attempts
+            .filter(|attempt| attempt.task_id == task_id && attempt.action == action)
+            .count()
+    }
+
+    /// Every request the server saw, with headers and body, in order of
+    /// arrival (including those to no task route).
+    pub fn requests(&self) -> Vec<RecordedRequest> {
+        self.server.requests()
+    }
+
+    /// When the server started, on tokio's clock: the origin of outages.
+    pub fn started(&self) -> Instant {
+        lock(&self.state).started
+    }
+}
+
+impl fmt::Debug for TaskServer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = lock(&self.state);
+        f.debug_struct("TaskServer")
+            .field("addr", &self.server.addr())
+            .field("tasks", &state.tasks.len())
+            .field("attempts", &state.attempts.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl State {
+    fn answer(&mut self, request: &RecordedRequest) -> Reply {
+        let Some((task_id, action)) = route(request.uri.path()) else {
+            return Reply::text(404, "not found");
+        };
+        let fault = self.fault_for(&task_id, action, request.at);
+        let (handling, reply) = match &fault {
+            None => self.handle(&task_id, action, request),
+            Some(lost @ Fault::ReplyLost) => (self.handle(&task_id, action, request).0, lost.reply()),
+            Some(fault) => (Handling::NotReached, fault.reply()),
+        };
+        self.attempts.push(Attempt {
+            task_id,
+            action,
+            at: request.at,
+            fault,
+            handling,
+        });
+        reply
+    }
+
+    fn fault_for(&mut self, task_id: &str, action: Action, at: Instant) -> Option<Fault> {
+        let key = (task_id.to_owned(), action);
+        if let Some(fault) = self.scripts.get_mut(&key).and_then(VecDeque::pop_front) {
+            return Some(fault);
+        }
+        let since_start = at.saturating_duration_since(self.started);
+        self.outages
+            .iter()
+            .find(|outage| outage.window.contains(&since_start))
+            .map(|outage| outage.fault)
+    }
+
+    /// The server's own logic: validate, apply, answer.
+    fn handle(&mut self, task_id: &str, action: Action, request: &RecordedRequest) -> (Handling, Reply) {
+        let rejected = |status: StatusCode, message: &'static str| {
+            (Handling::Rejected(status), Reply::text(status.as_u16(), message))
+        };
+        if request.method != Method::POST {
+            return rejected(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
+        }
+        let Some(task) = self.tasks.get_mut(task_id) else {
+            return rejected(StatusCode::NOT_FOUND, "task not found");
+        };
+        let Some(body) = valid_body(action, &request.body) else {
+            return rejected(StatusCode::BAD_REQUEST, "bad request body");
+        };
+        match action {
+            Action::Complete | Action::Fail if task.state.is_terminal() => {
+                (Handling::AlreadyTerminal, Reply::text(200, "already terminal"))
+            }
+            Action::Complete | Action::Fail => {
+                task.state = match action {
+                    Action::Complete => TaskState::Completed,
+                    _ => TaskState::Failed,
+                };
+                task.final_report = Some(body);
+                (Handling::Applied, Reply::text(200, "ok"))
+            }
+            Action::Start if task.state.is_terminal() => rejected(StatusCode::CONFLICT, "task already terminal"),
+            Action::Start => {
+                task.state = TaskState::Running;
+                (Handling::Applied, Reply::text(200, "ok"))
+            }
+            Action::Progress | Action::Usage | Action::Session => {
+                (Handling::Applied, Reply::text(200, "ok"))
+            }
+        }
+    }
+}
+
+/// A JSON object holding what `action` requires, or `None`.
+fn valid_body(action: Action, body: &[u8]) -> Option<Value> {
+    let value: Value = serde_json::from_slice(body).ok()?;
+    let object = value.as_object()?;
+    if let Some(field) = action.required_text() {
+        object.get(field)?.as_str()?;
+    }
+    if action == Action::Usage {
+        object.get("usage")?.as_array()?;
+    }
+    Some(value)
+}
+
+/// `/api/daemon/tasks/{id}/{action}` into the decoded id and the action.
+fn route(path: &str) -> Option<(String, Action)> {
+    let rest = path.strip_prefix("/api/daemon/tasks/")?;
+    let (escaped_id, action) = rest.rsplit_once('/')?;
+    let action = Action::ALL
+        .into_iter()
+        .find(|candidate| candidate.as_str() == action)?;
+    if escaped_id.contains('/') {
+        return None;
+    }
+    Some((percent_decode(escaped_id)?, action))
+}
+
+/// Decodes `%XX` escapes; `None` for a broken escape or bytes that are not
+/// UTF-8.
+fn percent_decode(escaped: &str) -> Option<String> {
+    let mut bytes = Vec::with_capacity(escaped.len());
+    let mut rest = escaped.as_bytes();
+    while let Some((&byte, tail)) = rest.split_first() {
+        if byte == b'%' {
+            let hex = std::str::from_utf8(tail.get(..2)?).ok()?;
+            bytes.push(u8::from_str_radix(hex, 16).ok()?);
+            rest = &tail[2..];
+        } else {
+            bytes.push(byte);
+            rest = tail;
+        }
+    }
+    String::from_utf8(bytes).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_decode_the_id_and_name_the_action() {
+        assert_eq!(
+            route("/api/daemon/tasks/a%2Fb%20c/complete"),
+            Some(("a/b c".to_owned(), Action::Complete))
+        );
+        assert_eq!(route("/api/daemon/tasks/t1/explode"), None);
+        assert_eq!(route("/api/daemon/tasks/a/b/fail"), None);
+        assert_eq!(route("/api/daemon/tasks/%zz/fail"), None);
+        assert_eq!(route("/api/daemon/tasks/%2/fail"), None);
+        assert_eq!(route("/other/t1/fail"), None);
+    }
+
+    #[test]
+    fn bodies_must_hold_what_the_action_requires() {
+        assert!(valid_body(Action::Complete, br#"{"output":"x"}"#).is_some());
+        assert!(valid_body(Action::Complete, br#"{"output":1}"#).is_none());
+        assert!(valid_body(Action::Fail, br#"{"output":"x"}"#).is_none());
+        assert!(valid_body(Action::Usage, br#"{"usage":[]}"#).is_some());
+        assert!(valid_body(Action::Start, b"[]").is_none());
+        assert!(valid_body(Action::Start, b"not json").is_none());
+    }
+}
