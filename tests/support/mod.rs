@@ -12,7 +12,7 @@ use std::{
     pin::Pin,
     sync::{Arc, Mutex},
     task::{Context, Poll},
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use bytes::Bytes;
@@ -43,6 +43,25 @@ pub fn secs(values: &[u64]) -> Vec<Duration> {
 /// A schedule from whole seconds.
 pub fn schedule(values: &[u64]) -> Schedule {
     Schedule::new(secs(values)).expect("a valid schedule")
+}
+
+/// An HTTP-date `ahead` seconds from now, for a `Retry-After` header.
+pub fn date_in(ahead: u64) -> String {
+    httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(ahead))
+}
+
+/// Asserts that `delay` is what a `Retry-After` of `date` gives when read
+/// between `sent` and `returned` on the wall clock, which goes on while
+/// tokio's clock is paused: the date minus that moment, rounded up to
+/// tokio's timer tick of 1 ms.
+pub fn assert_date_delay(delay: Duration, date: &str, sent: SystemTime, returned: SystemTime) {
+    let at = httpdate::parse_http_date(date).expect("an HTTP-date");
+    let longest = at.duration_since(sent).unwrap_or_default() + Duration::from_millis(1);
+    let shortest = at.duration_since(returned).unwrap_or_default();
+    assert!(
+        shortest <= delay && delay <= longest,
+        "Retry-After {date}: slept {delay:?}, expected {shortest:?} to {longest:?}"
+    );
 }
 
 /// How many attempts started, finished, or were dropped unfinished.
