@@ -1,0 +1,276 @@
+//! What the layer reports through `tracing`, captured per test with a
+//! thread-local subscriber (the tests run on a current-thread runtime).
+
+mod support;
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    sync::{Arc, Mutex},
+};
+
+use http::{HeaderName, Request};
+use tokio::time::Instant;
+use tower::{Layer, ServiceExt};
+use tower_terminal_retry::{
+    test_server::{Reply, TestServer},
+    Jitter, TerminalRetryLayer,
+};
+use tracing::{
+    field::{Field, Visit},
+    Event, Level, Subscriber,
+};
+use tracing_subscriber::{layer::Context, prelude::*};
+
+use support::{client, post, schedule, Mock};
+
+/// One event as the subscriber saw it.
+#[derive(Debug, Clone)]
+struct Captured {
+    level: Level,
+    target: String,
+    fields: BTreeMap<String, String>,
+}
+
+impl Captured {
+    fn field(&self, name: &str) -> Option<&str> {
+        self.fields.get(name).map(String::as_str)
+    }
+
+    /// Every text the event carries, for leak checks.
+    fn all_text(&self) -> String {
+        format!("{} {:?}", self.target, self.fields)
+    }
+}
+
+/// A `tracing` layer keeping every event with its fields as text.
+#[derive(Clone, Default)]
+struct Capture(Arc<Mutex<Vec<Captured>>>);
+
+impl Capture {
+    /// Captures the events of the current thread until the guard drops.
+    fn install(&self) -> tracing::subscriber::DefaultGuard {
+        tracing::subscriber::set_default(tracing_subscriber::registry().with(self.clone()))
+    }
+
+    fn events(&self) -> Vec<Captured> {
+        self.0.lock().unwrap().clone()
+    }
+
+    /// The events the policy emits before each retry: they carry a delay.
+    fn retries(&self) -> Vec<Captured> {
+        self.events()
+            .into_iter()
+            .filter(|event| event.fields.contains_key("delay_ms"))
+            .collect()
+    }
+
+    fn at_level(&self, level: Level) -> Vec<Captured> {
+        self.events()
+            .into_iter()
+            .filter(|event| event.level == level)
+            .collect()
+    }
+}
+
+impl<S: Subscriber> tracing_subscriber::Layer<S> for Capture {
+    fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
+        let mut fields = Fields::default();
+        event.record(&mut fields);
+        self.0.lock().unwrap().push(Captured {
+            level: *event.metadata().level(),
+            target: event.metadata().target().to_owned(),
+            fields: fields.0,
+        });
+    }
+}
+
+#[derive(Default)]
+struct Fields(BTreeMap<String, String>);
+
+impl Visit for Fields {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.0.insert(field.name().to_owned(), value.to_owned());
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        self.0.insert(field.name().to_owned(), format!("{value:?}"));
+    }
+}
+
+fn request() -> Request<support::Body> {
+    post("http://callbacks.test/api/daemon/tasks/t1/complete", "{}")
+}
+
+#[tokio::test(start_paused = true)]
+async fn each_retry_emits_an_event_with_attempt_delay_outcome_and_status_or_error() {
+    let capture = Capture::default();
+    let _guard = capture.install();
+    let mock = Mock::scripted([Reply::status(502), Reply::Close]);
+    let response = TerminalRetryLayer::new()
+        .layer(mock.clone())
+        .oneshot(request())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+
+    let retries = capture.retries();
+    assert_eq!(retries.len(), 2, "{retries:#?}");
+    let first = &retries[0];
+    assert_eq!(first.level, Level::INFO);
+    assert_eq!(first.field("attempt"), Some("1"));
+    assert_eq!(first.field("delay_ms"), Some("4000"));
+    assert_eq!(first.field("outcome"), Some("transient"));
+    assert_eq!(first.field("status"), Some("502"));
+    assert_eq!(first.field("error"), None);
+
+    let second = &retries[1];
+    assert_eq!(second.level, Level::INFO);
+    assert_eq!(second.field("attempt"), Some("2"));
+    assert_eq!(second.field("delay_ms"), Some("8000"));
+    assert_eq!(second.field("outcome"), Some("transient"));
+    assert_eq!(second.field("status"), None);
+    let error = second.field("error").expect("the error of attempt 2");
+    assert!(error.contains("attempt: 2"), "{error}");
+
+    assert!(
+        capture.at_level(Level::WARN).is_empty(),
+        "the call succeeded"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_events_carry_the_delay_actually_slept() {
+    let capture = Capture::default();
+    let _guard = capture.install();
+    let layer = TerminalRetryLayer::new().with_jitter(Jitter::full().with_random(|| 0.5));
+    let mock = Mock::scripted([Reply::retry_after(429, "7"), Reply::status(503)]);
+    let start = Instant::now();
+    layer.layer(mock.clone()).oneshot(request()).await.unwrap();
+
+    let delays: Vec<_> = capture
+        .retries()
+        .iter()
+        .map(|event| event.field("delay_ms").unwrap().to_owned())
+        .collect();
+    // The server's 7 s, then half of the schedule's 8 s.
+    assert_eq!(delays, ["7000", "4000"]);
+    assert_eq!(start.elapsed().as_millis(), 11_000);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_exhausted_schedule_emits_one_warn_event() {
+    let capture = Capture::default();
+    let _guard = capture.install();
+    let layer = TerminalRetryLayer::new().with_schedule(schedule(&[1, 1]));
+    let mock = Mock::new(|_, _| Reply::status(503));
+    layer.layer(mock.clone()).oneshot(request()).await.unwrap();
+
+    assert_eq!(capture.retries().len(), 2);
+    let warnings = capture.at_level(Level::WARN);
+    assert_eq!(warnings.len(), 1, "{warnings:#?}");
+    assert_eq!(warnings[0].field("attempts"), Some("3"));
+    assert_eq!(warnings[0].field("status"), Some("503"));
+
+    // The same when the last attempt failed with an error.
+    let capture = Capture::default();
+    let _guard = capture.install();
+    let mock = Mock::new(|_, _| Reply::Close);
+    layer
+        .layer(mock.clone())
+        .oneshot(request())
+        .await
+        .unwrap_err();
+    let warnings = capture.at_level(Level::WARN);
+    assert_eq!(warnings.len(), 1, "{warnings:#?}");
+    assert_eq!(warnings[0].field("attempts"), Some("3"));
+    let error = warnings[0].field("error").expect("the last error");
+    assert!(error.contains("attempt: 3"), "{error}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn successes_and_permanent_rejections_neither_retry_nor_warn() {
+    let capture = Capture::default();
+    let _guard = capture.install();
+    for status in [200, 404] {
+        let mock = Mock::new(move |_, _| Reply::status(status));
+        TerminalRetryLayer::new()
+            .layer(mock.clone())
+            .oneshot(request())
+            .await
+            .unwrap();
+    }
+    assert!(capture.retries().is_empty());
+    assert!(capture.at_level(Level::WARN).is_empty());
+}
+
+const SECRETS: [&str; 3] = ["s3cr3t-bearer-token", "k3y-0f-the-api", "c00kie-session"];
+
+/// The request of the leak test: credentials in three headers.
+fn request_with_credentials(url: String) -> Request<support::Body> {
+    let mut request = post(url, "{}");
+    let headers = request.headers_mut();
+    headers.insert(
+        "authorization",
+        format!("Bearer {}", SECRETS[0]).parse().unwrap(),
+    );
+    headers.insert("x-api-key", SECRETS[1].parse().unwrap());
+    headers.insert("cookie", format!("session={}", SECRETS[2]).parse().unwrap());
+    request
+}
+
+fn assert_no_secret(what: &str, text: &str) {
+    for secret in SECRETS {
+        assert!(!text.contains(secret), "{what} leaks {secret}: {text}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn header_values_never_appear_in_events_or_debug_output() {
+    let capture = Capture::default();
+    let _guard = capture.install();
+    let server = TestServer::scripted([
+        Reply::status(502),
+        Reply::Close,
+        Reply::retry_after(503, "1"),
+        Reply::status(500),
+    ])
+    .await
+    .unwrap();
+    let layer = TerminalRetryLayer::new()
+        .with_schedule(schedule(&[1, 1, 1]))
+        .with_attempt_header(HeaderName::from_static("x-retry-attempt"));
+    let service = layer.layer(client());
+    let response = service
+        .clone()
+        .oneshot(request_with_credentials(
+            server.url("/api/daemon/tasks/t1/complete"),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 500);
+
+    // The credentials did travel, on every attempt.
+    let requests = server.requests();
+    assert_eq!(requests.len(), 4);
+    for request in &requests {
+        assert!(request.headers["authorization"]
+            .to_str()
+            .unwrap()
+            .contains(SECRETS[0]));
+        let debug = format!("{request:?}");
+        assert!(debug.contains("authorization"), "{debug}");
+        assert_no_secret("RecordedRequest's Debug", &debug);
+    }
+
+    // Every event: the retries, the warning, and whatever the client logged.
+    let events = capture.events();
+    assert_eq!(capture.retries().len(), 3);
+    assert_eq!(capture.at_level(Level::WARN).len(), 1);
+    for event in &events {
+        assert_no_secret("an event", &event.all_text());
+    }
+    assert_no_secret("the layer's Debug", &format!("{layer:?}"));
+    assert_no_secret("the policy's Debug", &format!("{:?}", layer.policy()));
+    assert_no_secret("the service's Debug", &format!("{service:?}"));
+}
