@@ -133,9 +133,9 @@ proptest! {
             response.headers_mut().insert(RETRY_AFTER, value.clone());
         }
         let mut request = Request::post("/cb").body(()).unwrap();
-        let honoured = (code == 429 || code == 503)
-            .then(|| retry_after.as_ref())
-            .flatten()
+        let honoured = retry_after
+            .as_ref()
+            .filter(|_| code == 429 || code == 503)
             .and_then(|value| parse_retry_after(value, SystemTime::now()));
 
         let transient = expected_outcome(code) == Outcome::Transient;
