@@ -9,8 +9,7 @@ use http::StatusCode;
 use serde_json::json;
 use tower_terminal_retry::{
     client::{
-        CompleteTask, FailTask, ReportOutcome, TaskClient, TaskResult, UsageEntry,
-        DEFAULT_TIMEOUT,
+        CompleteTask, FailTask, ReportOutcome, TaskClient, TaskResult, UsageEntry, DEFAULT_TIMEOUT,
     },
     test_server::{Action, Fault, Reply, TaskServer, TaskState, TestServer},
 };
@@ -231,10 +230,7 @@ async fn requests_have_the_agreed_routes_bodies_and_headers() {
         .unwrap();
 
     client.start_task("t1").await.unwrap();
-    client
-        .report_progress("t1", "cloning", 1, 3)
-        .await
-        .unwrap();
+    client.report_progress("t1", "cloning", 1, 3).await.unwrap();
     let usage = UsageEntry {
         provider: "anthropic".into(),
         model: "m1".into(),
@@ -468,7 +464,10 @@ async fn a_hung_attempt_times_out_and_is_retried() {
 
     assert!(error.is_timeout());
     assert!(error.is_transient());
-    assert_eq!(error.to_string(), "POST /api/daemon/tasks/t1/complete timed out");
+    assert_eq!(
+        error.to_string(),
+        "POST /api/daemon/tasks/t1/complete timed out"
+    );
     // Two attempts of 5 s with 1 s between them.
     assert_eq!(start.elapsed(), Duration::from_secs(11));
     assert_eq!(server.attempts_of("t1", Action::Complete), 2);
@@ -476,11 +475,18 @@ async fn a_hung_attempt_times_out_and_is_retried() {
 
 #[tokio::test]
 async fn bad_configuration_is_an_error_at_build() {
-    let build = |builder: tower_terminal_retry::client::TaskClientBuilder| builder.build().unwrap_err();
+    let build =
+        |builder: tower_terminal_retry::client::TaskClientBuilder| builder.build().unwrap_err();
     let cases = [
         (build(TaskClient::builder("127.0.0.1:8080")), "base URL"),
-        (build(TaskClient::builder("ftp://127.0.0.1")), "neither http nor https"),
-        (build(TaskClient::builder("http://127.0.0.1/?a=1")), "has a query"),
+        (
+            build(TaskClient::builder("ftp://127.0.0.1")),
+            "neither http nor https",
+        ),
+        (
+            build(TaskClient::builder("http://127.0.0.1/?a=1")),
+            "has a query",
+        ),
         (
             build(TaskClient::builder("http://127.0.0.1").timeout(Duration::ZERO)),
             "timeout",
@@ -546,10 +552,18 @@ async fn the_task_server_rejects_unknown_tasks_and_bad_bodies() {
         )
     };
 
-    let bad_body = post("/api/daemon/tasks/t1/complete", r#"{"out":"x"}"#).await.unwrap();
-    let unknown = post("/api/daemon/tasks/t9/complete", r#"{"output":"x"}"#).await.unwrap();
-    let done = post("/api/daemon/tasks/t1/fail", r#"{"error":"x"}"#).await.unwrap();
-    let again = post("/api/daemon/tasks/t1/complete", r#"{"output":"x"}"#).await.unwrap();
+    let bad_body = post("/api/daemon/tasks/t1/complete", r#"{"out":"x"}"#)
+        .await
+        .unwrap();
+    let unknown = post("/api/daemon/tasks/t9/complete", r#"{"output":"x"}"#)
+        .await
+        .unwrap();
+    let done = post("/api/daemon/tasks/t1/fail", r#"{"error":"x"}"#)
+        .await
+        .unwrap();
+    let again = post("/api/daemon/tasks/t1/complete", r#"{"output":"x"}"#)
+        .await
+        .unwrap();
 
     assert_eq!(bad_body.status(), 400);
     assert_eq!(unknown.status(), 404);

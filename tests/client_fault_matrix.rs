@@ -59,7 +59,11 @@ async fn five_hundred_tasks_through_every_fault() {
         })
         .collect();
     for &(id, completed, script) in &plan {
-        let action = if completed { Action::Complete } else { Action::Fail };
+        let action = if completed {
+            Action::Complete
+        } else {
+            Action::Fail
+        };
         server.script(id, action, script.iter().copied());
     }
     // The default schedule, 4 to 64 s; a hung attempt times out after 5 s.
@@ -93,18 +97,29 @@ async fn five_hundred_tasks_through_every_fault() {
             (false, false) => (ReportOutcome::Failed, TaskState::Failed),
             (false, true) => (ReportOutcome::NotDelivered, TaskState::Queued),
         };
-        assert_eq!((*outcome, state), (expected_outcome, expected_state), "{id}");
+        assert_eq!(
+            (*outcome, state),
+            (expected_outcome, expected_state),
+            "{id}"
+        );
         if completed && state == TaskState::Failed {
             wrongly_failed += 1;
         }
 
         let mine: Vec<_> = attempts.iter().filter(|a| a.task_id == id).collect();
         // No fallback ever: the completed never call `fail`, nor the reverse.
-        let action = if completed { Action::Complete } else { Action::Fail };
+        let action = if completed {
+            Action::Complete
+        } else {
+            Action::Fail
+        };
         assert!(mine.iter().all(|a| a.action == action), "{id}");
         assert_eq!(mine.len(), (script.len() + 1).min(6), "{id}");
         // The state changed once at most; everything after was a harmless replay.
-        let applied = mine.iter().filter(|a| a.handling == Handling::Applied).count();
+        let applied = mine
+            .iter()
+            .filter(|a| a.handling == Handling::Applied)
+            .count();
         assert!(applied <= 1, "{id}: applied {applied} times");
         for (n, attempt) in mine.iter().enumerate() {
             if attempt.fault == Some(Fault::ReplyLost) {

@@ -228,7 +228,7 @@ mod tests {
     fn nul_bytes_are_removed_from_every_string() {
         let body = parse(
             FailTask::new("bad\0 input")
-                .session_id("s\01")
+                .session_id("s1\0")
                 .failure_reason("agent\0_error")
                 .to_json(),
         );

@@ -133,7 +133,10 @@ impl TaskClientBuilder {
         let base = base_url(&self.base_url)?;
         let headers = self.headers()?;
         if self.timeout.is_zero() {
-            return Err(Error::config("the per-attempt timeout must not be zero", None));
+            return Err(Error::config(
+                "the per-attempt timeout must not be zero",
+                None,
+            ));
         }
         let runtime = tokio::runtime::Handle::try_current().map_err(|error| {
             Error::config(
@@ -141,7 +144,8 @@ impl TaskClientBuilder {
                 Some(error.into()),
             )
         })?;
-        let client = Client::builder(TokioExecutor::new()).build::<_, Full<Bytes>>(self.connector()?);
+        let client =
+            Client::builder(TokioExecutor::new()).build::<_, Full<Bytes>>(self.connector()?);
 
         // Marks the header on every request, whatever layer logs it later.
         let sensitive = SetSensitiveRequestHeadersLayer::from_shared(Arc::new([AUTHORIZATION]));
@@ -227,7 +231,10 @@ impl TaskClientBuilder {
             Roots::Native => builder
                 .with_provider_and_native_roots(provider)
                 .map_err(|error| {
-                    Error::config("the platform's certificates cannot be loaded", Some(error.into()))
+                    Error::config(
+                        "the platform's certificates cannot be loaded",
+                        Some(error.into()),
+                    )
                 })?,
             Roots::Only(certificates) => {
                 let mut roots = RootCertStore::empty();
@@ -268,7 +275,10 @@ impl fmt::Debug for TaskClientBuilder {
 fn base_url(base_url: &str) -> Result<String, Error> {
     let invalid = |reason: &str| Error::config(format!("base URL {base_url:?} {reason}"), None);
     let uri: Uri = base_url.parse().map_err(|error: http::uri::InvalidUri| {
-        Error::config(format!("base URL {base_url:?} is not a URL"), Some(error.into()))
+        Error::config(
+            format!("base URL {base_url:?} is not a URL"),
+            Some(error.into()),
+        )
     })?;
     let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
         return Err(invalid("is not absolute (scheme and host)"));
@@ -324,6 +334,9 @@ mod tests {
 
     #[test]
     fn https_needs_the_rustls_feature() {
-        assert_eq!(base_url("https://127.0.0.1").is_ok(), cfg!(feature = "rustls"));
+        assert_eq!(
+            base_url("https://127.0.0.1").is_ok(),
+            cfg!(feature = "rustls")
+        );
     }
 }

@@ -125,11 +125,21 @@ impl Error {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.kind {
-            Kind::Config { message, .. } => write!(f, "invalid task client configuration: {message}"),
-            Kind::Status { route, status, body } if body.is_empty() => {
+            Kind::Config { message, .. } => {
+                write!(f, "invalid task client configuration: {message}")
+            }
+            Kind::Status {
+                route,
+                status,
+                body,
+            } if body.is_empty() => {
                 write!(f, "{route} returned {}", status.as_u16())
             }
-            Kind::Status { route, status, body } => {
+            Kind::Status {
+                route,
+                status,
+                body,
+            } => {
                 write!(f, "{route} returned {}: {body}", status.as_u16())
             }
             Kind::Transport { route, source } if source.is::<tower::timeout::error::Elapsed>() => {

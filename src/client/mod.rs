@@ -219,8 +219,13 @@ impl TaskClient {
     /// schedule is exhausted; see [`Error::is_transient`].
     pub async fn complete_task(&self, task_id: &str, complete: &CompleteTask) -> Result<(), Error> {
         let inner = &self.inner;
-        self.send(&inner.terminal, Route::Complete, task_id, complete.to_json())
-            .await
+        self.send(
+            &inner.terminal,
+            Route::Complete,
+            task_id,
+            complete.to_json(),
+        )
+        .await
     }
 
     /// Reports the task failed: `POST .../fail`, retried on transient failures
@@ -291,7 +296,10 @@ impl TaskClient {
         let mut request = Request::post(format!("{}{path}", self.inner.base))
             .body(Full::new(body))
             .map_err(|error| {
-                Error::config(format!("no request can be made for {path}"), Some(error.into()))
+                Error::config(
+                    format!("no request can be made for {path}"),
+                    Some(error.into()),
+                )
             })?;
         *request.headers_mut() = self.inner.headers.clone();
 
@@ -304,13 +312,9 @@ impl TaskClient {
         let body = body_start(response.into_body(), self.inner.timeout).await;
         match outcome {
             Outcome::Success => Ok(()),
-            Outcome::Transient | Outcome::Permanent => Err(Error::rejected(
-                Method::POST,
-                path,
-                status,
-                body,
-                outcome,
-            )),
+            Outcome::Transient | Outcome::Permanent => {
+                Err(Error::rejected(Method::POST, path, status, body, outcome))
+            }
         }
     }
 }

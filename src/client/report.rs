@@ -163,7 +163,11 @@ impl Future for ReportFuture {
 }
 
 /// The rules of a terminal report; see the [module docs](super).
-pub(super) async fn deliver(client: &TaskClient, task_id: &str, result: TaskResult) -> ReportOutcome {
+pub(super) async fn deliver(
+    client: &TaskClient,
+    task_id: &str,
+    result: TaskResult,
+) -> ReportOutcome {
     match result.report {
         Report::Completed(complete) => match client.complete_task(task_id, &complete).await {
             Ok(()) => {

@@ -1,49 +1,4 @@
-//! A loopback task server that behaves like the real one, with scripted
-//! faults: for testing a daemon's task callbacks (see
-//! [`TaskClient`](crate::client::TaskClient)).
-//!
-//! [`TaskServer`] serves `POST /api/daemon/tasks/{id}/{action}` for the
-//! actions of [`Action`], on a [`TestServer`]:
-//!
-//! - `complete` and `fail` are idempotent: on a task already completed or
-//!   failed they answer 200 `already terminal` and change nothing;
-//! - an unknown task is 404 `task not found`, a bad body 400;
-//! - a [`Fault`] can stand in for the server: a 502, 503 or 504, a 429 with
-//!   `Retry-After`, a connection reset before any response, a reply lost
-//!   *after* the state was committed, a hang. Faults are scripted per task
-//!   and action ([`TaskServer::script`]) or for every request in a window of
-//!   time ([`TaskServer::outage`]);
-//! - it keeps each task's state and every attempt it saw ([`Attempt`]).
-//!
-//! ```
-//! use bytes::Bytes;
-//! use http_body_util::Full;
-//! use hyper_util::{client::legacy::Client, rt::TokioExecutor};
-//! use tower_terminal_retry::test_server::{Action, Fault, Handling, TaskServer, TaskState};
-//!
-//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
-//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let server = TaskServer::start().await?;
-//! server.add_task("t1");
-//! // The first `complete` is committed, but its reply never arrives.
-//! server.script("t1", Action::Complete, [Fault::ReplyLost]);
-//!
-//! let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-//! let complete = || {
-//!     http::Request::post(server.url() + "/api/daemon/tasks/t1/complete")
-//!         .body(Full::from(r#"{"output":"done"}"#))
-//! };
-//! assert!(client.request(complete()?).await.is_err());
-//! assert_eq!(server.state("t1"), Some(TaskState::Completed));
-//!
-//! // The replay is harmless: "already terminal", 200.
-//! assert_eq!(client.request(complete()?).await?.status(), 200);
-//! let attempts = server.attempts();
-//! assert_eq!(attempts[0].fault, Some(Fault::ReplyLost));
-//! assert_eq!(attempts[1].handling, Handling::AlreadyTerminal);
-//! # Ok(())
-//! # }
-//! ```
+//! The task server: a loopback stand-in for the real one, with faults.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -233,7 +188,52 @@ struct State {
     attempts: Vec<Attempt>,
 }
 
-/// A loopback task server: see the [module docs](self).
+/// A loopback task server that behaves like the real one, with scripted
+/// faults: for testing a daemon's task callbacks (see
+/// [`TaskClient`](crate::client::TaskClient)).
+///
+/// It serves `POST /api/daemon/tasks/{id}/{action}` for the
+/// actions of [`Action`], on a [`TestServer`]:
+///
+/// - `complete` and `fail` are idempotent: on a task already completed or
+///   failed they answer 200 `already terminal` and change nothing;
+/// - an unknown task is 404 `task not found`, a bad body 400;
+/// - a [`Fault`] can stand in for the server: a 502, 503 or 504, a 429 with
+///   `Retry-After`, a connection reset before any response, a reply lost
+///   *after* the state was committed, a hang. Faults are scripted per task
+///   and action ([`script`](TaskServer::script)) or for every request in a window of
+///   time ([`outage`](TaskServer::outage));
+/// - it keeps each task's state and every attempt it saw ([`Attempt`]).
+///
+/// ```
+/// use bytes::Bytes;
+/// use http_body_util::Full;
+/// use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+/// use tower_terminal_retry::test_server::{Action, Fault, Handling, TaskServer, TaskState};
+///
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let server = TaskServer::start().await?;
+/// server.add_task("t1");
+/// // The first `complete` is committed, but its reply never arrives.
+/// server.script("t1", Action::Complete, [Fault::ReplyLost]);
+///
+/// let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+/// let complete = || {
+///     http::Request::post(server.url() + "/api/daemon/tasks/t1/complete")
+///         .body(Full::from(r#"{"output":"done"}"#))
+/// };
+/// assert!(client.request(complete()?).await.is_err());
+/// assert_eq!(server.state("t1"), Some(TaskState::Completed));
+///
+/// // The replay is harmless: "already terminal", 200.
+/// assert_eq!(client.request(complete()?).await?.status(), 200);
+/// let attempts = server.attempts();
+/// assert_eq!(attempts[0].fault, Some(Fault::ReplyLost));
+/// assert_eq!(attempts[1].handling, Handling::AlreadyTerminal);
+/// # Ok(())
+/// # }
+/// ```
 pub struct TaskServer {
     server: TestServer,
     state: Arc<Mutex<State>>,
@@ -362,7 +362,9 @@ impl State {
         let fault = self.fault_for(&task_id, action, request.at);
         let (handling, reply) = match &fault {
             None => self.handle(&task_id, action, request),
-            Some(lost @ Fault::ReplyLost) => (self.handle(&task_id, action, request).0, lost.reply()),
+            Some(lost @ Fault::ReplyLost) => {
+                (self.handle(&task_id, action, request).0, lost.reply())
+            }
             Some(fault) => (Handling::NotReached, fault.reply()),
         };
         self.attempts.push(Attempt {
@@ -388,9 +390,17 @@ impl State {
     }
 
     /// The server's own logic: validate, apply, answer.
-    fn handle(&mut self, task_id: &str, action: Action, request: &RecordedRequest) -> (Handling, Reply) {
+    fn handle(
+        &mut self,
+        task_id: &str,
+        action: Action,
+        request: &RecordedRequest,
+    ) -> (Handling, Reply) {
         let rejected = |status: StatusCode, message: &'static str| {
-            (Handling::Rejected(status), Reply::text(status.as_u16(), message))
+            (
+                Handling::Rejected(status),
+                Reply::text(status.as_u16(), message),
+            )
         };
         if request.method != Method::POST {
             return rejected(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
@@ -402,9 +412,10 @@ impl State {
             return rejected(StatusCode::BAD_REQUEST, "bad request body");
         };
         match action {
-            Action::Complete | Action::Fail if task.state.is_terminal() => {
-                (Handling::AlreadyTerminal, Reply::text(200, "already terminal"))
-            }
+            Action::Complete | Action::Fail if task.state.is_terminal() => (
+                Handling::AlreadyTerminal,
+                Reply::text(200, "already terminal"),
+            ),
             Action::Complete | Action::Fail => {
                 task.state = match action {
                     Action::Complete => TaskState::Completed,
@@ -413,7 +424,9 @@ impl State {
                 task.final_report = Some(body);
                 (Handling::Applied, Reply::text(200, "ok"))
             }
-            Action::Start if task.state.is_terminal() => rejected(StatusCode::CONFLICT, "task already terminal"),
+            Action::Start if task.state.is_terminal() => {
+                rejected(StatusCode::CONFLICT, "task already terminal")
+            }
             Action::Start => {
                 task.state = TaskState::Running;
                 (Handling::Applied, Reply::text(200, "ok"))
