@@ -13,6 +13,7 @@ use tower_terminal_retry::{
     },
     test_server::{Action, Fault, Reply, TaskServer, TaskState, TestServer},
 };
+use tracing::Instrument;
 
 use client_support::{capture, client, server_with, terminal_calls};
 
@@ -47,9 +48,13 @@ async fn transient_complete_exhausted_does_not_fallback() {
     client.start_task("task-stuck").await.unwrap();
     let (events, _guard) = capture();
 
-    let outcome = client
-        .report_task_result("task-stuck", TaskResult::completed("ok"))
-        .await;
+    let outcome = async {
+        client
+            .report_task_result("task-stuck", TaskResult::completed("ok"))
+            .await
+    }
+    .instrument(tracing::info_span!("handle_task"))
+    .await;
 
     assert_eq!(outcome, ReportOutcome::LeftRunning);
     assert_eq!(terminal_calls(&server, "task-stuck"), (3, 0));
@@ -61,6 +66,8 @@ async fn transient_complete_exhausted_does_not_fallback() {
         .expect("an event saying the task was left running");
     assert!(left_running.contains("ERROR"), "{left_running}");
     assert!(left_running.contains("returned 502"), "{left_running}");
+    // Delivered on its own task, in the caller's span.
+    assert!(left_running.contains("handle_task"), "{left_running}");
 }
 
 /// A permanent rejection of `complete` falls back to `fail` exactly once,

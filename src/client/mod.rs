@@ -70,6 +70,7 @@ use hyper_util::client::legacy::Client;
 use tokio::runtime::Handle;
 use tower::{timeout::Timeout, BoxError, Service, ServiceExt};
 use tower_http::sensitive_headers::SetSensitiveRequestHeaders;
+use tracing::Instrument;
 
 pub use body::{CompleteTask, FailTask, UsageEntry};
 pub use builder::{TaskClientBuilder, DEFAULT_TIMEOUT};
@@ -255,10 +256,14 @@ impl TaskClient {
         let tracked = (task_id.to_owned(), result.clone());
         self.inner
             .reports
-            .spawn(&self.inner.runtime, tracked, move |id| async move {
-                let outcome = report::deliver(&client, &reported, result).await;
-                client.inner.reports.finish(id);
-                outcome
+            .spawn(&self.inner.runtime, tracked, move |id| {
+                async move {
+                    let outcome = report::deliver(&client, &reported, result).await;
+                    client.inner.reports.finish(id);
+                    outcome
+                }
+                // The delivery's events stay in the caller's span.
+                .instrument(tracing::Span::current())
             })
     }
 
