@@ -1,0 +1,124 @@
+//! Heap allocations per successful call, counted by a counting global
+//! allocator: the bare service, the floor (`tower::retry::Retry` that clones
+//! the request and never retries) and the layer, in memory and over loopback.
+//! Prints a Markdown table; run with `cargo bench --bench allocations`.
+
+mod common;
+#[path = "common/counting_alloc.rs"]
+mod counting_alloc;
+
+use std::{hint::black_box, sync::Arc};
+
+use tower::{retry::Retry, Layer};
+use tower_terminal_retry::TerminalRetryLayer;
+
+use common::{
+    answer_200, call_now, callback_request, hyper_client, layer_all_options, send_hyper,
+    LoopbackServer, NeverRetry, ReqwestRetryCallback,
+};
+use counting_alloc::{allocated_bytes, allocations, CountingAlloc};
+
+#[global_allocator]
+static ALLOC: CountingAlloc = CountingAlloc;
+
+const CALLS: u64 = 10_000;
+
+/// Allocations and bytes per call of `call`, after a warm-up that fills pools
+/// and lazily built state.
+fn per_call(mut call: impl FnMut()) -> (f64, f64) {
+    for _ in 0..100 {
+        call();
+    }
+    let (allocations_before, bytes_before) = (allocations(), allocated_bytes());
+    for _ in 0..CALLS {
+        call();
+    }
+    (
+        (allocations() - allocations_before) as f64 / CALLS as f64,
+        (allocated_bytes() - bytes_before) as f64 / CALLS as f64,
+    )
+}
+
+fn row(name: &str, (allocations, bytes): (f64, f64)) {
+    println!("| {name} | {allocations:.2} | {bytes:.0} |");
+}
+
+fn main() {
+    println!("| per successful call | heap allocations | bytes allocated |");
+    println!("|---|---:|---:|");
+
+    // In memory: the request handed to each call is cloned from a template
+    // before the count; only the call (and dropping its response) is counted.
+    let template = callback_request("http://127.0.0.1:8080");
+    let in_memory = |name: &str, call: &mut dyn FnMut(http::Request<_>)| {
+        let mut allocations_in_calls = 0;
+        let mut bytes_in_calls = 0;
+        for round in 0..CALLS + 100 {
+            let request = template.clone();
+            let (allocations_before, bytes_before) = (allocations(), allocated_bytes());
+            call(request);
+            if round >= 100 {
+                allocations_in_calls += allocations() - allocations_before;
+                bytes_in_calls += allocated_bytes() - bytes_before;
+            }
+        }
+        row(
+            name,
+            (
+                allocations_in_calls as f64 / CALLS as f64,
+                bytes_in_calls as f64 / CALLS as f64,
+            ),
+        );
+    };
+    row(
+        "in memory: one request clone",
+        per_call(|| drop(black_box(template.clone()))),
+    );
+    let mut bare = answer_200();
+    in_memory("in memory: bare service", &mut |request| {
+        drop(call_now(&mut bare, request))
+    });
+    let mut floor = Retry::new(NeverRetry, answer_200());
+    in_memory(
+        "in memory: floor, tower `Retry` never retrying",
+        &mut |request| drop(call_now(&mut floor, request)),
+    );
+    let mut layer = TerminalRetryLayer::new().layer(answer_200());
+    in_memory("in memory: `TerminalRetryLayer` default", &mut |request| {
+        drop(call_now(&mut layer, request))
+    });
+    let mut layer = layer_all_options().layer(answer_200());
+    in_memory(
+        "in memory: `TerminalRetryLayer` jitter + budget + header",
+        &mut |request| drop(call_now(&mut layer, request)),
+    );
+
+    // Loopback, one call in flight: the server's thread allocates the same for
+    // every client, so the differences between rows are the clients'.
+    let server = LoopbackServer::start(200);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let request = callback_request(&server.base());
+    let client = runtime.block_on(async { hyper_client() });
+    let layered = TerminalRetryLayer::new().layer(client.clone());
+    let reqwest_retry =
+        Arc::new(runtime.block_on(async { ReqwestRetryCallback::new(&server.base()) }));
+    row(
+        "loopback (client + server): hyper-util bare",
+        per_call(|| {
+            runtime.block_on(send_hyper(client.clone(), request.clone()));
+        }),
+    );
+    row(
+        "loopback (client + server): hyper-util + layer",
+        per_call(|| {
+            runtime.block_on(send_hyper(layered.clone(), request.clone()));
+        }),
+    );
+    row(
+        "loopback (client + server): reqwest + reqwest-retry",
+        per_call(|| runtime.block_on(reqwest_retry.send())),
+    );
+}

@@ -1,0 +1,329 @@
+//! What the benches and the scale example share: the callback request they all
+//! send, the services and clients they compare, and a loopback server.
+
+// Each bench binary uses its own part of this module.
+#![allow(dead_code)]
+
+use std::{
+    convert::Infallible,
+    future::{ready, Future, Ready},
+    net::{Ipv4Addr, SocketAddr},
+    pin::pin,
+    sync::{
+        atomic::{AtomicU16, AtomicU64, Ordering},
+        Arc,
+    },
+    task::{Context, Poll, Waker},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::{
+    client::legacy::{connect::HttpConnector, Client},
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+};
+use tower::{retry::Policy, Service, ServiceExt};
+use tower_terminal_retry::{Jitter, RetryBudget, TerminalRetryLayer};
+
+/// The path of the callback, as the daemon of the original sends it.
+pub const CALLBACK_PATH: &str = "/api/daemon/tasks/7f3c9b2e-4d1a-4c8e-9b6f-2a5d8e1c0f93/complete";
+
+/// A terminal callback's JSON body: 204 bytes.
+pub const BODY: &str = concat!(
+    r#"{"task_id":"7f3c9b2e-4d1a-4c8e-9b6f-2a5d8e1c0f93","status":"completed","#,
+    r#""exit_code":0,"output":"build finished: 42 artifacts uploaded to the store","#,
+    r#""finished_at":"2026-03-14T09:26:53Z","duration_ms":81234}"#,
+);
+
+/// The callback's headers: a JSON content type, a bearer token and two
+/// identity headers, the last three built from runtime strings as a daemon
+/// builds them.
+pub fn callback_headers() -> HeaderMap {
+    let token = String::from("Bearer 3q2+7wAAAAB0b2tlbi1mb3ItdGhlLWRhZW1vbi0xMjM0NTY3ODkw");
+    let daemon = String::from("daemon-eu-west-1-0042");
+    let task = String::from("7f3c9b2e-4d1a-4c8e-9b6f-2a5d8e1c0f93");
+    let mut headers = HeaderMap::with_capacity(4);
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(
+        header::AUTHORIZATION,
+        HeaderValue::from_str(&token).expect("a header value"),
+    );
+    headers.insert(
+        HeaderName::from_static("x-daemon-id"),
+        HeaderValue::from_str(&daemon).expect("a header value"),
+    );
+    headers.insert(
+        HeaderName::from_static("x-task-id"),
+        HeaderValue::from_str(&task).expect("a header value"),
+    );
+    headers
+}
+
+/// The callback body in its own allocation, as a daemon serialises it.
+pub fn callback_body() -> Bytes {
+    Bytes::copy_from_slice(BODY.as_bytes())
+}
+
+/// The callback: a POST to `base` (`http://host:port`) followed by
+/// [`CALLBACK_PATH`], with [`callback_headers`] and [`BODY`].
+pub fn callback_request(base: &str) -> Request<Full<Bytes>> {
+    let mut request = Request::post(format!("{base}{CALLBACK_PATH}"))
+        .body(Full::new(callback_body()))
+        .expect("a valid request");
+    *request.headers_mut() = callback_headers();
+    request
+}
+
+// ---------------------------------------------------------------------------
+// In memory
+
+/// The in-memory service: answers 200 at once, without looking at the request.
+pub type Answer200 = tower::util::ServiceFn<
+    fn(Request<Full<Bytes>>) -> Ready<Result<Response<Full<Bytes>>, Infallible>>,
+>;
+
+pub fn answer_200() -> Answer200 {
+    fn answer(_request: Request<Full<Bytes>>) -> Ready<Result<Response<Full<Bytes>>, Infallible>> {
+        ready(Ok(Response::new(Full::default())))
+    }
+    tower::service_fn(answer as fn(_) -> _)
+}
+
+/// The least any tower retry policy does: clone the request for a retry that
+/// never comes. `tower::retry::Retry` with it is the floor of the comparison.
+#[derive(Debug, Clone, Copy)]
+pub struct NeverRetry;
+
+impl<B: Clone, Res, E> Policy<Request<B>, Res, E> for NeverRetry {
+    type Future = Ready<()>;
+
+    fn retry(&mut self, _: &mut Request<B>, _: &mut Result<Res, E>) -> Option<Ready<()>> {
+        None
+    }
+
+    fn clone_request(&mut self, request: &Request<B>) -> Option<Request<B>> {
+        Some(request.clone())
+    }
+}
+
+/// The layer with every option on: full jitter, a retry budget and the
+/// attempt header.
+pub fn layer_all_options() -> TerminalRetryLayer {
+    let budget = RetryBudget::new(Duration::from_secs(10), 10, 0.2).expect("a valid budget");
+    TerminalRetryLayer::new()
+        .with_jitter(Jitter::full())
+        .with_budget(budget)
+        .with_attempt_header(HeaderName::from_static("x-retry-attempt"))
+}
+
+/// Makes one call to a service that answers at once, on this thread: readiness,
+/// call and the one poll that completes it, as `oneshot` would, without a
+/// runtime in the measurement.
+pub fn call_now<S, R>(service: &mut S, request: R) -> S::Response
+where
+    S: Service<R>,
+    S::Error: std::fmt::Debug,
+{
+    let mut cx = Context::from_waker(Waker::noop());
+    match service.poll_ready(&mut cx) {
+        Poll::Ready(Ok(())) => {}
+        _ => panic!("the in-memory service is always ready"),
+    }
+    match pin!(service.call(request)).poll(&mut cx) {
+        Poll::Ready(Ok(response)) => response,
+        _ => panic!("the in-memory service answers 200 at once"),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Loopback
+
+/// A hyper server on 127.0.0.1 (HTTP/1.1, and HTTP/2 with prior knowledge),
+/// on a thread and runtime of its own so that it does not share the client's.
+/// It reads each request's body and answers an empty response with the
+/// current status. Unlike the crate's `TestServer` it keeps no record of the
+/// requests: a bench sends millions.
+pub struct LoopbackServer {
+    addr: SocketAddr,
+    status: Arc<AtomicU16>,
+    answered: Arc<AtomicU64>,
+}
+
+impl LoopbackServer {
+    /// Starts a server answering `status` to every request. It runs until the
+    /// process ends.
+    pub fn start(status: u16) -> LoopbackServer {
+        let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("a free port");
+        listener
+            .set_nonblocking(true)
+            .expect("a non-blocking listener");
+        let addr = listener.local_addr().expect("a local address");
+        let status = Arc::new(AtomicU16::new(status));
+        let answered = Arc::new(AtomicU64::new(0));
+        let (serve_status, serve_answered) = (status.clone(), answered.clone());
+        std::thread::Builder::new()
+            .name("loopback-server".into())
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("a runtime");
+                runtime.block_on(serve(listener, serve_status, serve_answered));
+            })
+            .expect("a server thread");
+        LoopbackServer {
+            addr,
+            status,
+            answered,
+        }
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn base(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The status of every later answer.
+    pub fn set_status(&self, status: u16) {
+        self.status.store(status, Ordering::SeqCst);
+    }
+
+    /// Requests answered so far.
+    pub fn answered(&self) -> u64 {
+        self.answered.load(Ordering::Relaxed)
+    }
+}
+
+async fn serve(listener: std::net::TcpListener, status: Arc<AtomicU16>, answered: Arc<AtomicU64>) {
+    let listener = tokio::net::TcpListener::from_std(listener).expect("a tokio listener");
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let (status, answered) = (status.clone(), answered.clone());
+        let service = service_fn(move |request: Request<Incoming>| {
+            let (status, answered) = (status.clone(), answered.clone());
+            async move {
+                request.into_body().collect().await?;
+                answered.fetch_add(1, Ordering::Relaxed);
+                let mut response = Response::new(Full::<Bytes>::default());
+                *response.status_mut() =
+                    StatusCode::from_u16(status.load(Ordering::Relaxed)).expect("a status");
+                Ok::<_, hyper::Error>(response)
+            }
+        });
+        tokio::spawn(async move {
+            let _ = auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+/// hyper-util's legacy client, HTTP/1.1 with its connection pool, as the
+/// layer's docs stack it.
+pub fn hyper_client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).build(connector())
+}
+
+/// hyper-util's connector with `TCP_NODELAY`, as reqwest sets it by default:
+/// without it, small writes wait for the peer's delayed ACK.
+pub fn connector() -> HttpConnector {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector
+}
+
+/// Sends one request through a hyper-util client service and reads the whole
+/// answer; panics unless it is a 200.
+pub async fn send_hyper<S>(service: S, request: Request<Full<Bytes>>)
+where
+    S: Service<Request<Full<Bytes>>, Response = Response<Incoming>>,
+    S::Error: std::fmt::Debug,
+{
+    let response = service.oneshot(request).await.expect("a response");
+    assert_eq!(response.status(), StatusCode::OK);
+    response.into_body().collect().await.expect("a body");
+}
+
+/// The callback sent through reqwest with reqwest-middleware and
+/// reqwest-retry's transient-retry middleware (five retries on an exponential
+/// backoff, its usual setup).
+pub struct ReqwestRetryCallback {
+    client: reqwest_middleware::ClientWithMiddleware,
+    url: String,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl ReqwestRetryCallback {
+    /// The callback to `base` (`http://host:port`). Call it inside a runtime.
+    pub fn new(base: &str) -> ReqwestRetryCallback {
+        let policy =
+            reqwest_retry::policies::ExponentialBackoff::builder().build_with_max_retries(5);
+        let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
+            .with(reqwest_retry::RetryTransientMiddleware::new_with_policy(
+                policy,
+            ))
+            .build();
+        ReqwestRetryCallback {
+            client,
+            url: format!("{base}{CALLBACK_PATH}"),
+            headers: callback_headers(),
+            body: callback_body(),
+        }
+    }
+
+    /// Sends the callback and reads the whole answer; panics unless it is a 200.
+    pub async fn send(&self) {
+        let response = self
+            .client
+            .post(&self.url)
+            .headers(self.headers.clone())
+            .body(self.body.clone())
+            .send()
+            .await
+            .expect("a response");
+        assert_eq!(response.status(), StatusCode::OK);
+        response.bytes().await.expect("a body");
+    }
+}
+
+/// Runs `calls` calls of `call`, `in_flight` at a time (each of `in_flight`
+/// tasks makes its share one after the other), and returns the time it took.
+/// One in flight runs on the calling task, without a spawn.
+pub async fn run_calls<F, Fut>(calls: u64, in_flight: u64, call: F) -> Duration
+where
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    let start = Instant::now();
+    if in_flight <= 1 {
+        for _ in 0..calls {
+            call().await;
+        }
+        return start.elapsed();
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for worker in 0..in_flight {
+        let share = calls / in_flight + u64::from(worker < calls % in_flight);
+        let call = call.clone();
+        tasks.spawn(async move {
+            for _ in 0..share {
+                call().await;
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.expect("a call task");
+    }
+    start.elapsed()
+}

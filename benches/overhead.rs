@@ -1,0 +1,113 @@
+//! The happy path in memory: what the layer adds to a call that succeeds at
+//! once, against the bare service and against the floor any tower retry pays
+//! (`tower::retry::Retry` cloning the request for a retry that never comes);
+//! and the per-response work (classifier, `Retry-After` parser) on its own.
+
+mod common;
+
+use std::{
+    hint::black_box,
+    time::{Duration, SystemTime},
+};
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
+use http::{HeaderValue, Response, StatusCode};
+use tower::{retry::Retry, Layer};
+use tower_terminal_retry::{
+    classify::{Classify, DefaultClassifier},
+    classify_status,
+    retry_after::parse_retry_after,
+    TerminalRetryLayer,
+};
+
+use common::{answer_200, call_now, callback_request, layer_all_options, NeverRetry};
+
+fn happy_path(c: &mut Criterion) {
+    let request = callback_request("http://127.0.0.1:8080");
+    let mut group = c.benchmark_group("happy_path");
+
+    group.bench_function("request_clone", |b| b.iter(|| black_box(&request).clone()));
+
+    // The request handed to each call is cloned outside the measurement: what
+    // is timed is the call itself, and the clone the retry layers make in it.
+    let mut bare = answer_200();
+    group.bench_function("bare", |b| {
+        b.iter_batched(
+            || request.clone(),
+            |request| call_now(&mut bare, request),
+            BatchSize::SmallInput,
+        )
+    });
+    let mut floor = Retry::new(NeverRetry, answer_200());
+    group.bench_function("floor_tower_retry", |b| {
+        b.iter_batched(
+            || request.clone(),
+            |request| call_now(&mut floor, request),
+            BatchSize::SmallInput,
+        )
+    });
+    let mut layer = TerminalRetryLayer::new().layer(answer_200());
+    group.bench_function("layer_default", |b| {
+        b.iter_batched(
+            || request.clone(),
+            |request| call_now(&mut layer, request),
+            BatchSize::SmallInput,
+        )
+    });
+    let mut layer = layer_all_options().layer(answer_200());
+    group.bench_function("layer_jitter_budget_header", |b| {
+        b.iter_batched(
+            || request.clone(),
+            |request| call_now(&mut layer, request),
+            BatchSize::SmallInput,
+        )
+    });
+    group.finish();
+}
+
+fn per_response(c: &mut Criterion) {
+    let mut group = c.benchmark_group("per_response");
+
+    let statuses = [200, 204, 404, 408, 429, 500, 502, 503]
+        .map(|code| StatusCode::from_u16(code).expect("a status"));
+    group.bench_function("classify_status_x8", |b| {
+        b.iter(|| {
+            for status in black_box(&statuses) {
+                black_box(classify_status(*status));
+            }
+        })
+    });
+    let ok: Result<Response<()>, std::io::Error> = Ok(Response::new(()));
+    group.bench_function("default_classifier_ok", |b| {
+        b.iter(|| DefaultClassifier.classify(black_box(&ok)))
+    });
+
+    let now = SystemTime::now();
+    let in_ten_minutes = httpdate::fmt_http_date(now + Duration::from_secs(600));
+    for (name, value) in [
+        ("retry_after_seconds", "120".to_owned()),
+        ("retry_after_http_date", in_ten_minutes),
+        ("retry_after_malformed", "soon, maybe".to_owned()),
+    ] {
+        let value = HeaderValue::from_str(&value).expect("a header value");
+        group.bench_function(name, |b| {
+            b.iter(|| parse_retry_after(black_box(&value), now))
+        });
+    }
+    group.finish();
+}
+
+fn config() -> Criterion {
+    // Short runs: `cargo bench` has 10 minutes on 2 cores for every target.
+    Criterion::default()
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+        .sample_size(50)
+}
+
+criterion_group! {
+    name = benches;
+    config = config();
+    targets = happy_path, per_response
+}
+criterion_main!(benches);
