@@ -116,7 +116,16 @@ async fn test_post_json_with_retry_transient_then_success() {
 
 #[tokio::test(start_paused = true)]
 async fn test_post_json_with_retry_transient_exhausts() {
-    let (server, calls) = counting_server(|_| Reply::status(502)).await;
+    // 502 to the end of any sane schedule; a runaway retry loop meets a 200
+    // and fails the assertions instead of spinning.
+    let (server, calls) = counting_server(|n| {
+        if n <= 100 {
+            Reply::status(502)
+        } else {
+            Reply::status(200)
+        }
+    })
+    .await;
     let schedule = nanos(2);
     let result = TerminalRetryLayer::new()
         .with_schedule(schedule.clone())

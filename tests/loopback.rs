@@ -285,7 +285,10 @@ fn detailed_request(url: String) -> Request<support::Body> {
 
 #[tokio::test(start_paused = true)]
 async fn every_attempt_sends_the_same_method_uri_headers_and_body() {
-    let server = TestServer::start(|_| Reply::status(502)).await.unwrap();
+    // Six failures then 200: retries beyond the schedule would show, not spin.
+    let server = TestServer::scripted(vec![Reply::status(502); 6])
+        .await
+        .unwrap();
     let request = detailed_request(server.url("/api/daemon/tasks/t1/complete?lease=9"));
     let expected = request.clone();
     let response = TerminalRetryLayer::new()
@@ -323,13 +326,16 @@ async fn the_attempt_header_reaches_the_server_only_when_asked_for() {
         .iter()
         .all(|request| !request.headers.contains_key(&name)));
 
-    let server = TestServer::start(|_| Reply::status(503)).await.unwrap();
-    TerminalRetryLayer::new()
+    let server = TestServer::scripted(vec![Reply::status(503); 6])
+        .await
+        .unwrap();
+    let response = TerminalRetryLayer::new()
         .with_attempt_header(name.clone())
         .layer(client())
         .oneshot(post(server.url("/cb"), "{}"))
         .await
         .unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
     let values: Vec<Option<HeaderValue>> = server
         .requests()
         .iter()

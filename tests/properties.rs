@@ -142,6 +142,7 @@ proptest! {
         let mut attempts = 0;
         loop {
             attempts += 1;
+            prop_assert!(attempts <= schedule.max_attempts(), "retried past the schedule");
             let mut result: Result<Response<()>, std::io::Error> = Ok(response.clone());
             let Some(sleep) = policy.retry(&mut request, &mut result) else { break };
             prop_assert!(transient, "retried a {}", code);

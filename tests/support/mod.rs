@@ -35,6 +35,9 @@ type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 /// 32 and 64 s later.
 pub const DEFAULT_STARTS: [u64; 6] = [0, 4, 12, 28, 60, 124];
 
+/// More attempts than any test makes: reaching it means retries never stop.
+pub const RUNAWAY: usize = 1000;
+
 /// Durations from whole seconds.
 pub fn secs(values: &[u64]) -> Vec<Duration> {
     values.iter().copied().map(Duration::from_secs).collect()
@@ -149,7 +152,12 @@ impl Attempts {
 
     /// Marks an attempt as started; the guard records how it ends.
     fn start(&self) -> AttemptGuard {
-        self.starts.lock().unwrap().push(Instant::now());
+        let mut starts = self.starts.lock().unwrap();
+        // A policy that never stops would spin forever on the paused clock:
+        // fail the test instead.
+        assert!(starts.len() < RUNAWAY, "more than {RUNAWAY} attempts");
+        starts.push(Instant::now());
+        drop(starts);
         self.progress.send_modify(|p| p.started += 1);
         AttemptGuard {
             attempts: self.clone(),
