@@ -22,7 +22,7 @@ use tracing::{
 };
 use tracing_subscriber::{layer::Context, prelude::*};
 
-use support::{client, post, schedule, Mock};
+use support::{client, post, request, schedule, Mock};
 
 /// One event as the subscriber saw it.
 #[derive(Debug, Clone)]
@@ -96,10 +96,6 @@ impl Visit for Fields {
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
         self.0.insert(field.name().to_owned(), format!("{value:?}"));
     }
-}
-
-fn request() -> Request<support::Body> {
-    post("http://callbacks.test/api/daemon/tasks/t1/complete", "{}")
 }
 
 #[tokio::test(start_paused = true)]

@@ -22,7 +22,7 @@ use tower_terminal_retry::{
 };
 
 use support::{
-    assert_date_delay, date_in, post, schedule, secs, text, Mock, MockError, CALL_HEADER,
+    assert_date_delay, date_in, request, schedule, secs, text, Mock, MockError, CALL_HEADER,
     DEFAULT_STARTS,
 };
 
@@ -38,10 +38,6 @@ async fn call(
     let start = Instant::now();
     let result = layer.layer(mock.clone()).oneshot(request).await;
     (result, start.elapsed())
-}
-
-fn request() -> Request<support::Body> {
-    post("http://callbacks.test/api/daemon/tasks/t1/complete", "{}")
 }
 
 /// A 2-delay schedule: transient results take 3 attempts, others 1.

@@ -401,6 +401,11 @@ pub fn post(uri: impl AsRef<str>, body: impl Into<Bytes>) -> Request<Body> {
         .expect("a valid request")
 }
 
+/// A terminal callback for the in-memory service (its host is never resolved).
+pub fn request() -> Request<Body> {
+    post("http://callbacks.test/api/daemon/tasks/t1/complete", "{}")
+}
+
 /// The whole body of `response`, as text.
 pub async fn text<B>(response: Response<B>) -> String
 where
