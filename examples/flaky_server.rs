@@ -49,12 +49,8 @@ async fn main() -> Result<(), tower::BoxError> {
     })
     .await?;
 
-    let schedule = Schedule::exponential(
-        Duration::from_millis(250),
-        2.0,
-        5,
-        Duration::from_secs(4),
-    )?;
+    let schedule =
+        Schedule::exponential(Duration::from_millis(250), 2.0, 5, Duration::from_secs(4))?;
     let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
     let service = ServiceBuilder::new()
         .layer(
