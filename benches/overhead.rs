@@ -7,10 +7,10 @@ mod common;
 
 use std::{
     hint::black_box,
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
-use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
+use criterion::{criterion_group, BatchSize, Criterion};
 use http::{HeaderValue, Response, StatusCode};
 use tower::{retry::Retry, Layer};
 use tower_terminal_retry::{
@@ -20,7 +20,7 @@ use tower_terminal_retry::{
     TerminalRetryLayer,
 };
 
-use common::{answer_200, call_now, callback_request, layer_all_options, NeverRetry};
+use common::{answer_200, call_now, callback_request, layer_all_options, side_by_side, NeverRetry};
 
 fn happy_path(c: &mut Criterion) {
     let request = callback_request("http://127.0.0.1:8080");
@@ -105,9 +105,51 @@ fn config() -> Criterion {
         .sample_size(50)
 }
 
+/// The four services in alternation, for ratios that the machine's drifting
+/// load does not skew (see `side_by_side`).
+fn happy_path_side_by_side() {
+    const CALLS: usize = 20_000;
+    let template = callback_request("http://127.0.0.1:8080");
+    let mut bare = answer_200();
+    let mut floor = Retry::new(NeverRetry, answer_200());
+    let mut layer = TerminalRetryLayer::new().layer(answer_200());
+    let mut layer_all = layer_all_options().layer(answer_200());
+    side_by_side(
+        "happy path in memory",
+        100,
+        &[
+            "bare",
+            "floor_tower_retry",
+            "layer_default",
+            "layer_jitter_budget_header",
+        ],
+        1,
+        |index| {
+            // Cloned before the clock starts, as in the criterion benches.
+            let requests: Vec<_> = (0..CALLS).map(|_| template.clone()).collect();
+            let mut responses = Vec::with_capacity(CALLS);
+            let start = Instant::now();
+            for request in requests {
+                responses.push(match index {
+                    0 => call_now(&mut bare, request),
+                    1 => call_now(&mut floor, request),
+                    2 => call_now(&mut layer, request),
+                    _ => call_now(&mut layer_all, request),
+                });
+            }
+            start.elapsed() / CALLS as u32
+        },
+    );
+}
+
 criterion_group! {
     name = benches;
     config = config();
     targets = happy_path, per_response
 }
-criterion_main!(benches);
+
+fn main() {
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+    happy_path_side_by_side();
+}

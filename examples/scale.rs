@@ -55,7 +55,7 @@ static ALLOC: CountingAlloc = CountingAlloc;
 /// Calls parked in backoff.
 const CALLS: u64 = 100_000;
 /// How long every call is observed asleep before the server comes back.
-const PARKED_FOR: Duration = Duration::from_secs(2);
+const PARKED_FOR: Duration = Duration::from_secs(3);
 /// The server comes back by then at the latest.
 const OUTAGE_MAX: Duration = Duration::from_secs(40);
 /// A run stops this long after recovery even if calls are left.
@@ -115,7 +115,21 @@ async fn run(jitter: &str, recover_at: Option<Duration>) {
         .build::<_, Full<Bytes>>(connector());
     let started = Arc::new(AtomicU64::new(0));
     let counted = started.clone();
+    let counters = Arc::new(Counters {
+        epoch: Instant::now(),
+        succeeded: AtomicU64::new(0),
+        failed: AtomicU64::new(0),
+        last_success_nanos: AtomicU64::new(0),
+    });
+    let ended = counters.clone();
     let service = ServiceBuilder::new()
+        // Counts how each call ended. A `Service` adapter rather than an
+        // `async` block around the call: such a block would hold the call's
+        // future twice, and the task for each call would double in size.
+        .map_result(move |result: Result<http::Response<_>, _>| {
+            ended.count(&result);
+            result.map(drop)
+        })
         .layer(
             TerminalRetryLayer::new()
                 .with_schedule(schedule())
@@ -132,7 +146,8 @@ async fn run(jitter: &str, recover_at: Option<Duration>) {
     assert!(opened.is_ok(), "the loopback server answers");
     drop(opened);
     // It counts as started, so that `started` and the server's `answered` agree.
-    started.store(server.answered(), Ordering::Relaxed);
+    let opening = server.answered();
+    started.store(opening, Ordering::Relaxed);
     tokio::time::sleep(Duration::from_millis(200)).await;
 
     let live_before = live_bytes();
@@ -141,30 +156,11 @@ async fn run(jitter: &str, recover_at: Option<Duration>) {
     let request_bytes = request_heap + std::mem::size_of_val(&one_request) as f64;
     let future_bytes = std::mem::size_of_val(&service.clone().oneshot(one_request));
 
+    let task_bytes = task_bytes(|| service.clone().oneshot(callback_request(&base)));
     let baseline = sample(Duration::ZERO, &server, &started, 0);
-    let succeeded = Arc::new(AtomicU64::new(0));
-    let failed = Arc::new(AtomicU64::new(0));
-    let last_success_nanos = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     for _ in 0..CALLS {
-        let request = callback_request(&base);
-        let call = service.clone().oneshot(request);
-        let (succeeded, failed, last) = (
-            succeeded.clone(),
-            failed.clone(),
-            last_success_nanos.clone(),
-        );
-        tokio::spawn(async move {
-            match call.await {
-                Ok(response) if response.status().is_success() => {
-                    last.fetch_max(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
-                    succeeded.fetch_add(1, Ordering::Relaxed);
-                }
-                _ => {
-                    failed.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        });
+        tokio::spawn(service.clone().oneshot(callback_request(&base)));
     }
 
     // Spawning takes a while: the first rate bin starts when the first call does.
@@ -177,7 +173,7 @@ async fn run(jitter: &str, recover_at: Option<Duration>) {
     let mut ticks = tokio::time::interval_at(tokio::time::Instant::from_std(start), SAMPLE);
     loop {
         ticks.tick().await;
-        let done = succeeded.load(Ordering::Relaxed);
+        let done = counters.succeeded.load(Ordering::Relaxed);
         let this = sample(start.elapsed(), &server, &started, done);
         if let Some(previous) = samples.last() {
             asleep_since = all_asleep(previous, &this).then(|| asleep_since.unwrap_or(this.at));
@@ -195,7 +191,7 @@ async fn run(jitter: &str, recover_at: Option<Duration>) {
             }
         }
         let drained = recovered_at.is_some_and(|at| now - at > DRAIN_MAX);
-        if done + failed.load(Ordering::Relaxed) == CALLS || drained {
+        if done + counters.failed.load(Ordering::Relaxed) == CALLS || drained {
             break;
         }
     }
@@ -203,9 +199,19 @@ async fn run(jitter: &str, recover_at: Option<Duration>) {
 
     let out = |key: &str, value: String| println!("result {key} {value}");
     out("calls", CALLS.to_string());
-    out("succeeded", succeeded.load(Ordering::Relaxed).to_string());
-    out("failed", failed.load(Ordering::Relaxed).to_string());
-    out("attempts", started.load(Ordering::Relaxed).to_string());
+    out(
+        "succeeded",
+        counters.succeeded.load(Ordering::Relaxed).to_string(),
+    );
+    out(
+        "failed",
+        counters.failed.load(Ordering::Relaxed).to_string(),
+    );
+    out(
+        "attempts",
+        (started.load(Ordering::Relaxed) - opening).to_string(),
+    );
+    out("spawned_task_bytes", task_bytes.to_string());
     out("request_bytes", format!("{request_bytes:.0}"));
     out("call_future_bytes", future_bytes.to_string());
 
@@ -256,7 +262,9 @@ async fn run(jitter: &str, recover_at: Option<Duration>) {
         out("parked_window_s", "0".into());
     }
 
-    let last_success = Duration::from_nanos(last_success_nanos.load(Ordering::Relaxed));
+    let last_success_nanos = counters.last_success_nanos.load(Ordering::Relaxed);
+    let last_success = (counters.epoch + Duration::from_nanos(last_success_nanos))
+        .saturating_duration_since(start);
     out(
         "recovered_at_s",
         format!("{:.2}", recovered_at.as_secs_f64()),
@@ -301,6 +309,54 @@ async fn run(jitter: &str, recover_at: Option<Duration>) {
     for (at, rate) in rates {
         println!("rate {:.2} {rate:.0}", at.as_secs_f64());
     }
+}
+
+/// How the calls ended, shared by their tasks.
+struct Counters {
+    epoch: Instant,
+    succeeded: AtomicU64,
+    failed: AtomicU64,
+    /// When the last success came, since `epoch`.
+    last_success_nanos: AtomicU64,
+}
+
+impl Counters {
+    fn count<B, E>(&self, result: &Result<http::Response<B>, E>) {
+        match result {
+            Ok(response) if response.status().is_success() => {
+                let at = self.epoch.elapsed().as_nanos() as u64;
+                self.last_success_nanos.fetch_max(at, Ordering::Relaxed);
+                self.succeeded.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {
+                self.failed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// The bytes tokio allocates for one task running `make()`'s future: spawned
+/// on a runtime that never runs, so that nothing else allocates meanwhile.
+/// The second spawn is the one measured; the first sets the runtime up.
+fn task_bytes<F>(make: impl Fn() -> F) -> i64
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send,
+{
+    let idle = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("a runtime");
+    let (first, second) = (make(), make());
+    drop(idle.spawn(first));
+    let before = live_bytes();
+    let handle = idle.spawn(second);
+    let bytes = live_bytes() - before;
+    drop(handle);
+    // A runtime cannot be dropped inside another's async context.
+    std::thread::spawn(move || drop(idle))
+        .join()
+        .expect("the idle runtime dropped");
+    bytes
 }
 
 /// Whether every call slept from `previous` to `this`: none done, no attempt
@@ -376,7 +432,7 @@ impl Run {
         self.results
             .iter()
             .find(|(name, _)| name == key)
-            .map_or("?", |(_, value)| value)
+            .map_or("n/a", |(_, value)| value)
     }
 }
 
@@ -425,6 +481,7 @@ fn compare() {
         ("attempts in all", "attempts"),
         ("request's own bytes (excluded below)", "request_bytes"),
         ("one call's future (`oneshot`), bytes", "call_future_bytes"),
+        ("the task spawned for one call, bytes", "spawned_task_bytes"),
         (
             "resident memory per parked call, bytes",
             "rss_per_parked_call",
@@ -483,7 +540,9 @@ fn svg(runs: &[Run], recovered_at: f64) -> String {
     let (left, right, top, bottom) = (80.0, 20.0, 50.0, 50.0);
     let (plot_w, plot_h) = (width - left - right, height - top - bottom);
     let points = || runs.iter().flat_map(|run| run.rates.iter());
-    let max_t = points().map(|(at, _)| *at).fold(1.0, f64::max).ceil();
+    let max_t = points().map(|(at, _)| *at).fold(1.0, f64::max);
+    let time_step = tick_step(max_t);
+    let max_t = (max_t / time_step).ceil() * time_step;
     let max_rate = points().map(|(_, rate)| *rate).fold(1.0, f64::max);
     let rate_step = tick_step(max_rate);
     let max_rate = (max_rate / rate_step).ceil() * rate_step;
@@ -518,7 +577,6 @@ fn svg(runs: &[Run], recovered_at: f64) -> String {
         );
         rate += rate_step;
     }
-    let time_step = tick_step(max_t);
     let mut at = 0.0;
     while at <= max_t + time_step / 2.0 {
         let _ = writeln!(

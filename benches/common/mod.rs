@@ -327,3 +327,60 @@ where
     }
     start.elapsed()
 }
+
+// ---------------------------------------------------------------------------
+// Side by side
+
+/// Times contenders in alternation: `rounds` rounds in which each of `names`,
+/// in an order that rotates, runs once: `time(index)` runs the contender
+/// `names[index]` and returns its time per call.
+/// On a shared machine the load drifts between two criterion benches run a
+/// minute apart; within one round it hits every contender alike, so the
+/// ratio of each round is steadier than the ratio of two medians.
+///
+/// Prints, per contender, the median time per call and the median over the
+/// rounds of its time divided by the time of `names[baseline]`.
+pub fn side_by_side(
+    title: &str,
+    rounds: usize,
+    names: &[&str],
+    baseline: usize,
+    mut time: impl FnMut(usize) -> Duration,
+) {
+    let mut times = vec![Vec::with_capacity(rounds); names.len()];
+    for round in 0..rounds {
+        for offset in 0..names.len() {
+            let index = (round + offset) % names.len();
+            times[index].push(time(index));
+        }
+    }
+    let median = |mut values: Vec<f64>| {
+        values.sort_by(f64::total_cmp);
+        values[values.len() / 2]
+    };
+    println!("\n{title}: {rounds} rounds side by side\n");
+    println!(
+        "| contender | median per call | median ratio to `{}` |",
+        names[baseline]
+    );
+    println!("|---|---:|---:|");
+    for (index, name) in names.iter().enumerate() {
+        let per_call = median(times[index].iter().map(Duration::as_secs_f64).collect());
+        let ratio = median(
+            times[index]
+                .iter()
+                .zip(&times[baseline])
+                .map(|(this, first)| this.as_secs_f64() / first.as_secs_f64())
+                .collect(),
+        );
+        println!("| {name} | {} | {ratio:.3} |", format_time(per_call));
+    }
+}
+
+fn format_time(seconds: f64) -> String {
+    if seconds < 1e-6 {
+        format!("{:.1} ns", seconds * 1e9)
+    } else {
+        format!("{:.2} µs", seconds * 1e6)
+    }
+}
