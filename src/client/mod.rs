@@ -117,28 +117,53 @@ struct Inner {
     reports: InFlight,
 }
 
-/// The task routes.
-#[derive(Debug, Clone, Copy)]
-enum Route {
+/// The routes of a task, `POST {base}/api/daemon/tasks/{id}/{action}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Action {
+    /// `start`: the agent started on the task.
     Start,
+    /// `progress`: `{summary, step, total}`.
     Progress,
+    /// `usage`: `{usage: [...]}`.
     Usage,
+    /// `session`: `{session_id?, work_dir?}`.
     Session,
+    /// `complete`: `{output, ...}`; terminal, retried.
     Complete,
+    /// `fail`: `{error, ...}`; terminal, retried.
     Fail,
 }
 
-impl Route {
-    fn path(self, task_id: &str) -> String {
-        let action = match self {
-            Route::Start => "start",
-            Route::Progress => "progress",
-            Route::Usage => "usage",
-            Route::Session => "session",
-            Route::Complete => "complete",
-            Route::Fail => "fail",
-        };
-        format!("/api/daemon/tasks/{}/{action}", escape_segment(task_id))
+impl Action {
+    /// Every route, in the order above.
+    pub const ALL: [Action; 6] = [
+        Action::Start,
+        Action::Progress,
+        Action::Usage,
+        Action::Session,
+        Action::Complete,
+        Action::Fail,
+    ];
+
+    /// The last segment of the route.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Start => "start",
+            Action::Progress => "progress",
+            Action::Usage => "usage",
+            Action::Session => "session",
+            Action::Complete => "complete",
+            Action::Fail => "fail",
+        }
+    }
+
+    /// The path of this route for `task_id`, the id path-escaped.
+    pub fn path(self, task_id: &str) -> String {
+        format!(
+            "/api/daemon/tasks/{}/{}",
+            escape_segment(task_id),
+            self.as_str()
+        )
     }
 }
 
@@ -155,7 +180,7 @@ impl TaskClient {
     ///
     /// The server's rejection or a transport error; see [`Error`].
     pub async fn start_task(&self, task_id: &str) -> Result<(), Error> {
-        self.send_once(Route::Start, task_id, body::empty_json())
+        self.send_once(Action::Start, task_id, body::empty_json())
             .await
     }
 
@@ -173,7 +198,7 @@ impl TaskClient {
         total: u32,
     ) -> Result<(), Error> {
         let body = body::progress_json(summary, step, total);
-        self.send_once(Route::Progress, task_id, body).await
+        self.send_once(Action::Progress, task_id, body).await
     }
 
     /// Reports the tokens used: `POST .../usage` with `{usage: [...]}`, once.
@@ -186,7 +211,7 @@ impl TaskClient {
         if usage.is_empty() {
             return Ok(());
         }
-        self.send_once(Route::Usage, task_id, body::usage_json(usage))
+        self.send_once(Action::Usage, task_id, body::usage_json(usage))
             .await
     }
 
@@ -208,7 +233,7 @@ impl TaskClient {
             return Ok(());
         }
         let body = body::session_json(session_id, work_dir);
-        self.send_once(Route::Session, task_id, body).await
+        self.send_once(Action::Session, task_id, body).await
     }
 
     /// Reports the task completed: `POST .../complete`, retried on transient
@@ -222,7 +247,7 @@ impl TaskClient {
         let inner = &self.inner;
         self.send(
             &inner.terminal,
-            Route::Complete,
+            Action::Complete,
             task_id,
             complete.to_json(),
         )
@@ -238,7 +263,7 @@ impl TaskClient {
     /// schedule is exhausted; see [`Error::is_transient`].
     pub async fn fail_task(&self, task_id: &str, fail: &FailTask) -> Result<(), Error> {
         let inner = &self.inner;
-        self.send(&inner.terminal, Route::Fail, task_id, fail.to_json())
+        self.send(&inner.terminal, Action::Fail, task_id, fail.to_json())
             .await
     }
 
@@ -281,7 +306,7 @@ impl TaskClient {
         self.inner.reports.len()
     }
 
-    async fn send_once(&self, route: Route, task_id: &str, body: Bytes) -> Result<(), Error> {
+    async fn send_once(&self, route: Action, task_id: &str, body: Bytes) -> Result<(), Error> {
         self.send(&self.inner.single, route, task_id, body).await
     }
 
@@ -290,7 +315,7 @@ impl TaskClient {
     async fn send<S>(
         &self,
         service: &S,
-        route: Route,
+        route: Action,
         task_id: &str,
         body: Bytes,
     ) -> Result<(), Error>
@@ -392,7 +417,7 @@ mod tests {
         assert_eq!(escape_segment(".."), "%2E%2E");
         assert_eq!(escape_segment("v1.2"), "v1.2");
         assert_eq!(
-            Route::Complete.path("../x"),
+            Action::Complete.path("../x"),
             "/api/daemon/tasks/..%2Fx/complete"
         );
     }

@@ -31,7 +31,8 @@
 //! ```
 
 mod task;
-pub use task::{Action, Attempt, Fault, Handling, TaskServer, TaskState};
+pub use crate::client::Action;
+pub use task::{Attempt, Fault, Handling, TaskServer, TaskState};
 
 use std::{
     collections::VecDeque,

@@ -13,54 +13,15 @@ use serde_json::Value;
 use tokio::time::Instant;
 
 use super::{lock, RecordedRequest, Reply, TestServer};
+use crate::client::Action;
 
-/// The routes of a task, `POST /api/daemon/tasks/{id}/{action}`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Action {
-    /// `start`: a queued task becomes running.
-    Start,
-    /// `progress`: `{summary, step, total}`.
-    Progress,
-    /// `usage`: `{usage: [...]}`.
-    Usage,
-    /// `session`: `{session_id?, work_dir?}`.
-    Session,
-    /// `complete`: `{output, ...}`; terminal.
-    Complete,
-    /// `fail`: `{error, ...}`; terminal.
-    Fail,
-}
-
-impl Action {
-    const ALL: [Action; 6] = [
-        Action::Start,
-        Action::Progress,
-        Action::Usage,
-        Action::Session,
-        Action::Complete,
-        Action::Fail,
-    ];
-
-    /// The last segment of the route.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Action::Start => "start",
-            Action::Progress => "progress",
-            Action::Usage => "usage",
-            Action::Session => "session",
-            Action::Complete => "complete",
-            Action::Fail => "fail",
-        }
-    }
-
-    /// The field the body must hold, as a string, for the server to take it.
-    fn required_text(self) -> Option<&'static str> {
-        match self {
-            Action::Progress => Some("summary"),
-            Action::Complete => Some("output"),
-            Action::Fail => Some("error"),
-            Action::Start | Action::Usage | Action::Session => None,
-        }
+/// The field the body must hold, as a string, for the server to take it.
+fn required_text(action: Action) -> Option<&'static str> {
+    match action {
+        Action::Progress => Some("summary"),
+        Action::Complete => Some("output"),
+        Action::Fail => Some("error"),
+        Action::Start | Action::Usage | Action::Session => None,
     }
 }
 
@@ -442,7 +403,7 @@ impl State {
 fn valid_body(action: Action, body: &[u8]) -> Option<Value> {
     let value: Value = serde_json::from_slice(body).ok()?;
     let object = value.as_object()?;
-    if let Some(field) = action.required_text() {
+    if let Some(field) = required_text(action) {
         object.get(field)?.as_str()?;
     }
     if action == Action::Usage {
