@@ -10,26 +10,32 @@
 //! as a transient error and is retried, and buffer streaming bodies *outside*
 //! it (see the crate docs). Stacked onto hyper-util's client:
 //!
-//! ```no_run
+//! ```
 //! use std::time::Duration;
 //! use bytes::Bytes;
 //! use http_body_util::Full;
 //! use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 //! use tower::{ServiceBuilder, ServiceExt};
 //! use tower_terminal_retry::TerminalRetryLayer;
+//! # use tower_terminal_retry::test_server::{Reply, TestServer};
 //!
-//! # async fn run() -> Result<(), tower::BoxError> {
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() -> Result<(), tower::BoxError> {
+//! // A server that answers 503, then hangs, then answers 200.
+//! # let server = TestServer::scripted([Reply::status(503), Reply::Hang]).await?;
+//! # let url = server.url("/api/daemon/tasks/t1/complete");
 //! let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
 //! let service = ServiceBuilder::new()
 //!     .layer(TerminalRetryLayer::new())
 //!     .timeout(Duration::from_secs(30)) // per attempt
 //!     .service(client);
 //!
-//! let request = http::Request::post("http://127.0.0.1:8080/api/daemon/tasks/t1/complete")
+//! let request = http::Request::post(url)
 //!     .header("content-type", "application/json")
 //!     .body(Full::from(r#"{"output":"done"}"#))?;
 //! let response = service.oneshot(request).await?;
-//! println!("{}", response.status());
+//! assert_eq!(response.status(), 200); // the third attempt
+//! # assert_eq!(server.requests().len(), 3);
 //! # Ok(())
 //! # }
 //! ```

@@ -59,6 +59,10 @@ use crate::{
 
 /// The retry policy of terminal callbacks: see the [module docs](self).
 ///
+/// It is a `Policy<Request<B>, Response<RB>, E>` for every `B: Clone` and
+/// every classifier of `Result<Response<RB>, E>`; the error must be `Debug`,
+/// so that retry events can say what went wrong.
+///
 /// `Default` is the agreed plan: the default [`Schedule`] (4, 8, 16, 32, 64 s),
 /// the [`DefaultClassifier`], `Retry-After` honoured up to five minutes, no
 /// jitter, no budget and no attempt header.
