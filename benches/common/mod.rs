@@ -7,7 +7,7 @@
 use std::{
     convert::Infallible,
     future::{ready, Future, Ready},
-    net::{Ipv4Addr, SocketAddr},
+    net::SocketAddr,
     pin::pin,
     sync::{
         atomic::{AtomicU16, AtomicU64, Ordering},
@@ -20,14 +20,16 @@ use std::{
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
-use hyper::{body::Incoming, service::service_fn};
+use hyper::body::Incoming;
 use hyper_util::{
     client::legacy::{connect::HttpConnector, Client},
-    rt::{TokioExecutor, TokioIo},
-    server::conn::auto,
+    rt::TokioExecutor,
 };
 use tower::{retry::Policy, Service, ServiceExt};
-use tower_terminal_retry::{Jitter, RetryBudget, TerminalRetryLayer};
+use tower_terminal_retry::{
+    test_server::{Reply, TestServer},
+    Jitter, RetryBudget, TerminalRetryLayer,
+};
 
 /// The path of the callback, as the daemon of the original sends it.
 pub const CALLBACK_PATH: &str = "/api/daemon/tasks/7f3c9b2e-4d1a-4c8e-9b6f-2a5d8e1c0f93/complete";
@@ -145,11 +147,9 @@ where
 // ---------------------------------------------------------------------------
 // Loopback
 
-/// A hyper server on 127.0.0.1 (HTTP/1.1, and HTTP/2 with prior knowledge),
-/// on a thread and runtime of its own so that it does not share the client's.
-/// It reads each request's body and answers an empty response with the
-/// current status. Unlike the crate's `TestServer` it keeps no record of the
-/// requests: a bench sends millions.
+/// The crate's loopback test server, unrecorded (a bench sends millions of
+/// requests), on a thread and runtime of its own so that it does not share the
+/// client's. It answers an empty response with the current status.
 pub struct LoopbackServer {
     addr: SocketAddr,
     status: Arc<AtomicU16>,
@@ -160,14 +160,10 @@ impl LoopbackServer {
     /// Starts a server answering `status` to every request. It runs until the
     /// process ends.
     pub fn start(status: u16) -> LoopbackServer {
-        let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("a free port");
-        listener
-            .set_nonblocking(true)
-            .expect("a non-blocking listener");
-        let addr = listener.local_addr().expect("a local address");
         let status = Arc::new(AtomicU16::new(status));
         let answered = Arc::new(AtomicU64::new(0));
         let (serve_status, serve_answered) = (status.clone(), answered.clone());
+        let (addr_sender, addr) = std::sync::mpsc::channel();
         std::thread::Builder::new()
             .name("loopback-server".into())
             .spawn(move || {
@@ -175,11 +171,21 @@ impl LoopbackServer {
                     .enable_all()
                     .build()
                     .expect("a runtime");
-                runtime.block_on(serve(listener, serve_status, serve_answered));
+                runtime.block_on(async move {
+                    let server = TestServer::start_unrecorded(move |_| {
+                        serve_answered.fetch_add(1, Ordering::Relaxed);
+                        Reply::status(serve_status.load(Ordering::Relaxed))
+                    })
+                    .await
+                    .expect("a loopback port");
+                    addr_sender.send(server.addr()).expect("the bench waits");
+                    // Serve until the process ends.
+                    std::future::pending::<()>().await;
+                });
             })
             .expect("a server thread");
         LoopbackServer {
-            addr,
+            addr: addr.recv().expect("the server's address"),
             status,
             answered,
         }
@@ -198,33 +204,6 @@ impl LoopbackServer {
     /// Requests answered so far.
     pub fn answered(&self) -> u64 {
         self.answered.load(Ordering::Relaxed)
-    }
-}
-
-async fn serve(listener: std::net::TcpListener, status: Arc<AtomicU16>, answered: Arc<AtomicU64>) {
-    let listener = tokio::net::TcpListener::from_std(listener).expect("a tokio listener");
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
-        let (status, answered) = (status.clone(), answered.clone());
-        let service = service_fn(move |request: Request<Incoming>| {
-            let (status, answered) = (status.clone(), answered.clone());
-            async move {
-                request.into_body().collect().await?;
-                answered.fetch_add(1, Ordering::Relaxed);
-                let mut response = Response::new(Full::<Bytes>::default());
-                *response.status_mut() =
-                    StatusCode::from_u16(status.load(Ordering::Relaxed)).expect("a status");
-                Ok::<_, hyper::Error>(response)
-            }
-        });
-        tokio::spawn(async move {
-            let _ = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
     }
 }
 

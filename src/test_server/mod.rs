@@ -134,14 +134,15 @@ type Handler = dyn Fn(&RecordedRequest) -> Reply + Send + Sync;
 /// A loopback HTTP server: see the [module docs](self).
 pub struct TestServer {
     addr: SocketAddr,
-    requests: Arc<Mutex<Vec<RecordedRequest>>>,
+    /// `None` when the server keeps no record.
+    requests: Option<Arc<Mutex<Vec<RecordedRequest>>>>,
     // Aborted on drop, and with it every connection it spawned.
     accept: tokio::task::JoinHandle<()>,
 }
 
 impl TestServer {
     /// Starts a server on 127.0.0.1 (a free port) that answers every request
-    /// with `handler`'s reply.
+    /// with `handler`'s reply, and records every request.
     ///
     /// # Errors
     ///
@@ -149,10 +150,28 @@ impl TestServer {
     pub async fn start(
         handler: impl Fn(&RecordedRequest) -> Reply + Send + Sync + 'static,
     ) -> io::Result<TestServer> {
+        TestServer::bind(Arc::new(handler), Some(Arc::default())).await
+    }
+
+    /// Like [`start`](TestServer::start), but keeps no record of the requests
+    /// ([`requests`](TestServer::requests) stays empty): for load and
+    /// benchmarks, where millions of requests would pile up in memory.
+    ///
+    /// # Errors
+    ///
+    /// When no loopback port can be bound.
+    pub async fn start_unrecorded(
+        handler: impl Fn(&RecordedRequest) -> Reply + Send + Sync + 'static,
+    ) -> io::Result<TestServer> {
+        TestServer::bind(Arc::new(handler), None).await
+    }
+
+    async fn bind(
+        handler: Arc<Handler>,
+        requests: Option<Arc<Mutex<Vec<RecordedRequest>>>>,
+    ) -> io::Result<TestServer> {
         let listener = TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).await?;
         let addr = listener.local_addr()?;
-        let requests = Arc::new(Mutex::new(Vec::new()));
-        let handler: Arc<Handler> = Arc::new(handler);
         let accept = tokio::spawn(accept_loop(listener, handler, requests.clone()));
         Ok(TestServer {
             addr,
@@ -187,9 +206,12 @@ impl TestServer {
         format!("http://{}{}", self.addr, path_and_query)
     }
 
-    /// Every request seen so far, in order of arrival.
+    /// Every request seen so far, in order of arrival; empty for a server
+    /// started unrecorded.
     pub fn requests(&self) -> Vec<RecordedRequest> {
-        lock(&self.requests).clone()
+        self.requests
+            .as_ref()
+            .map_or_else(Vec::new, |requests| lock(requests).clone())
     }
 }
 
@@ -197,7 +219,10 @@ impl fmt::Debug for TestServer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TestServer")
             .field("addr", &self.addr)
-            .field("requests", &lock(&self.requests).len())
+            .field(
+                "requests",
+                &self.requests.as_ref().map(|requests| lock(requests).len()),
+            )
             .finish()
     }
 }
@@ -217,7 +242,7 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 async fn accept_loop(
     listener: TcpListener,
     handler: Arc<Handler>,
-    requests: Arc<Mutex<Vec<RecordedRequest>>>,
+    requests: Option<Arc<Mutex<Vec<RecordedRequest>>>>,
 ) {
     let mut connections = JoinSet::new();
     loop {
@@ -229,10 +254,12 @@ async fn accept_loop(
             // Reap finished connections so a long test does not pile them up.
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
         };
+        // Small replies leave at once instead of waiting on Nagle's algorithm.
+        let _ = stream.set_nodelay(true);
         let (handler, requests) = (handler.clone(), requests.clone());
         let service = service_fn(move |request| {
             let (handler, requests) = (handler.clone(), requests.clone());
-            async move { answer(request, &*handler, &requests).await }
+            async move { answer(request, &*handler, requests.as_deref()).await }
         });
         connections.spawn(async move {
             // A connection ending in error is what `Reply::Close` asks for.
@@ -258,7 +285,7 @@ impl std::error::Error for CloseConnection {}
 async fn answer(
     request: http::Request<Incoming>,
     handler: &Handler,
-    requests: &Mutex<Vec<RecordedRequest>>,
+    requests: Option<&Mutex<Vec<RecordedRequest>>>,
 ) -> Result<Response<Full<Bytes>>, CloseConnection> {
     let (parts, body) = request.into_parts();
     let body = match body.collect().await {
@@ -273,7 +300,9 @@ async fn answer(
         at: Instant::now(),
     };
     let reply = handler(&recorded);
-    lock(requests).push(recorded);
+    if let Some(requests) = requests {
+        lock(requests).push(recorded);
+    }
     match reply {
         Reply::Respond(response) => Ok(response),
         Reply::Close => Err(CloseConnection),
