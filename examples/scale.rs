@@ -19,10 +19,12 @@
 //! Each run has a fresh process, so that neither inherits the other's heap.
 //!
 //! Sockets stay bounded because the client speaks HTTP/2 over one connection
-//! (`http2_only`): 100,000 calls in flight are 100,000 streams on one socket,
-//! queued by the client beyond the server's 200 concurrent streams. A
-//! concurrency limit inside the layer would bound sockets too, but over
-//! HTTP/1.1 the recovery would then be paced by the limit, not by the server.
+//! (`http2_only`). Attempts in flight stay bounded by a concurrency limit
+//! inside the layer ([`IN_FLIGHT`]): a parked call holds no permit, so all
+//! 100,000 calls can sleep at once, but a wave of retries reaches the client
+//! at most [`IN_FLIGHT`] at a time. Without the limit the first wave queues
+//! 100,000 requests in the client at once, and the memory that flood frees
+//! stays resident: about 5.2 KB per parked call instead of 1.6 KB.
 
 #[path = "../benches/common/mod.rs"]
 mod common;
@@ -52,6 +54,8 @@ use counting_alloc::{live_bytes, CountingAlloc};
 #[global_allocator]
 static ALLOC: CountingAlloc = CountingAlloc;
 
+/// Attempts in flight at once, whatever the number of calls.
+const IN_FLIGHT: usize = 1024;
 /// Calls parked in backoff.
 const CALLS: u64 = 100_000;
 /// How long every call is observed asleep before the server comes back.
@@ -135,6 +139,7 @@ async fn run(jitter: &str, recover_at: Option<Duration>) {
                 .with_schedule(schedule())
                 .with_jitter(jitter),
         )
+        .concurrency_limit(IN_FLIGHT)
         .map_request(move |request: Request<Full<Bytes>>| {
             counted.fetch_add(1, Ordering::Relaxed);
             request
