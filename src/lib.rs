@@ -99,6 +99,7 @@ pub mod layer;
 pub mod policy;
 pub mod retry_after;
 pub mod schedule;
+mod sync;
 
 pub use budget::RetryBudget;
 pub use classify::{classify_status, Classify, DefaultClassifier, Outcome};

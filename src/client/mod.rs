@@ -117,6 +117,9 @@ struct Inner {
     reports: InFlight,
 }
 
+/// Where the task routes start, below the base URL.
+pub(crate) const TASKS_PATH: &str = "/api/daemon/tasks/";
+
 /// The routes of a task, `POST {base}/api/daemon/tasks/{id}/{action}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Action {
@@ -159,11 +162,7 @@ impl Action {
 
     /// The path of this route for `task_id`, the id path-escaped.
     pub fn path(self, task_id: &str) -> String {
-        format!(
-            "/api/daemon/tasks/{}/{}",
-            escape_segment(task_id),
-            self.as_str()
-        )
+        format!("{TASKS_PATH}{}/{}", escape_segment(task_id), self.as_str())
     }
 }
 

@@ -7,7 +7,7 @@ use std::{
     pin::Pin,
     sync::{
         atomic::{AtomicU64, Ordering},
-        Mutex, MutexGuard, PoisonError,
+        Mutex, MutexGuard,
     },
     task::{ready, Context, Poll},
     time::Duration,
@@ -299,7 +299,6 @@ impl InFlight {
     }
 
     fn lock(&self) -> MutexGuard<'_, BTreeMap<u64, Pending>> {
-        // Nothing panics while holding it; a poisoned map is still right.
-        self.reports.lock().unwrap_or_else(PoisonError::into_inner)
+        crate::sync::lock(&self.reports)
     }
 }

@@ -39,7 +39,7 @@ use std::{
     convert::Infallible,
     fmt, io,
     net::SocketAddr,
-    sync::{Arc, Mutex, PoisonError},
+    sync::{Arc, Mutex},
 };
 
 use bytes::Bytes;
@@ -51,6 +51,8 @@ use hyper_util::{
     server::conn::auto,
 };
 use tokio::{net::TcpListener, task::JoinSet, time::Instant};
+
+use crate::sync::lock;
 
 /// How the server answers one request.
 #[derive(Debug, Clone)]
@@ -231,12 +233,6 @@ impl Drop for TestServer {
     fn drop(&mut self) {
         self.accept.abort();
     }
-}
-
-/// Locks a mutex, going on past a panic elsewhere: a test's record stays
-/// readable after one of its tasks panicked.
-pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 async fn accept_loop(

@@ -12,8 +12,11 @@ use http::{Method, StatusCode};
 use serde_json::Value;
 use tokio::time::Instant;
 
-use super::{lock, RecordedRequest, Reply, TestServer};
-use crate::client::Action;
+use super::{RecordedRequest, Reply, TestServer};
+use crate::{
+    client::{Action, TASKS_PATH},
+    sync::lock,
+};
 
 /// The field the body must hold, as a string, for the server to take it.
 fn required_text(action: Action) -> Option<&'static str> {
@@ -414,7 +417,7 @@ fn valid_body(action: Action, body: &[u8]) -> Option<Value> {
 
 /// `/api/daemon/tasks/{id}/{action}` into the decoded id and the action.
 fn route(path: &str) -> Option<(String, Action)> {
-    let rest = path.strip_prefix("/api/daemon/tasks/")?;
+    let rest = path.strip_prefix(TASKS_PATH)?;
     let (escaped_id, action) = rest.rsplit_once('/')?;
     let action = Action::ALL
         .into_iter()
