@@ -27,6 +27,8 @@ pub enum ConfigError {
         /// Which parameter, and the accepted range.
         reason: &'static str,
     },
+    /// A [`Recovery`](crate::Recovery) release rate of zero a second.
+    InvalidReleaseRate,
 }
 
 impl fmt::Display for ConfigError {
@@ -47,6 +49,9 @@ impl fmt::Display for ConfigError {
                 "exponential backoff factor {factor} is not a finite number of at least 1"
             ),
             ConfigError::InvalidBudget { reason } => write!(f, "invalid retry budget: {reason}"),
+            ConfigError::InvalidReleaseRate => {
+                f.write_str("the early-release rate must be at least one retry a second")
+            }
         }
     }
 }

@@ -44,7 +44,8 @@ use http::HeaderName;
 use tower::{retry::Retry, Layer};
 
 use crate::{
-    classify::DefaultClassifier, Jitter, RetryAfter, RetryBudget, Schedule, TerminalRetryPolicy,
+    classify::DefaultClassifier, Jitter, Recovery, RetryAfter, RetryBudget, Schedule,
+    TerminalRetryPolicy,
 };
 
 /// The service [`TerminalRetryLayer`] produces: tower's `Retry` with the
@@ -109,6 +110,11 @@ impl<C> TerminalRetryLayer<C> {
     /// See [`TerminalRetryPolicy::with_attempt_header`].
     pub fn with_attempt_header(self, name: HeaderName) -> Self {
         self.policy.with_attempt_header(name).into()
+    }
+
+    /// See [`TerminalRetryPolicy::with_recovery`].
+    pub fn with_recovery(self, recovery: Recovery) -> Self {
+        self.policy.with_recovery(recovery).into()
     }
 
     /// The policy each wrapped service starts from.

@@ -97,6 +97,7 @@ mod error;
 pub mod jitter;
 pub mod layer;
 pub mod policy;
+pub mod recovery;
 pub mod retry_after;
 pub mod schedule;
 mod sync;
@@ -107,6 +108,7 @@ pub use error::ConfigError;
 pub use jitter::Jitter;
 pub use layer::{TerminalRetry, TerminalRetryLayer};
 pub use policy::TerminalRetryPolicy;
+pub use recovery::Recovery;
 pub use retry_after::RetryAfter;
 pub use schedule::Schedule;
 

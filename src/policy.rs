@@ -46,15 +46,24 @@
 //! # }
 //! ```
 
-use std::{any::type_name, fmt, sync::Arc, time::SystemTime};
+use std::{
+    any::type_name,
+    fmt,
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{ready, Context, Poll},
+    time::SystemTime,
+};
 
 use http::{HeaderName, HeaderValue, Request, Response};
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 use tower::retry::Policy;
 
 use crate::{
     classify::{Classify, DefaultClassifier, Outcome},
-    Jitter, RetryAfter, RetryBudget, Schedule,
+    recovery::{Parked, Woken},
+    Jitter, Recovery, RetryAfter, RetryBudget, Schedule,
 };
 
 /// The retry policy of terminal callbacks: see the [module docs](self).
@@ -81,6 +90,7 @@ struct Config<C> {
     jitter: Jitter,
     budget: Option<RetryBudget>,
     attempt_header: Option<HeaderName>,
+    recovery: Option<Recovery>,
 }
 
 impl<C> Clone for Config<C> {
@@ -92,6 +102,7 @@ impl<C> Clone for Config<C> {
             jitter: self.jitter.clone(),
             budget: self.budget.clone(),
             attempt_header: self.attempt_header.clone(),
+            recovery: self.recovery.clone(),
         }
     }
 }
@@ -112,6 +123,7 @@ impl<C> TerminalRetryPolicy<C> {
                 jitter: Jitter::none(),
                 budget: None,
                 attempt_header: None,
+                recovery: None,
             }),
             attempts: 0,
         }
@@ -138,6 +150,7 @@ impl<C> TerminalRetryPolicy<C> {
                 jitter: config.jitter.clone(),
                 budget: config.budget.clone(),
                 attempt_header: config.attempt_header.clone(),
+                recovery: config.recovery.clone(),
             }),
             attempts: 0,
         }
@@ -166,6 +179,15 @@ impl<C> TerminalRetryPolicy<C> {
         self.configure(|config| config.attempt_header = Some(name))
     }
 
+    /// Ends schedule delays early once the server answers again: see
+    /// [`recovery`](crate::recovery). Every success through this policy is
+    /// reported to `recovery`, and every wait on a schedule delay (not one
+    /// set by `Retry-After`) can be released by it. Off by default: the
+    /// schedule stays exact.
+    pub fn with_recovery(self, recovery: Recovery) -> Self {
+        self.configure(|config| config.recovery = Some(recovery))
+    }
+
     /// The schedule in use.
     pub fn schedule(&self) -> &Schedule {
         &self.config.schedule
@@ -191,6 +213,7 @@ impl<C> fmt::Debug for TerminalRetryPolicy<C> {
             .field("jitter", &config.jitter)
             .field("budget", &config.budget)
             .field("attempt_header", &config.attempt_header)
+            .field("recovery", &config.recovery)
             .field("attempts", &self.attempts)
             .finish()
     }
@@ -202,13 +225,13 @@ where
     E: fmt::Debug,
     C: Classify<Response<RB>, E>,
 {
-    type Future = Sleep;
+    type Future = Backoff;
 
     fn retry(
         &mut self,
         request: &mut Request<B>,
         result: &mut Result<Response<RB>, E>,
-    ) -> Option<Sleep> {
+    ) -> Option<Backoff> {
         let config = &*self.config;
         self.attempts += 1;
         let attempt = self.attempts;
@@ -219,7 +242,12 @@ where
         }
         let outcome = config.classifier.classify(result);
         match outcome {
-            Outcome::Success => return None,
+            Outcome::Success => {
+                if let Some(recovery) = &config.recovery {
+                    recovery.observe(request.uri());
+                }
+                return None;
+            }
             Outcome::Permanent => {
                 log_ending(Ending::Permanent, request, result, attempt);
                 return None;
@@ -238,16 +266,13 @@ where
             log_ending(Ending::BudgetSpent, request, result, attempt);
             return None;
         }
-        let delay = result
-            .as_ref()
-            .ok()
-            .and_then(|response| {
-                let now = SystemTime::now();
-                config
-                    .retry_after
-                    .delay(response.status(), response.headers(), now)
-            })
-            .unwrap_or_else(|| config.jitter.apply(scheduled));
+        let retry_after = result.as_ref().ok().and_then(|response| {
+            let now = SystemTime::now();
+            config
+                .retry_after
+                .delay(response.status(), response.headers(), now)
+        });
+        let delay = retry_after.unwrap_or_else(|| config.jitter.apply(scheduled));
         if let Some(name) = &config.attempt_header {
             request
                 .headers_mut()
@@ -263,11 +288,86 @@ where
             delay_ms = delay.as_millis() as u64,
             "transient failure, retrying"
         );
-        Some(tokio::time::sleep(delay))
+        let deadline = Instant::now() + delay;
+        // The server's own Retry-After is never cut short.
+        let wait = match (&config.recovery, retry_after) {
+            (Some(recovery), None) => Wait::Parked {
+                parked: recovery.park(request.uri(), deadline),
+            },
+            _ => Wait::Sleep {
+                sleep: tokio::time::sleep_until(deadline),
+            },
+        };
+        Some(Backoff { wait, attempt })
     }
 
     fn clone_request(&mut self, request: &Request<B>) -> Option<Request<B>> {
         Some(request.clone())
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The wait before a retry, as [`TerminalRetryPolicy`] returns it: the
+    /// schedule's delay (jittered if asked), or the server's `Retry-After`.
+    /// With a [`Recovery`], a schedule delay ends early once the server
+    /// answers again.
+    pub struct Backoff {
+        #[pin]
+        wait: Wait,
+        // The attempt that failed, for the release event.
+        attempt: u32,
+    }
+}
+
+pin_project_lite::pin_project! {
+    #[project = WaitProjection]
+    enum Wait {
+        Sleep { #[pin] sleep: Sleep },
+        Parked { #[pin] parked: Parked },
+    }
+}
+
+impl Backoff {
+    /// When the wait ends, unless a [`Recovery`] releases it earlier.
+    pub fn deadline(&self) -> Instant {
+        match &self.wait {
+            Wait::Sleep { sleep } => sleep.deadline(),
+            Wait::Parked { parked } => parked.deadline(),
+        }
+    }
+}
+
+impl fmt::Debug for Backoff {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Backoff")
+            .field("deadline", &self.deadline())
+            .field("releasable", &matches!(self.wait, Wait::Parked { .. }))
+            .field("attempt", &self.attempt)
+            .finish()
+    }
+}
+
+impl Future for Backoff {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.project();
+        match this.wait.project() {
+            WaitProjection::Sleep { sleep } => sleep.poll(cx),
+            WaitProjection::Parked { parked } => {
+                let deadline = parked.deadline();
+                if ready!(parked.poll(cx)) == Woken::Released {
+                    tracing::debug!(
+                        attempt = *this.attempt,
+                        early_ms = deadline
+                            .saturating_duration_since(Instant::now())
+                            .as_millis() as u64,
+                        "retry released early: a request to the same server succeeded"
+                    );
+                }
+                Poll::Ready(())
+            }
+        }
     }
 }
 

@@ -1,0 +1,415 @@
+//! Early release: retries parked in backoff go out as soon as the server is
+//! seen healthy again, at a bounded rate.
+//!
+//! A retry waits its whole delay even when the server came back a moment
+//! after it fell asleep: with the default schedule a report can sit idle for
+//! up to 64 s after the outage ended. A [`Recovery`] shared by the layers that
+//! talk to a server ends that wait. When any attempt through a layer holding
+//! it succeeds, the retries waiting on a schedule delay for the same authority
+//! (scheme, host and port) are released:
+//!
+//! - oldest first, at most `release_per_second` a second (a token bucket that
+//!   holds one token when idle: the first goes at once). The others keep
+//!   waiting for a token or their own delay, whichever comes first;
+//! - only those that were already waiting when the success was seen, and only
+//!   for that authority: calls to a host still down keep waiting;
+//! - never a wait the server asked for with `Retry-After`.
+//!
+//! A released retry is an attempt of the schedule like any other. Without a
+//! success, waits follow the schedule (and jitter) exactly. A success with
+//! nobody waiting costs one atomic read.
+//!
+//! ```
+//! use std::{convert::Infallible, sync::{atomic::{AtomicBool, Ordering}, Arc}, time::Duration};
+//! use bytes::Bytes;
+//! use http::{Request, Response, StatusCode};
+//! use http_body_util::Full;
+//! use tower::{service_fn, Layer, ServiceExt};
+//! use tower_terminal_retry::{Recovery, TerminalRetryLayer};
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // A server that is down until `up` is set.
+//! let up = Arc::new(AtomicBool::new(false));
+//! let server = {
+//!     let up = up.clone();
+//!     service_fn(move |_request: Request<Full<Bytes>>| {
+//!         let status = if up.load(Ordering::SeqCst) { StatusCode::OK } else { StatusCode::BAD_GATEWAY };
+//!         async move { Ok::<_, Infallible>(Response::builder().status(status).body(()).unwrap()) }
+//!     })
+//! };
+//! let recovery = Recovery::new(100)?;
+//! let layer = TerminalRetryLayer::new().with_recovery(recovery.clone());
+//!
+//! // A report fails at once and parks for 4 s.
+//! let start = tokio::time::Instant::now();
+//! let report = tokio::spawn(layer.layer(server.clone()).oneshot(
+//!     Request::post("http://server.test/api/daemon/tasks/t1/complete").body(Full::from("{}"))?,
+//! ));
+//! tokio::time::sleep(Duration::from_secs(1)).await;
+//! assert_eq!(recovery.waiting(), 1);
+//!
+//! // The server is back; a heartbeat through the same recovery succeeds…
+//! up.store(true, Ordering::SeqCst);
+//! let heartbeat = Request::post("http://server.test/api/daemon/heartbeat").body(Full::from("{}"))?;
+//! layer.layer(server).oneshot(heartbeat).await?;
+//!
+//! // …and the report goes out at once instead of at 4 s.
+//! assert_eq!(report.await??.status(), StatusCode::OK);
+//! assert_eq!(start.elapsed(), Duration::from_secs(1));
+//! assert_eq!(recovery.waiting(), 0);
+//! # Ok(())
+//! # }
+//! ```
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt,
+    future::Future,
+    pin::Pin,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex, MutexGuard,
+    },
+    task::{Context, Poll, Waker},
+    time::Duration,
+};
+
+use http::Uri;
+use tokio::time::Instant;
+
+use crate::ConfigError;
+
+/// A shared signal that releases parked retries once their server answers
+/// again: see the [module docs](self).
+///
+/// Cloning is cheap: clones share the waiters and the release rate. Give the
+/// same `Recovery` to every layer (and [`observe`](Recovery::observe) every
+/// other call) that talks to the same servers.
+#[derive(Clone)]
+pub struct Recovery {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    release_per_second: u32,
+    /// The time between two releases: one second over the rate, rounded up so
+    /// the rate is never exceeded.
+    spacing: Duration,
+    /// Waiters registered, across every authority: the only thing a success
+    /// reads when nobody waits.
+    waiting: AtomicUsize,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Numbers waiters in the order they parked; never reused.
+    next_ticket: u64,
+    /// Authority key (`scheme://host:port`) to its index in `hosts`.
+    host_ids: HashMap<String, usize>,
+    hosts: Vec<Host>,
+    /// When the token bucket has its next token. A release episode that
+    /// starts later than this starts with one token: the first goes at once.
+    next_token: Option<Instant>,
+    /// Whether a release task is running.
+    releasing: bool,
+}
+
+#[derive(Default)]
+struct Host {
+    /// Waiters by ticket: the oldest first.
+    waiters: BTreeMap<u64, Waker>,
+    /// Waiters with a ticket below this were parked when a success to this
+    /// authority was seen: they are released as tokens come.
+    release_below: u64,
+}
+
+impl Host {
+    fn next_release(&self) -> Option<u64> {
+        let (&ticket, _) = self.waiters.first_key_value()?;
+        (ticket < self.release_below).then_some(ticket)
+    }
+}
+
+impl Recovery {
+    /// A recovery signal releasing at most `release_per_second` parked retries
+    /// a second.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::InvalidReleaseRate`] for 0: nothing would ever be
+    /// released early.
+    pub fn new(release_per_second: u32) -> Result<Recovery, ConfigError> {
+        if release_per_second == 0 {
+            return Err(ConfigError::InvalidReleaseRate);
+        }
+        let spacing =
+            Duration::from_nanos(1_000_000_000u64.div_ceil(u64::from(release_per_second)));
+        Ok(Recovery {
+            shared: Arc::new(Shared {
+                release_per_second,
+                spacing,
+                waiting: AtomicUsize::new(0),
+                state: Mutex::new(State::default()),
+            }),
+        })
+    }
+
+    /// The most retries released a second.
+    pub fn release_per_second(&self) -> u32 {
+        self.shared.release_per_second
+    }
+
+    /// How many retries are waiting on a schedule delay now.
+    pub fn waiting(&self) -> usize {
+        self.shared.waiting.load(Ordering::Acquire)
+    }
+
+    /// Tells the signal that a request to `uri`'s authority succeeded, for
+    /// calls that do not go through a layer holding it (a heartbeat, a status
+    /// poll). The layers call it on every success themselves.
+    ///
+    /// The retries to that authority already waiting are released, oldest
+    /// first, at the bounded rate. Costs one atomic read when nobody waits.
+    pub fn observe(&self, uri: &Uri) {
+        if self.waiting() == 0 {
+            return;
+        }
+        let key = authority_key(uri);
+        let mut state = self.shared.lock();
+        let Some(&id) = state.host_ids.get(&key) else {
+            return;
+        };
+        let ticket = state.next_ticket;
+        let host = &mut state.hosts[id];
+        if host.waiters.is_empty() {
+            return;
+        }
+        host.release_below = ticket;
+        if state.releasing {
+            return;
+        }
+        state.releasing = true;
+        drop(state);
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(release(self.shared.clone()));
+            }
+            // No runtime to release on: the waiters keep their own delays.
+            Err(_) => self.shared.lock().releasing = false,
+        }
+    }
+
+    /// Parks a caller until `deadline`, or until a success to `uri`'s
+    /// authority releases it.
+    pub(crate) fn park(&self, uri: &Uri, deadline: Instant) -> Parked {
+        let key = authority_key(uri);
+        let mut state = self.shared.lock();
+        let host = match state.host_ids.get(&key) {
+            Some(&id) => id,
+            None => {
+                let id = state.hosts.len();
+                state.hosts.push(Host::default());
+                state.host_ids.insert(key, id);
+                id
+            }
+        };
+        let ticket = state.next_ticket;
+        state.next_ticket += 1;
+        state.hosts[host]
+            .waiters
+            .insert(ticket, Waker::noop().clone());
+        self.shared.waiting.fetch_add(1, Ordering::AcqRel);
+        drop(state);
+        Parked {
+            sleep: tokio::time::sleep_until(deadline),
+            waiter: Some(Waiter {
+                shared: self.shared.clone(),
+                host,
+                ticket,
+            }),
+        }
+    }
+}
+
+impl fmt::Debug for Recovery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Recovery")
+            .field("release_per_second", &self.shared.release_per_second)
+            .field("waiting", &self.waiting())
+            .finish()
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        crate::sync::lock(&self.state)
+    }
+
+    /// Takes the oldest waiter that a success released, across authorities.
+    fn next_released(state: &mut State) -> Option<Waker> {
+        let host = state
+            .hosts
+            .iter_mut()
+            .filter_map(|host| Some((host.next_release()?, host)))
+            .min_by_key(|(ticket, _)| *ticket)
+            .map(|(_, host)| host)?;
+        host.waiters.pop_first().map(|(_, waker)| waker)
+    }
+}
+
+/// Releases waiters one token at a time until none is left to release.
+async fn release(shared: Arc<Shared>) {
+    let mut woken = Vec::new();
+    loop {
+        let next_token = {
+            let mut state = shared.lock();
+            let now = Instant::now();
+            let mut next_token = state.next_token.map_or(now, |token| token.max(now));
+            let mut done = false;
+            while next_token <= now {
+                let Some(waker) = Shared::next_released(&mut state) else {
+                    done = true;
+                    break;
+                };
+                shared.waiting.fetch_sub(1, Ordering::AcqRel);
+                woken.push(waker);
+                next_token += shared.spacing;
+            }
+            state.next_token = Some(next_token);
+            if done {
+                state.releasing = false;
+            }
+            (!done).then_some(next_token)
+        };
+        woken.drain(..).for_each(Waker::wake);
+        match next_token {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => return,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A wait until a deadline that a [`Recovery`] may end early.
+    pub(crate) struct Parked {
+        #[pin]
+        sleep: tokio::time::Sleep,
+        waiter: Option<Waiter>,
+    }
+}
+
+impl Parked {
+    /// When the wait ends if nothing releases it.
+    pub(crate) fn deadline(&self) -> Instant {
+        self.sleep.deadline()
+    }
+}
+
+/// A ticket among a host's waiters; dropping it leaves the waiters at once.
+struct Waiter {
+    shared: Arc<Shared>,
+    host: usize,
+    ticket: u64,
+}
+
+impl Waiter {
+    /// Ready once a release took the ticket; else keeps `cx`'s waker there.
+    fn poll_released(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut state = self.shared.lock();
+        match state.hosts[self.host].waiters.get_mut(&self.ticket) {
+            Some(waker) => {
+                if !waker.will_wake(cx.waker()) {
+                    waker.clone_from(cx.waker());
+                }
+                Poll::Pending
+            }
+            None => Poll::Ready(()),
+        }
+    }
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        let mut state = self.shared.lock();
+        if state.hosts[self.host]
+            .waiters
+            .remove(&self.ticket)
+            .is_some()
+        {
+            self.shared.waiting.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// How a [`Parked`] wait ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Woken {
+    /// The deadline passed.
+    Deadline,
+    /// A success released it before its deadline.
+    Released,
+}
+
+impl Future for Parked {
+    type Output = Woken;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Woken> {
+        let this = self.project();
+        if let Some(waiter) = this.waiter {
+            if waiter.poll_released(cx).is_ready() {
+                *this.waiter = None;
+                return Poll::Ready(Woken::Released);
+            }
+        }
+        if this.sleep.poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        // Leaves the waiters before the attempt starts.
+        *this.waiter = None;
+        Poll::Ready(Woken::Deadline)
+    }
+}
+
+/// `scheme://host:port` of `uri`, lowercase, the port made explicit; empty
+/// for a URI without authority (every such request shares one key).
+fn authority_key(uri: &Uri) -> String {
+    let Some(host) = uri.host() else {
+        return String::new();
+    };
+    let scheme = uri.scheme_str().unwrap_or("http");
+    let port = uri.port_u16().unwrap_or(match scheme {
+        "https" => 443,
+        _ => 80,
+    });
+    format!("{scheme}://{host}:{port}").to_ascii_lowercase()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn authorities_differ_by_scheme_host_and_port_only() {
+        let key = |uri: &str| authority_key(&uri.parse().unwrap());
+        assert_eq!(key("http://A.test/x"), key("http://a.test:80/y?z"));
+        assert_eq!(key("https://a.test/x"), key("https://a.test:443/"));
+        assert_ne!(key("http://a.test/x"), key("https://a.test/x"));
+        assert_ne!(key("http://a.test:8080/x"), key("http://a.test:8081/x"));
+        assert_ne!(key("http://a.test/x"), key("http://b.test/x"));
+        assert_eq!(key("/relative"), key("/other"));
+    }
+
+    #[test]
+    fn a_zero_rate_is_refused() {
+        assert_eq!(
+            Recovery::new(0).unwrap_err(),
+            ConfigError::InvalidReleaseRate
+        );
+        assert_eq!(
+            Recovery::new(3).unwrap().shared.spacing,
+            Duration::from_nanos(333_333_334)
+        );
+    }
+}
