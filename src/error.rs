@@ -29,6 +29,11 @@ pub enum ConfigError {
     },
     /// A [`Recovery`](crate::Recovery) release rate of zero a second.
     InvalidReleaseRate,
+    /// An outbox's replay setting is out of range, or no runtime can run it.
+    InvalidReplay {
+        /// Which setting, and what it must be.
+        reason: &'static str,
+    },
 }
 
 impl fmt::Display for ConfigError {
@@ -49,6 +54,7 @@ impl fmt::Display for ConfigError {
                 "exponential backoff factor {factor} is not a finite number of at least 1"
             ),
             ConfigError::InvalidBudget { reason } => write!(f, "invalid retry budget: {reason}"),
+            ConfigError::InvalidReplay { reason } => write!(f, "invalid outbox replay: {reason}"),
             ConfigError::InvalidReleaseRate => {
                 f.write_str("the early-release rate must be at least one retry a second")
             }

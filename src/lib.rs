@@ -95,9 +95,12 @@ pub mod classify;
 pub mod client;
 mod error;
 pub mod jitter;
+#[cfg(feature = "outbox")]
+pub mod outbox;
 pub mod layer;
 pub mod policy;
 pub mod recovery;
+mod response;
 pub mod retry_after;
 pub mod schedule;
 mod sync;

@@ -64,7 +64,7 @@ use std::{fmt, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Response};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use tokio::runtime::Handle;
@@ -83,9 +83,6 @@ use crate::{
 };
 use builder::Connector;
 use report::InFlight;
-
-/// How much of a response body an [`Error`] keeps.
-const MAX_ERROR_BODY: usize = 4 * 1024;
 
 /// One attempt: hyper-util's client under a timeout.
 type Attempt = Timeout<Client<Connector, Full<Bytes>>>;
@@ -338,7 +335,7 @@ impl TaskClient {
             .map_err(|source| Error::transport(Method::POST, path.clone(), source, outcome))?;
         let status = response.status();
         // Read even on success, so the connection goes back to the pool.
-        let body = body_start(response.into_body(), self.inner.timeout).await;
+        let body = crate::response::body_start(response.into_body(), self.inner.timeout).await;
         match outcome {
             Outcome::Success => Ok(()),
             Outcome::Transient | Outcome::Permanent => {
@@ -360,28 +357,6 @@ impl fmt::Debug for TaskClient {
             .field("reports_in_flight", &inner.reports.len())
             .finish()
     }
-}
-
-/// The first [`MAX_ERROR_BODY`] bytes of a body, as trimmed text; what could
-/// be read within `timeout` if the server stalls.
-async fn body_start(mut body: Incoming, timeout: Duration) -> String {
-    let mut start = Vec::new();
-    let read = async {
-        while start.len() < MAX_ERROR_BODY {
-            match body.frame().await {
-                Some(Ok(frame)) => {
-                    if let Some(data) = frame.data_ref() {
-                        start.extend_from_slice(data);
-                    }
-                }
-                Some(Err(_)) | None => break,
-            }
-        }
-    };
-    // A body cut short by the timeout or an error is still worth showing.
-    let _ = tokio::time::timeout(timeout, read).await;
-    start.truncate(MAX_ERROR_BODY);
-    String::from_utf8_lossy(&start).trim().to_owned()
 }
 
 /// Percent-encodes everything but the unreserved characters of RFC 3986, so

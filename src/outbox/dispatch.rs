@@ -1,0 +1,927 @@
+//! Sending stored requests: in the foreground through the terminal retry
+//! layer, and from the outbox by a replay worker.
+
+use std::{
+    collections::HashSet,
+    fmt,
+    future::Future,
+    pin::Pin,
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        Arc, Mutex, Weak,
+    },
+    task::{ready, Context, Poll},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body_util::Full;
+use tokio::{
+    sync::{oneshot, Notify},
+    task::{JoinHandle, JoinSet},
+    time::Instant,
+};
+use tower::{util::MapRequest, BoxError, Layer, Service, ServiceExt};
+
+use super::{
+    store::{age, Write, Written},
+    Entry, Outbox, OutboxError, IDEMPOTENCY_KEY,
+};
+use crate::{
+    classify::{Classify, DefaultClassifier, Outcome},
+    recovery::Woken,
+    response::body_start,
+    Jitter, Recovery, TerminalRetry, TerminalRetryLayer,
+};
+
+/// The default longest wait between two probes of a server that is down.
+pub const DEFAULT_REPLAY_INTERVAL: Duration = Duration::from_secs(30);
+/// The default number of stored requests replayed at once.
+pub const DEFAULT_REPLAY_CONCURRENCY: usize = 16;
+/// The default early-release rate of the dispatcher's own [`Recovery`].
+pub const DEFAULT_RELEASE_PER_SECOND: u32 = 50;
+/// The first wait between probes; doubled after each failed probe up to the
+/// replay interval.
+const FIRST_PROBE_DELAY: Duration = Duration::from_secs(1);
+/// How many pending records the replay reads at a time.
+const REPLAY_PAGE: usize = 256;
+/// How long reading a refusal's body may take.
+const BODY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Builds the request to send in place of one the server refused for good:
+/// given the stored entry, the status and a description of the refusal.
+/// `None` quarantines the entry instead.
+pub type Fallback = dyn Fn(&Entry, StatusCode, &str) -> Option<Request<Bytes>> + Send + Sync;
+
+/// The service a foreground delivery goes through: the terminal retry layer
+/// over the inner service, each attempt counted.
+type Retrying<S> = TerminalRetry<MapRequest<S, fn(Request<Full<Bytes>>) -> Request<Full<Bytes>>>>;
+
+/// How a request handed to the [`Dispatcher`] ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Delivery {
+    /// The server took the request.
+    Delivered,
+    /// The server refused the request for good and took the fallback sent
+    /// instead.
+    FallbackDelivered,
+    /// Transient failures outlived the retry schedule; the request is stored
+    /// and the replay worker delivers it once the server is back.
+    Queued,
+    /// The server refused it for good, with nothing (left) to fall back to:
+    /// it is kept in the outbox's quarantine, not retried.
+    Quarantined,
+    /// A request under the same key is still stored: it stands, and this one
+    /// was neither stored nor sent.
+    AlreadyStored,
+    /// It could not be stored, and it did not reach the server either: the
+    /// caller must keep it. `transient` says whether a replay may succeed.
+    Undelivered {
+        /// Whether the last failure was transient.
+        transient: bool,
+        /// The last failure.
+        failure: String,
+    },
+}
+
+/// Whether a request handed to the [`Dispatcher`] is safe on disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Durability {
+    /// Committed to the outbox before its first attempt: it survives a crash
+    /// and is delivered by a later start if not now.
+    Stored,
+    /// A request under the same key is stored already: that one stands.
+    AlreadyStored,
+    /// The outbox could not take it (an `error` event says why): it is sent
+    /// in process only, and lost if the process dies first.
+    NotStored(OutboxError),
+}
+
+/// Delivers idempotent requests durably: each is stored in an [`Outbox`]
+/// before its first attempt, sent through a [`TerminalRetryLayer`], and
+/// replayed from the outbox until the server takes it, across restarts.
+///
+/// Made by [`Dispatcher::builder`]. Cloning is cheap; the replay worker stops
+/// when the last clone is dropped.
+pub struct Dispatcher<S> {
+    shared: Arc<Shared<S>>,
+}
+
+impl<S> Clone for Dispatcher<S> {
+    fn clone(&self) -> Self {
+        Dispatcher {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+struct Shared<S> {
+    outbox: Outbox,
+    /// One attempt: the replay's.
+    attempt: S,
+    /// The foreground's attempts, retried.
+    retrying: Retrying<S>,
+    recovery: Option<Recovery>,
+    fallback: Option<Arc<Fallback>>,
+    replay_interval: Duration,
+    replay_concurrency: usize,
+    /// Keys being sent, by the foreground or the replay: never twice at once.
+    claimed: Mutex<HashSet<String>>,
+    /// Wakes the replay worker: a record was queued or released, or the
+    /// dispatcher is gone.
+    wake: Arc<Notify>,
+}
+
+impl<S> Drop for Shared<S> {
+    fn drop(&mut self) {
+        self.wake.notify_one();
+    }
+}
+
+/// Configures a [`Dispatcher`]; made by [`Dispatcher::builder`].
+pub struct DispatcherBuilder<S> {
+    outbox: Outbox,
+    service: S,
+    layer: TerminalRetryLayer,
+    recovery: Option<Recovery>,
+    fallback: Option<Arc<Fallback>>,
+    replay_interval: Duration,
+    replay_concurrency: usize,
+}
+
+impl<S> fmt::Debug for DispatcherBuilder<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DispatcherBuilder")
+            .field("outbox", &self.outbox)
+            .field("layer", &self.layer)
+            .field("recovery", &self.recovery)
+            .field("fallback", &self.fallback.is_some())
+            .field("replay_interval", &self.replay_interval)
+            .field("replay_concurrency", &self.replay_concurrency)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> Dispatcher<S> {
+    /// Starts configuring a dispatcher that stores requests in `outbox` and
+    /// sends each attempt through `service` (put the per-attempt timeout
+    /// there, and whatever adds the credentials: sensitive headers are never
+    /// stored, so a replay after a restart gets them from the service).
+    pub fn builder(outbox: Outbox, service: S) -> DispatcherBuilder<S> {
+        DispatcherBuilder {
+            outbox,
+            service,
+            layer: TerminalRetryLayer::new(),
+            recovery: Some(Recovery::new(DEFAULT_RELEASE_PER_SECOND).expect("a rate above zero")),
+            fallback: None,
+            replay_interval: DEFAULT_REPLAY_INTERVAL,
+            replay_concurrency: DEFAULT_REPLAY_CONCURRENCY,
+        }
+    }
+
+    /// The outbox it stores requests in.
+    pub fn outbox(&self) -> &Outbox {
+        &self.shared.outbox
+    }
+}
+
+impl<S> DispatcherBuilder<S> {
+    /// The layer foreground deliveries go through (by default
+    /// [`TerminalRetryLayer::new`]). The dispatcher's [`Recovery`] is added
+    /// to it.
+    pub fn layer(mut self, layer: TerminalRetryLayer) -> Self {
+        self.layer = layer;
+        self
+    }
+
+    /// The signal that releases parked retries, and the replay, once any
+    /// request succeeds; share it with the other stacks that talk to the same
+    /// server. By default a recovery of its own, releasing
+    /// [`DEFAULT_RELEASE_PER_SECOND`] a second; `None` turns early release
+    /// off (the replay then waits for its next probe).
+    pub fn recovery(mut self, recovery: Option<Recovery>) -> Self {
+        self.recovery = recovery;
+        self
+    }
+
+    /// What to send when the server refuses a request for good (by default
+    /// nothing: the request is quarantined). The fallback is stored in place
+    /// of the refused request, in one commit, before it is sent; if it is
+    /// refused for good too, it is quarantined.
+    pub fn fallback(
+        mut self,
+        fallback: impl Fn(&Entry, StatusCode, &str) -> Option<Request<Bytes>> + Send + Sync + 'static,
+    ) -> Self {
+        self.fallback = Some(Arc::new(fallback));
+        self
+    }
+
+    /// The longest wait between two probes while the server is down (by
+    /// default [`DEFAULT_REPLAY_INTERVAL`], 30 s).
+    pub fn replay_interval(mut self, interval: Duration) -> Self {
+        self.replay_interval = interval;
+        self
+    }
+
+    /// How many stored requests are replayed at once once the server is
+    /// back (by default [`DEFAULT_REPLAY_CONCURRENCY`], 16).
+    pub fn replay_concurrency(mut self, concurrency: usize) -> Self {
+        self.replay_concurrency = concurrency;
+        self
+    }
+
+    /// Checks the settings and starts the replay worker on the current tokio
+    /// runtime; it begins with the requests stored by earlier runs, oldest
+    /// first.
+    ///
+    /// # Errors
+    ///
+    /// A zero replay interval or concurrency, or no tokio runtime.
+    pub fn build<RB, E>(self) -> Result<Dispatcher<S>, crate::ConfigError>
+    where
+        S: Service<Request<Full<Bytes>>, Response = Response<RB>, Error = E>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send,
+        RB: hyper::body::Body + Send + 'static,
+        RB::Data: Send,
+        E: Into<BoxError> + fmt::Debug + Send + 'static,
+    {
+        let invalid = |reason| crate::ConfigError::InvalidReplay { reason };
+        if self.replay_interval.is_zero() {
+            return Err(invalid("the replay interval must not be zero"));
+        }
+        if self.replay_concurrency == 0 {
+            return Err(invalid("the replay concurrency must not be zero"));
+        }
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|_| invalid("a dispatcher must be built inside a tokio runtime"))?;
+        let layer = match &self.recovery {
+            Some(recovery) => self.layer.with_recovery(recovery.clone()),
+            None => self.layer,
+        };
+        let counted: fn(Request<Full<Bytes>>) -> Request<Full<Bytes>> = count_attempt;
+        let retrying = layer.layer(MapRequest::new(self.service.clone(), counted));
+        let wake = Arc::new(Notify::new());
+        let shared = Arc::new(Shared {
+            outbox: self.outbox,
+            attempt: self.service,
+            retrying,
+            recovery: self.recovery,
+            fallback: self.fallback,
+            replay_interval: self.replay_interval,
+            replay_concurrency: self.replay_concurrency,
+            claimed: Mutex::new(HashSet::new()),
+            wake: wake.clone(),
+        });
+        runtime.spawn(replay(Arc::downgrade(&shared), wake));
+        Ok(Dispatcher { shared })
+    }
+}
+
+impl<S> fmt::Debug for Dispatcher<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let shared = &self.shared;
+        f.debug_struct("Dispatcher")
+            .field("outbox", &shared.outbox)
+            .field("recovery", &shared.recovery)
+            .field("fallback", &shared.fallback.is_some())
+            .field("replay_interval", &shared.replay_interval)
+            .field("replay_concurrency", &shared.replay_concurrency)
+            .field("in_flight", &crate::sync::lock(&shared.claimed).len())
+            .finish()
+    }
+}
+
+/// A request handed to [`Dispatcher::send`]: await it for how it ended, or
+/// [`stored`](Dispatch::stored) first to learn when it is safe on disk.
+///
+/// Dropping it does not stop the delivery.
+#[derive(Debug)]
+#[must_use = "the request is delivered anyway; await this to learn how it ended"]
+pub struct Dispatch {
+    durability: DurabilityWatch,
+    delivery: JoinHandle<Delivery>,
+}
+
+impl Dispatch {
+    /// Waits until the request is stored (or could not be), without waiting
+    /// for its delivery.
+    pub async fn stored(&mut self) -> Durability {
+        self.durability.wait().await
+    }
+}
+
+impl Future for Dispatch {
+    type Output = Delivery;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Delivery> {
+        Poll::Ready(match ready!(Pin::new(&mut self.delivery).poll(cx)) {
+            Ok(delivery) => delivery,
+            Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+            // The runtime is shutting down.
+            Err(_) => match self.durability.now() {
+                Some(Durability::Stored) => Delivery::Queued,
+                Some(Durability::AlreadyStored) => Delivery::AlreadyStored,
+                _ => Delivery::Undelivered {
+                    transient: true,
+                    failure: "the runtime shut down before delivery".into(),
+                },
+            },
+        })
+    }
+}
+
+/// Where a delivery says how durable its request is.
+#[derive(Debug)]
+pub(crate) struct DurabilityWatch {
+    receiver: Option<oneshot::Receiver<Durability>>,
+    known: Option<Durability>,
+}
+
+impl DurabilityWatch {
+    pub(crate) fn new() -> (oneshot::Sender<Durability>, DurabilityWatch) {
+        let (sender, receiver) = oneshot::channel();
+        let watch = DurabilityWatch {
+            receiver: Some(receiver),
+            known: None,
+        };
+        (sender, watch)
+    }
+
+    /// Waits for the answer; a delivery gone without one did not store.
+    pub(crate) async fn wait(&mut self) -> Durability {
+        if let Some(receiver) = self.receiver.take() {
+            self.known = Some(receiver.await.unwrap_or_else(|_| {
+                Durability::NotStored(OutboxError::closed(std::path::Path::new("")))
+            }));
+        }
+        self.known.clone().expect("set above")
+    }
+
+    /// The answer, if it came.
+    pub(crate) fn now(&mut self) -> Option<Durability> {
+        if let Some(receiver) = &mut self.receiver {
+            if let Ok(durability) = receiver.try_recv() {
+                self.known = Some(durability);
+                self.receiver = None;
+            }
+        }
+        self.known.clone()
+    }
+}
+
+impl<S, RB, E> Dispatcher<S>
+where
+    S: Service<Request<Full<Bytes>>, Response = Response<RB>, Error = E>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send,
+    RB: hyper::body::Body + Send + 'static,
+    RB::Data: Send,
+    E: Into<BoxError> + fmt::Debug + Send + 'static,
+{
+    /// Stores `request` under `key`, then delivers it on a task of its own
+    /// (see [`Dispatch`]). A request still stored under `key` stands: this
+    /// one is then neither stored nor sent ([`Delivery::AlreadyStored`]).
+    pub fn send(&self, key: impl Into<String>, request: Request<Bytes>) -> Dispatch {
+        let (durable, durability) = DurabilityWatch::new();
+        let dispatcher = self.clone();
+        let key = key.into();
+        let delivery = tokio::spawn(async move { dispatcher.deliver(key, request, durable).await });
+        Dispatch {
+            durability,
+            delivery,
+        }
+    }
+
+    /// The foreground delivery: store, send through the retry layer, record
+    /// the end. `durable` hears whether the request was stored as soon as
+    /// that is known.
+    pub(crate) async fn deliver(
+        &self,
+        key: String,
+        request: Request<Bytes>,
+        durable: oneshot::Sender<Durability>,
+    ) -> Delivery {
+        let shared = &*self.shared;
+        let Some(claim) = Claim::take(&self.shared, &key) else {
+            // Being sent now, so stored (or being stored) already.
+            let _ = durable.send(Durability::AlreadyStored);
+            return Delivery::AlreadyStored;
+        };
+        let mut entry = Entry::new(key, &request, new_idempotency_key());
+        let seq = match shared.outbox.write(Write::Insert(entry.clone())).await {
+            Ok(Written::Inserted(seq)) => {
+                tracing::debug!(
+                    key = entry.key,
+                    pending = shared.outbox.pending_count(),
+                    "request stored in the outbox"
+                );
+                let _ = durable.send(Durability::Stored);
+                Some(seq)
+            }
+            Ok(Written::Existing | Written::Changed(_)) => {
+                let _ = durable.send(Durability::AlreadyStored);
+                return Delivery::AlreadyStored;
+            }
+            Err(error) => {
+                tracing::error!(
+                    key = entry.key,
+                    error = %error,
+                    "request could not be stored in the outbox: it is not durable, sending it in process only"
+                );
+                let _ = durable.send(Durability::NotStored(error));
+                None
+            }
+        };
+        entry.seq = seq.unwrap_or_default();
+        let mut request = request;
+        if let Ok(value) = HeaderValue::from_str(&entry.idempotency_key) {
+            request.headers_mut().insert(IDEMPOTENCY_KEY, value);
+        }
+        let mut fell_back = false;
+        loop {
+            let attempts = Arc::new(AtomicU32::new(0));
+            request.extensions_mut().insert(AttemptCounter(attempts.clone()));
+            let sent = send(shared.retrying.clone(), request).await;
+            let attempts = attempts.load(Ordering::Relaxed);
+            let step = shared.settle(&entry, seq, sent, attempts, fell_back).await;
+            match step {
+                Step::Done(delivery) => {
+                    claim.settle();
+                    return delivery;
+                }
+                Step::Queued => {
+                    drop(claim);
+                    return Delivery::Queued;
+                }
+                Step::FallBack(fallback, next) => {
+                    fell_back = true;
+                    entry = next;
+                    request = fallback;
+                }
+            }
+        }
+    }
+}
+
+/// What comes after an attempt (or a foreground call's attempts).
+enum Step {
+    Done(Delivery),
+    /// Left in the outbox for the replay.
+    Queued,
+    /// Send this request next, stored as this entry.
+    FallBack(Request<Bytes>, Entry),
+}
+
+/// How a request (with its retries) went.
+struct Sent {
+    outcome: Outcome,
+    status: Option<StatusCode>,
+    failure: String,
+}
+
+async fn send<S, RB, E>(service: S, request: Request<Bytes>) -> Sent
+where
+    S: Service<Request<Full<Bytes>>, Response = Response<RB>, Error = E>,
+    RB: hyper::body::Body,
+    E: fmt::Debug,
+{
+    let (method, path) = (request.method().clone(), request.uri().path().to_owned());
+    let result = service.oneshot(request.map(Full::new)).await;
+    let outcome = DefaultClassifier.classify(&result);
+    match result {
+        Ok(response) => {
+            let status = response.status();
+            let failure = match outcome {
+                Outcome::Success => String::new(),
+                Outcome::Transient | Outcome::Permanent => {
+                    let body = body_start(response.into_body(), BODY_TIMEOUT).await;
+                    match body.is_empty() {
+                        true => format!("{method} {path} returned {}", status.as_u16()),
+                        false => format!("{method} {path} returned {}: {body}", status.as_u16()),
+                    }
+                }
+            };
+            Sent {
+                outcome,
+                status: Some(status),
+                failure,
+            }
+        }
+        Err(error) => Sent {
+            outcome,
+            status: None,
+            failure: format!("{method} {path} failed before any response: {error:?}"),
+        },
+    }
+}
+
+impl<S> Shared<S> {
+    /// Records how `entry` (stored as `seq`, if it is) went, and says what
+    /// comes next.
+    async fn settle(
+        &self,
+        entry: &Entry,
+        seq: Option<u64>,
+        sent: Sent,
+        attempts: u32,
+        fell_back: bool,
+    ) -> Step {
+        let key = entry.key.as_str();
+        match sent.outcome {
+            Outcome::Success => {
+                if let Some(seq) = seq {
+                    self.record(key, Write::Delivered { seq }).await;
+                    if entry.attempts > 0 {
+                        tracing::info!(
+                            key,
+                            attempts = entry.attempts + attempts,
+                            pending = self.outbox.pending_count(),
+                            "stored request delivered from the outbox"
+                        );
+                    }
+                }
+                Step::Done(match fell_back {
+                    true => Delivery::FallbackDelivered,
+                    false => Delivery::Delivered,
+                })
+            }
+            Outcome::Transient => match seq {
+                Some(seq) => {
+                    let failure = sent.failure;
+                    self.record(key, Write::Failed { seq, attempts, failure }).await;
+                    Step::Queued
+                }
+                None => Step::Done(Delivery::Undelivered {
+                    transient: true,
+                    failure: sent.failure,
+                }),
+            },
+            Outcome::Permanent => {
+                let status = sent.status.unwrap_or(StatusCode::BAD_REQUEST);
+                let fallback = match (&self.fallback, fell_back) {
+                    (Some(fallback), false) => fallback(entry, status, &sent.failure),
+                    _ => None,
+                };
+                if let Some(fallback) = fallback {
+                    let mut next = Entry::new(entry.key.clone(), &fallback, new_idempotency_key());
+                    next.seq = entry.seq;
+                    next.stored_at = entry.stored_at;
+                    if let Some(seq) = seq {
+                        // The fallback is stored before it is sent, in the
+                        // commit that retires the refused request.
+                        let replace = Write::Replace { seq, entry: next.clone() };
+                        self.record(key, replace).await;
+                    }
+                    let mut request = fallback;
+                    if let Ok(value) = HeaderValue::from_str(&next.idempotency_key) {
+                        request.headers_mut().insert(IDEMPOTENCY_KEY, value);
+                    }
+                    return Step::FallBack(request, next);
+                }
+                match seq {
+                    Some(seq) => {
+                        tracing::error!(
+                            key,
+                            failure = sent.failure,
+                            "request refused for good with nothing to fall back to: quarantined \
+                             in the outbox, not retried"
+                        );
+                        let failure = sent.failure;
+                        self.record(key, Write::Quarantine { seq, failure }).await;
+                        Step::Done(Delivery::Quarantined)
+                    }
+                    None => Step::Done(Delivery::Undelivered {
+                        transient: false,
+                        failure: sent.failure,
+                    }),
+                }
+            }
+        }
+    }
+
+    /// Commits `write`; a failure is an `error` event, and the delivery goes
+    /// on: what is on disk is replayed, the server takes replays as no-ops.
+    async fn record(&self, key: &str, write: Write) {
+        if let Err(error) = self.outbox.write(write).await {
+            tracing::error!(key, error = %error, "outbox could not record a delivery step");
+        }
+    }
+}
+
+/// The replay worker: delivers what the outbox holds, probing a server that is
+/// down one request at a time. Holds the dispatcher weakly, so that it ends
+/// with the last handle.
+async fn replay<S, RB, E>(dispatcher: Weak<Shared<S>>, wake: Arc<Notify>)
+where
+    S: Service<Request<Full<Bytes>>, Response = Response<RB>, Error = E>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send,
+    RB: hyper::body::Body + Send + 'static,
+    RB::Data: Send,
+    E: Into<BoxError> + fmt::Debug + Send + 'static,
+{
+    let jitter = Jitter::full();
+    // `None` while the server is taken to be up. At start, a probe at once:
+    // what an earlier run left goes before anything else.
+    let mut probe_delay = Some(Duration::ZERO);
+    loop {
+        let Some(shared) = dispatcher.upgrade() else {
+            return;
+        };
+        let oldest = match shared.outbox.pending_after(0, 1) {
+            Ok(oldest) => oldest.into_iter().next(),
+            Err(error) => {
+                tracing::error!(error = %error, "outbox cannot be read for replay");
+                None
+            }
+        };
+        let interval = shared.replay_interval;
+        match (oldest, probe_delay) {
+            (None, _) => {
+                // Nothing stored: wait for a record to be queued (or
+                // requeued, which the periodic look finds).
+                drop(shared);
+                idle(&wake, interval).await;
+                probe_delay = Some(FIRST_PROBE_DELAY);
+            }
+            (Some(oldest), Some(delay)) => {
+                let delay = jitter.apply(delay);
+                let deadline = Instant::now() + delay;
+                let recovery = shared.recovery.clone();
+                drop(shared);
+                let released = match recovery {
+                    Some(recovery) => tokio::select! {
+                        woken = recovery.park(oldest.uri(), deadline) => woken == Woken::Released,
+                        () = wake.notified() => false,
+                    },
+                    None => tokio::select! {
+                        () = tokio::time::sleep_until(deadline) => false,
+                        () = wake.notified() => false,
+                    },
+                };
+                let Some(shared) = dispatcher.upgrade() else {
+                    return;
+                };
+                let up = released || shared.probe().await;
+                if released {
+                    tracing::debug!("a request to the server succeeded: replaying the outbox");
+                }
+                probe_delay = match up {
+                    true => None,
+                    false => Some(delay_after(delay, interval)),
+                };
+            }
+            (Some(_), None) => match shared.replay_all().await {
+                Replayed::Down => probe_delay = Some(FIRST_PROBE_DELAY),
+                Replayed::All { sent } if sent > 0 => {}
+                // What is left is being sent by the foreground.
+                Replayed::All { .. } => idle(&wake, interval).await,
+            },
+        }
+    }
+}
+
+/// Waits to be woken, or `interval` at most.
+async fn idle(wake: &Notify, interval: Duration) {
+    let _ = tokio::time::timeout(interval, wake.notified()).await;
+}
+
+/// The wait after a failed probe that waited `delay`: doubled, at least the
+/// first probe delay, at most `interval`.
+fn delay_after(delay: Duration, interval: Duration) -> Duration {
+    delay
+        .saturating_mul(2)
+        .max(FIRST_PROBE_DELAY)
+        .min(interval)
+}
+
+/// How a replay of the whole outbox went.
+enum Replayed {
+    /// Every record not being sent already was sent; `sent` of them.
+    All { sent: usize },
+    /// A transient failure: the server is down again.
+    Down,
+}
+
+impl<S, RB, E> Shared<S>
+where
+    S: Service<Request<Full<Bytes>>, Response = Response<RB>, Error = E>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send,
+    RB: hyper::body::Body + Send + 'static,
+    RB::Data: Send,
+    E: Into<BoxError> + fmt::Debug + Send + 'static,
+{
+    /// Sends the oldest unclaimed record once; whether the server took it
+    /// (or refused it for good: it is up either way).
+    async fn probe(self: Arc<Self>) -> bool {
+        let Ok(entries) = self.outbox.pending_after(0, REPLAY_PAGE) else {
+            return false;
+        };
+        for entry in entries {
+            if let Some(claim) = Claim::take(&self, &entry.key) {
+                tracing::info!(
+                    key = entry.key,
+                    pending = self.outbox.pending_count(),
+                    oldest_pending_age_s = age(entry.stored_at).as_secs(),
+                    "probing the server with the oldest stored request"
+                );
+                return self.replay_one(entry, claim).await;
+            }
+        }
+        // Every record is being sent by the foreground: nothing to probe with.
+        false
+    }
+
+    /// Sends every unclaimed pending record, oldest first, at most
+    /// `replay_concurrency` at once; stops at the first transient failure.
+    async fn replay_all(self: Arc<Self>) -> Replayed {
+        let mut after = 0;
+        let mut running = JoinSet::new();
+        let mut healthy = true;
+        let mut sent = 0;
+        'pages: while healthy {
+            let entries = match self.outbox.pending_after(after, REPLAY_PAGE) {
+                Ok(entries) => entries,
+                Err(error) => {
+                    tracing::error!(error = %error, "outbox cannot be read for replay");
+                    healthy = false;
+                    break;
+                }
+            };
+            let Some(last) = entries.last() else {
+                break;
+            };
+            after = last.seq;
+            for entry in entries {
+                while running.len() >= self.replay_concurrency {
+                    if let Some(Ok(false)) = running.join_next().await {
+                        healthy = false;
+                        break 'pages;
+                    }
+                }
+                let Some(claim) = Claim::take(&self, &entry.key) else {
+                    continue;
+                };
+                tracing::info!(
+                    key = entry.key,
+                    attempts = entry.attempts,
+                    stored_for_s = age(entry.stored_at).as_secs(),
+                    pending = self.outbox.pending_count(),
+                    "replaying a stored request"
+                );
+                running.spawn(self.clone().replay_one(entry, claim));
+                sent += 1;
+            }
+        }
+        while let Some(done) = running.join_next().await {
+            healthy &= done.unwrap_or(false);
+        }
+        match healthy {
+            true => Replayed::All { sent },
+            false => Replayed::Down,
+        }
+    }
+
+    /// One attempt of a stored record (and of its fallback, if it has one
+    /// and is refused for good); whether the server answered.
+    async fn replay_one(self: Arc<Self>, mut entry: Entry, claim: Claim<S>) -> bool {
+        let mut fell_back = false;
+        loop {
+            let sent = send(self.attempt.clone(), entry.request()).await;
+            if sent.outcome == Outcome::Success {
+                if let Some(recovery) = &self.recovery {
+                    recovery.observe(entry.uri());
+                }
+            }
+            let transient = sent.outcome == Outcome::Transient;
+            match self.settle(&entry, Some(entry.seq), sent, 1, fell_back).await {
+                Step::FallBack(_, next) => {
+                    fell_back = true;
+                    entry = next;
+                }
+                // The replay itself goes on with what is queued.
+                Step::Done(_) | Step::Queued => {
+                    claim.settle();
+                    return !transient;
+                }
+            }
+        }
+    }
+}
+
+/// A key being sent; released on drop, whatever ends the sending.
+struct Claim<S> {
+    shared: Weak<Shared<S>>,
+    key: String,
+    /// Whether the record is settled (delivered, quarantined, never
+    /// stored): the replay need not look at it.
+    settled: bool,
+}
+
+impl<S> Claim<S> {
+    fn take(shared: &Arc<Shared<S>>, key: &str) -> Option<Claim<S>> {
+        let fresh = crate::sync::lock(&shared.claimed).insert(key.to_owned());
+        fresh.then(|| Claim {
+            shared: Arc::downgrade(shared),
+            key: key.to_owned(),
+            settled: false,
+        })
+    }
+
+    /// Releases the key of a settled record.
+    fn settle(mut self) {
+        self.settled = true;
+    }
+}
+
+impl<S> Drop for Claim<S> {
+    /// A record left unsettled (queued, or its sending stopped) is the
+    /// replay's: wake it.
+    fn drop(&mut self) {
+        if let Some(shared) = self.shared.upgrade() {
+            crate::sync::lock(&shared.claimed).remove(&self.key);
+            if !self.settled {
+                shared.wake.notify_one();
+            }
+        }
+    }
+}
+
+/// Counts a foreground call's attempts; carried in the request's extensions,
+/// so every clone the retry layer makes shares it.
+#[derive(Clone)]
+struct AttemptCounter(Arc<AtomicU32>);
+
+fn count_attempt(request: Request<Full<Bytes>>) -> Request<Full<Bytes>> {
+    if let Some(AttemptCounter(attempts)) = request.extensions().get() {
+        attempts.fetch_add(1, Ordering::Relaxed);
+    }
+    request
+}
+
+/// A fresh idempotency key: 128 bits from the standard library's randomly
+/// seeded hasher, over a counter, the clock and the process id, written as a
+/// version 4 UUID.
+pub(super) fn new_idempotency_key() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::AtomicU64;
+
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let count = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    let half = || {
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u64(count);
+        hasher.write_u128(now);
+        hasher.write_u32(std::process::id());
+        hasher.finish()
+    };
+    let bits = (u128::from(half()) << 64 | u128::from(half())) & !(0xF << 76) & !(0x3 << 62)
+        | (0x4 << 76)
+        | (0x2 << 62);
+    let hex = format!("{bits:032x}");
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idempotency_keys_are_fresh_version_4_uuids() {
+        let keys: HashSet<String> = (0..1000).map(|_| new_idempotency_key()).collect();
+        assert_eq!(keys.len(), 1000);
+        for key in &keys {
+            assert_eq!(key.len(), 36);
+            assert_eq!(&key[14..15], "4", "{key}");
+            assert!(matches!(&key[19..20], "8" | "9" | "a" | "b"), "{key}");
+        }
+    }
+}

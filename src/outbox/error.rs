@@ -1,0 +1,102 @@
+//! The outbox's error.
+
+use std::{error::Error, fmt, path::Path, sync::Arc};
+
+/// Why the outbox could not be opened, read or written. It names the file.
+#[derive(Clone)]
+pub struct OutboxError {
+    kind: Kind,
+    path: Arc<Path>,
+}
+
+#[derive(Clone)]
+enum Kind {
+    /// Another live outbox holds the file.
+    Locked,
+    /// The file is not an outbox.
+    Invalid(String),
+    /// Reading or writing failed: I/O, a full disk.
+    Io(Arc<dyn Error + Send + Sync>),
+    /// The writer is gone: the outbox is being dropped.
+    Closed,
+}
+
+impl OutboxError {
+    pub(super) fn locked(path: &Path) -> OutboxError {
+        OutboxError::new(Kind::Locked, path)
+    }
+
+    pub(super) fn invalid(path: &Path, reason: impl Into<String>) -> OutboxError {
+        OutboxError::new(Kind::Invalid(reason.into()), path)
+    }
+
+    pub(super) fn io(path: &Path, source: impl Into<Box<dyn Error + Send + Sync>>) -> OutboxError {
+        OutboxError::new(Kind::Io(Arc::from(source.into())), path)
+    }
+
+    pub(super) fn closed(path: &Path) -> OutboxError {
+        OutboxError::new(Kind::Closed, path)
+    }
+
+    fn new(kind: Kind, path: &Path) -> OutboxError {
+        OutboxError {
+            kind,
+            path: Arc::from(path),
+        }
+    }
+
+    /// The outbox file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether the file is held by another live outbox, in this process or
+    /// another.
+    pub fn is_locked(&self) -> bool {
+        matches!(self.kind, Kind::Locked)
+    }
+
+    /// Whether the file is not an outbox (garbage, truncated, corrupted, or
+    /// another database). Such a file is left as it was.
+    pub fn is_invalid(&self) -> bool {
+        matches!(self.kind, Kind::Invalid(_))
+    }
+}
+
+impl fmt::Display for OutboxError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let path = self.path.display();
+        match &self.kind {
+            Kind::Locked => write!(f, "outbox {path} is held by another live client"),
+            Kind::Invalid(reason) => write!(f, "{path} is not a valid outbox: {reason}"),
+            Kind::Io(source) => write!(f, "outbox {path} cannot be read or written: {source}"),
+            Kind::Closed => write!(f, "outbox {path} is closed"),
+        }
+    }
+}
+
+impl fmt::Debug for OutboxError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("OutboxError")
+            .field(&format_args!("{self}"))
+            .finish()
+    }
+}
+
+/// Two errors are equal when they say the same of the same file.
+impl PartialEq for OutboxError {
+    fn eq(&self, other: &Self) -> bool {
+        self.to_string() == other.to_string()
+    }
+}
+
+impl Eq for OutboxError {}
+
+impl Error for OutboxError {
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        match &self.kind {
+            Kind::Io(source) => Some(&**source),
+            Kind::Locked | Kind::Invalid(_) | Kind::Closed => None,
+        }
+    }
+}

@@ -1,0 +1,87 @@
+//! A durable write-ahead outbox: idempotent requests that survive crashes and
+//! outages of any length (enable the `outbox` feature).
+//!
+//! A terminal report that lives only in memory is lost when the process dies
+//! during its backoff, when the machine sleeps, or when the outage outlasts
+//! the retry schedule. The outbox keeps it on disk from before its first
+//! attempt until the server takes it:
+//!
+//! - [`Outbox`] is the store: one [redb](https://docs.rs/redb) file, crash
+//!   safe, locked against a second process. Each request is committed with an
+//!   fsync before its first attempt leaves; concurrent requests share one
+//!   commit (group commit). Sensitive headers and `Authorization` are never
+//!   written; each request gets an [`IDEMPOTENCY_KEY`] header, stored with it
+//!   and the same on every attempt, replay and restart. One request per key:
+//!   a second one under a key still stored is refused, the first stands.
+//! - [`Dispatcher`] sends what is stored over your own tower stack, with the
+//!   [`TerminalRetryLayer`](crate::TerminalRetryLayer) inside. A request
+//!   whose retries run out stays stored ([`Delivery::Queued`]); a replay
+//!   worker delivers it once the server is back, however long that takes.
+//!   While the server is down the worker sends one probe at a time (the
+//!   oldest request), on a jittered backoff capped at the replay interval;
+//!   as soon as any request succeeds (a probe, a foreground delivery, or any
+//!   call [observed](crate::Recovery::observe) by its [`Recovery`](crate::Recovery))
+//!   it sends everything stored, oldest first, a bounded number at once.
+//!   A request refused for good is replaced by its fallback, if any (stored
+//!   in the same commit that retires it), or quarantined: kept, listed by
+//!   [`Outbox::quarantined`], never retried until [`Outbox::requeue`].
+//!
+//! The guarantee is at-least-once delivery to an idempotent server, durable
+//! once [`Dispatch::stored`] says [`Durability::Stored`]. A crash before that
+//! commit loses the request; the server must treat replays as no-ops (the
+//! idempotency key lets it tell them apart). A store that cannot be written
+//! (a full disk, an I/O error) does not stop the delivery: the request is
+//! still sent in process, an `error` event says it is not durable, and
+//! [`Dispatch::stored`] says [`Durability::NotStored`].
+//!
+//! A webhook sender that survives a restart:
+//!
+//! ```
+//! use bytes::Bytes;
+//! use http::Request;
+//! use http_body_util::Full;
+//! use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+//! use tower_terminal_retry::outbox::{Delivery, Dispatcher, Durability, Outbox};
+//! # use tower_terminal_retry::test_server::TestServer;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let server = TestServer::scripted([]).await?;
+//! # let directory = std::env::temp_dir().join(format!("outbox-doc-{}", std::process::id()));
+//! # std::fs::create_dir_all(&directory)?;
+//! let outbox = Outbox::open(directory.join("webhooks.redb"))?;
+//! let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+//! let dispatcher = Dispatcher::builder(outbox, client).build()?;
+//!
+//! let event = Request::post(server.url("/hooks/order-paid"))
+//!     .header("content-type", "application/json")
+//!     .body(Bytes::from(r#"{"order":42}"#))?;
+//! let mut dispatch = dispatcher.send("order-42-paid", event);
+//! assert_eq!(dispatch.stored().await, Durability::Stored); // safe on disk
+//! assert_eq!(dispatch.await, Delivery::Delivered);
+//! assert!(dispatcher.outbox().pending()?.is_empty());
+//! # let key = server.requests()[0].headers["idempotency-key"].clone();
+//! # assert_eq!(key.len(), 36);
+//! # drop(dispatcher);
+//! # std::fs::remove_dir_all(&directory)?;
+//! # Ok(())
+//! # }
+//! ```
+
+mod dispatch;
+mod error;
+mod record;
+mod store;
+
+pub use dispatch::{
+    Delivery, Dispatch, Dispatcher, DispatcherBuilder, Durability, Fallback,
+    DEFAULT_RELEASE_PER_SECOND, DEFAULT_REPLAY_CONCURRENCY, DEFAULT_REPLAY_INTERVAL,
+};
+pub use error::OutboxError;
+pub use record::Entry;
+pub use store::Outbox;
+
+/// The header each stored request is sent with: a key generated when it is
+/// stored, the same on every attempt, replay and restart (the name of the
+/// IETF httpapi draft).
+pub const IDEMPOTENCY_KEY: http::HeaderName = http::HeaderName::from_static("idempotency-key");

@@ -1,0 +1,528 @@
+//! The store: one redb file, written by one thread that commits every write
+//! waiting in one transaction (group commit).
+
+use std::{
+    fmt,
+    panic::{catch_unwind, AssertUnwindSafe},
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        mpsc, Arc, Mutex,
+    },
+    thread::JoinHandle,
+    time::{Duration, SystemTime},
+};
+
+use redb::{
+    Database, DatabaseError, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata,
+    TableDefinition, TableHandle,
+};
+use tokio::sync::oneshot;
+
+use super::{Entry, OutboxError};
+
+/// Pending records by sequence number: the order they were first stored.
+const PENDING: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("pending");
+/// Quarantined records, by the sequence number they were stored under.
+const QUARANTINED: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("quarantined");
+/// Each stored key to its sequence number: one record per key.
+const KEYS: TableDefinition<'_, &str, u64> = TableDefinition::new("keys");
+/// `format` to the format of the file: what makes a redb file an outbox.
+const META: TableDefinition<'_, &str, u64> = TableDefinition::new("outbox_meta");
+const FORMAT: u64 = 1;
+
+/// The most writes committed together.
+const MAX_BATCH: usize = 4096;
+/// redb's page cache: the records live on disk, not in memory.
+const CACHE_BYTES: usize = 4 * 1024 * 1024;
+
+/// A durable store of idempotent requests, one per key, in a single file: see
+/// the [module docs](super).
+///
+/// Cloning is cheap: clones share the file. The file is locked while any
+/// clone lives (and a little after, while its writer thread finishes): a
+/// second `Outbox` on the same file, in this process or another, is an error.
+#[derive(Clone)]
+pub struct Outbox {
+    store: Arc<Store>,
+}
+
+struct Store {
+    path: PathBuf,
+    db: Arc<Database>,
+    jobs: Mutex<Option<mpsc::Sender<Job>>>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    /// Pending records after the last commit, for events and metrics.
+    pending: AtomicU64,
+}
+
+/// A write, sent to the writer thread.
+#[derive(Debug)]
+pub(super) enum Write {
+    /// Stores a new record, unless its key is taken: durable.
+    Insert(Entry),
+    /// Removes a delivered record: not flushed on its own, as a lost removal
+    /// only replays a request the server treats as a no-op.
+    Delivered { seq: u64 },
+    /// Counts a failed attempt: not flushed on its own either.
+    Failed { seq: u64, attempts: u32, failure: String },
+    /// Retires the record and stores `entry` in its place, same key and
+    /// position: durable.
+    Replace { seq: u64, entry: Entry },
+    /// Moves the record to quarantine: durable.
+    Quarantine { seq: u64, failure: String },
+    /// Moves a quarantined record back to pending: durable.
+    Requeue { key: String },
+    /// Removes a record, pending or quarantined: durable.
+    Discard { key: String },
+}
+
+impl Write {
+    fn is_durable(&self) -> bool {
+        !matches!(self, Write::Delivered { .. } | Write::Failed { .. })
+    }
+}
+
+/// What a write did.
+#[derive(Debug)]
+pub(super) enum Written {
+    /// Stored under this sequence number.
+    Inserted(u64),
+    /// The key was taken: the record stored under it stands.
+    Existing,
+    /// Whether the record was there to change.
+    Changed(bool),
+}
+
+struct Job {
+    write: Write,
+    done: oneshot::Sender<Result<Written, OutboxError>>,
+}
+
+impl Outbox {
+    /// Opens the outbox at `path`, creating it if it does not exist (or is
+    /// empty), and starts its writer thread.
+    ///
+    /// A file left by a crash is recovered: every commit made before the
+    /// crash is there.
+    ///
+    /// # Errors
+    ///
+    /// The file is held by another live outbox (in this process or another);
+    /// it is not an outbox (garbage, truncated, corrupted, another redb
+    /// database), in which case it is left exactly as it was; or it cannot be
+    /// read or created. The error names the path.
+    pub fn open(path: impl Into<PathBuf>) -> Result<Outbox, OutboxError> {
+        let path = path.into();
+        // Damaged files have made database opens panic: that is an error here.
+        let opened = catch_unwind(AssertUnwindSafe(|| open_database(&path)));
+        let db = opened.unwrap_or_else(|_| Err(OutboxError::invalid(&path, "unreadable file")))?;
+        let db = Arc::new(db);
+        let next_seq = last_seq(&db).map_err(|error| OutboxError::io(&path, error))? + 1;
+        let pending = count_pending(&db).map_err(|error| OutboxError::io(&path, error))?;
+        let (jobs, receiver) = mpsc::channel();
+        let writer_db = db.clone();
+        let store = Arc::new(Store {
+            path: path.clone(),
+            db,
+            jobs: Mutex::new(Some(jobs)),
+            writer: Mutex::new(None),
+            pending: AtomicU64::new(pending),
+        });
+        let stats = Arc::downgrade(&store);
+        let writer = std::thread::Builder::new()
+            .name("outbox-writer".into())
+            .spawn(move || write_loop(&writer_db, &receiver, next_seq, &stats))
+            .map_err(|error| OutboxError::io(&path, error))?;
+        *crate::sync::lock(&store.writer) = Some(writer);
+        Ok(Outbox { store })
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.store.path
+    }
+
+    /// The pending records, oldest first.
+    ///
+    /// # Errors
+    ///
+    /// The file cannot be read.
+    pub fn pending(&self) -> Result<Vec<Entry>, OutboxError> {
+        self.read(PENDING, 0, usize::MAX)
+    }
+
+    /// The quarantined records: refused for good by the server, kept, not
+    /// retried, oldest first.
+    ///
+    /// # Errors
+    ///
+    /// The file cannot be read.
+    pub fn quarantined(&self) -> Result<Vec<Entry>, OutboxError> {
+        self.read(QUARANTINED, 0, usize::MAX)
+    }
+
+    /// How many records are pending, as of the last commit.
+    pub fn pending_count(&self) -> u64 {
+        self.store.pending.load(Ordering::Relaxed)
+    }
+
+    /// Moves the quarantined record under `key` back to pending, to be
+    /// delivered again. `false` when no record under `key` is quarantined.
+    ///
+    /// # Errors
+    ///
+    /// The write could not be committed.
+    pub async fn requeue(&self, key: &str) -> Result<bool, OutboxError> {
+        let written = self.write(Write::Requeue { key: key.into() }).await?;
+        Ok(matches!(written, Written::Changed(true)))
+    }
+
+    /// Deletes the record under `key`, pending or quarantined, for good.
+    /// `false` when there is none.
+    ///
+    /// # Errors
+    ///
+    /// The write could not be committed.
+    pub async fn discard(&self, key: &str) -> Result<bool, OutboxError> {
+        let written = self.write(Write::Discard { key: key.into() }).await?;
+        Ok(matches!(written, Written::Changed(true)))
+    }
+
+    /// Up to `limit` pending records after sequence number `after`, oldest
+    /// first.
+    pub(super) fn pending_after(&self, after: u64, limit: usize) -> Result<Vec<Entry>, OutboxError> {
+        self.read(PENDING, after + 1, limit)
+    }
+
+    /// Commits `write` with whatever other writes wait, and says what it did.
+    pub(super) async fn write(&self, write: Write) -> Result<Written, OutboxError> {
+        let (done, result) = oneshot::channel();
+        let sent = crate::sync::lock(&self.store.jobs)
+            .as_ref()
+            .is_some_and(|jobs| jobs.send(Job { write, done }).is_ok());
+        if !sent {
+            return Err(OutboxError::closed(&self.store.path));
+        }
+        result
+            .await
+            .unwrap_or_else(|_| Err(OutboxError::closed(&self.store.path)))
+    }
+
+    fn read(
+        &self,
+        table: TableDefinition<'_, u64, &[u8]>,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<Entry>, OutboxError> {
+        let io = |error: redb::Error| OutboxError::io(&self.store.path, error);
+        let read = self.store.db.begin_read().map_err(|error| io(error.into()))?;
+        let table = read.open_table(table).map_err(|error| io(error.into()))?;
+        let mut entries = Vec::new();
+        for row in table.range(from..).map_err(|error| io(error.into()))? {
+            if entries.len() >= limit {
+                break;
+            }
+            let (seq, bytes) = row.map_err(|error| io(error.into()))?;
+            match Entry::decode(seq.value(), bytes.value()) {
+                Some(entry) => entries.push(entry),
+                None => tracing::error!(
+                    path = %self.store.path.display(),
+                    seq = seq.value(),
+                    "outbox record cannot be read; it is kept and skipped"
+                ),
+            }
+        }
+        Ok(entries)
+    }
+}
+
+impl fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Outbox")
+            .field("path", &self.store.path)
+            .field("pending", &self.pending_count())
+            .finish()
+    }
+}
+
+impl Drop for Store {
+    /// Stops the writer after the writes already sent, so that the file is
+    /// unlocked when the last handle is gone.
+    fn drop(&mut self) {
+        crate::sync::lock(&self.jobs).take();
+        if let Some(writer) = crate::sync::lock(&self.writer).take() {
+            let _ = writer.join();
+        }
+    }
+}
+
+/// Opens or creates the database and checks that it is an outbox, leaving a
+/// file that is not one untouched.
+fn open_database(path: &Path) -> Result<Database, OutboxError> {
+    let exists = std::fs::metadata(path).is_ok_and(|metadata| metadata.len() > 0);
+    let mut builder = Database::builder();
+    builder.set_cache_size(CACHE_BYTES);
+    if exists {
+        // A read-only look first: it writes nothing, whatever the file holds.
+        match builder.open_read_only(path) {
+            Ok(database) => {
+                let format = read_format(&database)
+                    .map_err(|error| OutboxError::invalid(path, error.to_string()))?;
+                if format != Some(FORMAT) {
+                    return Err(OutboxError::invalid(path, "a database, but not an outbox"));
+                }
+            }
+            // Left by a crash: the read-write open below repairs it.
+            Err(DatabaseError::RepairAborted) => {}
+            Err(error) => return Err(open_error(path, error)),
+        }
+    }
+    // Checks every page's checksum, so a damaged file is refused, not trusted.
+    builder.set_check_integrity_on_open(true);
+    let database = builder.create(path).map_err(|error| open_error(path, error))?;
+    initialize(&database, exists).map_err(|error| match error {
+        InitError::Foreign => OutboxError::invalid(path, "a database, but not an outbox"),
+        InitError::Storage(error) => OutboxError::io(path, error),
+    })?;
+    Ok(database)
+}
+
+fn open_error(path: &Path, error: DatabaseError) -> OutboxError {
+    match error {
+        DatabaseError::DatabaseAlreadyOpen => OutboxError::locked(path),
+        DatabaseError::Storage(redb::StorageError::Io(error))
+            if error.kind() != std::io::ErrorKind::InvalidData =>
+        {
+            OutboxError::io(path, error)
+        }
+        other => OutboxError::invalid(path, other.to_string()),
+    }
+}
+
+fn read_format(database: &impl ReadableDatabase) -> Result<Option<u64>, redb::Error> {
+    let read = database.begin_read()?;
+    let meta = match read.open_table(META) {
+        Ok(meta) => meta,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+        Err(error) => return Err(error.into()),
+    };
+    let format = meta.get("format")?.map(|format| format.value());
+    Ok(format)
+}
+
+enum InitError {
+    Foreign,
+    Storage(redb::Error),
+}
+
+impl<E: Into<redb::Error>> From<E> for InitError {
+    fn from(error: E) -> Self {
+        InitError::Storage(error.into())
+    }
+}
+
+/// Creates the tables of a new outbox; checks an existing one's format (again:
+/// a file repaired after a crash was not looked at before).
+fn initialize(database: &Database, existed: bool) -> Result<(), InitError> {
+    if existed {
+        return match read_format(database)? {
+            Some(FORMAT) => Ok(()),
+            _ => Err(InitError::Foreign),
+        };
+    }
+    let write = database.begin_write()?;
+    if write.list_tables()?.any(|table| table.name() != META.name()) {
+        return Err(InitError::Foreign);
+    }
+    write.open_table(META)?.insert("format", FORMAT)?;
+    write.open_table(PENDING)?;
+    write.open_table(QUARANTINED)?;
+    write.open_table(KEYS)?;
+    write.commit()?;
+    Ok(())
+}
+
+fn last_seq(database: &Database) -> Result<u64, redb::Error> {
+    let read = database.begin_read()?;
+    let mut last = 0;
+    for table in [PENDING, QUARANTINED] {
+        if let Some((seq, _)) = read.open_table(table)?.last()? {
+            last = last.max(seq.value());
+        }
+    }
+    Ok(last)
+}
+
+fn count_pending(database: &Database) -> Result<u64, redb::Error> {
+    Ok(database.begin_read()?.open_table(PENDING)?.len()?)
+}
+
+/// The writer thread: takes every write waiting, commits them in one
+/// transaction, answers each; ends when every handle is gone.
+fn write_loop(
+    database: &Database,
+    jobs: &mpsc::Receiver<Job>,
+    mut next_seq: u64,
+    store: &std::sync::Weak<Store>,
+) {
+    let path = store
+        .upgrade()
+        .map(|store| store.path.clone())
+        .unwrap_or_default();
+    while let Ok(first) = jobs.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let writes: Vec<&Write> = batch.iter().map(|job| &job.write).collect();
+        let result = commit(database, &writes, &mut next_seq);
+        let pending = result.as_ref().ok().map(|(_, pending)| *pending);
+        match result {
+            Ok((written, _)) => {
+                for (job, written) in batch.into_iter().zip(written) {
+                    let _ = job.done.send(Ok(written));
+                }
+            }
+            Err(error) => {
+                let error = OutboxError::io(&path, error);
+                for job in batch {
+                    let _ = job.done.send(Err(error.clone()));
+                }
+            }
+        }
+        if let (Some(pending), Some(store)) = (pending, store.upgrade()) {
+            store.pending.store(pending, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Applies `writes` in one transaction; returns what each did and how many
+/// records are pending after it.
+fn commit(
+    database: &Database,
+    writes: &[&Write],
+    next_seq: &mut u64,
+) -> Result<(Vec<Written>, u64), redb::Error> {
+    let mut transaction = database.begin_write()?;
+    if !writes.iter().any(|write| write.is_durable()) {
+        transaction.set_durability(Durability::None)?;
+    }
+    let mut written = Vec::with_capacity(writes.len());
+    let pending_count;
+    {
+        let mut pending = transaction.open_table(PENDING)?;
+        let mut quarantined = transaction.open_table(QUARANTINED)?;
+        let mut keys = transaction.open_table(KEYS)?;
+        for write in writes {
+            written.push(apply(write, &mut pending, &mut quarantined, &mut keys, next_seq)?);
+        }
+        pending_count = pending.len()?;
+    }
+    transaction.commit()?;
+    Ok((written, pending_count))
+}
+
+type Records<'txn> = redb::Table<'txn, u64, &'static [u8]>;
+
+fn apply(
+    write: &Write,
+    pending: &mut Records<'_>,
+    quarantined: &mut Records<'_>,
+    keys: &mut redb::Table<'_, &'static str, u64>,
+    next_seq: &mut u64,
+) -> Result<Written, redb::Error> {
+    let stored = |table: &Records<'_>, seq: u64| -> Result<Option<Entry>, redb::Error> {
+        Ok(table
+            .get(seq)?
+            .and_then(|bytes| Entry::decode(seq, bytes.value())))
+    };
+    Ok(match write {
+        Write::Insert(entry) => {
+            if let Some(seq) = keys.get(entry.key.as_str())?.map(|seq| seq.value()) {
+                if pending.get(seq)?.is_some() || quarantined.get(seq)?.is_some() {
+                    return Ok(Written::Existing);
+                }
+            }
+            let seq = *next_seq;
+            *next_seq += 1;
+            pending.insert(seq, Entry { seq, ..entry.clone() }.encode().as_slice())?;
+            keys.insert(entry.key.as_str(), seq)?;
+            Written::Inserted(seq)
+        }
+        Write::Delivered { seq } => match pending.remove(*seq)? {
+            Some(bytes) => {
+                let key = Entry::decode(*seq, bytes.value()).map(|entry| entry.key);
+                drop(bytes);
+                if let Some(key) = key {
+                    keys.remove(key.as_str())?;
+                }
+                Written::Changed(true)
+            }
+            None => Written::Changed(false),
+        },
+        Write::Failed {
+            seq,
+            attempts,
+            failure,
+        } => match stored(pending, *seq)? {
+            Some(mut entry) => {
+                entry.attempts = entry.attempts.saturating_add(*attempts);
+                entry.last_failure = Some(failure.clone());
+                pending.insert(*seq, entry.encode().as_slice())?;
+                Written::Changed(true)
+            }
+            None => Written::Changed(false),
+        },
+        Write::Replace { seq, entry } => match stored(pending, *seq)? {
+            Some(old) => {
+                let entry = Entry {
+                    seq: *seq,
+                    key: old.key,
+                    stored_at: old.stored_at,
+                    ..entry.clone()
+                };
+                pending.insert(*seq, entry.encode().as_slice())?;
+                Written::Changed(true)
+            }
+            None => Written::Changed(false),
+        },
+        Write::Quarantine { seq, failure } => match stored(pending, *seq)? {
+            Some(mut entry) => {
+                pending.remove(*seq)?;
+                entry.quarantined = true;
+                entry.last_failure = Some(failure.clone());
+                quarantined.insert(*seq, entry.encode().as_slice())?;
+                Written::Changed(true)
+            }
+            None => Written::Changed(false),
+        },
+        Write::Requeue { key } => {
+            let seq = keys.get(key.as_str())?.map(|seq| seq.value());
+            match seq.map(|seq| stored(quarantined, seq)).transpose()?.flatten() {
+                Some(mut entry) => {
+                    quarantined.remove(entry.seq)?;
+                    entry.quarantined = false;
+                    pending.insert(entry.seq, entry.encode().as_slice())?;
+                    Written::Changed(true)
+                }
+                None => Written::Changed(false),
+            }
+        }
+        Write::Discard { key } => match keys.remove(key.as_str())?.map(|seq| seq.value()) {
+            Some(seq) => {
+                let removed = pending.remove(seq)?.is_some() | quarantined.remove(seq)?.is_some();
+                Written::Changed(removed)
+            }
+            None => Written::Changed(false),
+        },
+    })
+}
+
+/// How long ago `at` was, for events; zero for a time in the future.
+pub(super) fn age(at: SystemTime) -> Duration {
+    SystemTime::now().duration_since(at).unwrap_or_default()
+}
