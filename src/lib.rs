@@ -95,9 +95,9 @@ pub mod classify;
 pub mod client;
 mod error;
 pub mod jitter;
+pub mod layer;
 #[cfg(feature = "outbox")]
 pub mod outbox;
-pub mod layer;
 pub mod policy;
 pub mod recovery;
 mod response;

@@ -50,6 +50,24 @@ impl CompleteTask {
             .into_bytes()
     }
 
+    /// A completion read back from the JSON [`to_json`](CompleteTask::to_json)
+    /// wrote: how a stored report is known again after a restart.
+    #[cfg(feature = "outbox")]
+    pub(super) fn from_json(json: &[u8]) -> Option<CompleteTask> {
+        let value: Value = serde_json::from_slice(json).ok()?;
+        let text = |field: &str| match value.get(field) {
+            Some(Value::String(text)) => Some(text.clone()),
+            None => Some(String::new()),
+            Some(_) => None,
+        };
+        Some(CompleteTask {
+            output: value.get("output")?.as_str()?.to_owned(),
+            branch_name: text("branch_name")?,
+            session_id: text("session_id")?,
+            work_dir: text("work_dir")?,
+        })
+    }
+
     /// The fail report sent when the server refuses this completion for good:
     /// same session and work dir, reason `agent_error`.
     pub(super) fn fallback(&self, error: impl Into<String>) -> FailTask {

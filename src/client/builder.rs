@@ -13,11 +13,13 @@ use hyper_util::{
     client::legacy::{connect::HttpConnector, Client},
     rt::TokioExecutor,
 };
-use tower::ServiceBuilder;
-use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
+use tower::{Layer, ServiceBuilder};
+use tower_http::{
+    sensitive_headers::SetSensitiveRequestHeadersLayer, set_header::SetRequestHeaderLayer,
+};
 
 use super::{report::InFlight, Error, Inner, TaskClient};
-use crate::{Schedule, TerminalRetryLayer};
+use crate::{Recovery, Schedule, TerminalRetryLayer};
 
 /// The connector under the client: plain HTTP, or HTTP and HTTPS with the
 /// `rustls` feature.
@@ -31,6 +33,11 @@ pub(super) type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
 /// The default per-attempt timeout.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How many parked terminal reports a success releases a second, by default.
+/// A daemon reports a handful of tasks at a time: fifty a second delivers a
+/// backlog within seconds of the server's recovery without a stampede.
+pub const DEFAULT_RELEASE_PER_SECOND: u32 = 50;
+
 /// Configures a [`TaskClient`]; made by [`TaskClient::builder`].
 ///
 /// Nothing is checked until [`build`](TaskClientBuilder::build), which reports
@@ -41,8 +48,20 @@ pub struct TaskClientBuilder {
     client_version: Option<String>,
     schedule: Schedule,
     timeout: Duration,
+    recovery: Option<Recovery>,
+    #[cfg(feature = "outbox")]
+    outbox: Option<OutboxSettings>,
     #[cfg(feature = "rustls")]
     roots: Roots,
+}
+
+/// Where and how terminal reports are kept on disk.
+#[cfg(feature = "outbox")]
+#[derive(Debug)]
+pub(super) struct OutboxSettings {
+    pub(super) path: std::path::PathBuf,
+    pub(super) replay_interval: Duration,
+    pub(super) replay_concurrency: usize,
 }
 
 /// Which certificate authorities an HTTPS connection trusts.
@@ -64,6 +83,11 @@ impl TaskClientBuilder {
             client_version: None,
             schedule: Schedule::default(),
             timeout: DEFAULT_TIMEOUT,
+            recovery: Some(
+                Recovery::new(DEFAULT_RELEASE_PER_SECOND).expect("a release rate above zero"),
+            ),
+            #[cfg(feature = "outbox")]
+            outbox: None,
             #[cfg(feature = "rustls")]
             roots: Roots::Webpki,
         }
@@ -98,6 +122,53 @@ impl TaskClientBuilder {
         self
     }
 
+    /// The signal that ends the backoff of parked terminal reports once a
+    /// request to the same server succeeds: a `start`, a `progress`, any
+    /// other call of this client, or one of the stacks you share it with
+    /// (see [`recovery`](crate::recovery)). By default a signal of the
+    /// client's own, releasing [`DEFAULT_RELEASE_PER_SECOND`] reports a
+    /// second; `None` turns early release off and keeps the schedule exact.
+    pub fn recovery(mut self, recovery: Option<Recovery>) -> TaskClientBuilder {
+        self.recovery = recovery;
+        self
+    }
+
+    /// Makes terminal reports durable in the outbox file at `path` (created
+    /// if missing): each report of
+    /// [`report_task_result`](TaskClient::report_task_result) is committed
+    /// to disk before its first attempt, and delivered, across restarts,
+    /// however long the server is away (see [`outbox`](crate::outbox)).
+    #[cfg(feature = "outbox")]
+    pub fn outbox(mut self, path: impl Into<std::path::PathBuf>) -> TaskClientBuilder {
+        let outbox = self.outbox.get_or_insert(OutboxSettings {
+            path: std::path::PathBuf::new(),
+            replay_interval: crate::outbox::DEFAULT_REPLAY_INTERVAL,
+            replay_concurrency: crate::outbox::DEFAULT_REPLAY_CONCURRENCY,
+        });
+        outbox.path = path.into();
+        self
+    }
+
+    /// With an [`outbox`](TaskClientBuilder::outbox): the longest wait between
+    /// two probes of a server that is down (by default 30 s).
+    #[cfg(feature = "outbox")]
+    pub fn replay_interval(mut self, interval: Duration) -> TaskClientBuilder {
+        if let Some(outbox) = &mut self.outbox {
+            outbox.replay_interval = interval;
+        }
+        self
+    }
+
+    /// With an [`outbox`](TaskClientBuilder::outbox): how many stored reports
+    /// are sent at once once the server is back (by default 16).
+    #[cfg(feature = "outbox")]
+    pub fn replay_concurrency(mut self, concurrency: usize) -> TaskClientBuilder {
+        if let Some(outbox) = &mut self.outbox {
+            outbox.replay_concurrency = concurrency;
+        }
+        self
+    }
+
     /// Trusts the platform's certificate store for HTTPS instead of Mozilla's
     /// roots.
     #[cfg(feature = "rustls")]
@@ -128,10 +199,13 @@ impl TaskClientBuilder {
     /// A base URL that is not an absolute `http` URL (or `https` with the
     /// `rustls` feature) without query; a token or version a header cannot
     /// carry; a zero timeout; no tokio runtime; with `rustls`, a trust store
-    /// that cannot be loaded.
+    /// that cannot be loaded; with an outbox, a file held by another live
+    /// client or that is not an outbox (left as it was), or a zero replay
+    /// interval or concurrency.
     pub fn build(self) -> Result<TaskClient, Error> {
         let base = base_url(&self.base_url)?;
         let headers = self.headers()?;
+        let token = self.token_header()?;
         if self.timeout.is_zero() {
             return Err(Error::config(
                 "the per-attempt timeout must not be zero",
@@ -147,19 +221,33 @@ impl TaskClientBuilder {
         let client =
             Client::builder(TokioExecutor::new()).build::<_, Full<Bytes>>(self.connector()?);
 
-        // Marks the header on every request, whatever layer logs it later.
-        let sensitive = SetSensitiveRequestHeadersLayer::from_shared(Arc::new([AUTHORIZATION]));
+        // The token is added to every attempt, stored reports' replays too
+        // (the outbox never writes it), and marked sensitive on the way.
         let single = ServiceBuilder::new()
-            .layer(sensitive.clone())
-            .timeout(self.timeout)
-            .service(client.clone());
-        // The timeout sits inside the retry layer: a hung attempt is a
-        // transient failure, retried like a 502.
-        let terminal = ServiceBuilder::new()
-            .layer(sensitive)
-            .layer(TerminalRetryLayer::new().with_schedule(self.schedule.clone()))
+            .layer(SetRequestHeaderLayer::if_not_present(AUTHORIZATION, token))
+            .layer(SetSensitiveRequestHeadersLayer::from_shared(Arc::new([
+                AUTHORIZATION,
+            ])))
             .timeout(self.timeout)
             .service(client);
+        // The timeout sits inside the retry layer: a hung attempt is a
+        // transient failure, retried like a 502.
+        let layer = TerminalRetryLayer::new().with_schedule(self.schedule.clone());
+        #[cfg(feature = "outbox")]
+        let dispatcher = match &self.outbox {
+            Some(outbox) => Some(super::durable::dispatcher(
+                outbox,
+                single.clone(),
+                layer.clone(),
+                self.recovery.clone(),
+            )?),
+            None => None,
+        };
+        let layer = match &self.recovery {
+            Some(recovery) => layer.with_recovery(recovery.clone()),
+            None => layer,
+        };
+        let terminal = layer.layer(single.clone());
 
         Ok(TaskClient {
             inner: Arc::new(Inner {
@@ -169,8 +257,11 @@ impl TaskClientBuilder {
                 client_version: self.client_version,
                 schedule: self.schedule,
                 timeout: self.timeout,
+                recovery: self.recovery,
                 single,
                 terminal,
+                #[cfg(feature = "outbox")]
+                dispatcher,
                 runtime,
                 reports: InFlight::default(),
             }),
@@ -197,17 +288,23 @@ impl TaskClientBuilder {
             })?;
             headers.insert(HeaderName::from_static("x-client-version"), value);
         }
-        if let Some(token) = &self.token {
-            // The message names no part of the token.
-            let value = HeaderValue::try_from(format!("Bearer {token}")).map_err(|error| {
-                Error::config(
-                    "the token holds characters a header cannot carry",
-                    Some(error.into()),
-                )
-            })?;
-            headers.insert(AUTHORIZATION, value);
-        }
         Ok(headers)
+    }
+
+    /// `Bearer <token>`, marked sensitive, if a token is set.
+    fn token_header(&self) -> Result<Option<HeaderValue>, Error> {
+        let Some(token) = &self.token else {
+            return Ok(None);
+        };
+        // The message names no part of the token.
+        let mut value = HeaderValue::try_from(format!("Bearer {token}")).map_err(|error| {
+            Error::config(
+                "the token holds characters a header cannot carry",
+                Some(error.into()),
+            )
+        })?;
+        value.set_sensitive(true);
+        Ok(Some(value))
     }
 
     #[cfg(not(feature = "rustls"))]
@@ -267,7 +364,21 @@ impl fmt::Debug for TaskClientBuilder {
             .field("client_version", &self.client_version)
             .field("terminal_schedule", &self.schedule.delays())
             .field("timeout", &self.timeout)
+            .field("recovery", &self.recovery)
+            .field("outbox", &self.outbox_path())
             .finish_non_exhaustive()
+    }
+}
+
+impl TaskClientBuilder {
+    #[cfg(feature = "outbox")]
+    fn outbox_path(&self) -> Option<&std::path::Path> {
+        self.outbox.as_ref().map(|outbox| outbox.path.as_path())
+    }
+
+    #[cfg(not(feature = "outbox"))]
+    fn outbox_path(&self) -> Option<&std::path::Path> {
+        None
     }
 }
 

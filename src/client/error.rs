@@ -32,6 +32,9 @@ enum Kind {
     /// No status came back: a refused or reset connection, TLS, an elapsed
     /// per-attempt timeout.
     Transport { route: Route, source: BoxError },
+    /// The outbox could not be opened, read or written.
+    #[cfg(feature = "outbox")]
+    Outbox { source: BoxError },
 }
 
 /// The method and path of the request an error is about (no host: the base
@@ -92,11 +95,21 @@ impl Error {
         }
     }
 
+    #[cfg(feature = "outbox")]
+    pub(super) fn outbox(source: crate::outbox::OutboxError) -> Error {
+        Error {
+            kind: Kind::Outbox {
+                source: source.into(),
+            },
+            outcome: Outcome::Permanent,
+        }
+    }
+
     /// The status the server answered with, if it answered.
     pub fn status(&self) -> Option<StatusCode> {
         match &self.kind {
             Kind::Status { status, .. } => Some(*status),
-            Kind::Config { .. } | Kind::Transport { .. } => None,
+            _ => None,
         }
     }
 
@@ -113,11 +126,18 @@ impl Error {
         matches!(self.kind, Kind::Config { .. })
     }
 
+    /// Whether the outbox could not be opened (held by another live client,
+    /// or not an outbox: the message names the file), read or written.
+    #[cfg(feature = "outbox")]
+    pub fn is_outbox(&self) -> bool {
+        matches!(self.kind, Kind::Outbox { .. })
+    }
+
     /// Whether the request timed out (the per-attempt timeout elapsed).
     pub fn is_timeout(&self) -> bool {
         match &self.kind {
             Kind::Transport { source, .. } => source.is::<tower::timeout::error::Elapsed>(),
-            Kind::Config { .. } | Kind::Status { .. } => false,
+            _ => false,
         }
     }
 }
@@ -146,6 +166,8 @@ impl fmt::Display for Error {
                 write!(f, "{route} timed out")
             }
             Kind::Transport { route, .. } => write!(f, "{route} failed before any response"),
+            #[cfg(feature = "outbox")]
+            Kind::Outbox { source } => write!(f, "{source}"),
         }
     }
 }
@@ -171,6 +193,8 @@ impl fmt::Debug for Error {
                 .field("kind", &"transport")
                 .field("route", &format_args!("{route}"))
                 .field("source", source),
+            #[cfg(feature = "outbox")]
+            Kind::Outbox { source } => debug.field("kind", &"outbox").field("source", source),
         };
         debug.field("transient", &self.is_transient()).finish()
     }
@@ -181,6 +205,8 @@ impl StdError for Error {
         match &self.kind {
             Kind::Config { source, .. } => source.as_deref().map(|source| source as _),
             Kind::Transport { source, .. } => Some(&**source),
+            #[cfg(feature = "outbox")]
+            Kind::Outbox { source } => Some(&**source),
             Kind::Status { .. } => None,
         }
     }

@@ -57,35 +57,42 @@
 
 mod body;
 mod builder;
+#[cfg(feature = "outbox")]
+mod durable;
 mod error;
 mod report;
 
 use std::{fmt, sync::Arc, time::Duration};
 
 use bytes::Bytes;
-use http::{HeaderMap, Method, Request, Response};
+use http::{HeaderMap, HeaderValue, Method, Request, Response};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use tokio::runtime::Handle;
 use tower::{timeout::Timeout, BoxError, Service, ServiceExt};
-use tower_http::sensitive_headers::SetSensitiveRequestHeaders;
+use tower_http::{sensitive_headers::SetSensitiveRequestHeaders, set_header::SetRequestHeader};
 use tracing::Instrument;
 
 pub use body::{CompleteTask, FailTask, UsageEntry};
-pub use builder::{TaskClientBuilder, DEFAULT_TIMEOUT};
+pub use builder::{TaskClientBuilder, DEFAULT_RELEASE_PER_SECOND, DEFAULT_TIMEOUT};
+#[cfg(feature = "outbox")]
+pub use durable::StoredReport;
 pub use error::Error;
 pub use report::{ReportFuture, ReportOutcome, TaskResult, UndeliveredReport};
 
 use crate::{
     classify::{Classify, DefaultClassifier, Outcome},
-    Schedule, TerminalRetry,
+    Recovery, Schedule, TerminalRetry,
 };
 use builder::Connector;
 use report::InFlight;
 
-/// One attempt: hyper-util's client under a timeout.
-type Attempt = Timeout<Client<Connector, Full<Bytes>>>;
+/// One attempt: hyper-util's client under a timeout, with the token.
+type Attempt = SetRequestHeader<
+    SetSensitiveRequestHeaders<Timeout<Client<Connector, Full<Bytes>>>>,
+    Option<HeaderValue>,
+>;
 
 /// Sends a daemon's task callbacks: see the [module docs](self).
 ///
@@ -105,10 +112,15 @@ struct Inner {
     client_version: Option<String>,
     schedule: Schedule,
     timeout: Duration,
+    /// Told of every success; releases parked terminal reports.
+    recovery: Option<Recovery>,
     /// The routes tried once.
-    single: SetSensitiveRequestHeaders<Attempt>,
+    single: Attempt,
     /// `complete` and `fail`, retried.
-    terminal: SetSensitiveRequestHeaders<TerminalRetry<Attempt>>,
+    terminal: TerminalRetry<Attempt>,
+    /// Where terminal reports are made durable, if anywhere.
+    #[cfg(feature = "outbox")]
+    dispatcher: Option<crate::outbox::Dispatcher<Attempt>>,
     /// Where terminal reports are delivered.
     runtime: Handle,
     reports: InFlight,
@@ -277,9 +289,9 @@ impl TaskClient {
         let tracked = (task_id.to_owned(), result.clone());
         self.inner
             .reports
-            .spawn(&self.inner.runtime, tracked, move |id| {
+            .spawn(&self.inner.runtime, tracked, move |id, stored| {
                 async move {
-                    let outcome = report::deliver(&client, &reported, result).await;
+                    let outcome = report::deliver(&client, &reported, result, stored).await;
                     client.inner.reports.finish(id);
                     outcome
                 }
@@ -306,6 +318,20 @@ impl TaskClient {
         self.send(&self.inner.single, route, task_id, body).await
     }
 
+    /// `POST {base}{path}` with the client's headers and `body`.
+    fn request(&self, path: &str, body: Bytes) -> Result<Request<Bytes>, Error> {
+        let mut request = Request::post(format!("{}{path}", self.inner.base))
+            .body(body)
+            .map_err(|error| {
+                Error::config(
+                    format!("no request can be made for {path}"),
+                    Some(error.into()),
+                )
+            })?;
+        *request.headers_mut() = self.inner.headers.clone();
+        Ok(request)
+    }
+
     /// Sends one request through `service` and sorts its result with the
     /// classifier the retry layer uses.
     async fn send<S>(
@@ -319,18 +345,15 @@ impl TaskClient {
         S: Service<Request<Full<Bytes>>, Response = Response<Incoming>, Error = BoxError> + Clone,
     {
         let path = route.path(task_id);
-        let mut request = Request::post(format!("{}{path}", self.inner.base))
-            .body(Full::new(body))
-            .map_err(|error| {
-                Error::config(
-                    format!("no request can be made for {path}"),
-                    Some(error.into()),
-                )
-            })?;
-        *request.headers_mut() = self.inner.headers.clone();
+        let request = self.request(&path, body)?.map(Full::new);
+        let uri = request.uri().clone();
 
         let result = service.clone().oneshot(request).await;
         let outcome = DefaultClassifier.classify(&result);
+        if let (Outcome::Success, Some(recovery)) = (outcome, &self.inner.recovery) {
+            // The terminal layer tells it itself; the routes tried once do not.
+            recovery.observe(&uri);
+        }
         let response = result
             .map_err(|source| Error::transport(Method::POST, path.clone(), source, outcome))?;
         let status = response.status();

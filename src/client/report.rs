@@ -6,8 +6,8 @@ use std::{
     future::Future,
     pin::Pin,
     sync::{
-        atomic::{AtomicU64, Ordering},
-        Mutex, MutexGuard,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex, MutexGuard,
     },
     task::{ready, Context, Poll},
     time::Duration,
@@ -28,7 +28,7 @@ pub struct TaskResult {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Report {
+pub(super) enum Report {
     Completed(CompleteTask),
     Failed(FailTask),
 }
@@ -113,6 +113,20 @@ pub enum ReportOutcome {
     /// [`TaskClient::shutdown`] stopped the delivery, and returned it among
     /// the undelivered reports.
     Abandoned,
+    /// With an outbox: the report is stored and will be delivered later, by
+    /// the replay worker of this client or of the next one on the same
+    /// file. Transient failures outlived the schedule (where, without an
+    /// outbox, a completion is [`LeftRunning`](ReportOutcome::LeftRunning)),
+    /// or [`TaskClient::shutdown`] stopped the delivery.
+    Queued,
+    /// With an outbox: the server refused the report for good with nothing
+    /// left to fall back to (a refused `fail`). It is kept, not retried, and
+    /// listed by [`TaskClient::quarantined_reports`].
+    Quarantined,
+    /// With an outbox: a report for this task is still stored. It stands (as
+    /// on the server, the first terminal report wins); this one was neither
+    /// stored nor sent.
+    AlreadyStored,
 }
 
 /// A report [`TaskClient::shutdown`] stopped before it was delivered.
@@ -147,6 +161,22 @@ impl UndeliveredReport {
 #[must_use = "the report is delivered anyway; await this to learn how it ended"]
 pub struct ReportFuture {
     delivery: JoinHandle<ReportOutcome>,
+    stored: Arc<AtomicBool>,
+    #[cfg(feature = "outbox")]
+    durability: crate::outbox::DurabilityWatch,
+}
+
+#[cfg(feature = "outbox")]
+impl ReportFuture {
+    /// Waits until the report is safe on disk, without waiting for its
+    /// delivery: [`Durability::Stored`](crate::outbox::Durability::Stored)
+    /// once the outbox committed it, before its first attempt. A daemon can
+    /// clean up after the task from then on: a crash no longer loses the
+    /// result. [`NoOutbox`](crate::outbox::Durability::NoOutbox) at once for
+    /// a client without one.
+    pub async fn stored(&mut self) -> crate::outbox::Durability {
+        self.durability.wait().await
+    }
 }
 
 impl Future for ReportFuture {
@@ -156,9 +186,29 @@ impl Future for ReportFuture {
         Poll::Ready(match ready!(Pin::new(&mut self.delivery).poll(cx)) {
             Ok(outcome) => outcome,
             Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
-            // Aborted by `shutdown`, or its runtime shut down.
+            // Aborted by `shutdown`, or its runtime shut down: a stored
+            // report is the next replay's.
+            Err(_) if self.stored.load(Ordering::Acquire) => ReportOutcome::Queued,
             Err(_) => ReportOutcome::Abandoned,
         })
+    }
+}
+
+/// Tells a report's future, and `shutdown`, whether the report is stored.
+pub(super) struct StoredSignal {
+    #[cfg_attr(not(feature = "outbox"), allow(dead_code))]
+    stored: Arc<AtomicBool>,
+    #[cfg(feature = "outbox")]
+    durable: tokio::sync::oneshot::Sender<crate::outbox::Durability>,
+}
+
+#[cfg(feature = "outbox")]
+impl StoredSignal {
+    pub(super) fn tell(self, durability: crate::outbox::Durability) {
+        use crate::outbox::Durability;
+        let stored = matches!(durability, Durability::Stored | Durability::AlreadyStored);
+        self.stored.store(stored, Ordering::Release);
+        let _ = self.durable.send(durability);
     }
 }
 
@@ -167,7 +217,18 @@ pub(super) async fn deliver(
     client: &TaskClient,
     task_id: &str,
     result: TaskResult,
+    stored: StoredSignal,
 ) -> ReportOutcome {
+    #[cfg(feature = "outbox")]
+    {
+        if let Some(dispatcher) = &client.inner.dispatcher {
+            let tell = |durability| stored.tell(durability);
+            return super::durable::deliver(client, dispatcher, task_id, result.report, tell).await;
+        }
+        stored.tell(crate::outbox::Durability::NoOutbox);
+    }
+    #[cfg(not(feature = "outbox"))]
+    drop(stored);
     match result.report {
         Report::Completed(complete) => match client.complete_task(task_id, &complete).await {
             Ok(()) => {
@@ -227,6 +288,8 @@ pub(super) struct InFlight {
 struct Pending {
     report: UndeliveredReport,
     abort: AbortHandle,
+    /// Whether the report is in the outbox: then it is not undelivered.
+    stored: Arc<AtomicBool>,
 }
 
 impl Default for InFlight {
@@ -240,27 +303,46 @@ impl Default for InFlight {
 }
 
 impl InFlight {
-    /// Spawns `delivery(id)` onto `runtime`, tracked under a fresh id until the
-    /// delivery calls [`finish`](InFlight::finish).
+    /// Spawns `delivery(id, signal)` onto `runtime`, tracked under a fresh id
+    /// until the delivery calls [`finish`](InFlight::finish); `signal` is for
+    /// telling whether the report is stored.
     pub(super) fn spawn<F>(
         &self,
         runtime: &Handle,
         (task_id, result): (String, TaskResult),
-        delivery: impl FnOnce(u64) -> F,
+        delivery: impl FnOnce(u64, StoredSignal) -> F,
     ) -> ReportFuture
     where
         F: Future<Output = ReportOutcome> + Send + 'static,
     {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let stored = Arc::new(AtomicBool::new(false));
+        #[cfg(feature = "outbox")]
+        let (durable, durability) = crate::outbox::DurabilityWatch::new();
+        let signal = StoredSignal {
+            stored: stored.clone(),
+            #[cfg(feature = "outbox")]
+            durable,
+        };
         // Spawned under the lock, so the delivery cannot finish (and remove
         // its entry) before the entry is there.
         let mut reports = self.lock();
-        let handle = runtime.spawn(delivery(id));
+        let handle = runtime.spawn(delivery(id, signal));
         let report = UndeliveredReport { task_id, result };
         let abort = handle.abort_handle();
-        reports.insert(id, Pending { report, abort });
+        let pending = Pending {
+            report,
+            abort,
+            stored: stored.clone(),
+        };
+        reports.insert(id, pending);
         self.count.send_replace(reports.len());
-        ReportFuture { delivery: handle }
+        ReportFuture {
+            delivery: handle,
+            stored,
+            #[cfg(feature = "outbox")]
+            durability,
+        }
     }
 
     /// Forgets a delivered report.
@@ -275,7 +357,8 @@ impl InFlight {
     }
 
     /// Waits up to `grace` for every report to finish, then aborts the rest
-    /// and returns them in the order they were started.
+    /// and returns those not stored in an outbox, in the order they were
+    /// started.
     pub(super) async fn settle(&self, grace: Duration) -> Vec<UndeliveredReport> {
         let mut count = self.count.subscribe();
         // The sender lives in `self`, so waiting ends only by count or time.
@@ -286,14 +369,26 @@ impl InFlight {
         drop(reports);
         abandoned
             .into_values()
-            .map(|pending| {
+            .filter_map(|pending| {
                 pending.abort.abort();
+                let (task_id, completed) = (
+                    &pending.report.task_id,
+                    pending.report.result.is_completed(),
+                );
+                if pending.stored.load(Ordering::Acquire) {
+                    tracing::info!(
+                        task_id,
+                        completed,
+                        "terminal report not delivered before shutdown: it stays in the outbox"
+                    );
+                    return None;
+                }
                 tracing::warn!(
-                    task_id = pending.report.task_id,
-                    completed = pending.report.result.is_completed(),
+                    task_id,
+                    completed,
                     "terminal report not delivered before shutdown"
                 );
-                pending.report
+                Some(pending.report)
             })
             .collect()
     }

@@ -98,6 +98,9 @@ pub enum Durability {
     /// The outbox could not take it (an `error` event says why): it is sent
     /// in process only, and lost if the process dies first.
     NotStored(OutboxError),
+    /// A [`TaskClient`](crate::client::TaskClient) without an outbox: the
+    /// report lives in memory only.
+    NoOutbox,
 }
 
 /// Delivers idempotent requests durably: each is stored in an [`Outbox`]
@@ -395,7 +398,11 @@ where
         let (durable, durability) = DurabilityWatch::new();
         let dispatcher = self.clone();
         let key = key.into();
-        let delivery = tokio::spawn(async move { dispatcher.deliver(key, request, durable).await });
+        let on_stored = move |durability| {
+            let _ = durable.send(durability);
+        };
+        let delivery =
+            tokio::spawn(async move { dispatcher.deliver(key, request, on_stored).await });
         Dispatch {
             durability,
             delivery,
@@ -403,18 +410,18 @@ where
     }
 
     /// The foreground delivery: store, send through the retry layer, record
-    /// the end. `durable` hears whether the request was stored as soon as
+    /// the end. `on_stored` hears whether the request was stored as soon as
     /// that is known.
     pub(crate) async fn deliver(
         &self,
         key: String,
         request: Request<Bytes>,
-        durable: oneshot::Sender<Durability>,
+        on_stored: impl FnOnce(Durability) + Send,
     ) -> Delivery {
         let shared = &*self.shared;
         let Some(claim) = Claim::take(&self.shared, &key) else {
             // Being sent now, so stored (or being stored) already.
-            let _ = durable.send(Durability::AlreadyStored);
+            on_stored(Durability::AlreadyStored);
             return Delivery::AlreadyStored;
         };
         let mut entry = Entry::new(key, &request, new_idempotency_key());
@@ -425,11 +432,11 @@ where
                     pending = shared.outbox.pending_count(),
                     "request stored in the outbox"
                 );
-                let _ = durable.send(Durability::Stored);
+                on_stored(Durability::Stored);
                 Some(seq)
             }
             Ok(Written::Existing | Written::Changed(_)) => {
-                let _ = durable.send(Durability::AlreadyStored);
+                on_stored(Durability::AlreadyStored);
                 return Delivery::AlreadyStored;
             }
             Err(error) => {
@@ -438,7 +445,7 @@ where
                     error = %error,
                     "request could not be stored in the outbox: it is not durable, sending it in process only"
                 );
-                let _ = durable.send(Durability::NotStored(error));
+                on_stored(Durability::NotStored(error));
                 None
             }
         };
@@ -450,7 +457,9 @@ where
         let mut fell_back = false;
         loop {
             let attempts = Arc::new(AtomicU32::new(0));
-            request.extensions_mut().insert(AttemptCounter(attempts.clone()));
+            request
+                .extensions_mut()
+                .insert(AttemptCounter(attempts.clone()));
             let sent = send(shared.retrying.clone(), request).await;
             let attempts = attempts.load(Ordering::Relaxed);
             let step = shared.settle(&entry, seq, sent, attempts, fell_back).await;
@@ -463,10 +472,9 @@ where
                     drop(claim);
                     return Delivery::Queued;
                 }
-                Step::FallBack(fallback, next) => {
+                Step::FallBack(fallback) => {
                     fell_back = true;
-                    entry = next;
-                    request = fallback;
+                    (request, entry) = *fallback;
                 }
             }
         }
@@ -479,7 +487,7 @@ enum Step {
     /// Left in the outbox for the replay.
     Queued,
     /// Send this request next, stored as this entry.
-    FallBack(Request<Bytes>, Entry),
+    FallBack(Box<(Request<Bytes>, Entry)>),
 }
 
 /// How a request (with its retries) went.
@@ -558,7 +566,15 @@ impl<S> Shared<S> {
             Outcome::Transient => match seq {
                 Some(seq) => {
                     let failure = sent.failure;
-                    self.record(key, Write::Failed { seq, attempts, failure }).await;
+                    self.record(
+                        key,
+                        Write::Failed {
+                            seq,
+                            attempts,
+                            failure,
+                        },
+                    )
+                    .await;
                     Step::Queued
                 }
                 None => Step::Done(Delivery::Undelivered {
@@ -579,14 +595,17 @@ impl<S> Shared<S> {
                     if let Some(seq) = seq {
                         // The fallback is stored before it is sent, in the
                         // commit that retires the refused request.
-                        let replace = Write::Replace { seq, entry: next.clone() };
+                        let replace = Write::Replace {
+                            seq,
+                            entry: next.clone(),
+                        };
                         self.record(key, replace).await;
                     }
                     let mut request = fallback;
                     if let Ok(value) = HeaderValue::from_str(&next.idempotency_key) {
                         request.headers_mut().insert(IDEMPOTENCY_KEY, value);
                     }
-                    return Step::FallBack(request, next);
+                    return Step::FallBack(Box::new((request, next)));
                 }
                 match seq {
                     Some(seq) => {
@@ -702,10 +721,7 @@ async fn idle(wake: &Notify, interval: Duration) {
 /// The wait after a failed probe that waited `delay`: doubled, at least the
 /// first probe delay, at most `interval`.
 fn delay_after(delay: Duration, interval: Duration) -> Duration {
-    delay
-        .saturating_mul(2)
-        .max(FIRST_PROBE_DELAY)
-        .min(interval)
+    delay.saturating_mul(2).max(FIRST_PROBE_DELAY).min(interval)
 }
 
 /// How a replay of the whole outbox went.
@@ -811,10 +827,13 @@ where
                 }
             }
             let transient = sent.outcome == Outcome::Transient;
-            match self.settle(&entry, Some(entry.seq), sent, 1, fell_back).await {
-                Step::FallBack(_, next) => {
+            match self
+                .settle(&entry, Some(entry.seq), sent, 1, fell_back)
+                .await
+            {
+                Step::FallBack(fallback) => {
                     fell_back = true;
-                    entry = next;
+                    entry = fallback.1;
                 }
                 // The replay itself goes on with what is queued.
                 Step::Done(_) | Step::Queued => {

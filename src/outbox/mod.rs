@@ -81,6 +81,8 @@ pub use error::OutboxError;
 pub use record::Entry;
 pub use store::Outbox;
 
+pub(crate) use dispatch::DurabilityWatch;
+
 /// The header each stored request is sent with: a key generated when it is
 /// stored, the same on every attempt, replay and restart (the name of the
 /// IETF httpapi draft).

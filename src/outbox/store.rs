@@ -65,7 +65,11 @@ pub(super) enum Write {
     /// only replays a request the server treats as a no-op.
     Delivered { seq: u64 },
     /// Counts a failed attempt: not flushed on its own either.
-    Failed { seq: u64, attempts: u32, failure: String },
+    Failed {
+        seq: u64,
+        attempts: u32,
+        failure: String,
+    },
     /// Retires the record and stores `entry` in its place, same key and
     /// position: durable.
     Replace { seq: u64, entry: Entry },
@@ -191,7 +195,11 @@ impl Outbox {
 
     /// Up to `limit` pending records after sequence number `after`, oldest
     /// first.
-    pub(super) fn pending_after(&self, after: u64, limit: usize) -> Result<Vec<Entry>, OutboxError> {
+    pub(super) fn pending_after(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Entry>, OutboxError> {
         self.read(PENDING, after + 1, limit)
     }
 
@@ -216,7 +224,11 @@ impl Outbox {
         limit: usize,
     ) -> Result<Vec<Entry>, OutboxError> {
         let io = |error: redb::Error| OutboxError::io(&self.store.path, error);
-        let read = self.store.db.begin_read().map_err(|error| io(error.into()))?;
+        let read = self
+            .store
+            .db
+            .begin_read()
+            .map_err(|error| io(error.into()))?;
         let table = read.open_table(table).map_err(|error| io(error.into()))?;
         let mut entries = Vec::new();
         for row in table.range(from..).map_err(|error| io(error.into()))? {
@@ -280,7 +292,9 @@ fn open_database(path: &Path) -> Result<Database, OutboxError> {
     }
     // Checks every page's checksum, so a damaged file is refused, not trusted.
     builder.set_check_integrity_on_open(true);
-    let database = builder.create(path).map_err(|error| open_error(path, error))?;
+    let database = builder
+        .create(path)
+        .map_err(|error| open_error(path, error))?;
     initialize(&database, exists).map_err(|error| match error {
         InitError::Foreign => OutboxError::invalid(path, "a database, but not an outbox"),
         InitError::Storage(error) => OutboxError::io(path, error),
@@ -332,7 +346,10 @@ fn initialize(database: &Database, existed: bool) -> Result<(), InitError> {
         };
     }
     let write = database.begin_write()?;
-    if write.list_tables()?.any(|table| table.name() != META.name()) {
+    if write
+        .list_tables()?
+        .any(|table| table.name() != META.name())
+    {
         return Err(InitError::Foreign);
     }
     write.open_table(META)?.insert("format", FORMAT)?;
@@ -418,7 +435,13 @@ fn commit(
         let mut quarantined = transaction.open_table(QUARANTINED)?;
         let mut keys = transaction.open_table(KEYS)?;
         for write in writes {
-            written.push(apply(write, &mut pending, &mut quarantined, &mut keys, next_seq)?);
+            written.push(apply(
+                write,
+                &mut pending,
+                &mut quarantined,
+                &mut keys,
+                next_seq,
+            )?);
         }
         pending_count = pending.len()?;
     }
@@ -449,7 +472,15 @@ fn apply(
             }
             let seq = *next_seq;
             *next_seq += 1;
-            pending.insert(seq, Entry { seq, ..entry.clone() }.encode().as_slice())?;
+            pending.insert(
+                seq,
+                Entry {
+                    seq,
+                    ..entry.clone()
+                }
+                .encode()
+                .as_slice(),
+            )?;
             keys.insert(entry.key.as_str(), seq)?;
             Written::Inserted(seq)
         }
@@ -502,7 +533,11 @@ fn apply(
         },
         Write::Requeue { key } => {
             let seq = keys.get(key.as_str())?.map(|seq| seq.value());
-            match seq.map(|seq| stored(quarantined, seq)).transpose()?.flatten() {
+            match seq
+                .map(|seq| stored(quarantined, seq))
+                .transpose()?
+                .flatten()
+            {
                 Some(mut entry) => {
                     quarantined.remove(entry.seq)?;
                     entry.quarantined = false;
