@@ -270,7 +270,7 @@ impl<S> DispatcherBuilder<S> {
         };
         let counted: fn(Request<Full<Bytes>>) -> Request<Full<Bytes>> = count_attempt;
         let retrying = layer.layer(MapRequest::new(self.service.clone(), counted));
-        let wake = Arc::new(Notify::new());
+        let wake = self.outbox.requeued();
         let shared = Arc::new(Shared {
             outbox: self.outbox,
             attempt: self.service,
@@ -670,15 +670,13 @@ where
         let interval = shared.replay_interval;
         match (oldest, probe_delay) {
             (None, _) => {
-                // Nothing stored: wait for a record to be queued (or
-                // requeued, which the periodic look finds).
+                // Nothing stored: wait for a record to be queued or requeued.
                 drop(shared);
-                idle(&wake, interval).await;
+                wake.notified().await;
                 probe_delay = Some(FIRST_PROBE_DELAY);
             }
             (Some(oldest), Some(delay)) => {
-                let delay = jitter.apply(delay);
-                let deadline = Instant::now() + delay;
+                let deadline = Instant::now() + jitter.apply(delay);
                 let recovery = shared.recovery.clone();
                 drop(shared);
                 let released = match recovery {
@@ -706,16 +704,12 @@ where
             (Some(_), None) => match shared.replay_all().await {
                 Replayed::Down => probe_delay = Some(FIRST_PROBE_DELAY),
                 Replayed::All { sent } if sent > 0 => {}
-                // What is left is being sent by the foreground.
-                Replayed::All { .. } => idle(&wake, interval).await,
+                // What is left is being sent by the foreground, which wakes
+                // the replay if it leaves something behind.
+                Replayed::All { .. } => wake.notified().await,
             },
         }
     }
-}
-
-/// Waits to be woken, or `interval` at most.
-async fn idle(wake: &Notify, interval: Duration) {
-    let _ = tokio::time::timeout(interval, wake.notified()).await;
 }
 
 /// The wait after a failed probe that waited `delay`: doubled, at least the

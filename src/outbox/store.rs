@@ -7,9 +7,8 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicU64, Ordering},
-        mpsc, Arc, Mutex,
+        Arc, Weak,
     },
-    thread::JoinHandle,
     time::{Duration, SystemTime},
 };
 
@@ -17,7 +16,7 @@ use redb::{
     Database, DatabaseError, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata,
     TableDefinition, TableHandle,
 };
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::{Entry, OutboxError};
 
@@ -40,8 +39,11 @@ const CACHE_BYTES: usize = 4 * 1024 * 1024;
 /// the [module docs](super).
 ///
 /// Cloning is cheap: clones share the file. The file is locked while any
-/// clone lives (and a little after, while its writer thread finishes): a
-/// second `Outbox` on the same file, in this process or another, is an error.
+/// clone lives (or a commit is under way): a second `Outbox` on the same
+/// file, in this process or another, is an error.
+///
+/// Commits run on tokio's blocking pool, one batch at a time, so that the
+/// caller's tasks never wait on the disk.
 #[derive(Clone)]
 pub struct Outbox {
     store: Arc<Store>,
@@ -50,10 +52,11 @@ pub struct Outbox {
 struct Store {
     path: PathBuf,
     db: Arc<Database>,
-    jobs: Mutex<Option<mpsc::Sender<Job>>>,
-    writer: Mutex<Option<JoinHandle<()>>>,
+    jobs: mpsc::UnboundedSender<Job>,
     /// Pending records after the last commit, for events and metrics.
     pending: AtomicU64,
+    /// Wakes whoever replays the outbox: a record became pending again.
+    requeued: Arc<Notify>,
 }
 
 /// A write, sent to the writer thread.
@@ -105,7 +108,7 @@ struct Job {
 
 impl Outbox {
     /// Opens the outbox at `path`, creating it if it does not exist (or is
-    /// empty), and starts its writer thread.
+    /// empty), and starts its writer on the current tokio runtime.
     ///
     /// A file left by a crash is recovered: every commit made before the
     /// crash is there.
@@ -114,31 +117,39 @@ impl Outbox {
     ///
     /// The file is held by another live outbox (in this process or another);
     /// it is not an outbox (garbage, truncated, corrupted, another redb
-    /// database), in which case it is left exactly as it was; or it cannot be
-    /// read or created. The error names the path.
+    /// database), in which case it is left exactly as it was; it cannot be
+    /// read or created; or there is no tokio runtime. The error names the
+    /// path.
     pub fn open(path: impl Into<PathBuf>) -> Result<Outbox, OutboxError> {
         let path = path.into();
+        let runtime = tokio::runtime::Handle::try_current().map_err(|error| {
+            OutboxError::io(
+                &path,
+                format!("an outbox is opened inside a tokio runtime: {error}"),
+            )
+        })?;
         // Damaged files have made database opens panic: that is an error here.
         let opened = catch_unwind(AssertUnwindSafe(|| open_database(&path)));
         let db = opened.unwrap_or_else(|_| Err(OutboxError::invalid(&path, "unreadable file")))?;
         let db = Arc::new(db);
         let next_seq = last_seq(&db).map_err(|error| OutboxError::io(&path, error))? + 1;
         let pending = count_pending(&db).map_err(|error| OutboxError::io(&path, error))?;
-        let (jobs, receiver) = mpsc::channel();
-        let writer_db = db.clone();
+        let (jobs, receiver) = mpsc::unbounded_channel();
         let store = Arc::new(Store {
             path: path.clone(),
-            db,
-            jobs: Mutex::new(Some(jobs)),
-            writer: Mutex::new(None),
+            db: db.clone(),
+            jobs,
             pending: AtomicU64::new(pending),
+            requeued: Arc::new(Notify::new()),
         });
-        let stats = Arc::downgrade(&store);
-        let writer = std::thread::Builder::new()
-            .name("outbox-writer".into())
-            .spawn(move || write_loop(&writer_db, &receiver, next_seq, &stats))
-            .map_err(|error| OutboxError::io(&path, error))?;
-        *crate::sync::lock(&store.writer) = Some(writer);
+        // The writer holds the database weakly: the file is unlocked as soon
+        // as the last handle is gone, but for a commit under way.
+        runtime.spawn(write_loop(
+            Arc::downgrade(&db),
+            receiver,
+            next_seq,
+            Arc::downgrade(&store),
+        ));
         Ok(Outbox { store })
     }
 
@@ -179,7 +190,11 @@ impl Outbox {
     /// The write could not be committed.
     pub async fn requeue(&self, key: &str) -> Result<bool, OutboxError> {
         let written = self.write(Write::Requeue { key: key.into() }).await?;
-        Ok(matches!(written, Written::Changed(true)))
+        let requeued = matches!(written, Written::Changed(true));
+        if requeued {
+            self.store.requeued.notify_one();
+        }
+        Ok(requeued)
     }
 
     /// Deletes the record under `key`, pending or quarantined, for good.
@@ -203,13 +218,15 @@ impl Outbox {
         self.read(PENDING, after + 1, limit)
     }
 
+    /// What wakes the replay: records made pending again.
+    pub(super) fn requeued(&self) -> Arc<Notify> {
+        self.store.requeued.clone()
+    }
+
     /// Commits `write` with whatever other writes wait, and says what it did.
     pub(super) async fn write(&self, write: Write) -> Result<Written, OutboxError> {
         let (done, result) = oneshot::channel();
-        let sent = crate::sync::lock(&self.store.jobs)
-            .as_ref()
-            .is_some_and(|jobs| jobs.send(Job { write, done }).is_ok());
-        if !sent {
+        if self.store.jobs.send(Job { write, done }).is_err() {
             return Err(OutboxError::closed(&self.store.path));
         }
         result
@@ -255,17 +272,6 @@ impl fmt::Debug for Outbox {
             .field("path", &self.store.path)
             .field("pending", &self.pending_count())
             .finish()
-    }
-}
-
-impl Drop for Store {
-    /// Stops the writer after the writes already sent, so that the file is
-    /// unlocked when the last handle is gone.
-    fn drop(&mut self) {
-        crate::sync::lock(&self.jobs).take();
-        if let Some(writer) = crate::sync::lock(&self.writer).take() {
-            let _ = writer.join();
-        }
     }
 }
 
@@ -375,19 +381,15 @@ fn count_pending(database: &Database) -> Result<u64, redb::Error> {
     Ok(database.begin_read()?.open_table(PENDING)?.len()?)
 }
 
-/// The writer thread: takes every write waiting, commits them in one
-/// transaction, answers each; ends when every handle is gone.
-fn write_loop(
-    database: &Database,
-    jobs: &mpsc::Receiver<Job>,
+/// The writer: takes every write waiting, commits them in one transaction on
+/// the blocking pool, answers each; ends when every handle is gone.
+async fn write_loop(
+    database: Weak<Database>,
+    mut jobs: mpsc::UnboundedReceiver<Job>,
     mut next_seq: u64,
-    store: &std::sync::Weak<Store>,
+    store: Weak<Store>,
 ) {
-    let path = store
-        .upgrade()
-        .map(|store| store.path.clone())
-        .unwrap_or_default();
-    while let Ok(first) = jobs.recv() {
+    while let Some(first) = jobs.recv().await {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match jobs.try_recv() {
@@ -395,24 +397,41 @@ fn write_loop(
                 Err(_) => break,
             }
         }
-        let writes: Vec<&Write> = batch.iter().map(|job| &job.write).collect();
-        let result = commit(database, &writes, &mut next_seq);
-        let pending = result.as_ref().ok().map(|(_, pending)| *pending);
+        let (Some(database), Some(path)) = (
+            database.upgrade(),
+            store.upgrade().map(|store| store.path.clone()),
+        ) else {
+            return;
+        };
+        let (done, writes): (Vec<_>, Vec<_>) =
+            batch.into_iter().map(|job| (job.done, job.write)).unzip();
+        let seq = next_seq;
+        let committed = tokio::task::spawn_blocking(move || {
+            let mut next_seq = seq;
+            let result = commit(&database, &writes, &mut next_seq);
+            (result, next_seq)
+        })
+        .await;
+        let (result, seq) = match committed {
+            Ok(committed) => committed,
+            Err(error) => (Err(redb::Error::Io(std::io::Error::other(error))), next_seq),
+        };
+        next_seq = seq;
         match result {
-            Ok((written, _)) => {
-                for (job, written) in batch.into_iter().zip(written) {
-                    let _ = job.done.send(Ok(written));
+            Ok((written, pending)) => {
+                if let Some(store) = store.upgrade() {
+                    store.pending.store(pending, Ordering::Relaxed);
+                }
+                for (done, written) in done.into_iter().zip(written) {
+                    let _ = done.send(Ok(written));
                 }
             }
             Err(error) => {
                 let error = OutboxError::io(&path, error);
-                for job in batch {
-                    let _ = job.done.send(Err(error.clone()));
+                for done in done {
+                    let _ = done.send(Err(error.clone()));
                 }
             }
-        }
-        if let (Some(pending), Some(store)) = (pending, store.upgrade()) {
-            store.pending.store(pending, Ordering::Relaxed);
         }
     }
 }
@@ -421,7 +440,7 @@ fn write_loop(
 /// records are pending after it.
 fn commit(
     database: &Database,
-    writes: &[&Write],
+    writes: &[Write],
     next_seq: &mut u64,
 ) -> Result<(Vec<Written>, u64), redb::Error> {
     let mut transaction = database.begin_write()?;
