@@ -110,7 +110,8 @@ struct State {
     host_ids: HashMap<String, usize>,
     hosts: Vec<Host>,
     /// When the token bucket has its next token. A release episode that
-    /// starts later than this starts with one token: the first goes at once.
+    /// starts later than this starts with one token: the first goes at once;
+    /// within an episode tokens come every `spacing`.
     next_token: Option<Instant>,
     /// Whether a release task is running.
     releasing: bool,
@@ -191,6 +192,9 @@ impl Recovery {
             return;
         }
         state.releasing = true;
+        // A new episode starts with one token: the first goes at once.
+        let now = Instant::now();
+        state.next_token = Some(state.next_token.map_or(now, |token| token.max(now)));
         drop(state);
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
@@ -266,7 +270,9 @@ async fn release(shared: Arc<Shared>) {
         let next_token = {
             let mut state = shared.lock();
             let now = Instant::now();
-            let mut next_token = state.next_token.map_or(now, |token| token.max(now));
+            // Not moved up to `now`: the tokens that came while this task
+            // slept past its wake-up (timers are coarse) are owed.
+            let mut next_token = state.next_token.unwrap_or(now);
             let mut done = false;
             while next_token <= now {
                 let Some(waker) = Shared::next_released(&mut state) else {
