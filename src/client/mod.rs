@@ -20,6 +20,18 @@
 //!   does not stop it, and [`TaskClient::shutdown`] waits for the reports in
 //!   flight and hands back those that could not be delivered.
 //!
+//! With an outbox (`TaskClientBuilder::outbox`, feature `outbox`), each
+//! report is committed to disk before its first attempt
+//! (`ReportFuture::stored` says when). A completion whose retries run out is
+//! then [`Queued`](ReportOutcome::Queued) instead of left running, and a
+//! replay worker delivers it once the server is back, across restarts; the
+//! `outbox` module says what that guarantees.
+//!
+//! All routes share one [`Recovery`], on by default
+//! ([`TaskClientBuilder::recovery`]): any successful call (a `start`, a
+//! `progress`, a report) ends the backoff of the terminal reports waiting on
+//! the same server, at most [`DEFAULT_RELEASE_PER_SECOND`] a second.
+//!
 //! Every request is a `POST` of JSON to `{base}/api/daemon/tasks/{id}/...`
 //! (the id path-escaped) with `Content-Type: application/json`,
 //! `X-Client-Platform: daemon`, `X-Client-OS` (`linux`, `macos`, `windows`),

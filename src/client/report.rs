@@ -121,7 +121,7 @@ pub enum ReportOutcome {
     Queued,
     /// With an outbox: the server refused the report for good with nothing
     /// left to fall back to (a refused `fail`). It is kept, not retried, and
-    /// listed by [`TaskClient::quarantined_reports`].
+    /// listed by `TaskClient::quarantined_reports`.
     Quarantined,
     /// With an outbox: a report for this task is still stored. It stands (as
     /// on the server, the first terminal report wins); this one was neither
