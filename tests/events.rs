@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use tower::{Layer, ServiceExt};
 use tower_terminal_retry::{
     test_server::{Reply, TestServer},
-    Jitter, TerminalRetryLayer,
+    Jitter, Recovery, TerminalRetryLayer,
 };
 use tracing::{
     field::{Field, Visit},
@@ -269,4 +269,30 @@ async fn header_values_never_appear_in_events_or_debug_output() {
     assert_no_secret("the layer's Debug", &format!("{layer:?}"));
     assert_no_secret("the policy's Debug", &format!("{:?}", layer.policy()));
     assert_no_secret("the service's Debug", &format!("{service:?}"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retry_released_early_says_so_at_debug() {
+    let capture = Capture::default();
+    let _guard = capture.install();
+    let recovery = Recovery::new(10).unwrap();
+    // The first attempt meets a 502; every later one a 200.
+    let mock = Mock::scripted([Reply::status(502)]);
+    let layer = TerminalRetryLayer::new().with_recovery(recovery.clone());
+    let parked = tokio::spawn(layer.layer(mock.clone()).oneshot(request()));
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    assert_eq!(recovery.waiting(), 1);
+    let heartbeat = layer.layer(mock.clone()).oneshot(request()).await.unwrap();
+    assert_eq!(heartbeat.status(), 200);
+    assert_eq!(parked.await.unwrap().unwrap().status(), 200);
+
+    let released: Vec<_> = capture
+        .events()
+        .into_iter()
+        .filter(|event| event.fields.contains_key("early_ms"))
+        .collect();
+    assert_eq!(released.len(), 1, "{released:#?}");
+    assert_eq!(released[0].level, Level::DEBUG);
+    assert_eq!(released[0].field("attempt"), Some("1"));
+    assert_eq!(released[0].field("early_ms"), Some("3000"));
 }
