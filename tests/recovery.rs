@@ -28,8 +28,11 @@ type Body = Full<Bytes>;
 struct Hosts {
     up: Arc<Mutex<HashMap<String, bool>>>,
     retry_after: Arc<Mutex<Option<u64>>>,
-    seen: Arc<Mutex<Vec<(String, Instant, Option<String>)>>>,
+    seen: Arc<Mutex<Vec<Seen>>>,
 }
+
+/// A request as a host saw it: path, arrival, attempt header.
+type Seen = (String, Instant, Option<String>);
 
 impl Hosts {
     fn set_up(&self, host: &str, up: bool) {
