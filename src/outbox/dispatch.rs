@@ -679,15 +679,27 @@ where
                 let deadline = Instant::now() + jitter.apply(delay);
                 let recovery = shared.recovery.clone();
                 drop(shared);
-                let released = match recovery {
-                    Some(recovery) => tokio::select! {
-                        woken = recovery.park(oldest.uri(), deadline) => woken == Woken::Released,
-                        () = wake.notified() => false,
-                    },
-                    None => tokio::select! {
-                        () = tokio::time::sleep_until(deadline) => false,
-                        () = wake.notified() => false,
-                    },
+                // Only a success or the deadline ends the wait: a record
+                // queued meanwhile is covered by the probe.
+                let wait = async {
+                    match recovery {
+                        Some(recovery) => {
+                            recovery.park(oldest.uri(), deadline).await == Woken::Released
+                        }
+                        None => {
+                            tokio::time::sleep_until(deadline).await;
+                            false
+                        }
+                    }
+                };
+                tokio::pin!(wait);
+                let released = loop {
+                    tokio::select! {
+                        released = &mut wait => break released,
+                        () = wake.notified() => if dispatcher.strong_count() == 0 {
+                            return;
+                        },
+                    }
                 };
                 let Some(shared) = dispatcher.upgrade() else {
                     return;

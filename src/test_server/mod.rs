@@ -63,6 +63,14 @@ pub enum Reply {
     Close,
     /// Never answer; the connection stays open until the server is dropped.
     Hang,
+    /// Answer with `reply` after waiting `after` (on tokio's clock): a slow
+    /// server, for counting the attempts in flight at once.
+    Delayed {
+        /// How long the server takes.
+        after: std::time::Duration,
+        /// What it then answers.
+        reply: Box<Reply>,
+    },
 }
 
 impl Reply {
@@ -299,11 +307,19 @@ async fn answer(
     if let Some(requests) = requests {
         lock(requests).push(recorded);
     }
-    match reply {
-        Reply::Respond(response) => Ok(response),
-        Reply::Close => Err(CloseConnection),
-        Reply::Hang => std::future::pending::<Result<_, Infallible>>()
-            .await
-            .map_err(|never| match never {}),
+    let mut reply = reply;
+    loop {
+        return match reply {
+            Reply::Respond(response) => Ok(response),
+            Reply::Close => Err(CloseConnection),
+            Reply::Hang => std::future::pending::<Result<_, Infallible>>()
+                .await
+                .map_err(|never| match never {}),
+            Reply::Delayed { after, reply: then } => {
+                tokio::time::sleep(after).await;
+                reply = *then;
+                continue;
+            }
+        };
     }
 }

@@ -146,6 +146,8 @@ struct Outage {
 #[derive(Debug)]
 struct State {
     started: Instant,
+    /// How long every answer to a task route takes.
+    latency: Duration,
     tasks: HashMap<String, Task>,
     scripts: HashMap<(String, Action), VecDeque<Fault>>,
     outages: Vec<Outage>,
@@ -212,6 +214,7 @@ impl TaskServer {
     pub async fn start() -> io::Result<TaskServer> {
         let state = Arc::new(Mutex::new(State {
             started: Instant::now(),
+            latency: Duration::ZERO,
             tasks: HashMap::new(),
             scripts: HashMap::new(),
             outages: Vec::new(),
@@ -261,6 +264,44 @@ impl TaskServer {
             window: from..until,
             fault,
         });
+    }
+
+    /// Makes every answer to a task route (faults included) take `latency`:
+    /// an attempt is then in flight from its [`Attempt::at`] for that long,
+    /// which [`max_in_flight`](TaskServer::max_in_flight) counts.
+    pub fn latency(&self, latency: Duration) {
+        lock(&self.state).latency = latency;
+    }
+
+    /// The most attempts that were in flight at once, of `task_id` only or of
+    /// every task: from each attempt's arrival and the server's
+    /// [`latency`](TaskServer::latency) (a hang counts as in flight to the
+    /// end). Meaningful on tokio's paused clock, where the server's own work
+    /// takes no time.
+    pub fn max_in_flight(&self, task_id: Option<&str>) -> usize {
+        let state = lock(&self.state);
+        let mut edges: Vec<(Instant, bool)> = Vec::new();
+        for attempt in &state.attempts {
+            if task_id.is_some_and(|task_id| attempt.task_id != task_id) {
+                continue;
+            }
+            edges.push((attempt.at, true));
+            if attempt.fault != Some(Fault::Hang) {
+                edges.push((attempt.at + state.latency, false));
+            }
+        }
+        // Ends before starts at the same instant: back to back is not overlap.
+        edges.sort_by_key(|&(at, start)| (at, start));
+        let (mut now, mut most) = (0usize, 0usize);
+        for (_, start) in edges {
+            if start {
+                now += 1;
+                most = most.max(now);
+            } else {
+                now -= 1;
+            }
+        }
+        most
     }
 
     /// A task's state, `None` for an unknown task.
@@ -338,7 +379,13 @@ impl State {
             fault,
             handling,
         });
-        reply
+        match self.latency.is_zero() {
+            true => reply,
+            false => Reply::Delayed {
+                after: self.latency,
+                reply: Box::new(reply),
+            },
+        }
     }
 
     fn fault_for(&mut self, task_id: &str, action: Action, at: Instant) -> Option<Fault> {
