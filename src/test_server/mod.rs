@@ -309,7 +309,7 @@ async fn answer(
     }
     let mut reply = reply;
     loop {
-        return match reply {
+        break match reply {
             Reply::Respond(response) => Ok(response),
             Reply::Close => Err(CloseConnection),
             Reply::Hang => std::future::pending::<Result<_, Infallible>>()

@@ -373,10 +373,18 @@ impl Service<Request<Body>> for Mock {
                 parts,
                 body,
             });
-            let result = match reply {
-                Reply::Respond(response) => Ok(response),
-                Reply::Close => Err(MockError { call, attempt }),
-                Reply::Hang => std::future::pending().await,
+            let mut reply = reply;
+            let result = loop {
+                break match reply {
+                    Reply::Respond(response) => Ok(response),
+                    Reply::Close => Err(MockError { call, attempt }),
+                    Reply::Hang => std::future::pending().await,
+                    Reply::Delayed { after, reply: then } => {
+                        tokio::time::sleep(after).await;
+                        reply = *then;
+                        continue;
+                    }
+                };
             };
             guard.finish();
             result
