@@ -84,5 +84,6 @@ fn describe(reply: &Reply) -> String {
         },
         Reply::Close => "connection closed, no response".to_owned(),
         Reply::Hang => "no answer".to_owned(),
+        Reply::Delayed { after, reply } => format!("after {after:?}: {}", describe(reply)),
     }
 }
