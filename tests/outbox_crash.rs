@@ -1,0 +1,291 @@
+//! Crashes for real: a child process (this test binary, run again in a child
+//! role) reports tasks through an outbox and is killed with SIGKILL at a
+//! random instant, again and again, on the same file; a loopback task server
+//! in the parent checks that nothing stored is lost and no completion turns
+//! into a failure. A second child runs under a file-size limit, so that its
+//! store cannot be written, and still delivers.
+//!
+//! `CRASH_SOAK_KILLS=1000 cargo test --all-features --test outbox_crash -- --nocapture`
+//! runs a longer soak.
+
+#![cfg(all(feature = "outbox", unix))]
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant, SystemTime},
+};
+
+use http::StatusCode;
+use tower_terminal_retry::{
+    client::{TaskClient, TaskResult},
+    outbox::Durability,
+    test_server::{Action, Fault, TaskServer, TaskState},
+    Schedule,
+};
+
+/// Selects the child's role; the rest of its orders come in these variables.
+const ROLE: &str = "OUTBOX_CRASH_ROLE";
+const URL: &str = "OUTBOX_CRASH_URL";
+const FILE: &str = "OUTBOX_CRASH_FILE";
+/// `id:c` (completed) or `id:f` (failed), comma-separated.
+const TASKS: &str = "OUTBOX_CRASH_TASKS";
+/// What the child says starts with this, amid the test harness's output.
+const SAYS: &str = "child:";
+
+/// The entry point of every child: does nothing in a normal test run.
+#[test]
+fn child() {
+    let Ok(role) = std::env::var(ROLE) else {
+        return;
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let url = std::env::var(URL).unwrap();
+        let file = std::env::var(FILE).unwrap();
+        let client = TaskClient::builder(url)
+            .terminal_schedule(Schedule::new([Duration::from_millis(30); 3]).unwrap())
+            .timeout(Duration::from_secs(2))
+            .outbox(&file)
+            .replay_interval(Duration::from_millis(200))
+            .build()
+            .unwrap();
+        let tasks = std::env::var(TASKS).unwrap_or_default();
+        let mut reports = Vec::new();
+        for task in tasks.split(',').filter(|task| !task.is_empty()) {
+            let (id, kind) = task.split_once(':').unwrap();
+            let result = match (kind, role.as_str()) {
+                // Too big for the file as it is: storing it must grow it.
+                ("c", "huge") => TaskResult::completed("x".repeat(4 << 20)),
+                ("c", _) => TaskResult::completed(format!("output of {id}")),
+                _ => TaskResult::failed(format!("error of {id}")),
+            };
+            let mut report = client.report_task_result(id, result);
+            let durability = report.stored().await;
+            match durability {
+                Durability::Stored => println!("{SAYS} stored {id}"),
+                other => println!("{SAYS} not-stored {id} {other:?}"),
+            }
+            reports.push((id.to_owned(), report));
+        }
+        for (id, report) in reports {
+            println!("{SAYS} done {id} {:?}", report.await);
+        }
+        if role == "drain" {
+            // Waits for the replay to empty the outbox, then exits normally.
+            for _ in 0..600 {
+                if client.pending_reports().unwrap().is_empty() {
+                    println!("{SAYS} drained");
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            println!("{SAYS} still pending {:?}", client.pending_reports());
+        } else if role == "report" {
+            // Keeps replaying until killed.
+            std::future::pending::<()>().await;
+        }
+    });
+}
+
+/// A child running `role` on `file`; with `file_size_limit`, under that
+/// limit in KiB (writes past it fail with EFBIG; SIGXFSZ is ignored).
+fn spawn(
+    role: &str,
+    server: &TaskServer,
+    file: &Path,
+    tasks: &str,
+    file_size_limit: Option<u64>,
+) -> Child {
+    let exe = std::env::current_exe().unwrap();
+    let mut command = match file_size_limit {
+        None => Command::new(&exe),
+        Some(kib) => {
+            let mut shell = Command::new("bash");
+            let script = format!("trap '' XFSZ; ulimit -f {kib}; exec \"$0\" \"$@\"");
+            shell.arg("-c").arg(script).arg(&exe);
+            shell
+        }
+    };
+    command
+        .args(["child", "--exact", "--nocapture", "--test-threads=1"])
+        .env(ROLE, role)
+        .env(URL, server.url())
+        .env(FILE, file)
+        .env(TASKS, tasks)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// What a child said, one line each, without the prefix.
+fn said(child: Child) -> Vec<String> {
+    let output = child.wait_with_output().unwrap();
+    let reader = BufReader::new(&output.stdout[..]);
+    reader
+        .lines()
+        .map_while(Result::ok)
+        // The harness may have started the line ("test child ... ").
+        .filter_map(|line| Some(line.split_once(SAYS)?.1.trim().to_owned()))
+        .collect()
+}
+
+/// xorshift64*: enough randomness for kill instants and faults.
+struct Random(u64);
+
+impl Random {
+    fn seeded() -> Random {
+        let nanos = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+        Random(u64::from(nanos) | 1)
+    }
+
+    fn below(&mut self, bound: u64) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) % bound
+    }
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let path = std::env::temp_dir().join(format!(
+        "terminal-retry-crash-{name}-{}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&path);
+    std::fs::create_dir_all(&path).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_at_random_instants_nothing_stored_is_lost_and_no_success_turns_red() {
+    let kills: u64 = std::env::var("CRASH_SOAK_KILLS")
+        .ok()
+        .and_then(|kills| kills.parse().ok())
+        .unwrap_or(150);
+    let directory = scratch("kills");
+    let file = directory.join("reports.redb");
+    let server = TaskServer::start().await.unwrap();
+    let mut random = Random::seeded();
+    let seed = random.0;
+    let faults = [
+        Fault::Status(StatusCode::BAD_GATEWAY),
+        Fault::Status(StatusCode::SERVICE_UNAVAILABLE),
+        Fault::Reset,
+        Fault::ReplyLost,
+    ];
+    let mut kinds = BTreeMap::new();
+    let mut stored = BTreeSet::new();
+    let started = Instant::now();
+    for round in 0..kills {
+        let mut tasks = Vec::new();
+        for index in 0..4 {
+            let id = format!("r{round}-{index}");
+            let completed = random.below(3) != 0;
+            server.add_task(&id);
+            let action = if completed {
+                Action::Complete
+            } else {
+                Action::Fail
+            };
+            let count = random.below(3) as usize;
+            let script = (0..count).map(|_| faults[random.below(4) as usize]);
+            server.script(&id, action, script.collect::<Vec<_>>());
+            tasks.push(format!("{id}:{}", if completed { 'c' } else { 'f' }));
+            kinds.insert(id, completed);
+        }
+        let mut child = spawn("report", &server, &file, &tasks.join(","), None);
+        let kill_after = Duration::from_millis(random.below(120));
+        tokio::time::sleep(kill_after).await;
+        child.kill().unwrap();
+        for line in said(child) {
+            if let Some(id) = line.strip_prefix("stored ") {
+                stored.insert(id.to_owned());
+            }
+        }
+    }
+    let killing = started.elapsed();
+
+    // A last start, not killed, drains what the others left.
+    let lines = said(spawn("drain", &server, &file, "", None));
+    assert!(
+        lines.iter().any(|line| line == "drained"),
+        "seed {seed}: {lines:?}"
+    );
+
+    let reached: BTreeSet<String> = server
+        .attempts()
+        .into_iter()
+        .map(|attempt| attempt.task_id)
+        .collect();
+    let mut lost_before_storing = 0;
+    for (id, &completed) in &kinds {
+        let state = server.state(id).unwrap();
+        if !stored.contains(id) && !reached.contains(id) {
+            // Killed before the report was stored: nothing to deliver.
+            assert_eq!(state, TaskState::Queued, "seed {seed}: {id}");
+            lost_before_storing += 1;
+            continue;
+        }
+        let expected = if completed {
+            TaskState::Completed
+        } else {
+            TaskState::Failed
+        };
+        assert_eq!(state, expected, "seed {seed}: {id} was stored or seen");
+        if completed {
+            assert_eq!(
+                server.attempts_of(id, Action::Fail),
+                0,
+                "seed {seed}: {id} turned red"
+            );
+        }
+    }
+    println!(
+        "{kills} kills in {killing:?} (seed {seed}): {} reports, {} stored before the kill, \
+         {lost_before_storing} killed before storing",
+        kinds.len(),
+        stored.len()
+    );
+    assert!(stored.len() as u64 >= kills, "most rounds store something");
+    let _ = std::fs::remove_dir_all(&directory);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_cannot_be_written_still_delivers_and_says_not_stored() {
+    let directory = scratch("full");
+    let file = directory.join("reports.redb");
+    let server = TaskServer::start().await.unwrap();
+    server.add_task("huge");
+    // An outbox with nothing in it: its size is the limit of the child.
+    let lines = said(spawn("drain", &server, &file, "", None));
+    assert!(lines.iter().any(|line| line == "drained"), "{lines:?}");
+    let size = std::fs::metadata(&file).unwrap().len();
+    let limit_kib = size.div_ceil(1024);
+
+    // A report of 4 MiB cannot fit in the file as it is: storing it must
+    // grow the file past the limit.
+    let lines = said(spawn("huge", &server, &file, "huge:c", Some(limit_kib)));
+    assert!(
+        lines
+            .iter()
+            .any(|line| line.starts_with("not-stored huge NotStored")),
+        "{lines:?}"
+    );
+    assert!(
+        lines.iter().any(|line| line == "done huge Completed"),
+        "{lines:?}"
+    );
+    assert_eq!(server.state("huge"), Some(TaskState::Completed));
+    assert!(std::fs::metadata(&file).unwrap().len() <= limit_kib * 1024);
+    let _ = std::fs::remove_dir_all(&directory);
+}
