@@ -1,21 +1,27 @@
 //! A few hundred agents finish their tasks while the server goes through an
-//! outage: their results are reported through it with the terminal retry
-//! schedule, scaled down 40 times so the run takes seconds.
+//! outage, and the daemon crashes in the middle of it: their results are
+//! reported through it with the terminal retry schedule, scaled down 40 times
+//! so the run takes seconds, each stored in an outbox before its first
+//! attempt.
 //!
 //! ```text
-//! cargo run --example outage               # the retried reports
+//! cargo run --example outage               # retried, durable reports
 //! cargo run --example outage -- --fire-once # the old way: one attempt, then fail
 //! ```
 //!
-//! It prints a timeline of the attempts on `complete` and `fail`, the story of
-//! a few tasks, and one summary line, as the server sees it.
+//! Part-way through the outage the daemon is stopped without shutdown (its
+//! runtime is dropped, every report in flight with it); a new daemon starts on
+//! the same outbox, delivers what was pending, and reports for the agents that
+//! finish after the crash. It prints a timeline of the attempts on `complete`
+//! and `fail`, the story of a few tasks, and one summary line, as the server
+//! sees it.
 
-use std::{collections::BTreeMap, fmt::Write as _, process::ExitCode, time::Duration};
+use std::{collections::BTreeMap, fmt::Write as _, ops::Range, process::ExitCode, time::Duration};
 
 use http::StatusCode;
 use tokio::time::Instant;
 use tower_terminal_retry::{
-    client::{CompleteTask, FailTask, TaskClient, TaskResult},
+    client::{CompleteTask, FailTask, ReportOutcome, TaskClient, TaskResult},
     test_server::{Action, Attempt, Fault, Handling, TaskServer, TaskState},
     Schedule,
 };
@@ -28,6 +34,10 @@ const FINISH_EVERY: Duration = Duration::from_millis(8);
 const SCALE: u32 = 40;
 const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(250);
 const BUCKET: Duration = Duration::from_millis(250);
+/// When the first daemon crashes, after the start: amid the outage.
+const CRASH_AT: Duration = Duration::from_millis(1_500);
+/// When the second daemon is up.
+const RESTART_AT: Duration = Duration::from_millis(1_700);
 
 /// The outage, in phases: (from, until) in ms after the start, and the fault.
 const OUTAGE: [(u64, u64, Fault, &str); 5] = [
@@ -83,41 +93,71 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
         )?
     };
     println!(
-        "{TASKS} tasks report through an outage; {} with schedule {:?} and {:?} per attempt\n",
+        "{TASKS} tasks report through an outage; {} with schedule {:?} and {:?} per attempt; \
+         the daemon crashes at {CRASH_AT:?} and is back at {RESTART_AT:?}\n",
         if fire_once {
             "fire-once (one attempt, fall back to fail on any error)"
         } else {
-            "retried"
+            "retried and stored in an outbox"
         },
         schedule.delays(),
         ATTEMPT_TIMEOUT
     );
-    let client = TaskClient::builder(server.url())
-        .client_version(env!("CARGO_PKG_VERSION"))
-        .terminal_schedule(schedule)
-        .timeout(ATTEMPT_TIMEOUT)
-        .build()?;
-    for id in &ids {
-        client.start_task(id).await?;
-    }
+    let directory = std::env::temp_dir().join(format!("outage-example-{}", std::process::id()));
+    std::fs::create_dir_all(&directory)?;
+    let outbox = directory.join("reports.redb");
+    let daemon = Daemon {
+        url: server.url(),
+        schedule,
+        outbox: (!fire_once).then_some(outbox),
+        fire_once,
+    };
+    start_tasks(&daemon.client()?, &ids).await?;
 
     let start = server.started();
-    let mut agents = tokio::task::JoinSet::new();
-    for (n, id) in ids.iter().enumerate() {
-        let (client, id) = (client.clone(), id.clone());
-        let finished_at = start + FINISH_EVERY * n as u32;
-        agents.spawn(async move {
-            tokio::time::sleep_until(finished_at).await;
-            let result = agent_result(n, &id);
-            if fire_once {
-                report_fire_once(&client, &id, result).await;
-            } else {
-                client.report_task_result(&id, result).await;
-            }
-        });
+    // Agents finishing before the crash report to the first daemon, which
+    // runs on a runtime of its own; dropping that runtime is the crash.
+    let before_crash = (CRASH_AT.as_millis() / FINISH_EVERY.as_millis()) as usize;
+    let first = {
+        let (daemon, ids) = (daemon.clone(), ids.clone());
+        std::thread::spawn(move || -> Result<(), String> {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|error| error.to_string())?;
+            runtime.block_on(async {
+                let client = daemon.client().map_err(|error| error.to_string())?;
+                let _agents = daemon.run_agents(&client, &ids, 0..before_crash, start);
+                tokio::time::sleep_until(start + CRASH_AT).await;
+                Ok(())
+            })
+            // The runtime drops here with every report in flight: no shutdown.
+        })
+    };
+    first.join().map_err(|_| "the first daemon panicked")??;
+
+    tokio::time::sleep_until(start + RESTART_AT).await;
+    let client = daemon.client()?;
+    let carried_over = client_pending(&client)?;
+    println!("crash at {CRASH_AT:?}: the new daemon finds {carried_over} reports pending\n");
+    let mut agents = daemon.run_agents(&client, &ids, before_crash..TASKS, start);
+    let mut queued = carried_over;
+    while let Some(outcome) = agents.join_next().await {
+        if outcome? == Some(ReportOutcome::Queued) {
+            queued += 1;
+        }
     }
-    while agents.join_next().await.is_some() {}
+    // The replay delivers what is stored, however long that takes here.
+    for _ in 0..100 {
+        if client_pending(&client)? == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let still_stored = client_pending(&client)?;
     let undelivered = client.shutdown(Duration::from_secs(10)).await;
+    drop(client);
+    let _ = std::fs::remove_dir_all(&directory);
 
     let attempts: Vec<Attempt> = server
         .attempts()
@@ -129,6 +169,7 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
 
     let mut counts = BTreeMap::<&str, usize>::new();
     let mut wrongly_failed = 0;
+    let mut lost = 0;
     for (n, id) in ids.iter().enumerate() {
         let state = server.state(id);
         let name = match state {
@@ -140,7 +181,12 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
         if agent_result(n, id).is_completed() && state == Some(TaskState::Failed) {
             wrongly_failed += 1;
         }
+        if !state.is_some_and(TaskState::is_terminal) {
+            lost += 1;
+        }
     }
+    // A report still in the outbox is kept, not lost.
+    let lost = lost - still_stored.min(lost);
     if !undelivered.is_empty() {
         println!(
             "{} reports still undelivered at shutdown",
@@ -148,7 +194,8 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
         );
     }
     println!(
-        "summary: tasks={TASKS} completed={} failed={} left_running={} wrongly_failed={wrongly_failed} attempts={}",
+        "summary: tasks={TASKS} completed={} failed={} left_running={} wrongly_failed={wrongly_failed} \
+         queued={queued} lost={lost} attempts={}",
         counts.get("completed").unwrap_or(&0),
         counts.get("failed").unwrap_or(&0),
         counts.get("left_running").unwrap_or(&0),
@@ -287,4 +334,73 @@ fn stories(attempts: &[Attempt], start: Instant) -> String {
     }
     out.push('\n');
     out
+}
+
+/// How a daemon is set up: the same before and after the crash.
+#[derive(Clone)]
+struct Daemon {
+    url: String,
+    schedule: Schedule,
+    /// The outbox file; none for the fire-once daemon.
+    outbox: Option<std::path::PathBuf>,
+    fire_once: bool,
+}
+
+impl Daemon {
+    fn client(&self) -> Result<TaskClient, tower_terminal_retry::client::Error> {
+        let builder = TaskClient::builder(&self.url)
+            .client_version(env!("CARGO_PKG_VERSION"))
+            .terminal_schedule(self.schedule.clone())
+            .timeout(ATTEMPT_TIMEOUT);
+        match &self.outbox {
+            Some(path) => builder
+                .outbox(path)
+                .replay_interval(Duration::from_secs(30) / SCALE)
+                .build(),
+            None => builder.build(),
+        }
+    }
+
+    /// Agents `range` of `ids`, each reporting when it finishes; each ends
+    /// with its report's outcome (none for a fire-once report).
+    fn run_agents(
+        &self,
+        client: &TaskClient,
+        ids: &[String],
+        range: Range<usize>,
+        start: Instant,
+    ) -> tokio::task::JoinSet<Option<ReportOutcome>> {
+        let mut agents = tokio::task::JoinSet::new();
+        for n in range {
+            let (client, id, fire_once) = (client.clone(), ids[n].clone(), self.fire_once);
+            let finished_at = start + FINISH_EVERY * n as u32;
+            agents.spawn(async move {
+                tokio::time::sleep_until(finished_at).await;
+                let result = agent_result(n, &id);
+                if fire_once {
+                    report_fire_once(&client, &id, result).await;
+                    None
+                } else {
+                    Some(client.report_task_result(&id, result).await)
+                }
+            });
+        }
+        agents
+    }
+}
+
+/// Reports stored and not yet delivered.
+fn client_pending(client: &TaskClient) -> Result<usize, tower_terminal_retry::client::Error> {
+    Ok(client.pending_reports()?.len())
+}
+
+/// Every agent starts: `start` for each task.
+async fn start_tasks(
+    client: &TaskClient,
+    ids: &[String],
+) -> Result<(), tower_terminal_retry::client::Error> {
+    for id in ids {
+        client.start_task(id).await?;
+    }
+    Ok(())
 }
