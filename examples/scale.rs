@@ -15,8 +15,14 @@
 //! - the time from recovery until every call has succeeded, and the peak
 //!   request rate in the first second after recovery;
 //!
-//! and draws the request rate over time of both runs in `docs/recovery.svg`.
-//! Each run has a fresh process, so that neither inherits the other's heap.
+//! and draws the request rate over time of every run in `docs/recovery.svg`.
+//! Each run has a fresh process, so that none inherits another's heap.
+//!
+//! Each mode runs twice: without early release, and with a
+//! [`Recovery`](tower_terminal_retry::Recovery) releasing 50,000 parked
+//! calls a second once a request succeeds, reporting how many were released
+//! early. With jitter off the daemon's heartbeat (one call every 500 ms
+//! through a layer holding the same recovery) is what sees the server back.
 //!
 //! Sockets stay bounded because the client speaks HTTP/2 over one connection
 //! (`http2_only`). Attempts in flight stay bounded by a concurrency limit
@@ -45,8 +51,9 @@ use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
-use tower::{ServiceBuilder, ServiceExt};
-use tower_terminal_retry::{Jitter, Schedule, TerminalRetryLayer};
+use tower::{Layer, ServiceBuilder, ServiceExt};
+use tower_terminal_retry::{Jitter, Recovery, Schedule, TerminalRetryLayer};
+use tracing_subscriber::layer::SubscriberExt;
 
 use common::{callback_request, connector, LoopbackServer};
 use counting_alloc::{live_bytes, CountingAlloc};
@@ -66,6 +73,10 @@ const OUTAGE_MAX: Duration = Duration::from_secs(40);
 const DRAIN_MAX: Duration = Duration::from_secs(30);
 /// Sampling period of the counters, memory and CPU time.
 const SAMPLE: Duration = Duration::from_millis(100);
+/// Parked calls released a second, with early release on.
+const RELEASE_PER_SECOND: u32 = 50_000;
+/// The heartbeat's period, with early release on and jitter off.
+const HEARTBEAT: Duration = Duration::from_millis(500);
 /// `/proc` counts CPU time in ticks of 1/100 s (`USER_HZ`) on Linux.
 const TICKS_PER_SECOND: f64 = 100.0;
 
@@ -79,11 +90,16 @@ fn main() {
     match std::env::args().nth(1).as_deref() {
         Some("--run") => {
             let jitter = std::env::args().nth(2).expect("a jitter: none or full");
+            let early_release = std::env::args().nth(3).expect("early release: on or off") == "on";
             let recover_at = std::env::args()
-                .nth(3)
+                .nth(4)
                 .map(|seconds| Duration::from_secs_f64(seconds.parse().expect("seconds")));
+            let released = Arc::new(AtomicU64::new(0));
+            let _guard = tracing::subscriber::set_global_default(
+                tracing_subscriber::registry().with(CountReleases(released.clone())),
+            );
             let runtime = tokio::runtime::Runtime::new().expect("a runtime");
-            runtime.block_on(run(&jitter, recover_at));
+            runtime.block_on(run(&jitter, early_release, recover_at, &released));
         }
         _ => compare(),
     }
@@ -104,14 +120,49 @@ struct Sample {
     cpu_ticks: u64,
 }
 
-/// Runs the outage with `jitter` ("none" or "full"), the server back at
-/// `recover_at` or once every call has been asleep for [`PARKED_FOR`], and
-/// prints `result` and `rate` lines for the parent process.
-async fn run(jitter: &str, recover_at: Option<Duration>) {
+/// Counts the events of retries released early, and nothing else: other
+/// callsites are never enabled, so they cost what they cost without a
+/// subscriber.
+struct CountReleases(Arc<AtomicU64>);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for CountReleases {
+    fn register_callsite(
+        &self,
+        metadata: &'static tracing::Metadata<'static>,
+    ) -> tracing::subscriber::Interest {
+        match metadata.fields().field("early_ms") {
+            Some(_) => tracing::subscriber::Interest::always(),
+            None => tracing::subscriber::Interest::never(),
+        }
+    }
+
+    fn on_event(
+        &self,
+        event: &tracing::Event<'_>,
+        _ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        if event.metadata().fields().field("early_ms").is_some() {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Runs the outage with `jitter` ("none" or "full") and early release on or
+/// off, the server back at `recover_at` or once every call has been asleep
+/// for [`PARKED_FOR`], and prints `result` and `rate` lines for the parent
+/// process.
+async fn run(
+    jitter: &str,
+    early_release: bool,
+    recover_at: Option<Duration>,
+    released: &AtomicU64,
+) {
+    let heartbeat = early_release && jitter != "full";
     let jitter = match jitter {
         "full" => Jitter::full(),
         _ => Jitter::none(),
     };
+    let recovery = early_release.then(|| Recovery::new(RELEASE_PER_SECOND).expect("a rate"));
     let server = LoopbackServer::start(503);
     let base = server.base();
     let client = Client::builder(TokioExecutor::new())
@@ -134,11 +185,15 @@ async fn run(jitter: &str, recover_at: Option<Duration>) {
             ended.count(&result);
             result.map(drop)
         })
-        .layer(
-            TerminalRetryLayer::new()
+        .layer({
+            let layer = TerminalRetryLayer::new()
                 .with_schedule(schedule())
-                .with_jitter(jitter),
-        )
+                .with_jitter(jitter);
+            match &recovery {
+                Some(recovery) => layer.with_recovery(recovery.clone()),
+                None => layer,
+            }
+        })
         .concurrency_limit(IN_FLIGHT)
         .map_request(move |request: Request<Full<Bytes>>| {
             counted.fetch_add(1, Ordering::Relaxed);
@@ -162,10 +217,29 @@ async fn run(jitter: &str, recover_at: Option<Duration>) {
     let future_bytes = std::mem::size_of_val(&service.clone().oneshot(one_request));
 
     let task_bytes = task_bytes(|| service.clone().oneshot(callback_request(&base)));
-    let baseline = sample(Duration::ZERO, &server, &started, 0);
+    // Heartbeat attempts are left out of what the server answered, so that
+    // "every call asleep" still means the reports'.
+    let heartbeats = Arc::new(AtomicU64::new(0));
+    let baseline = sample(Duration::ZERO, &server, &started, &heartbeats, 0);
     let start = Instant::now();
     for _ in 0..CALLS {
         tokio::spawn(service.clone().oneshot(callback_request(&base)));
+    }
+    if let (true, Some(recovery)) = (heartbeat, &recovery) {
+        // One attempt each, through a layer holding the same recovery.
+        let beat = TerminalRetryLayer::new()
+            .with_schedule(Schedule::new([]).expect("no retry"))
+            .with_recovery(recovery.clone())
+            .layer(client.clone());
+        let (base, heartbeats) = (base.clone(), heartbeats.clone());
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(HEARTBEAT);
+            loop {
+                every.tick().await;
+                let _ = beat.clone().oneshot(callback_request(&base)).await;
+                heartbeats.fetch_add(1, Ordering::Relaxed);
+            }
+        });
     }
 
     // Spawning takes a while: the first rate bin starts when the first call does.
@@ -179,7 +253,7 @@ async fn run(jitter: &str, recover_at: Option<Duration>) {
     loop {
         ticks.tick().await;
         let done = counters.succeeded.load(Ordering::Relaxed);
-        let this = sample(start.elapsed(), &server, &started, done);
+        let this = sample(start.elapsed(), &server, &started, &heartbeats, done);
         if let Some(previous) = samples.last() {
             asleep_since = all_asleep(previous, &this).then(|| asleep_since.unwrap_or(this.at));
         }
@@ -201,6 +275,7 @@ async fn run(jitter: &str, recover_at: Option<Duration>) {
         }
     }
     let recovered_at = recovered_at.expect("the outage ends before the calls do");
+    let heartbeat_attempts = heartbeats.load(Ordering::Relaxed);
 
     let out = |key: &str, value: String| println!("result {key} {value}");
     out("calls", CALLS.to_string());
@@ -215,6 +290,11 @@ async fn run(jitter: &str, recover_at: Option<Duration>) {
     out(
         "attempts",
         (started.load(Ordering::Relaxed) - opening).to_string(),
+    );
+    out("heartbeats", heartbeat_attempts.to_string());
+    out(
+        "released_early",
+        released.load(Ordering::Relaxed).to_string(),
     );
     out("spawned_task_bytes", task_bytes.to_string());
     out("request_bytes", format!("{request_bytes:.0}"));
@@ -389,12 +469,20 @@ fn longest_run(flags: &[bool]) -> Option<(usize, usize)> {
     best
 }
 
-fn sample(at: Duration, server: &LoopbackServer, started: &AtomicU64, succeeded: u64) -> Sample {
+fn sample(
+    at: Duration,
+    server: &LoopbackServer,
+    started: &AtomicU64,
+    heartbeats: &AtomicU64,
+    succeeded: u64,
+) -> Sample {
     Sample {
         at,
         // Every request answered was started before: reading `answered` first
         // keeps `answered <= started`.
-        answered: server.answered(),
+        answered: server
+            .answered()
+            .saturating_sub(heartbeats.load(Ordering::Relaxed)),
         started: started.load(Ordering::Relaxed),
         succeeded,
         rss_kib: rss_kib(),
@@ -474,10 +562,12 @@ fn run_child(label: &'static str, args: &[&str]) -> Run {
 }
 
 fn compare() {
-    let jitter_off = run_child("jitter off", &["none"]);
+    let jitter_off = run_child("jitter off", &["none", "off"]);
     let recovered_at = jitter_off.get("recovered_at_s").to_owned();
-    let full_jitter = run_child("full jitter", &["full", &recovered_at]);
-    let runs = [jitter_off, full_jitter];
+    let full_jitter = run_child("full jitter", &["full", "off", &recovered_at]);
+    let off_released = run_child("off, early release", &["none", "on", &recovered_at]);
+    let full_released = run_child("full, early release", &["full", "on", &recovered_at]);
+    let runs = [jitter_off, full_jitter, off_released, full_released];
 
     let rows = [
         ("calls", "calls"),
@@ -515,11 +605,15 @@ fn compare() {
             "peak_rate_after_recovery",
         ),
         ("peak rate during the outage, req/s", "peak_rate_outage"),
+        ("retries released early", "released_early"),
+        ("heartbeat calls", "heartbeats"),
     ];
-    println!("| {CALLS} calls | {} | {} |", runs[0].label, runs[1].label);
-    println!("|---|---:|---:|");
+    let labels: Vec<&str> = runs.iter().map(|run| run.label).collect();
+    println!("| {CALLS} calls | {} |", labels.join(" | "));
+    println!("|---|{}", "---:|".repeat(runs.len()));
     for (name, key) in rows {
-        println!("| {name} | {} | {} |", runs[0].get(key), runs[1].get(key));
+        let values: Vec<&str> = runs.iter().map(|run| run.get(key)).collect();
+        println!("| {name} | {} |", values.join(" | "));
     }
 
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/recovery.svg");
@@ -620,15 +714,16 @@ fn svg(runs: &[Run], recovered_at: f64) -> String {
         x(recovered_at) + 5.0,
         top + 12.0
     );
-    // The two series and their legend.
+    // The series and their legend.
     let _ = writeln!(
         svg,
-        r##"<rect x="{}" y="{}" width="150" height="{}" fill="white" stroke="#ccc"/>"##,
-        left + plot_w - 158.0,
+        r##"<rect x="{}" y="{}" width="170" height="{}" fill="white" stroke="#ccc"/>"##,
+        left + plot_w - 178.0,
         top + 18.0,
         18.0 * runs.len() as f64 + 8.0
     );
-    for (index, (run, colour)) in runs.iter().zip(["#d62728", "#1f77b4"]).enumerate() {
+    let colours = ["#d62728", "#1f77b4", "#ff9896", "#2ca02c"];
+    for (index, (run, colour)) in runs.iter().zip(colours).enumerate() {
         let mut path = String::new();
         for (at, rate) in &run.rates {
             let _ = write!(path, "{:.1},{:.1} ", x(*at), y(*rate));
@@ -642,10 +737,10 @@ fn svg(runs: &[Run], recovered_at: f64) -> String {
         let _ = writeln!(
             svg,
             r#"<line x1="{0}" y1="{1}" x2="{2}" y2="{1}" stroke="{colour}" stroke-width="3"/><text x="{3}" y="{4}">{5}</text>"#,
-            left + plot_w - 150.0,
+            left + plot_w - 170.0,
             legend_y,
-            left + plot_w - 125.0,
-            left + plot_w - 118.0,
+            left + plot_w - 145.0,
+            left + plot_w - 138.0,
             legend_y + 4.0,
             run.label
         );
