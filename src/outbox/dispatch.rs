@@ -464,7 +464,17 @@ where
             let attempts = attempts.load(Ordering::Relaxed);
             let step = shared.settle(&entry, seq, sent, attempts, fell_back).await;
             match step {
-                Step::Done(delivery) => {
+                Step::Delivered(delivery, Some(seq)) => {
+                    // The caller need not wait for the removal: the claim,
+                    // held until it is committed, keeps the replay off.
+                    let outbox = shared.outbox.clone();
+                    tokio::spawn(async move {
+                        remove_delivered(&outbox, &claim.key, seq).await;
+                        claim.settle();
+                    });
+                    return delivery;
+                }
+                Step::Delivered(delivery, None) | Step::Done(delivery) => {
                     claim.settle();
                     return delivery;
                 }
@@ -483,6 +493,9 @@ where
 
 /// What comes after an attempt (or a foreground call's attempts).
 enum Step {
+    /// The server took it; the record under this sequence number, if
+    /// stored, is to be removed.
+    Delivered(Delivery, Option<u64>),
     Done(Delivery),
     /// Left in the outbox for the replay.
     Queued,
@@ -547,21 +560,19 @@ impl<S> Shared<S> {
         let key = entry.key.as_str();
         match sent.outcome {
             Outcome::Success => {
-                if let Some(seq) = seq {
-                    self.record(key, Write::Delivered { seq }).await;
-                    if entry.attempts > 0 {
-                        tracing::info!(
-                            key,
-                            attempts = entry.attempts + attempts,
-                            pending = self.outbox.pending_count(),
-                            "stored request delivered from the outbox"
-                        );
-                    }
+                if seq.is_some() && entry.attempts > 0 {
+                    tracing::info!(
+                        key,
+                        attempts = entry.attempts + attempts,
+                        pending = self.outbox.pending_count(),
+                        "stored request delivered from the outbox"
+                    );
                 }
-                Step::Done(match fell_back {
+                let delivery = match fell_back {
                     true => Delivery::FallbackDelivered,
                     false => Delivery::Delivered,
-                })
+                };
+                Step::Delivered(delivery, seq)
             }
             Outcome::Transient => match seq {
                 Some(seq) => {
@@ -841,6 +852,13 @@ where
                     fell_back = true;
                     entry = fallback.1;
                 }
+                Step::Delivered(_, seq) => {
+                    if let Some(seq) = seq {
+                        remove_delivered(&self.outbox, &entry.key, seq).await;
+                    }
+                    claim.settle();
+                    return true;
+                }
                 // The replay itself goes on with what is queued.
                 Step::Done(_) | Step::Queued => {
                     claim.settle();
@@ -848,6 +866,14 @@ where
                 }
             }
         }
+    }
+}
+
+/// Removes a delivered record. A failure is an `error` event only: the record
+/// is replayed later, which the server takes as a no-op.
+async fn remove_delivered(outbox: &Outbox, key: &str, seq: u64) {
+    if let Err(error) = outbox.write(Write::Delivered { seq }).await {
+        tracing::error!(key, error = %error, "outbox could not remove a delivered request");
     }
 }
 
