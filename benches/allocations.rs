@@ -7,14 +7,14 @@ mod common;
 #[path = "common/counting_alloc.rs"]
 mod counting_alloc;
 
-use std::{hint::black_box, sync::Arc};
+use std::hint::black_box;
 
 use tower::{retry::Retry, Layer};
 use tower_terminal_retry::TerminalRetryLayer;
 
 use common::{
     answer_200, call_now, callback_request, hyper_client, layer_all_options, send_hyper,
-    LoopbackServer, NeverRetry, ReqwestRetryCallback,
+    LoopbackServer, NeverRetry, ReqwestCallback,
 };
 use counting_alloc::{allocated_bytes, allocations, CountingAlloc};
 
@@ -119,8 +119,12 @@ fn main() {
     let request = callback_request(&server.base());
     let client = runtime.block_on(async { hyper_client() });
     let layered = TerminalRetryLayer::new().layer(client.clone());
-    let reqwest_retry =
-        Arc::new(runtime.block_on(async { ReqwestRetryCallback::new(&server.base()) }));
+    let (reqwest_builtin, reqwest_middleware) = runtime.block_on(async {
+        (
+            ReqwestCallback::builtin_retry(&server.base()),
+            ReqwestCallback::middleware_retry(&server.base()),
+        )
+    });
     row(
         "loopback (client + server): hyper-util bare",
         per_call(|| {
@@ -134,7 +138,11 @@ fn main() {
         }),
     );
     row(
-        "loopback (client + server): reqwest + reqwest-retry",
-        per_call(|| runtime.block_on(reqwest_retry.send())),
+        "loopback (client + server): reqwest 0.13, its own retry",
+        per_call(|| runtime.block_on(reqwest_builtin.send())),
+    );
+    row(
+        "loopback (client + server): reqwest-middleware 0.5 + reqwest-retry 0.9",
+        per_call(|| runtime.block_on(reqwest_middleware.send())),
     );
 }

@@ -1,7 +1,8 @@
 //! Real HTTP on 127.0.0.1: the callback POST through hyper-util's client bare,
 //! under the floor (`tower::retry::Retry` cloning the request and never
 //! retrying) and with the layer, at 1 and 64 calls in flight, and through
-//! reqwest with reqwest-middleware and reqwest-retry, against the same server.
+//! the two reqwest stacks a user picks today, reqwest 0.13's own retry module
+//! and reqwest-middleware 0.5 with reqwest-retry 0.9, against the same server.
 //!
 //! Criterion gives each contender's median; the same contenders then run in
 //! alternation (`side_by_side`) for ratios that the machine's drifting load
@@ -22,10 +23,16 @@ use tower_terminal_retry::{TerminalRetry, TerminalRetryLayer};
 
 use common::{
     callback_request, hyper_client, run_calls, send_hyper, side_by_side, LoopbackServer,
-    NeverRetry, ReqwestRetryCallback,
+    NeverRetry, ReqwestCallback,
 };
 
-const CONTENDERS: [&str; 4] = ["hyper_bare", "hyper_floor", "hyper_layer", "reqwest_retry"];
+const CONTENDERS: [&str; 5] = [
+    "hyper_bare",
+    "hyper_floor",
+    "hyper_layer",
+    "reqwest_builtin_retry",
+    "reqwest_middleware_retry",
+];
 
 type HyperClient = Client<HttpConnector, Full<Bytes>>;
 
@@ -38,7 +45,8 @@ struct Contenders {
     bare: HyperClient,
     floor: Retry<NeverRetry, HyperClient>,
     layered: TerminalRetry<HyperClient>,
-    reqwest_retry: Arc<ReqwestRetryCallback>,
+    reqwest_builtin: Arc<ReqwestCallback>,
+    reqwest_middleware: Arc<ReqwestCallback>,
     // Runs as long as the contenders.
     _server: LoopbackServer,
 }
@@ -51,9 +59,10 @@ impl Contenders {
             .build()
             .expect("a runtime");
         // Built inside the runtime: the clients spawn their connection tasks on it.
-        let (bare, reqwest_retry) = runtime.block_on(async {
-            let callback = ReqwestRetryCallback::new(&server.base());
-            (hyper_client(), Arc::new(callback))
+        let (bare, reqwest_builtin, reqwest_middleware) = runtime.block_on(async {
+            let builtin = ReqwestCallback::builtin_retry(&server.base());
+            let middleware = ReqwestCallback::middleware_retry(&server.base());
+            (hyper_client(), Arc::new(builtin), Arc::new(middleware))
         });
         Contenders {
             runtime,
@@ -61,7 +70,8 @@ impl Contenders {
             floor: Retry::new(NeverRetry, bare.clone()),
             layered: TerminalRetryLayer::new().layer(bare.clone()),
             bare,
-            reqwest_retry,
+            reqwest_builtin,
+            reqwest_middleware,
             _server: server,
         }
     }
@@ -90,7 +100,10 @@ impl Contenders {
                 }))
             }
             _ => {
-                let callback = self.reqwest_retry.clone();
+                let callback = match contender {
+                    "reqwest_builtin_retry" => self.reqwest_builtin.clone(),
+                    _ => self.reqwest_middleware.clone(),
+                };
                 self.runtime.block_on(run_calls(calls, in_flight, move || {
                     let callback = callback.clone();
                     async move { callback.send().await }

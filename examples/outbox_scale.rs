@@ -4,15 +4,17 @@
 //! cargo run --release --example outbox_scale
 //! ```
 //!
-//! A loopback server answers 503. 100,000 reports go to an outbox
-//! [`Dispatcher`] with one attempt each (an empty schedule), so that every one
-//! is queued on disk at once. The program reports the resident memory per
-//! pending report (the records live in the file, not as parked futures), the
-//! file's size, then brings the server back, sends one heartbeat through a
-//! layer sharing the dispatcher's [`Recovery`], and reports the time until
-//! every report is delivered, the peak request rate and the most requests in
-//! flight at the server, for replay concurrencies of 16 (the default) and 64.
-//! Each concurrency runs in a fresh process.
+//! First 100,000 reports go through an outbox [`Dispatcher`] while a loopback
+//! server answers 200: they are stored, delivered and removed, and the
+//! process's memory settles. Then the server answers 503 and, twice over,
+//! 100,000 reports with one attempt each (an empty schedule) are queued on
+//! disk at once; the program reports the resident memory each pending report
+//! adds (the records live in the file, not as parked futures), brings the
+//! server back, sends one heartbeat through a layer sharing the dispatcher's
+//! [`Recovery`], and reports the time until every report is delivered and the
+//! peak request rate, for replay concurrencies of 16 (the default) and 64,
+//! each in a fresh process. The file's size after each round shows whether
+//! it grows.
 
 #[path = "../benches/common/mod.rs"]
 mod common;
@@ -84,7 +86,7 @@ fn main() {
 }
 
 async fn run(concurrency: usize) {
-    let server = LoopbackServer::start(503);
+    let server = LoopbackServer::start(200);
     let base = server.base();
     let directory = std::env::temp_dir().join(format!("outbox-scale-{}", std::process::id()));
     std::fs::create_dir_all(&directory).expect("a scratch directory");
@@ -99,11 +101,105 @@ async fn run(concurrency: usize) {
         .replay_concurrency(concurrency)
         .build()
         .expect("a dispatcher");
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let rss_before = rss_bytes();
-
-    let filling = Instant::now();
     let next = Arc::new(AtomicU64::new(0));
+    let out = |key: &str, value: String| println!("result {key} {value}");
+
+    // Warm: delivered at once, removed; memory and file settle.
+    fill(&dispatcher, &base, &next, Delivery::Delivered).await;
+    while dispatcher.outbox().pending_count() > 0 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    out("file_after_100k_delivered_MB", megabytes(&file));
+
+    for round in 1..=2 {
+        server.set_status(503);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let rss_before = rss_bytes();
+        let filling = Instant::now();
+        fill(&dispatcher, &base, &next, Delivery::Queued).await;
+        let filled_in = filling.elapsed();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let pending = dispatcher.outbox().pending_count();
+        let rss_pending = rss_bytes();
+        out(
+            &format!("round_{round}_pending_reports"),
+            pending.to_string(),
+        );
+        out(
+            &format!("round_{round}_stored_in_s"),
+            format!("{:.1}", filled_in.as_secs_f64()),
+        );
+        out(
+            &format!("round_{round}_resident_memory_per_pending_report_B"),
+            format!(
+                "{:.0}",
+                (rss_pending as f64 - rss_before as f64) / REPORTS as f64
+            ),
+        );
+        out(
+            &format!("round_{round}_file_with_100k_pending_MB"),
+            megabytes(&file),
+        );
+
+        // Back: one heartbeat through a layer sharing the recovery.
+        server.set_status(200);
+        let answered_before = server.answered();
+        let back = Instant::now();
+        let heartbeat = TerminalRetryLayer::new()
+            .with_recovery(recovery.clone())
+            .layer(client.clone());
+        let _ = heartbeat.oneshot(callback_request(&base)).await;
+        let mut peak_rate = 0.0f64;
+        let mut last = (Instant::now(), server.answered());
+        while dispatcher.outbox().pending_count() > 0 && back.elapsed() < Duration::from_secs(120) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let now = (Instant::now(), server.answered());
+            let rate = (now.1 - last.1) as f64 / (now.0 - last.0).as_secs_f64();
+            peak_rate = peak_rate.max(rate);
+            last = now;
+        }
+        out(
+            &format!("round_{round}_recovery_until_all_delivered_s"),
+            format!("{:.2}", back.elapsed().as_secs_f64()),
+        );
+        out(
+            &format!("round_{round}_requests_after_recovery"),
+            (server.answered() - answered_before).to_string(),
+        );
+        out(
+            &format!("round_{round}_peak_rate_req_per_s"),
+            format!("{peak_rate:.0}"),
+        );
+        out(
+            &format!("round_{round}_file_after_delivery_MB"),
+            megabytes(&file),
+        );
+    }
+    drop(dispatcher);
+    let _ = std::fs::remove_dir_all(&directory);
+}
+
+/// Hands [`REPORTS`] reports to `dispatcher`, [`FILLING`] at a time, each
+/// expected to end as `expected`.
+async fn fill<S, RB, E>(
+    dispatcher: &Dispatcher<S>,
+    base: &str,
+    next: &AtomicU64,
+    expected: Delivery,
+) where
+    S: tower::Service<
+            Request<http_body_util::Full<bytes::Bytes>>,
+            Response = http::Response<RB>,
+            Error = E,
+        > + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send,
+    RB: hyper::body::Body + Send + 'static,
+    RB::Data: Send,
+    E: Into<tower::BoxError> + std::fmt::Debug + Send + 'static,
+{
     for _ in 0..REPORTS / FILLING {
         let mut sends = Vec::new();
         for _ in 0..FILLING {
@@ -115,62 +211,14 @@ async fn run(concurrency: usize) {
             sends.push(dispatcher.send(format!("report-{key}"), request));
         }
         for send in sends {
-            assert_eq!(send.await, Delivery::Queued);
+            assert_eq!(send.await, expected);
         }
     }
-    let filled_in = filling.elapsed();
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let pending = dispatcher.outbox().pending_count();
-    let rss_pending = rss_bytes();
-    let file_size = std::fs::metadata(&file).expect("the file").len();
+}
 
-    // Back: one heartbeat through a layer sharing the recovery.
-    server.set_status(200);
-    let answered_before = server.answered();
-    let back = Instant::now();
-    let heartbeat = TerminalRetryLayer::new()
-        .with_recovery(recovery)
-        .layer(client.clone());
-    let _ = heartbeat.oneshot(callback_request(&base)).await;
-    let mut peak_rate = 0.0f64;
-    let mut last = (Instant::now(), server.answered());
-    while dispatcher.outbox().pending_count() > 0 && back.elapsed() < Duration::from_secs(120) {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let now = (Instant::now(), server.answered());
-        let rate = (now.1 - last.1) as f64 / (now.0 - last.0).as_secs_f64();
-        peak_rate = peak_rate.max(rate);
-        last = now;
-    }
-    let delivered_in = back.elapsed();
-    let replayed = server.answered() - answered_before;
-    let file_after = std::fs::metadata(&file).expect("the file").len();
-
-    let out = |key: &str, value: String| println!("result {key} {value}");
-    out("pending_reports", pending.to_string());
-    out("stored_in_s", format!("{:.1}", filled_in.as_secs_f64()));
-    out(
-        "resident_memory_per_pending_report_B",
-        format!(
-            "{:.0}",
-            (rss_pending as f64 - rss_before as f64) / REPORTS as f64
-        ),
-    );
-    out(
-        "file_with_100k_pending_MB",
-        format!("{:.1}", file_size as f64 / 1e6),
-    );
-    out(
-        "recovery_until_all_delivered_s",
-        format!("{:.2}", delivered_in.as_secs_f64()),
-    );
-    out("requests_after_recovery", replayed.to_string());
-    out("peak_rate_req_per_s", format!("{peak_rate:.0}"));
-    out(
-        "file_after_delivery_MB",
-        format!("{:.1}", file_after as f64 / 1e6),
-    );
-    drop(dispatcher);
-    let _ = std::fs::remove_dir_all(&directory);
+fn megabytes(file: &std::path::Path) -> String {
+    let bytes = std::fs::metadata(file).expect("the file").len();
+    format!("{:.1}", bytes as f64 / 1e6)
 }
 
 /// Resident memory of this process, from `/proc/self/status`.

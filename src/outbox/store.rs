@@ -59,33 +59,40 @@ struct Store {
     requeued: Arc<Notify>,
 }
 
-/// A write, sent to the writer thread.
+/// A write, sent to the writer.
 #[derive(Debug)]
 pub(super) enum Write {
-    /// Stores a new record, unless its key is taken: durable.
+    /// Stores a new record, unless its key is taken.
     Insert(Entry),
-    /// Removes a delivered record: not flushed on its own, as a lost removal
-    /// only replays a request the server treats as a no-op.
+    /// Removes a delivered record. Need not be flushed at once: a lost
+    /// removal only replays a request the server takes as a no-op.
     Delivered { seq: u64 },
-    /// Counts a failed attempt: not flushed on its own either.
+    /// Counts failed attempts. Need not be flushed at once either.
     Failed {
         seq: u64,
         attempts: u32,
         failure: String,
     },
     /// Retires the record and stores `entry` in its place, same key and
-    /// position: durable.
+    /// position.
     Replace { seq: u64, entry: Entry },
-    /// Moves the record to quarantine: durable.
+    /// Moves the record to quarantine.
     Quarantine { seq: u64, failure: String },
-    /// Moves a quarantined record back to pending: durable.
+    /// Moves a quarantined record back to pending.
     Requeue { key: String },
-    /// Removes a record, pending or quarantined: durable.
+    /// Removes a record, pending or quarantined.
     Discard { key: String },
 }
 
+/// The most commits in a row left unflushed. redb reuses the pages a commit
+/// frees only once a durable commit no longer needs them: an endless run of
+/// unflushed removals (the replay of a large backlog) would grow the file
+/// with every batch.
+const MAX_UNFLUSHED: u32 = 16;
+
 impl Write {
-    fn is_durable(&self) -> bool {
+    /// Whether the write must be on disk when its commit returns.
+    fn needs_flush(&self) -> bool {
         !matches!(self, Write::Delivered { .. } | Write::Failed { .. })
     }
 }
@@ -389,6 +396,8 @@ async fn write_loop(
     mut next_seq: u64,
     store: Weak<Store>,
 ) {
+    // Commits since the last flushed one.
+    let mut unflushed = 0;
     while let Some(first) = jobs.recv().await {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -406,9 +415,11 @@ async fn write_loop(
         let (done, writes): (Vec<_>, Vec<_>) =
             batch.into_iter().map(|job| (job.done, job.write)).unzip();
         let seq = next_seq;
+        let flush = unflushed >= MAX_UNFLUSHED || writes.iter().any(Write::needs_flush);
+        unflushed = if flush { 0 } else { unflushed + 1 };
         let committed = tokio::task::spawn_blocking(move || {
             let mut next_seq = seq;
-            let result = commit(&database, &writes, &mut next_seq);
+            let result = commit(&database, &writes, flush, &mut next_seq);
             (result, next_seq)
         })
         .await;
@@ -436,15 +447,16 @@ async fn write_loop(
     }
 }
 
-/// Applies `writes` in one transaction; returns what each did and how many
-/// records are pending after it.
+/// Applies `writes` in one transaction, flushed to disk if `flush`; returns
+/// what each did and how many records are pending after it.
 fn commit(
     database: &Database,
     writes: &[Write],
+    flush: bool,
     next_seq: &mut u64,
 ) -> Result<(Vec<Written>, u64), redb::Error> {
     let mut transaction = database.begin_write()?;
-    if !writes.iter().any(|write| write.is_durable()) {
+    if !flush {
         transaction.set_durability(Durability::None)?;
     }
     let mut written = Vec::with_capacity(writes.len());
