@@ -17,7 +17,7 @@ use tower_terminal_retry::{
     classify::{Classify, DefaultClassifier},
     classify_status,
     retry_after::parse_retry_after,
-    TerminalRetryLayer,
+    Recovery, TerminalRetryLayer,
 };
 
 use common::{answer_200, call_now, callback_request, layer_all_options, side_by_side, NeverRetry};
@@ -48,6 +48,14 @@ fn happy_path(c: &mut Criterion) {
     });
     let mut layer = TerminalRetryLayer::new().layer(answer_200());
     group.bench_function("layer_default", |b| {
+        b.iter_batched(
+            || request.clone(),
+            |request| call_now(&mut layer, request),
+            BatchSize::SmallInput,
+        )
+    });
+    let mut layer = layer_with_recovery();
+    group.bench_function("layer_recovery", |b| {
         b.iter_batched(
             || request.clone(),
             |request| call_now(&mut layer, request),
@@ -105,8 +113,17 @@ fn config() -> Criterion {
         .sample_size(50)
 }
 
-/// The four services in alternation, for ratios that the machine's drifting
-/// load does not skew (see `side_by_side`).
+/// The default layer with early release on, nobody waiting: a success reads
+/// one atomic.
+fn layer_with_recovery() -> tower_terminal_retry::TerminalRetry<common::Answer200> {
+    let recovery = Recovery::new(50_000).expect("a rate");
+    TerminalRetryLayer::new()
+        .with_recovery(recovery)
+        .layer(answer_200())
+}
+
+/// The services in alternation, for ratios that the machine's drifting load
+/// does not skew (see `side_by_side`).
 fn happy_path_side_by_side() {
     const CALLS: usize = 20_000;
     let template = callback_request("http://127.0.0.1:8080");
@@ -114,6 +131,7 @@ fn happy_path_side_by_side() {
     let mut floor = Retry::new(NeverRetry, answer_200());
     let mut layer = TerminalRetryLayer::new().layer(answer_200());
     let mut layer_all = layer_all_options().layer(answer_200());
+    let mut layer_recovery = layer_with_recovery();
     side_by_side(
         "happy path in memory",
         100,
@@ -122,6 +140,7 @@ fn happy_path_side_by_side() {
             "floor_tower_retry",
             "layer_default",
             "layer_jitter_budget_header",
+            "layer_recovery",
         ],
         1,
         |index| {
@@ -134,7 +153,8 @@ fn happy_path_side_by_side() {
                     0 => call_now(&mut bare, request),
                     1 => call_now(&mut floor, request),
                     2 => call_now(&mut layer, request),
-                    _ => call_now(&mut layer_all, request),
+                    3 => call_now(&mut layer_all, request),
+                    _ => call_now(&mut layer_recovery, request),
                 });
             }
             start.elapsed() / CALLS as u32
