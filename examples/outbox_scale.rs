@@ -31,7 +31,7 @@ use std::{
 use http::Request;
 use tower::{Layer, ServiceExt};
 use tower_terminal_retry::{
-    outbox::{Delivery, Dispatcher, Outbox},
+    outbox::{AttemptService, Delivery, Dispatcher, Outbox},
     Recovery, Schedule, TerminalRetryLayer,
 };
 
@@ -181,24 +181,10 @@ async fn run(concurrency: usize) {
 
 /// Hands [`REPORTS`] reports to `dispatcher`, [`FILLING`] at a time, each
 /// expected to end as `expected`.
-async fn fill<S, RB, E>(
-    dispatcher: &Dispatcher<S>,
-    base: &str,
-    next: &AtomicU64,
-    expected: Delivery,
-) where
-    S: tower::Service<
-            Request<http_body_util::Full<bytes::Bytes>>,
-            Response = http::Response<RB>,
-            Error = E,
-        > + Clone
-        + Send
-        + Sync
-        + 'static,
+async fn fill<S>(dispatcher: &Dispatcher<S>, base: &str, next: &AtomicU64, expected: Delivery)
+where
+    S: AttemptService,
     S::Future: Send,
-    RB: hyper::body::Body + Send + 'static,
-    RB::Data: Send,
-    E: Into<tower::BoxError> + std::fmt::Debug + Send + 'static,
 {
     for _ in 0..REPORTS / FILLING {
         let mut sends = Vec::new();

@@ -58,6 +58,36 @@ pub type Fallback = dyn Fn(&Entry, StatusCode, &str) -> Option<Request<Bytes>> +
 /// over the inner service, each attempt counted.
 type Retrying<S> = TerminalRetry<MapRequest<S, fn(Request<Full<Bytes>>) -> Request<Full<Bytes>>>>;
 
+/// What a [`Dispatcher`] sends each attempt through: a cloneable service of
+/// HTTP requests whose errors can be described. Implemented for every such
+/// service (hyper-util's client, with timeouts or other layers on it).
+pub trait AttemptService:
+    Service<Request<Full<Bytes>>, Response = Response<Self::ResponseBody>, Error = Self::Failure>
+    + Clone
+    + Send
+    + Sync
+    + 'static
+{
+    /// The body of its responses.
+    type ResponseBody: hyper::body::Body<Data: Send> + Send + 'static;
+    /// Its error.
+    type Failure: Into<BoxError> + fmt::Debug + Send + 'static;
+}
+
+impl<S, RB, E> AttemptService for S
+where
+    S: Service<Request<Full<Bytes>>, Response = Response<RB>, Error = E>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    RB: hyper::body::Body<Data: Send> + Send + 'static,
+    E: Into<BoxError> + fmt::Debug + Send + 'static,
+{
+    type ResponseBody = RB;
+    type Failure = E;
+}
+
 /// How a request handed to the [`Dispatcher`] ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -243,17 +273,10 @@ impl<S> DispatcherBuilder<S> {
     /// # Errors
     ///
     /// A zero replay interval or concurrency, or no tokio runtime.
-    pub fn build<RB, E>(self) -> Result<Dispatcher<S>, crate::ConfigError>
+    pub fn build(self) -> Result<Dispatcher<S>, crate::ConfigError>
     where
-        S: Service<Request<Full<Bytes>>, Response = Response<RB>, Error = E>
-            + Clone
-            + Send
-            + Sync
-            + 'static,
+        S: AttemptService,
         S::Future: Send,
-        RB: hyper::body::Body + Send + 'static,
-        RB::Data: Send,
-        E: Into<BoxError> + fmt::Debug + Send + 'static,
     {
         let invalid = |reason| crate::ConfigError::InvalidReplay { reason };
         if self.replay_interval.is_zero() {
@@ -379,17 +402,10 @@ impl DurabilityWatch {
     }
 }
 
-impl<S, RB, E> Dispatcher<S>
+impl<S> Dispatcher<S>
 where
-    S: Service<Request<Full<Bytes>>, Response = Response<RB>, Error = E>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
+    S: AttemptService,
     S::Future: Send,
-    RB: hyper::body::Body + Send + 'static,
-    RB::Data: Send,
-    E: Into<BoxError> + fmt::Debug + Send + 'static,
 {
     /// Stores `request` under `key`, then delivers it on a task of its own
     /// (see [`Dispatch`]). A request still stored under `key` stands: this
@@ -651,17 +667,10 @@ impl<S> Shared<S> {
 /// The replay worker: delivers what the outbox holds, probing a server that is
 /// down one request at a time. Holds the dispatcher weakly, so that it ends
 /// with the last handle.
-async fn replay<S, RB, E>(dispatcher: Weak<Shared<S>>, wake: Arc<Notify>)
+async fn replay<S>(dispatcher: Weak<Shared<S>>, wake: Arc<Notify>)
 where
-    S: Service<Request<Full<Bytes>>, Response = Response<RB>, Error = E>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
+    S: AttemptService,
     S::Future: Send,
-    RB: hyper::body::Body + Send + 'static,
-    RB::Data: Send,
-    E: Into<BoxError> + fmt::Debug + Send + 'static,
 {
     let jitter = Jitter::full();
     // `None` while the server is taken to be up. At start, a probe at once:
@@ -749,17 +758,10 @@ enum Replayed {
     Down,
 }
 
-impl<S, RB, E> Shared<S>
+impl<S> Shared<S>
 where
-    S: Service<Request<Full<Bytes>>, Response = Response<RB>, Error = E>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
+    S: AttemptService,
     S::Future: Send,
-    RB: hyper::body::Body + Send + 'static,
-    RB::Data: Send,
-    E: Into<BoxError> + fmt::Debug + Send + 'static,
 {
     /// Sends the oldest unclaimed record once; whether the server took it
     /// (or refused it for good: it is up either way).

@@ -74,7 +74,7 @@ mod record;
 mod store;
 
 pub use dispatch::{
-    Delivery, Dispatch, Dispatcher, DispatcherBuilder, Durability, Fallback,
+    AttemptService, Delivery, Dispatch, Dispatcher, DispatcherBuilder, Durability, Fallback,
     DEFAULT_RELEASE_PER_SECOND, DEFAULT_REPLAY_CONCURRENCY, DEFAULT_REPLAY_INTERVAL,
 };
 pub use error::OutboxError;
