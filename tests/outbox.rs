@@ -114,6 +114,14 @@ fn a_stored_report_survives_its_runtime_and_a_new_client_delivers_it() {
     assert_eq!(server.final_report("t1").unwrap()["output"], "done");
 }
 
+/// Waits on tokio's clock, 5 s at most, until `client` has nothing stored.
+async fn drained(client: &TaskClient) -> bool {
+    wait_for(Duration::from_secs(5), || {
+        client.pending_reports().unwrap().is_empty()
+    })
+    .await
+}
+
 /// Waits on the real clock, 10 ms at a time, 10 s at most.
 async fn wait_for_real(mut done: impl FnMut() -> bool) -> bool {
     for _ in 0..1_000 {
@@ -157,13 +165,7 @@ async fn a_completion_that_outlives_the_schedule_is_queued_then_delivered() {
             == Some(TaskState::Completed))
         .await
     );
-    assert!(
-        wait_for(Duration::from_secs(2), || client
-            .pending_reports()
-            .unwrap()
-            .is_empty())
-        .await
-    );
+    assert!(drained(&client).await);
     assert_eq!(server.attempts_of("t1", Action::Fail), 0);
 }
 
@@ -206,13 +208,7 @@ async fn a_refused_completion_falls_back_to_a_fail_stored_before_it_is_sent() {
     assert!(error.starts_with("complete task failed: "), "{error}");
     assert!(error.contains("400"), "{error}");
     assert_eq!(server.attempts_of("t1", Action::Complete), 1, "once");
-    assert!(
-        wait_for(Duration::from_secs(2), || client
-            .pending_reports()
-            .unwrap()
-            .is_empty())
-        .await
-    );
+    assert!(drained(&client).await);
 }
 
 #[tokio::test(start_paused = true)]
@@ -257,13 +253,7 @@ async fn a_refused_fail_is_quarantined_until_requeued_or_discarded() {
     assert!(client.discard_report("t2").await.unwrap());
     assert!(!client.discard_report("t2").await.unwrap());
     assert!(client.quarantined_reports().unwrap().is_empty());
-    assert!(
-        wait_for(Duration::from_secs(2), || client
-            .pending_reports()
-            .unwrap()
-            .is_empty())
-        .await
-    );
+    assert!(drained(&client).await);
     assert_eq!(server.state("t2"), Some(TaskState::Queued));
 }
 
@@ -330,13 +320,7 @@ async fn while_the_server_is_down_one_probe_at_a_time_then_a_bounded_replay() {
     };
     assert!(wait_for(Duration::from_secs(10), delivered).await);
     assert_eq!(server.max_in_flight(None), 4);
-    assert!(
-        wait_for(Duration::from_secs(2), || client
-            .pending_reports()
-            .unwrap()
-            .is_empty())
-        .await
-    );
+    assert!(drained(&client).await);
 }
 
 #[tokio::test(start_paused = true)]
@@ -444,13 +428,7 @@ async fn the_idempotency_key_is_the_same_on_every_attempt_replay_and_restart() {
     drop(client);
     tokio::time::sleep(Duration::from_secs(60)).await;
     let client = builder(&server, &scratch.file()).build().unwrap();
-    assert!(
-        wait_for(Duration::from_secs(5), || client
-            .pending_reports()
-            .unwrap()
-            .is_empty())
-        .await
-    );
+    assert!(drained(&client).await);
 
     let keys: Vec<String> = server
         .requests()
