@@ -296,3 +296,77 @@ async fn a_retry_released_early_says_so_at_debug() {
     assert_eq!(released[0].field("attempt"), Some("1"));
     assert_eq!(released[0].field("early_ms"), Some("3000"));
 }
+
+/// The outbox says when a report is stored, kept, replayed, delivered from
+/// it and quarantined, with the pending count an operator can alert on.
+#[cfg(feature = "outbox")]
+#[tokio::test(start_paused = true)]
+async fn the_outbox_reports_each_step_of_a_stored_report() {
+    use std::time::Duration;
+    use tower_terminal_retry::client::{ReportOutcome, TaskClient, TaskResult};
+    use tower_terminal_retry::test_server::{Action, Fault, TaskServer};
+
+    let capture = Capture::default();
+    let _guard = capture.install();
+    let directory = std::env::temp_dir().join(format!("events-outbox-{}", std::process::id()));
+    std::fs::create_dir_all(&directory).unwrap();
+    let server = TaskServer::start().await.unwrap();
+    server.add_tasks(["t1", "t2", "t3"]);
+    let bad_gateway = Fault::Status(http::StatusCode::BAD_GATEWAY);
+    server.outage(Duration::ZERO, Duration::from_secs(10), bad_gateway);
+    let refused = Fault::Status(http::StatusCode::UNPROCESSABLE_ENTITY);
+    server.script("t2", Action::Fail, [refused]);
+    let client = TaskClient::builder(server.url())
+        .terminal_schedule(tower_terminal_retry::Schedule::new([]).unwrap())
+        .outbox(directory.join("reports.redb"))
+        .build()
+        .unwrap();
+
+    let queued = client.report_task_result("t1", TaskResult::completed("done"));
+    assert_eq!(queued.await, ReportOutcome::Queued);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    client.start_task("t3").await.unwrap();
+    let quarantined = client.report_task_result("t2", TaskResult::failed("boom"));
+    assert_eq!(quarantined.await, ReportOutcome::Quarantined);
+    for _ in 0..100 {
+        if client.pending_reports().unwrap().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let with = |text: &str| -> Vec<Captured> {
+        let events = capture.events().into_iter();
+        events
+            .filter(|event| {
+                event
+                    .field("message")
+                    .is_some_and(|message| message.contains(text))
+            })
+            .collect()
+    };
+    let stored = with("stored in the outbox");
+    assert_eq!(stored.len(), 2, "{stored:#?}");
+    assert_eq!(stored[0].field("key"), Some("t1"));
+    assert!(stored[0].field("pending").is_some());
+    let kept = with("kept in the outbox");
+    assert_eq!(kept.len(), 1);
+    assert_eq!(kept[0].level, Level::WARN);
+    let replayed = with("replaying a stored request");
+    assert_eq!(replayed.len(), 1, "{replayed:#?}");
+    assert_eq!(replayed[0].level, Level::INFO);
+    assert_eq!(replayed[0].field("key"), Some("t1"));
+    assert!(replayed[0].field("stored_for_s").is_some());
+    assert!(replayed[0].field("pending").is_some());
+    let delivered = with("delivered from the outbox");
+    assert_eq!(delivered.len(), 1, "{delivered:#?}");
+    // Every attempt, the foreground's and the probes' during the outage.
+    let attempts = server.attempts_of("t1", Action::Complete).to_string();
+    assert_eq!(delivered[0].field("attempts"), Some(attempts.as_str()));
+    let quarantine = with("quarantined");
+    assert_eq!(quarantine.len(), 1, "{quarantine:#?}");
+    assert_eq!(quarantine[0].level, Level::ERROR);
+    assert_eq!(quarantine[0].field("key"), Some("t2"));
+    drop(client);
+    let _ = std::fs::remove_dir_all(&directory);
+}
