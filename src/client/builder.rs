@@ -138,6 +138,8 @@ impl TaskClientBuilder {
     /// [`report_task_result`](TaskClient::report_task_result) is committed
     /// to disk before its first attempt, and delivered, across restarts,
     /// however long the server is away (see [`outbox`](crate::outbox)).
+    /// [`complete_task`](TaskClient::complete_task) and
+    /// [`fail_task`](TaskClient::fail_task) called directly are not stored.
     #[cfg(feature = "outbox")]
     pub fn outbox(mut self, path: impl Into<std::path::PathBuf>) -> TaskClientBuilder {
         let outbox = self.outbox.get_or_insert(OutboxSettings {
