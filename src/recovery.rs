@@ -80,6 +80,12 @@ use tokio::time::Instant;
 
 use crate::ConfigError;
 
+/// The release rate of [`Recovery::default`], which the task client and the
+/// outbox's dispatcher use unless given one: a daemon reports a handful of
+/// tasks at a time, and fifty a second delivers a backlog within seconds of
+/// the server's recovery without a stampede.
+pub const DEFAULT_RELEASE_PER_SECOND: u32 = 50;
+
 /// A shared signal that releases parked retries once their server answers
 /// again: see the [module docs](self).
 ///
@@ -234,6 +240,13 @@ impl Recovery {
                 ticket,
             }),
         }
+    }
+}
+
+impl Default for Recovery {
+    /// A recovery releasing [`DEFAULT_RELEASE_PER_SECOND`] a second.
+    fn default() -> Self {
+        Recovery::new(DEFAULT_RELEASE_PER_SECOND).expect("a release rate above zero")
     }
 }
 

@@ -33,11 +33,6 @@ pub(super) type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
 /// The default per-attempt timeout.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// How many parked terminal reports a success releases a second, by default.
-/// A daemon reports a handful of tasks at a time: fifty a second delivers a
-/// backlog within seconds of the server's recovery without a stampede.
-pub const DEFAULT_RELEASE_PER_SECOND: u32 = 50;
-
 /// Configures a [`TaskClient`]; made by [`TaskClient::builder`].
 ///
 /// Nothing is checked until [`build`](TaskClientBuilder::build), which reports
@@ -83,9 +78,7 @@ impl TaskClientBuilder {
             client_version: None,
             schedule: Schedule::default(),
             timeout: DEFAULT_TIMEOUT,
-            recovery: Some(
-                Recovery::new(DEFAULT_RELEASE_PER_SECOND).expect("a release rate above zero"),
-            ),
+            recovery: Some(Recovery::default()),
             #[cfg(feature = "outbox")]
             outbox: None,
             #[cfg(feature = "rustls")]
@@ -126,7 +119,8 @@ impl TaskClientBuilder {
     /// request to the same server succeeds: a `start`, a `progress`, any
     /// other call of this client, or one of the stacks you share it with
     /// (see [`recovery`](crate::recovery)). By default a signal of the
-    /// client's own, releasing [`DEFAULT_RELEASE_PER_SECOND`] reports a
+    /// client's own, [`Recovery::default`], releasing
+    /// [`DEFAULT_RELEASE_PER_SECOND`](crate::recovery::DEFAULT_RELEASE_PER_SECOND) reports a
     /// second; `None` turns early release off and keeps the schedule exact.
     pub fn recovery(mut self, recovery: Option<Recovery>) -> TaskClientBuilder {
         self.recovery = recovery;

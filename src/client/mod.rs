@@ -30,7 +30,9 @@
 //! All routes share one [`Recovery`], on by default
 //! ([`TaskClientBuilder::recovery`]): any successful call (a `start`, a
 //! `progress`, a report) ends the backoff of the terminal reports waiting on
-//! the same server, at most [`DEFAULT_RELEASE_PER_SECOND`] a second.
+//! the same server, at most
+//! [`DEFAULT_RELEASE_PER_SECOND`](crate::recovery::DEFAULT_RELEASE_PER_SECOND)
+//! a second.
 //!
 //! Every request is a `POST` of JSON to `{base}/api/daemon/tasks/{id}/...`
 //! (the id path-escaped) with `Content-Type: application/json`,
@@ -87,7 +89,7 @@ use tower_http::{sensitive_headers::SetSensitiveRequestHeaders, set_header::SetR
 use tracing::Instrument;
 
 pub use body::{CompleteTask, FailTask, UsageEntry};
-pub use builder::{TaskClientBuilder, DEFAULT_RELEASE_PER_SECOND, DEFAULT_TIMEOUT};
+pub use builder::{TaskClientBuilder, DEFAULT_TIMEOUT};
 #[cfg(feature = "outbox")]
 pub use durable::StoredReport;
 pub use error::Error;

@@ -39,8 +39,6 @@ use crate::{
 pub const DEFAULT_REPLAY_INTERVAL: Duration = Duration::from_secs(30);
 /// The default number of stored requests replayed at once.
 pub const DEFAULT_REPLAY_CONCURRENCY: usize = 16;
-/// The default early-release rate of the dispatcher's own [`Recovery`].
-pub const DEFAULT_RELEASE_PER_SECOND: u32 = 50;
 /// The first wait between probes; doubled after each failed probe up to the
 /// replay interval.
 const FIRST_PROBE_DELAY: Duration = Duration::from_secs(1);
@@ -208,7 +206,7 @@ impl<S> Dispatcher<S> {
             outbox,
             service,
             layer: TerminalRetryLayer::new(),
-            recovery: Some(Recovery::new(DEFAULT_RELEASE_PER_SECOND).expect("a rate above zero")),
+            recovery: Some(Recovery::default()),
             fallback: None,
             replay_interval: DEFAULT_REPLAY_INTERVAL,
             replay_concurrency: DEFAULT_REPLAY_CONCURRENCY,
@@ -233,7 +231,8 @@ impl<S> DispatcherBuilder<S> {
     /// The signal that releases parked retries, and the replay, once any
     /// request succeeds; share it with the other stacks that talk to the same
     /// server. By default a recovery of its own, releasing
-    /// [`DEFAULT_RELEASE_PER_SECOND`] a second; `None` turns early release
+    /// [`DEFAULT_RELEASE_PER_SECOND`](crate::recovery::DEFAULT_RELEASE_PER_SECOND)
+    /// a second; `None` turns early release
     /// off (the replay then waits for its next probe).
     pub fn recovery(mut self, recovery: Option<Recovery>) -> Self {
         self.recovery = recovery;

@@ -75,7 +75,7 @@ mod store;
 
 pub use dispatch::{
     AttemptService, Delivery, Dispatch, Dispatcher, DispatcherBuilder, Durability, Fallback,
-    DEFAULT_RELEASE_PER_SECOND, DEFAULT_REPLAY_CONCURRENCY, DEFAULT_REPLAY_INTERVAL,
+    DEFAULT_REPLAY_CONCURRENCY, DEFAULT_REPLAY_INTERVAL,
 };
 pub use error::OutboxError;
 pub use record::Entry;
