@@ -59,6 +59,11 @@
 //! let mut dispatch = dispatcher.send("order-42-paid", event);
 //! assert_eq!(dispatch.stored().await, Durability::Stored); // safe on disk
 //! assert_eq!(dispatch.await, Delivery::Delivered);
+//! // The record is removed from the file just after.
+//! # for _ in 0..500 {
+//! #     if dispatcher.outbox().pending()?.is_empty() { break }
+//! #     tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+//! # }
 //! assert!(dispatcher.outbox().pending()?.is_empty());
 //! # let key = server.requests()[0].headers["idempotency-key"].clone();
 //! # assert_eq!(key.len(), 36);
