@@ -273,18 +273,15 @@ impl TaskServer {
         lock(&self.state).latency = latency;
     }
 
-    /// The most attempts that were in flight at once, of `task_id` only or of
-    /// every task: from each attempt's arrival and the server's
+    /// The most attempts that were in flight at once among those `which`
+    /// picks: from each attempt's arrival and the server's
     /// [`latency`](TaskServer::latency) (a hang counts as in flight to the
     /// end). Meaningful on tokio's paused clock, where the server's own work
     /// takes no time.
-    pub fn max_in_flight(&self, task_id: Option<&str>) -> usize {
+    pub fn max_in_flight(&self, which: impl Fn(&Attempt) -> bool) -> usize {
         let state = lock(&self.state);
         let mut edges: Vec<(Instant, bool)> = Vec::new();
-        for attempt in &state.attempts {
-            if task_id.is_some_and(|task_id| attempt.task_id != task_id) {
-                continue;
-            }
+        for attempt in state.attempts.iter().filter(|attempt| which(attempt)) {
             edges.push((attempt.at, true));
             if attempt.fault != Some(Fault::Hang) {
                 edges.push((attempt.at + state.latency, false));
