@@ -436,8 +436,11 @@ async fn a_long_error_body_is_cut_to_4_kib_and_trimmed() {
 
 #[tokio::test(start_paused = true)]
 async fn transport_errors_are_transient_and_carry_their_source() {
-    // A port nothing listens on any more: connection refused.
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    // A port nothing listens on any more: connection refused. On 127.0.0.2,
+    // where no test server listens, so that none can be handed the port.
+    let listener = std::net::TcpListener::bind("127.0.0.2:0")
+        .or_else(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
     let addr = listener.local_addr().unwrap();
     drop(listener);
     let client = TaskClient::builder(format!("http://{addr}"))

@@ -431,9 +431,15 @@ where
 
 /// A loopback URL nothing listens on: the port was bound, then released.
 pub async fn refused_url(path: &str) -> String {
-    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .await
-        .expect("a free loopback port");
+    // 127.0.0.2, where no test server listens (they all take 127.0.0.1): a
+    // test running beside this one cannot be handed the port just freed.
+    // Linux answers on all of 127.0.0.0/8; elsewhere, 127.0.0.1 it is.
+    let listener = match tokio::net::TcpListener::bind((Ipv4Addr::new(127, 0, 0, 2), 0)).await {
+        Ok(listener) => listener,
+        Err(_) => tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .await
+            .expect("a free loopback port"),
+    };
     let addr = listener.local_addr().expect("a bound address");
     drop(listener);
     format!("http://{addr}{path}")
