@@ -379,12 +379,11 @@ impl DurabilityWatch {
         (sender, watch)
     }
 
-    /// Waits for the answer; a delivery gone without one did not store.
+    /// Waits for the answer; a delivery gone without one may not have stored.
     pub(crate) async fn wait(&mut self) -> Durability {
         if let Some(receiver) = self.receiver.take() {
-            self.known = Some(receiver.await.unwrap_or_else(|_| {
-                Durability::NotStored(OutboxError::closed(std::path::Path::new("")))
-            }));
+            let stopped = |_| Durability::NotStored(OutboxError::stopped());
+            self.known = Some(receiver.await.unwrap_or_else(stopped));
         }
         self.known.clone().expect("set above")
     }

@@ -19,6 +19,9 @@ enum Kind {
     Io(Arc<dyn Error + Send + Sync>),
     /// The writer is gone: the outbox is being dropped.
     Closed,
+    /// The delivery stopped (its task was aborted, its runtime shut down)
+    /// before the outbox answered.
+    Stopped,
 }
 
 impl OutboxError {
@@ -38,6 +41,10 @@ impl OutboxError {
         OutboxError::new(Kind::Closed, path)
     }
 
+    pub(super) fn stopped() -> OutboxError {
+        OutboxError::new(Kind::Stopped, Path::new(""))
+    }
+
     fn new(kind: Kind, path: &Path) -> OutboxError {
         OutboxError {
             kind,
@@ -45,7 +52,8 @@ impl OutboxError {
         }
     }
 
-    /// The outbox file.
+    /// The outbox file (empty when the delivery stopped before the outbox
+    /// answered, and no file is known).
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -71,6 +79,9 @@ impl fmt::Display for OutboxError {
             Kind::Invalid(reason) => write!(f, "{path} is not a valid outbox: {reason}"),
             Kind::Io(source) => write!(f, "outbox {path} cannot be read or written: {source}"),
             Kind::Closed => write!(f, "outbox {path} is closed"),
+            Kind::Stopped => f.write_str(
+                "the delivery stopped before the outbox answered: the request may or may not be stored",
+            ),
         }
     }
 }
@@ -96,7 +107,7 @@ impl Error for OutboxError {
     fn source(&self) -> Option<&(dyn Error + 'static)> {
         match &self.kind {
             Kind::Io(source) => Some(&**source),
-            Kind::Locked | Kind::Invalid(_) | Kind::Closed => None,
+            Kind::Locked | Kind::Invalid(_) | Kind::Closed | Kind::Stopped => None,
         }
     }
 }
