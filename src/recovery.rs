@@ -112,9 +112,14 @@ struct Shared {
 struct State {
     /// Numbers waiters in the order they parked; never reused.
     next_ticket: u64,
-    /// Authority key (`scheme://host:port`) to its index in `hosts`.
+    /// Authority key (`scheme://host:port`) to its index in `hosts`, for the
+    /// authorities that have waiters.
     host_ids: HashMap<String, usize>,
     hosts: Vec<Host>,
+    /// Indices in `hosts` free for another authority: a host is forgotten
+    /// once its last waiter leaves, so that a client talking to many hosts
+    /// over time keeps only those with waiters.
+    free_hosts: Vec<usize>,
     /// When the token bucket has its next token. A release episode that
     /// starts later than this starts with one token: the first goes at once;
     /// within an episode tokens come every `spacing`.
@@ -125,11 +130,24 @@ struct State {
 
 #[derive(Default)]
 struct Host {
+    /// The authority's key in `host_ids`.
+    key: String,
     /// Waiters by ticket: the oldest first.
     waiters: BTreeMap<u64, Waker>,
     /// Waiters with a ticket below this were parked when a success to this
     /// authority was seen: they are released as tokens come.
     release_below: u64,
+}
+
+impl State {
+    /// Forgets host `id` if nobody waits there any more.
+    fn forget_if_idle(&mut self, id: usize) {
+        if self.hosts[id].waiters.is_empty() {
+            let host = std::mem::take(&mut self.hosts[id]);
+            self.host_ids.remove(&host.key);
+            self.free_hosts.push(id);
+        }
+    }
 }
 
 impl Host {
@@ -219,8 +237,11 @@ impl Recovery {
         let host = match state.host_ids.get(&key) {
             Some(&id) => id,
             None => {
-                let id = state.hosts.len();
-                state.hosts.push(Host::default());
+                let id = state.free_hosts.pop().unwrap_or_else(|| {
+                    state.hosts.push(Host::default());
+                    state.hosts.len() - 1
+                });
+                state.hosts[id].key.clone_from(&key);
                 state.host_ids.insert(key, id);
                 id
             }
@@ -266,13 +287,15 @@ impl Shared {
 
     /// Takes the oldest waiter that a success released, across authorities.
     fn next_released(state: &mut State) -> Option<Waker> {
-        let host = state
+        let (_, id) = state
             .hosts
-            .iter_mut()
-            .filter_map(|host| Some((host.next_release()?, host)))
-            .min_by_key(|(ticket, _)| *ticket)
-            .map(|(_, host)| host)?;
-        host.waiters.pop_first().map(|(_, waker)| waker)
+            .iter()
+            .enumerate()
+            .filter_map(|(id, host)| Some((host.next_release()?, id)))
+            .min()?;
+        let waker = state.hosts[id].waiters.pop_first().map(|(_, waker)| waker);
+        state.forget_if_idle(id);
+        waker
     }
 }
 
@@ -358,6 +381,7 @@ impl Drop for Waiter {
             .is_some()
         {
             self.shared.waiting.fetch_sub(1, Ordering::AcqRel);
+            state.forget_if_idle(self.host);
         }
     }
 }
@@ -418,6 +442,29 @@ mod tests {
         assert_ne!(key("http://a.test:8080/x"), key("http://a.test:8081/x"));
         assert_ne!(key("http://a.test/x"), key("http://b.test/x"));
         assert_eq!(key("/relative"), key("/other"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn hosts_are_forgotten_when_their_last_waiter_leaves() {
+        let recovery = Recovery::new(1_000).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for round in 0..3 {
+            let parked: Vec<Parked> = (0..100)
+                .map(|host| {
+                    let uri: Uri = format!("http://host-{round}-{host}.test/x")
+                        .parse()
+                        .unwrap();
+                    recovery.park(&uri, deadline)
+                })
+                .collect();
+            assert_eq!(recovery.shared.lock().host_ids.len(), 100);
+            drop(parked);
+            let state = recovery.shared.lock();
+            assert!(state.host_ids.is_empty());
+            // Slots are reused: a hundred hosts at a time take a hundred.
+            assert_eq!(state.hosts.len(), 100);
+        }
+        assert_eq!(recovery.waiting(), 0);
     }
 
     #[test]

@@ -39,8 +39,8 @@ use crate::{
 pub const DEFAULT_REPLAY_INTERVAL: Duration = Duration::from_secs(30);
 /// The default number of stored requests replayed at once.
 pub const DEFAULT_REPLAY_CONCURRENCY: usize = 16;
-/// The first wait between probes; doubled after each failed probe up to the
-/// replay interval.
+/// The first wait between probes (or the replay interval, if shorter);
+/// doubled after each failed probe up to the replay interval.
 const FIRST_PROBE_DELAY: Duration = Duration::from_secs(1);
 /// How many pending records the replay reads at a time.
 const REPLAY_PAGE: usize = 256;
@@ -691,7 +691,7 @@ where
                 // Nothing stored: wait for a record to be queued or requeued.
                 drop(shared);
                 wake.notified().await;
-                probe_delay = Some(FIRST_PROBE_DELAY);
+                probe_delay = Some(FIRST_PROBE_DELAY.min(interval));
             }
             (Some(oldest), Some(delay)) => {
                 let deadline = Instant::now() + jitter.apply(delay);
@@ -732,7 +732,7 @@ where
                 };
             }
             (Some(_), None) => match shared.replay_all().await {
-                Replayed::Down => probe_delay = Some(FIRST_PROBE_DELAY),
+                Replayed::Down => probe_delay = Some(FIRST_PROBE_DELAY.min(interval)),
                 Replayed::All { sent } if sent > 0 => {}
                 // What is left is being sent by the foreground, which wakes
                 // the replay if it leaves something behind.
