@@ -510,6 +510,7 @@ enum Step {
     /// The server took it; the record under this sequence number, if
     /// stored, is to be removed.
     Delivered(Delivery, Option<u64>),
+    /// Settled otherwise: quarantined, or never stored and not delivered.
     Done(Delivery),
     /// Left in the outbox for the replay.
     Queued,
