@@ -360,13 +360,15 @@ impl TaskClient {
     {
         let path = route.path(task_id);
         let request = self.request(&path, body)?.map(Full::new);
-        let uri = request.uri().clone();
+        // Kept only for the recovery signal.
+        let uri = self.inner.recovery.as_ref().map(|_| request.uri().clone());
 
         let result = service.clone().oneshot(request).await;
         let outcome = DefaultClassifier.classify(&result);
-        if let (Outcome::Success, Some(recovery)) = (outcome, &self.inner.recovery) {
+        if let (Outcome::Success, Some(recovery), Some(uri)) = (outcome, &self.inner.recovery, &uri)
+        {
             // The terminal layer tells it itself; the routes tried once do not.
-            recovery.observe(&uri);
+            recovery.observe(uri);
         }
         let response = result
             .map_err(|source| Error::transport(Method::POST, path.clone(), source, outcome))?;

@@ -6,8 +6,8 @@ use std::{
     future::Future,
     pin::Pin,
     sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc, Mutex, MutexGuard,
+        atomic::{AtomicU64, Ordering},
+        Mutex, MutexGuard,
     },
     task::{ready, Context, Poll},
     time::Duration,
@@ -161,7 +161,7 @@ impl UndeliveredReport {
 #[must_use = "the report is delivered anyway; await this to learn how it ended"]
 pub struct ReportFuture {
     delivery: JoinHandle<ReportOutcome>,
-    stored: Arc<AtomicBool>,
+    stored: StoredFlag,
     #[cfg(feature = "outbox")]
     durability: crate::outbox::DurabilityWatch,
 }
@@ -188,16 +188,30 @@ impl Future for ReportFuture {
             Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
             // Aborted by `shutdown`, or its runtime shut down: a stored
             // report is the next replay's.
-            Err(_) if self.stored.load(Ordering::Acquire) => ReportOutcome::Queued,
+            Err(_) if self.stored.is_set() => ReportOutcome::Queued,
             Err(_) => ReportOutcome::Abandoned,
         })
     }
 }
 
+/// Whether a report is in the outbox, shared by its delivery, its future
+/// and `shutdown`; never set without the `outbox` feature.
+#[derive(Debug, Clone, Default)]
+struct StoredFlag(#[cfg(feature = "outbox")] std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl StoredFlag {
+    fn is_set(&self) -> bool {
+        #[cfg(feature = "outbox")]
+        return self.0.load(Ordering::Acquire);
+        #[cfg(not(feature = "outbox"))]
+        false
+    }
+}
+
 /// Tells a report's future, and `shutdown`, whether the report is stored.
 pub(super) struct StoredSignal {
-    #[cfg_attr(not(feature = "outbox"), allow(dead_code))]
-    stored: Arc<AtomicBool>,
+    #[cfg(feature = "outbox")]
+    stored: StoredFlag,
     #[cfg(feature = "outbox")]
     durable: tokio::sync::oneshot::Sender<crate::outbox::Durability>,
 }
@@ -207,7 +221,7 @@ impl StoredSignal {
     pub(super) fn tell(self, durability: crate::outbox::Durability) {
         use crate::outbox::Durability;
         let stored = matches!(durability, Durability::Stored | Durability::AlreadyStored);
-        self.stored.store(stored, Ordering::Release);
+        self.stored.0.store(stored, Ordering::Release);
         let _ = self.durable.send(durability);
     }
 }
@@ -227,8 +241,9 @@ pub(super) async fn deliver(
         }
         stored.tell(crate::outbox::Durability::NoOutbox);
     }
+    // Nothing to tell without the `outbox` feature.
     #[cfg(not(feature = "outbox"))]
-    drop(stored);
+    let StoredSignal {} = stored;
     match result.report {
         Report::Completed(complete) => match client.complete_task(task_id, &complete).await {
             Ok(()) => {
@@ -289,7 +304,7 @@ struct Pending {
     report: UndeliveredReport,
     abort: AbortHandle,
     /// Whether the report is in the outbox: then it is not undelivered.
-    stored: Arc<AtomicBool>,
+    stored: StoredFlag,
 }
 
 impl Default for InFlight {
@@ -316,10 +331,11 @@ impl InFlight {
         F: Future<Output = ReportOutcome> + Send + 'static,
     {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let stored = Arc::new(AtomicBool::new(false));
+        let stored = StoredFlag::default();
         #[cfg(feature = "outbox")]
         let (durable, durability) = crate::outbox::DurabilityWatch::new();
         let signal = StoredSignal {
+            #[cfg(feature = "outbox")]
             stored: stored.clone(),
             #[cfg(feature = "outbox")]
             durable,
@@ -375,7 +391,7 @@ impl InFlight {
                     &pending.report.task_id,
                     pending.report.result.is_completed(),
                 );
-                if pending.stored.load(Ordering::Acquire) {
+                if pending.stored.is_set() {
                     tracing::info!(
                         task_id,
                         completed,
