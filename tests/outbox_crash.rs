@@ -289,3 +289,33 @@ async fn a_store_that_cannot_be_written_still_delivers_and_says_not_stored() {
     assert!(std::fs::metadata(&file).unwrap().len() <= limit_kib * 1024);
     let _ = std::fs::remove_dir_all(&directory);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_held_by_another_process_is_an_error_until_it_dies() {
+    let directory = scratch("held");
+    let file = directory.join("reports.redb");
+    let server = TaskServer::start().await.unwrap();
+    server.add_task("t1");
+    let mut child = spawn("report", &server, &file, "t1:c", None);
+    // The child holds the file once it has stored its report.
+    let held = async {
+        loop {
+            if server.state("t1") == Some(TaskState::Completed) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), held)
+        .await
+        .expect("the child reported");
+    let builder = || TaskClient::builder(server.url()).outbox(&file);
+    let error = builder().build().unwrap_err();
+    assert!(error.is_outbox(), "{error}");
+    assert!(error.to_string().contains("held by another"), "{error}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // The lock dies with the process.
+    builder().build().unwrap();
+    let _ = std::fs::remove_dir_all(&directory);
+}
