@@ -5,10 +5,12 @@
 //! at once, because replaying a request the server has refused only burns the
 //! schedule.
 //!
-//! [`DefaultClassifier`] is the rule of the terminal callbacks: below 400 is a
-//! success, 5xx, 408 and 429 are transient, every other 4xx is permanent, and any
-//! error of the inner service (refused or reset connection, an elapsed per-attempt
-//! timeout) is transient. Its status rule is [`classify_status`], usable on its own.
+//! [`DefaultClassifier`] is the rule of the terminal callbacks: only a 2xx is a
+//! success; 5xx, 408 and 429 are transient; every other status (any other 4xx,
+//! and 1xx and 3xx: a redirect is not followed, the request did not reach its
+//! handler) is permanent; and any error of the inner service (refused or reset
+//! connection, an elapsed per-attempt timeout) is transient. Its status rule is
+//! [`classify_status`], usable on its own.
 //!
 //! Any `Fn(&Result<Res, E>) -> Outcome` is a classifier too, so a special case can
 //! be layered over the default:
@@ -95,10 +97,13 @@ impl<B, E> Classify<Response<B>, E> for DefaultClassifier {
     }
 }
 
-/// Classifies a response status: below 400 is [`Outcome::Success`]; 5xx (and
-/// any non-standard code above 599), 408
-/// (Request Timeout) and 429 (Too Many Requests) are [`Outcome::Transient`];
-/// every other 4xx is [`Outcome::Permanent`].
+/// Classifies a response status: 2xx is [`Outcome::Success`]; 5xx (and any
+/// non-standard code above 599), 408 (Request Timeout) and 429 (Too Many
+/// Requests) are [`Outcome::Transient`]; every other status is
+/// [`Outcome::Permanent`]: any other 4xx, and 1xx and 3xx too. A redirect
+/// (`301 Moved Permanently` to `https`, say) means the request did not reach
+/// its handler; it is not followed, as that would send the request, and its
+/// credentials, to wherever the server points. Set the final URL instead.
 ///
 /// ```
 /// use http::StatusCode;
@@ -108,12 +113,14 @@ impl<B, E> Classify<Response<B>, E> for DefaultClassifier {
 /// assert_eq!(classify_status(StatusCode::BAD_GATEWAY), Outcome::Transient);
 /// assert_eq!(classify_status(StatusCode::TOO_MANY_REQUESTS), Outcome::Transient);
 /// assert_eq!(classify_status(StatusCode::NOT_FOUND), Outcome::Permanent);
+/// assert_eq!(classify_status(StatusCode::MOVED_PERMANENTLY), Outcome::Permanent);
+/// assert_eq!(classify_status(StatusCode::CONTINUE), Outcome::Permanent);
 /// ```
 pub fn classify_status(status: StatusCode) -> Outcome {
     match status.as_u16() {
         // 5xx and the non-standard codes above it, as the Go original did.
         500.. | 408 | 429 => Outcome::Transient,
-        400..=499 => Outcome::Permanent,
-        _ => Outcome::Success,
+        200..=299 => Outcome::Success,
+        _ => Outcome::Permanent,
     }
 }

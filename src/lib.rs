@@ -6,8 +6,9 @@
 //! a request on transient failures, on a bounded schedule, and gives up at once
 //! when the server rejects it for good:
 //!
-//! - a status below 400 is a success; 5xx, 408 and 429 are transient; every
-//!   other 4xx is permanent; every error of the inner service (refused or reset
+//! - only a 2xx status is a success; 5xx, 408 and 429 are transient; every
+//!   other status (4xx, and 1xx and 3xx: redirects are not followed) is
+//!   permanent; every error of the inner service (refused or reset
 //!   connection, an elapsed per-attempt timeout) is transient
 //!   ([`classify`]);
 //! - the default [`Schedule`] waits 4, 8, 16, 32 and 64 s: six attempts over
@@ -88,7 +89,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 #![warn(missing_debug_implementations, unreachable_pub, rust_2018_idioms)]
-#![cfg_attr(docsrs, feature(doc_auto_cfg))]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod budget;
 pub mod classify;
@@ -96,6 +97,7 @@ pub mod client;
 mod error;
 pub mod jitter;
 pub mod layer;
+mod origin;
 #[cfg(feature = "outbox")]
 pub mod outbox;
 pub mod policy;

@@ -192,6 +192,11 @@ impl<C> TerminalRetryPolicy<C> {
     pub fn schedule(&self) -> &Schedule {
         &self.config.schedule
     }
+
+    /// How the server's `Retry-After` is honoured.
+    pub fn retry_after(&self) -> RetryAfter {
+        self.config.retry_after
+    }
 }
 
 impl<C> Clone for TerminalRetryPolicy<C> {

@@ -201,7 +201,7 @@ impl Recovery {
         if self.waiting() == 0 {
             return;
         }
-        let key = authority_key(uri);
+        let key = crate::origin::origin_key(uri);
         let mut state = self.shared.lock();
         let Some(&id) = state.host_ids.get(&key) else {
             return;
@@ -232,7 +232,7 @@ impl Recovery {
     /// Parks a caller until `deadline`, or until a success to `uri`'s
     /// authority releases it.
     pub(crate) fn park(&self, uri: &Uri, deadline: Instant) -> Parked {
-        let key = authority_key(uri);
+        let key = crate::origin::origin_key(uri);
         let mut state = self.shared.lock();
         let host = match state.host_ids.get(&key) {
             Some(&id) => id,
@@ -415,34 +415,9 @@ impl Future for Parked {
     }
 }
 
-/// `scheme://host:port` of `uri`, lowercase, the port made explicit; empty
-/// for a URI without authority (every such request shares one key).
-fn authority_key(uri: &Uri) -> String {
-    let Some(host) = uri.host() else {
-        return String::new();
-    };
-    let scheme = uri.scheme_str().unwrap_or("http");
-    let port = uri.port_u16().unwrap_or(match scheme {
-        "https" => 443,
-        _ => 80,
-    });
-    format!("{scheme}://{host}:{port}").to_ascii_lowercase()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn authorities_differ_by_scheme_host_and_port_only() {
-        let key = |uri: &str| authority_key(&uri.parse().unwrap());
-        assert_eq!(key("http://A.test/x"), key("http://a.test:80/y?z"));
-        assert_eq!(key("https://a.test/x"), key("https://a.test:443/"));
-        assert_ne!(key("http://a.test/x"), key("https://a.test/x"));
-        assert_ne!(key("http://a.test:8080/x"), key("http://a.test:8081/x"));
-        assert_ne!(key("http://a.test/x"), key("http://b.test/x"));
-        assert_eq!(key("/relative"), key("/other"));
-    }
 
     #[tokio::test(start_paused = true)]
     async fn hosts_are_forgotten_when_their_last_waiter_leaves() {

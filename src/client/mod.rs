@@ -374,7 +374,7 @@ impl TaskClient {
             .map_err(|source| Error::transport(Method::POST, path.clone(), source, outcome))?;
         let status = response.status();
         // Read even on success, so the connection goes back to the pool.
-        let body = crate::response::body_start(response.into_body(), self.inner.timeout).await;
+        let body = crate::response::body_start(response.into_body(), self.inner.timeout, &[]).await;
         match outcome {
             Outcome::Success => Ok(()),
             Outcome::Transient | Outcome::Permanent => {

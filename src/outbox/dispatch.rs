@@ -540,7 +540,7 @@ where
             let failure = match outcome {
                 Outcome::Success => String::new(),
                 Outcome::Transient | Outcome::Permanent => {
-                    let body = body_start(response.into_body(), BODY_TIMEOUT).await;
+                    let body = body_start(response.into_body(), BODY_TIMEOUT, &[]).await;
                     match body.is_empty() {
                         true => format!("{method} {path} returned {}", status.as_u16()),
                         false => format!("{method} {path} returned {}: {body}", status.as_u16()),

@@ -225,6 +225,25 @@ impl Outbox {
         self.read(PENDING, after + 1, limit)
     }
 
+    /// The pending record stored as `seq`, if it still is: read again by a
+    /// replay after it claimed the record, so that one delivered or changed
+    /// meanwhile is not sent again.
+    pub(super) fn get(&self, seq: u64) -> Result<Option<Entry>, OutboxError> {
+        Ok(self
+            .read(PENDING, seq, 1)?
+            .into_iter()
+            .find(|entry| entry.seq == seq))
+    }
+
+    /// Whether the last commit succeeded: while it did not, nothing that
+    /// needs recording (a delivery) should be attempted.
+    pub(super) fn is_writable(&self) -> bool {
+        true
+    }
+
+    /// Resolves once commits work again (at once while they do).
+    pub(super) async fn writable(&self) {}
+
     /// What wakes the replay: records made pending again.
     pub(super) fn requeued(&self) -> Arc<Notify> {
         self.store.requeued.clone()
