@@ -99,6 +99,9 @@ async fn run(concurrency: usize) {
         .layer(TerminalRetryLayer::new().with_schedule(Schedule::new([]).expect("no retry")))
         .recovery(Some(recovery.clone()))
         .replay_concurrency(concurrency)
+        // A loopback server takes the whole backlog at once; the default rate
+        // protects a real one recovering from an outage.
+        .replay_rate(1_000_000)
         .build()
         .expect("a dispatcher");
     let next = Arc::new(AtomicU64::new(0));

@@ -3,9 +3,11 @@
 //! During a long outage, retries multiply the load on a server that is already
 //! down. A budget caps retries to a share of the calls that went through:
 //! each call deposits, each retry withdraws, and with the budget spent the
-//! policy returns the last outcome at once. It is tower's own
-//! [`TpsBudget`], with its arguments checked when it is built
-//! instead of asserted when it is used.
+//! policy returns the last outcome at once. It keeps the accounting of
+//! tower's [`TpsBudget`](tower::retry::budget::TpsBudget) (a window of ten
+//! slots), with its arguments checked when it is built instead of asserted
+//! when it is used, and a constant cost per call after any idle time (tower's
+//! walks every slot-width that passed: a day idle is 864,000 steps).
 //!
 //! ```
 //! use std::time::Duration;
@@ -18,16 +20,44 @@
 //! # Ok::<(), tower_terminal_retry::ConfigError>(())
 //! ```
 
-use std::{fmt, sync::Arc, time::Duration};
+use std::{
+    fmt,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
-use tower::retry::budget::{Budget, TpsBudget};
+use tokio::time::Instant;
 
 use crate::ConfigError;
+
+/// How many slots the window is cut into.
+const SLOTS: usize = 10;
 
 /// A retry budget shared by all its clones: see the [module docs](self).
 #[derive(Clone)]
 pub struct RetryBudget {
-    inner: Arc<TpsBudget>,
+    inner: Arc<Budget>,
+}
+
+struct Budget {
+    /// What a call deposits and a retry withdraws, scaled so that both are
+    /// whole numbers.
+    deposit: i64,
+    withdraw: i64,
+    /// Always there: `min_per_sec` retries a second over the window.
+    reserve: i64,
+    /// The width of one slot: a tenth of the window.
+    slot_width: Duration,
+    balance: Mutex<Balance>,
+}
+
+struct Balance {
+    /// The slots that closed within the window, and the open one's total.
+    closed: [i64; SLOTS],
+    open: i64,
+    /// Where the open slot goes when it closes, and when it opened.
+    index: usize,
+    opened: Instant,
 }
 
 impl RetryBudget {
@@ -54,19 +84,76 @@ impl RetryBudget {
                 reason: "min_per_sec must be below 2^31 - 1",
             });
         }
+        // tower's scaling: a ratio of r allows r retries per call.
+        let (deposit, withdraw) = if retry_ratio == 0.0 {
+            (0, 1)
+        } else if retry_ratio <= 1.0 {
+            (1, (1.0 / retry_ratio) as i64)
+        } else {
+            (1000, (1000.0 / retry_ratio) as i64)
+        };
+        let reserve = i64::from(min_per_sec)
+            .saturating_mul(ttl.as_secs() as i64)
+            .saturating_mul(withdraw);
         Ok(RetryBudget {
-            inner: Arc::new(TpsBudget::new(ttl, min_per_sec, retry_ratio)),
+            inner: Arc::new(Budget {
+                deposit,
+                withdraw,
+                reserve,
+                slot_width: ttl / SLOTS as u32,
+                balance: Mutex::new(Balance {
+                    closed: [0; SLOTS],
+                    open: 0,
+                    index: 0,
+                    opened: Instant::now(),
+                }),
+            }),
         })
     }
 
     /// Records a call that went through, earning retries for later.
     pub fn deposit(&self) {
-        self.inner.deposit();
+        let mut balance = self.inner.current();
+        balance.open = balance.open.saturating_add(self.inner.deposit);
     }
 
     /// Takes one retry from the budget; `false` when it is spent.
     pub fn withdraw(&self) -> bool {
-        self.inner.withdraw()
+        let budget = &*self.inner;
+        let mut balance = budget.current();
+        let available = balance
+            .closed
+            .iter()
+            .fold(balance.open, |sum, slot| sum.saturating_add(*slot))
+            .saturating_add(budget.reserve);
+        let allowed = available >= budget.withdraw;
+        if allowed {
+            balance.open = balance.open.saturating_sub(budget.withdraw);
+        }
+        allowed
+    }
+}
+
+impl Budget {
+    /// The balance, its slots older than the window dropped.
+    fn current(&self) -> std::sync::MutexGuard<'_, Balance> {
+        let mut balance = crate::sync::lock(&self.balance);
+        let now = Instant::now();
+        let elapsed = now.saturating_duration_since(balance.opened);
+        if elapsed < self.slot_width {
+            return balance;
+        }
+        let index = balance.index;
+        balance.closed[index] = std::mem::take(&mut balance.open);
+        // The slots that passed with no call are empty; a gap of a whole
+        // window or more empties them all, whatever its length.
+        let skipped = (elapsed.as_nanos().saturating_sub(1) / self.slot_width.as_nanos()) as usize;
+        for step in 1..=skipped.min(SLOTS) {
+            balance.closed[(index + step) % SLOTS] = 0;
+        }
+        balance.index = (index + 1 + skipped % SLOTS) % SLOTS;
+        balance.opened = now;
+        balance
     }
 }
 
@@ -99,6 +186,33 @@ mod tests {
                 "{ttl:?} {min} {ratio}"
             );
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_century_idle_costs_no_more_than_a_slot() {
+        let budget = RetryBudget::new(Duration::from_secs(1), 1, 0.5).unwrap();
+        for _ in 0..4 {
+            budget.deposit();
+        }
+        assert!(budget.withdraw() && budget.withdraw());
+        // Walking every tenth of a second of a century would never end.
+        tokio::time::advance(Duration::from_secs(100 * 365 * 24 * 3600)).await;
+        // The deposits have expired; the reserve (one a second, two per
+        // retry at this ratio) allows one retry.
+        assert!(budget.withdraw(), "the reserve is there after the idle");
+        assert!(!budget.withdraw(), "and the old deposits are gone");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn deposits_expire_after_the_window() {
+        let budget = RetryBudget::new(Duration::from_secs(10), 0, 1.0).unwrap();
+        budget.deposit();
+        tokio::time::advance(Duration::from_secs(5)).await;
+        budget.deposit();
+        tokio::time::advance(Duration::from_millis(5_500)).await;
+        // The first deposit left the window, the second did not.
+        assert!(budget.withdraw());
+        assert!(!budget.withdraw());
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::{error::Error, fmt, time::Duration};
 pub enum ConfigError {
     /// A schedule holds more delays than [`MAX_RETRIES`](crate::schedule::MAX_RETRIES).
     TooManyRetries {
-        /// How many delays were given.
+        /// How many delays were given, counted up to the first one too many.
         count: usize,
     },
     /// A delay, or a cap on delays, is longer than [`MAX_DELAY`](crate::schedule::MAX_DELAY).
@@ -41,7 +41,7 @@ impl fmt::Display for ConfigError {
         match self {
             ConfigError::TooManyRetries { count } => write!(
                 f,
-                "retry schedule has {count} delays, at most {} are allowed",
+                "retry schedule has {count} delays or more, at most {} are allowed",
                 crate::schedule::MAX_RETRIES
             ),
             ConfigError::DelayTooLong { delay } => write!(

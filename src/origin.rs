@@ -8,21 +8,38 @@ use http::Uri;
 /// `scheme://host:port` of `uri`, lowercase, the port made explicit; empty
 /// for a URI without authority (every such request shares one key).
 pub(crate) fn origin_key(uri: &Uri) -> String {
-    let Some(host) = uri.host() else {
-        return String::new();
+    match parts(uri) {
+        Some((scheme, host, port)) => format!("{scheme}://{host}:{port}").to_ascii_lowercase(),
+        None => String::new(),
+    }
+}
+
+/// Whether `uri` goes to the origin of `key` (made by [`origin_key`]); a URI
+/// without authority goes nowhere in particular, so to no origin. Checked on
+/// every attempt that may carry credentials, so it allocates nothing.
+pub(crate) fn is_origin(uri: &Uri, key: &str) -> bool {
+    let (Some((scheme, host, port)), Some((key_scheme, key_authority))) =
+        (parts(uri), key.split_once("://"))
+    else {
+        return false;
     };
+    let Some((key_host, key_port)) = key_authority.rsplit_once(':') else {
+        return false;
+    };
+    scheme.eq_ignore_ascii_case(key_scheme)
+        && host.eq_ignore_ascii_case(key_host)
+        && key_port.parse() == Ok(port)
+}
+
+/// Scheme, host and port (the scheme's default if none is given).
+fn parts(uri: &Uri) -> Option<(&str, &str, u16)> {
+    let host = uri.host()?;
     let scheme = uri.scheme_str().unwrap_or("http");
     let port = uri.port_u16().unwrap_or(match scheme {
         "https" => 443,
         _ => 80,
     });
-    format!("{scheme}://{host}:{port}").to_ascii_lowercase()
-}
-
-/// Whether `uri` goes to the origin of `key` (made by [`origin_key`]); a URI
-/// without authority goes nowhere in particular, so to no origin.
-pub(crate) fn is_origin(uri: &Uri, key: &str) -> bool {
-    !key.is_empty() && origin_key(uri) == key
+    Some((scheme, host, port))
 }
 
 #[cfg(test)]
@@ -48,6 +65,10 @@ mod tests {
         let own = key("http://a.test:8080");
         assert!(is_origin(&"http://A.test:8080/x".parse().unwrap(), &own));
         assert!(!is_origin(&"http://a.test:8081/x".parse().unwrap(), &own));
+        assert!(!is_origin(&"https://a.test:8080/x".parse().unwrap(), &own));
+        assert!(!is_origin(&"http://b.test:8080/x".parse().unwrap(), &own));
+        let ipv6 = key("http://[::1]/");
+        assert!(is_origin(&"http://[::1]:80/x".parse().unwrap(), &ipv6));
         assert!(!is_origin(&"/x".parse().unwrap(), &own));
         assert!(!is_origin(&"/x".parse().unwrap(), &key("/y")));
     }

@@ -107,9 +107,9 @@ pub(crate) fn redirect_note(status: StatusCode, headers: &HeaderMap) -> Option<S
         .get(LOCATION)
         .map(|value| clean(&String::from_utf8_lossy(value.as_bytes()), &[]));
     Some(match location {
-        Some(location) => format!(
-            "redirect to {location:?} not followed: set the final URL instead"
-        ),
+        Some(location) => {
+            format!("redirect to {location:?} not followed: set the final URL instead")
+        }
         None => "redirect not followed: set the final URL instead".to_owned(),
     })
 }

@@ -55,10 +55,12 @@ impl Schedule {
     ///
     /// # Errors
     ///
-    /// [`ConfigError::TooManyRetries`] for more than [`MAX_RETRIES`] delays,
-    /// [`ConfigError::DelayTooLong`] for a delay over [`MAX_DELAY`].
+    /// [`ConfigError::TooManyRetries`] for more than [`MAX_RETRIES`] delays
+    /// (the iterator is read no further than the first delay too many, so an
+    /// endless one is an error too), [`ConfigError::DelayTooLong`] for a
+    /// delay over [`MAX_DELAY`].
     pub fn new(delays: impl IntoIterator<Item = Duration>) -> Result<Schedule, ConfigError> {
-        let delays: Vec<Duration> = delays.into_iter().collect();
+        let delays: Vec<Duration> = delays.into_iter().take(MAX_RETRIES + 1).collect();
         if delays.len() > MAX_RETRIES {
             return Err(ConfigError::TooManyRetries {
                 count: delays.len(),
@@ -165,6 +167,11 @@ mod tests {
         assert!(Schedule::new(vec![Duration::ZERO; MAX_RETRIES]).is_ok());
         assert_eq!(
             Schedule::new(vec![Duration::ZERO; MAX_RETRIES + 1]),
+            Err(ConfigError::TooManyRetries { count: 65 })
+        );
+        // An endless iterator is read up to the first delay too many.
+        assert_eq!(
+            Schedule::new(std::iter::repeat(Duration::ZERO)),
             Err(ConfigError::TooManyRetries { count: 65 })
         );
         assert!(Schedule::new([MAX_DELAY]).is_ok());

@@ -47,16 +47,22 @@ fn short_layer() -> TerminalRetryLayer {
 
 #[tokio::test(start_paused = true)]
 async fn default_classifier_table_holds_through_the_layer() {
-    // (status, outcome): below 400 success; 5xx (and above), 408, 429 transient;
-    // every other 4xx permanent.
+    // (status, outcome): 2xx success; 5xx (and above), 408, 429 transient;
+    // every other status permanent: 1xx, 3xx (redirects are not followed)
+    // and the rest of 4xx.
     let table = [
-        (100, Outcome::Success),
+        (100, Outcome::Permanent),
+        (199, Outcome::Permanent),
         (200, Outcome::Success),
         (201, Outcome::Success),
         (204, Outcome::Success),
-        (301, Outcome::Success),
-        (304, Outcome::Success),
-        (399, Outcome::Success),
+        (299, Outcome::Success),
+        (301, Outcome::Permanent),
+        (302, Outcome::Permanent),
+        (304, Outcome::Permanent),
+        (307, Outcome::Permanent),
+        (308, Outcome::Permanent),
+        (399, Outcome::Permanent),
         (400, Outcome::Permanent),
         (401, Outcome::Permanent),
         (403, Outcome::Permanent),

@@ -11,10 +11,11 @@ use tower_terminal_retry::{
     DefaultClassifier, Outcome, Schedule, TerminalRetryPolicy,
 };
 
-/// The rule, stated apart from the crate: below 400 a success; 5xx and above,
-/// 408 and 429 transient; the rest of 4xx permanent.
+/// The rule, stated apart from the crate: 2xx a success; 5xx and above,
+/// 408 and 429 transient; everything else (1xx, 3xx, the rest of 4xx)
+/// permanent.
 fn expected_outcome(code: u16) -> Outcome {
-    if code < 400 {
+    if (200..300).contains(&code) {
         Outcome::Success
     } else if code >= 500 || code == 408 || code == 429 {
         Outcome::Transient

@@ -15,11 +15,12 @@ use hyper_util::{
 };
 use tower::{Layer, ServiceBuilder};
 use tower_http::{
-    sensitive_headers::SetSensitiveRequestHeadersLayer, set_header::SetRequestHeaderLayer,
+    sensitive_headers::SetSensitiveRequestHeadersLayer,
+    set_header::{MakeHeaderValue, SetRequestHeaderLayer},
 };
 
 use super::{report::InFlight, Error, Inner, TaskClient};
-use crate::{Recovery, Schedule, TerminalRetryLayer};
+use crate::{Recovery, RetryAfter, Schedule, TerminalRetryLayer};
 
 /// The connector under the client: plain HTTP, or HTTP and HTTPS with the
 /// `rustls` feature.
@@ -33,6 +34,9 @@ pub(super) type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
 /// The default per-attempt timeout.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The default bound on a client's requests in flight at once.
+pub const DEFAULT_CONCURRENCY_LIMIT: usize = 64;
+
 /// Configures a [`TaskClient`]; made by [`TaskClient::builder`].
 ///
 /// Nothing is checked until [`build`](TaskClientBuilder::build), which reports
@@ -42,21 +46,25 @@ pub struct TaskClientBuilder {
     token: Option<String>,
     client_version: Option<String>,
     schedule: Schedule,
+    retry_after: RetryAfter,
     timeout: Duration,
+    concurrency_limit: usize,
     recovery: Option<Recovery>,
     #[cfg(feature = "outbox")]
-    outbox: Option<OutboxSettings>,
+    outbox: OutboxSettings,
     #[cfg(feature = "rustls")]
     roots: Roots,
 }
 
-/// Where and how terminal reports are kept on disk.
+/// Where and how terminal reports are kept on disk; the replay settings
+/// apply once a path is set, whatever the order of the calls.
 #[cfg(feature = "outbox")]
 #[derive(Debug)]
 pub(super) struct OutboxSettings {
-    pub(super) path: std::path::PathBuf,
+    pub(super) path: Option<std::path::PathBuf>,
     pub(super) replay_interval: Duration,
     pub(super) replay_concurrency: usize,
+    pub(super) replay_rate: u32,
 }
 
 /// Which certificate authorities an HTTPS connection trusts.
@@ -77,17 +85,27 @@ impl TaskClientBuilder {
             token: None,
             client_version: None,
             schedule: Schedule::default(),
+            retry_after: RetryAfter::default(),
             timeout: DEFAULT_TIMEOUT,
+            concurrency_limit: DEFAULT_CONCURRENCY_LIMIT,
             recovery: Some(Recovery::default()),
             #[cfg(feature = "outbox")]
-            outbox: None,
+            outbox: OutboxSettings {
+                path: None,
+                replay_interval: crate::outbox::DEFAULT_REPLAY_INTERVAL,
+                replay_concurrency: crate::outbox::DEFAULT_REPLAY_CONCURRENCY,
+                replay_rate: crate::outbox::DEFAULT_REPLAY_RATE,
+            },
             #[cfg(feature = "rustls")]
             roots: Roots::Webpki,
         }
     }
 
-    /// Sends `Authorization: Bearer <token>` with every request. The header is
-    /// marked sensitive, and the token appears in no `Debug` output or event.
+    /// Sends `Authorization: Bearer <token>` with every request to the base
+    /// URL's own scheme, host and port, and to no other. The header is marked
+    /// sensitive, and the token appears in no `Debug` output, error or event:
+    /// a server that echoes it back in an error body sees it replaced by
+    /// `[redacted]`.
     pub fn token(mut self, token: impl Into<String>) -> TaskClientBuilder {
         self.token = Some(token.into());
         self
@@ -106,12 +124,34 @@ impl TaskClientBuilder {
         self
     }
 
+    /// How the server's `Retry-After` on a 429 or 503 is honoured on the
+    /// terminal routes and by the outbox's probes, with the layer's meaning
+    /// (see [`retry_after`](crate::retry_after)): by default up to
+    /// [`DEFAULT_CAP`](crate::retry_after::DEFAULT_CAP), five minutes. A
+    /// lower cap bounds how long one report can be held by a server asking
+    /// for long waits.
+    pub fn retry_after(mut self, retry_after: RetryAfter) -> TaskClientBuilder {
+        self.retry_after = retry_after;
+        self
+    }
+
     /// How long one attempt may take, until the response headers and again for
     /// reading the response body (by default [`DEFAULT_TIMEOUT`], 30 s). An
     /// attempt that times out is a transient failure, retried on the terminal
-    /// routes.
+    /// routes. It starts when the attempt is sent, not while it waits for its
+    /// turn under the [`concurrency_limit`](TaskClientBuilder::concurrency_limit).
     pub fn timeout(mut self, timeout: Duration) -> TaskClientBuilder {
         self.timeout = timeout;
+        self
+    }
+
+    /// At most `limit` requests of this client are in flight at once, across
+    /// every route, its clones, and the outbox's replay (by default
+    /// [`DEFAULT_CONCURRENCY_LIMIT`], 64). The others wait their turn: ten
+    /// thousand reports at once open no more connections than this. Zero is
+    /// a configuration error.
+    pub fn concurrency_limit(mut self, limit: usize) -> TaskClientBuilder {
+        self.concurrency_limit = limit;
         self
     }
 
@@ -128,20 +168,19 @@ impl TaskClientBuilder {
     }
 
     /// Makes terminal reports durable in the outbox file at `path` (created
-    /// if missing): each report of
+    /// if missing, with its folder): each report of
     /// [`report_task_result`](TaskClient::report_task_result) is committed
     /// to disk before its first attempt, and delivered, across restarts,
     /// however long the server is away (see [`outbox`](crate::outbox)).
     /// [`complete_task`](TaskClient::complete_task) and
     /// [`fail_task`](TaskClient::fail_task) called directly are not stored.
+    ///
+    /// Only reports to the base URL's own origin are replayed: one stored
+    /// under another base URL (or planted in the file) is quarantined, with
+    /// an `error` event naming its host, never sent with this client's token.
     #[cfg(feature = "outbox")]
     pub fn outbox(mut self, path: impl Into<std::path::PathBuf>) -> TaskClientBuilder {
-        let outbox = self.outbox.get_or_insert(OutboxSettings {
-            path: std::path::PathBuf::new(),
-            replay_interval: crate::outbox::DEFAULT_REPLAY_INTERVAL,
-            replay_concurrency: crate::outbox::DEFAULT_REPLAY_CONCURRENCY,
-        });
-        outbox.path = path.into();
+        self.outbox.path = Some(path.into());
         self
     }
 
@@ -149,9 +188,7 @@ impl TaskClientBuilder {
     /// two probes of a server that is down (by default 30 s).
     #[cfg(feature = "outbox")]
     pub fn replay_interval(mut self, interval: Duration) -> TaskClientBuilder {
-        if let Some(outbox) = &mut self.outbox {
-            outbox.replay_interval = interval;
-        }
+        self.outbox.replay_interval = interval;
         self
     }
 
@@ -159,9 +196,19 @@ impl TaskClientBuilder {
     /// are sent at once once the server is back (by default 16).
     #[cfg(feature = "outbox")]
     pub fn replay_concurrency(mut self, concurrency: usize) -> TaskClientBuilder {
-        if let Some(outbox) = &mut self.outbox {
-            outbox.replay_concurrency = concurrency;
-        }
+        self.outbox.replay_concurrency = concurrency;
+        self
+    }
+
+    /// With an [`outbox`](TaskClientBuilder::outbox): at most this many
+    /// stored reports start a replay in any one second, give or take the
+    /// replay concurrency (by default
+    /// [`DEFAULT_REPLAY_RATE`](crate::outbox::DEFAULT_REPLAY_RATE)), so that
+    /// a server back from an outage is not met by the whole backlog at once.
+    /// Zero is a configuration error.
+    #[cfg(feature = "outbox")]
+    pub fn replay_rate(mut self, per_second: u32) -> TaskClientBuilder {
+        self.outbox.replay_rate = per_second;
         self
     }
 
@@ -193,11 +240,14 @@ impl TaskClientBuilder {
     /// # Errors
     ///
     /// A base URL that is not an absolute `http` URL (or `https` with the
-    /// `rustls` feature) without query; a token or version a header cannot
-    /// carry; a zero timeout; no tokio runtime; with `rustls`, a trust store
-    /// that cannot be loaded; with an outbox, a file held by another live
-    /// client or that is not an outbox (left as it was), or a zero replay
-    /// interval or concurrency.
+    /// `rustls` feature) with a host and a port from 1 to 65535, or that has
+    /// user info (credentials: use [`token`](TaskClientBuilder::token); the
+    /// error does not show them), a query or a fragment; a token or version
+    /// a header cannot carry; a zero timeout or concurrency limit; no tokio
+    /// runtime; with `rustls`, a trust store that cannot be loaded; with an
+    /// outbox, a file that cannot be opened (held by another live client,
+    /// not an outbox, open to other users: the error names it), or a zero
+    /// replay interval, concurrency or rate.
     pub fn build(self) -> Result<TaskClient, Error> {
         let base = base_url(&self.base_url)?;
         let headers = self.headers()?;
@@ -205,6 +255,12 @@ impl TaskClientBuilder {
         if self.timeout.is_zero() {
             return Err(Error::config(
                 "the per-attempt timeout must not be zero",
+                None,
+            ));
+        }
+        if self.concurrency_limit == 0 {
+            return Err(Error::config(
+                "the concurrency limit must be at least one request",
                 None,
             ));
         }
@@ -217,25 +273,42 @@ impl TaskClientBuilder {
         let client =
             Client::builder(TokioExecutor::new()).build::<_, Full<Bytes>>(self.connector()?);
 
-        // The token is added to every attempt, stored reports' replays too
-        // (the outbox never writes it), and marked sensitive on the way.
+        let origin = crate::origin::origin_key(&base.parse::<Uri>().unwrap_or_default());
+        // The token is added to every attempt to the client's own origin,
+        // stored reports' replays too (the outbox never writes it), and
+        // marked sensitive on the way. The limit sits outside the timeout,
+        // so that waiting for a turn does not count against an attempt.
         let single = ServiceBuilder::new()
-            .layer(SetRequestHeaderLayer::if_not_present(AUTHORIZATION, token))
+            .layer(SetRequestHeaderLayer::if_not_present(
+                AUTHORIZATION,
+                Credentials {
+                    origin: origin.into(),
+                    value: token,
+                },
+            ))
             .layer(SetSensitiveRequestHeadersLayer::from_shared(Arc::new([
                 AUTHORIZATION,
             ])))
+            .concurrency_limit(self.concurrency_limit)
             .timeout(self.timeout)
             .service(client);
         // The timeout sits inside the retry layer: a hung attempt is a
         // transient failure, retried like a 502.
-        let layer = TerminalRetryLayer::new().with_schedule(self.schedule.clone());
+        let layer = TerminalRetryLayer::new()
+            .with_schedule(self.schedule.clone())
+            .with_retry_after(self.retry_after);
         #[cfg(feature = "outbox")]
-        let dispatcher = match &self.outbox {
-            Some(outbox) => Some(super::durable::dispatcher(
-                outbox,
-                single.clone(),
-                layer.clone(),
-                self.recovery.clone(),
+        let dispatcher = match &self.outbox.path {
+            Some(path) => Some(super::durable::dispatcher(
+                path,
+                &self.outbox,
+                super::durable::Sending {
+                    attempt: single.clone(),
+                    layer: layer.clone(),
+                    recovery: self.recovery.clone(),
+                    base: &base,
+                    token: self.token.as_deref(),
+                },
             )?),
             None => None,
         };
@@ -249,7 +322,7 @@ impl TaskClientBuilder {
             inner: Arc::new(Inner {
                 base,
                 headers,
-                has_token: self.token.is_some(),
+                token: self.token,
                 client_version: self.client_version,
                 schedule: self.schedule,
                 timeout: self.timeout,
@@ -354,39 +427,51 @@ impl TaskClientBuilder {
 
 impl fmt::Debug for TaskClientBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TaskClientBuilder")
-            .field("base_url", &self.base_url)
+        let mut debug = f.debug_struct("TaskClientBuilder");
+        debug
+            .field("base_url", &without_credentials(&self.base_url))
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("client_version", &self.client_version)
             .field("terminal_schedule", &self.schedule.delays())
+            .field("retry_after", &self.retry_after)
             .field("timeout", &self.timeout)
-            .field("recovery", &self.recovery)
-            .field("outbox", &self.outbox_path())
-            .finish_non_exhaustive()
+            .field("concurrency_limit", &self.concurrency_limit)
+            .field("recovery", &self.recovery);
+        #[cfg(feature = "outbox")]
+        debug.field("outbox", &self.outbox);
+        debug.finish_non_exhaustive()
     }
 }
 
-impl TaskClientBuilder {
-    #[cfg(feature = "outbox")]
-    fn outbox_path(&self) -> Option<&std::path::Path> {
-        self.outbox.as_ref().map(|outbox| outbox.path.as_path())
-    }
+/// The `Authorization` value, for requests to the client's own origin only:
+/// a stored report, or a redirect target, elsewhere never gets the token.
+#[derive(Clone)]
+pub(super) struct Credentials {
+    /// [`origin_key`](crate::origin::origin_key) of the base URL.
+    origin: Arc<str>,
+    value: Option<HeaderValue>,
+}
 
-    #[cfg(not(feature = "outbox"))]
-    fn outbox_path(&self) -> Option<&std::path::Path> {
-        None
+impl<B> MakeHeaderValue<http::Request<B>> for Credentials {
+    fn make_header_value(&mut self, request: &http::Request<B>) -> Option<HeaderValue> {
+        let value = self.value.as_ref()?;
+        crate::origin::is_origin(request.uri(), &self.origin).then(|| value.clone())
     }
 }
+
+/// The longest base URL accepted, in bytes.
+const MAX_BASE_URL: usize = 2048;
 
 /// `scheme://authority/prefix`, without a trailing slash, from the base URL.
 fn base_url(base_url: &str) -> Result<String, Error> {
-    let invalid = |reason: &str| Error::config(format!("base URL {base_url:?} {reason}"), None);
-    let uri: Uri = base_url.parse().map_err(|error: http::uri::InvalidUri| {
-        Error::config(
-            format!("base URL {base_url:?} is not a URL"),
-            Some(error.into()),
-        )
-    })?;
+    let shown = without_credentials(base_url);
+    let invalid = |reason: &str| Error::config(format!("base URL {shown:?} {reason}"), None);
+    if base_url.len() > MAX_BASE_URL {
+        return Err(invalid("is longer than 2048 bytes"));
+    }
+    let uri: Uri = base_url
+        .parse()
+        .map_err(|_: http::uri::InvalidUri| invalid("is not a URL"))?;
     let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
         return Err(invalid("is not absolute (scheme and host)"));
     };
@@ -396,11 +481,49 @@ fn base_url(base_url: &str) -> Result<String, Error> {
         "https" => return Err(invalid("needs the `rustls` feature for https")),
         _ => return Err(invalid("is neither http nor https")),
     }
-    if uri.query().is_some() {
-        return Err(invalid("has a query"));
+    if authority.as_str().contains('@') {
+        return Err(invalid(
+            "carries credentials (user info): pass a token with `token()` instead",
+        ));
+    }
+    if authority.host().is_empty() {
+        return Err(invalid("has no host"));
+    }
+    // `http::Uri` takes any digits for a port, and a bare `:`.
+    let port = authority
+        .as_str()
+        .rsplit_once(']')
+        .map_or(authority.as_str(), |(_, after_ipv6)| after_ipv6)
+        .split_once(':')
+        .map(|(_, port)| port);
+    if let Some(port) = port {
+        if !matches!(port.parse::<u16>(), Ok(1..)) {
+            return Err(invalid("has a port outside 1 to 65535"));
+        }
+    }
+    // `http::Uri` drops a fragment without a word.
+    if uri.query().is_some() || base_url.contains('#') {
+        return Err(invalid("has a query or a fragment"));
     }
     let prefix = uri.path().trim_end_matches('/');
     Ok(format!("{scheme}://{authority}{prefix}"))
+}
+
+/// `url` as it can be shown: user info, if any, replaced by `[redacted]`.
+fn without_credentials(url: &str) -> String {
+    let after_scheme = url.find("://").map_or(0, |at| at + 3);
+    let authority_end = url[after_scheme..]
+        .find(['/', '?', '#'])
+        .map_or(url.len(), |at| after_scheme + at);
+    match url[after_scheme..authority_end].rfind('@') {
+        Some(at) => format!(
+            "{}{}{}",
+            &url[..after_scheme],
+            crate::response::REDACTED,
+            &url[after_scheme + at..]
+        ),
+        None => url.to_owned(),
+    }
 }
 
 #[cfg(test)]
@@ -432,11 +555,36 @@ mod tests {
             "127.0.0.1:8080",
             "ftp://127.0.0.1",
             "http://127.0.0.1/?x=1",
+            "http://127.0.0.1:99999",
+            "http://127.0.0.1:65536",
+            "http://127.0.0.1:0",
+            "http://127.0.0.1:",
+            "http://:80",
+            "http://127.0.0.1/#fragment",
+            "http://[::1]:0/",
         ] {
             let error = base_url(bad).unwrap_err();
             assert!(error.is_config(), "{bad:?}: {error}");
             assert!(!error.is_transient());
         }
+        assert_eq!(base_url("http://[::1]:8080/").unwrap(), "http://[::1]:8080");
+        assert_eq!(base_url("http://h:65535").unwrap(), "http://h:65535");
+    }
+
+    #[test]
+    fn credentials_in_the_base_url_are_refused_and_never_shown() {
+        for bad in [
+            "http://user:pa55word@127.0.0.1:8080/x",
+            "http://user:pa55word@127.0.0.1:99999/x",
+            "http://user:pa55word@ho st/x",
+        ] {
+            let error = base_url(bad).unwrap_err();
+            assert!(error.is_config(), "{bad:?}: {error}");
+            let shown = format!("{error} {error:?}");
+            assert!(!shown.contains("pa55word"), "{shown}");
+        }
+        let builder = TaskClientBuilder::new("http://u:pa55word@127.0.0.1".into());
+        assert!(!format!("{builder:?}").contains("pa55word"));
     }
 
     #[test]

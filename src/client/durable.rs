@@ -6,8 +6,9 @@ use bytes::Bytes;
 use http::{uri::PathAndQuery, Request, StatusCode, Uri};
 
 use super::{
-    builder::OutboxSettings, report::Report, Action, Attempt, CompleteTask, Error, ReportOutcome,
-    TaskClient,
+    builder::OutboxSettings,
+    report::{superseded, Report, StoredSignal},
+    Action, Attempt, CompleteTask, Error, ReportOutcome, TaskClient,
 };
 use crate::{
     outbox::{Delivery, Dispatcher, Durability, Entry, Outbox},
@@ -67,20 +68,42 @@ impl StoredReport {
     }
 }
 
+/// How the client's reports are sent: what its dispatcher needs of it.
+pub(super) struct Sending<'a> {
+    pub(super) attempt: Attempt,
+    pub(super) layer: TerminalRetryLayer,
+    pub(super) recovery: Option<Recovery>,
+    /// The base URL: only its origin gets stored reports.
+    pub(super) base: &'a str,
+    /// Redacted from whatever the server sends back.
+    pub(super) token: Option<&'a str>,
+}
+
 /// Opens the outbox and starts its replay worker.
 pub(super) fn dispatcher(
+    path: &std::path::Path,
     settings: &OutboxSettings,
-    attempt: Attempt,
-    layer: TerminalRetryLayer,
-    recovery: Option<Recovery>,
+    sending: Sending<'_>,
 ) -> Result<Dispatcher<Attempt>, Error> {
-    let outbox = Outbox::open(&settings.path).map_err(Error::outbox)?;
-    Dispatcher::builder(outbox, attempt)
-        .layer(layer)
-        .recovery(recovery)
+    let origin: Uri = sending
+        .base
+        .parse()
+        .map_err(|error: http::uri::InvalidUri| {
+            Error::config("the base URL is not a URL", Some(error.into()))
+        })?;
+    let outbox = Outbox::open(path).map_err(Error::outbox)?;
+    let mut builder = Dispatcher::builder(outbox, sending.attempt)
+        .layer(sending.layer)
+        .recovery(sending.recovery)
+        .origin(&origin)
         .fallback(fallback)
         .replay_interval(settings.replay_interval)
         .replay_concurrency(settings.replay_concurrency)
+        .replay_rate(settings.replay_rate);
+    if let Some(token) = sending.token {
+        builder = builder.redact(token);
+    }
+    builder
         .build()
         .map_err(|error| Error::config(error.to_string(), Some(error.into())))
 }
@@ -106,7 +129,7 @@ pub(super) async fn deliver(
     dispatcher: &Dispatcher<Attempt>,
     task_id: &str,
     report: Report,
-    on_stored: impl FnOnce(Durability) + Send,
+    stored: StoredSignal,
 ) -> ReportOutcome {
     let completed = matches!(report, Report::Completed(_));
     let (action, body) = match &report {
@@ -117,14 +140,17 @@ pub(super) async fn deliver(
         Ok(request) => request,
         Err(error) => {
             tracing::error!(task_id, error = %error, "terminal report cannot be made");
-            on_stored(Durability::NoOutbox);
+            stored.tell(Durability::NoOutbox);
             return ReportOutcome::NotDelivered;
         }
     };
-    let delivery = dispatcher
-        .deliver(task_id.to_owned(), request, on_stored)
-        .await;
-    match delivery {
+    if !stored.hand_over() {
+        // `shutdown` took it first, and returns it.
+        return ReportOutcome::Abandoned;
+    }
+    let mut dispatch = dispatcher.send(task_id, request);
+    stored.tell(dispatch.stored().await);
+    match dispatch.await {
         Delivery::Delivered if completed => ReportOutcome::Completed,
         Delivery::Delivered => ReportOutcome::Failed,
         Delivery::FallbackDelivered => ReportOutcome::FellBackToFail,
@@ -138,6 +164,7 @@ pub(super) async fn deliver(
             ReportOutcome::Queued
         }
         Delivery::Quarantined => ReportOutcome::Quarantined,
+        Delivery::Superseded => superseded(task_id),
         Delivery::AlreadyStored => {
             tracing::warn!(
                 task_id,

@@ -38,7 +38,19 @@
 //! (the id path-escaped) with `Content-Type: application/json`,
 //! `X-Client-Platform: daemon`, `X-Client-OS` (`linux`, `macos`, `windows`),
 //! `X-Client-Version` when set and `Authorization: Bearer` when a token is
-//! set, marked sensitive. NUL bytes are removed from every string sent.
+//! set, marked sensitive and sent to the base URL's origin only. NUL bytes
+//! are removed from every string in a body. A task id that is empty, holds a
+//! control character (NUL included) or is longer than
+//! [`MAX_TASK_ID`] bytes is refused before anything is sent or stored.
+//!
+//! At most [`concurrency_limit`](TaskClientBuilder::concurrency_limit)
+//! requests are in flight at once (by default [`DEFAULT_CONCURRENCY_LIMIT`]),
+//! across every route and the outbox's replay. Only a 2xx answer is a
+//! success: a redirect is not followed (the error names where it points,
+//! set the base URL to the final URL). Text taken from the server's answers
+//! (error bodies) is cleaned before it goes into an [`Error`], an event, a
+//! fallback report or the outbox: the client's token is replaced by
+//! `[redacted]`, control characters are escaped, and it is cut to 4 KiB.
 //!
 //! ```
 //! use std::time::Duration;
@@ -79,17 +91,17 @@ mod report;
 use std::{fmt, sync::Arc, time::Duration};
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Method, Request, Response};
+use http::{HeaderMap, Method, Request, Response};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use tokio::runtime::Handle;
-use tower::{timeout::Timeout, BoxError, Service, ServiceExt};
+use tower::{limit::ConcurrencyLimit, timeout::Timeout, BoxError, Service, ServiceExt};
 use tower_http::{sensitive_headers::SetSensitiveRequestHeaders, set_header::SetRequestHeader};
 use tracing::Instrument;
 
 pub use body::{CompleteTask, FailTask, UsageEntry};
-pub use builder::{TaskClientBuilder, DEFAULT_TIMEOUT};
+pub use builder::{TaskClientBuilder, DEFAULT_CONCURRENCY_LIMIT, DEFAULT_TIMEOUT};
 #[cfg(feature = "outbox")]
 pub use durable::StoredReport;
 pub use error::Error;
@@ -99,14 +111,18 @@ use crate::{
     classify::{Classify, DefaultClassifier, Outcome},
     Recovery, Schedule, TerminalRetry,
 };
-use builder::Connector;
+use builder::{Connector, Credentials};
 use report::InFlight;
 
-/// One attempt: hyper-util's client under a timeout, with the token.
+/// One attempt: hyper-util's client under a timeout, waiting its turn under
+/// the concurrency limit, with the token for the client's own origin.
 type Attempt = SetRequestHeader<
-    SetSensitiveRequestHeaders<Timeout<Client<Connector, Full<Bytes>>>>,
-    Option<HeaderValue>,
+    SetSensitiveRequestHeaders<ConcurrencyLimit<Timeout<Client<Connector, Full<Bytes>>>>>,
+    Credentials,
 >;
+
+/// The longest task id accepted, in bytes.
+pub const MAX_TASK_ID: usize = 1024;
 
 /// Sends a daemon's task callbacks: see the [module docs](self).
 ///
@@ -120,9 +136,10 @@ pub struct TaskClient {
 struct Inner {
     /// `scheme://authority/prefix`, no trailing slash.
     base: String,
-    /// Sent with every request; the token, if any, among them.
+    /// Sent with every request (the token is added per attempt).
     headers: HeaderMap,
-    has_token: bool,
+    /// Kept to redact it from whatever the server sends back.
+    token: Option<String>,
     client_version: Option<String>,
     schedule: Schedule,
     timeout: Duration,
@@ -230,6 +247,7 @@ impl TaskClient {
     ///
     /// The server's rejection or a transport error; see [`Error`].
     pub async fn report_usage(&self, task_id: &str, usage: &[UsageEntry]) -> Result<(), Error> {
+        check_task_id(task_id)?;
         if usage.is_empty() {
             return Ok(());
         }
@@ -250,6 +268,7 @@ impl TaskClient {
         session_id: &str,
         work_dir: &str,
     ) -> Result<(), Error> {
+        check_task_id(task_id)?;
         let only_nul = |text: &str| text.bytes().all(|byte| byte == 0);
         if only_nul(session_id) && only_nul(work_dir) {
             return Ok(());
@@ -297,7 +316,14 @@ impl TaskClient {
     /// time: at most two terminal calls, each at most the schedule's attempts,
     /// delays and per-attempt timeouts (a `Retry-After` may stretch a delay,
     /// up to its cap).
+    ///
+    /// A task id that is refused (see the [module docs](self)) resolves at
+    /// once to [`ReportOutcome::InvalidTaskId`]: nothing is sent or stored.
     pub fn report_task_result(&self, task_id: &str, result: TaskResult) -> ReportFuture {
+        if let Err(error) = check_task_id(task_id) {
+            tracing::error!(error = %error, "terminal report refused");
+            return ReportFuture::ready(ReportOutcome::InvalidTaskId);
+        }
         let client = self.clone();
         let reported = task_id.to_owned();
         let tracked = (task_id.to_owned(), result.clone());
@@ -358,6 +384,7 @@ impl TaskClient {
     where
         S: Service<Request<Full<Bytes>>, Response = Response<Incoming>, Error = BoxError> + Clone,
     {
+        check_task_id(task_id)?;
         let path = route.path(task_id);
         let request = self.request(&path, body)?.map(Full::new);
         // Kept only for the recovery signal.
@@ -373,8 +400,12 @@ impl TaskClient {
         let response = result
             .map_err(|source| Error::transport(Method::POST, path.clone(), source, outcome))?;
         let status = response.status();
+        let redirect = crate::response::redirect_note(status, response.headers());
         // Read even on success, so the connection goes back to the pool.
-        let body = crate::response::body_start(response.into_body(), self.inner.timeout, &[]).await;
+        let body =
+            crate::response::body_start(response.into_body(), self.inner.timeout, &self.secrets())
+                .await;
+        let body = redirect.unwrap_or(body);
         match outcome {
             Outcome::Success => Ok(()),
             Outcome::Transient | Outcome::Permanent => {
@@ -389,13 +420,35 @@ impl fmt::Debug for TaskClient {
         let inner = &self.inner;
         f.debug_struct("TaskClient")
             .field("base_url", &inner.base)
-            .field("token", &inner.has_token.then_some("<redacted>"))
+            .field("token", &inner.token.as_ref().map(|_| "<redacted>"))
             .field("client_version", &inner.client_version)
             .field("terminal_schedule", &inner.schedule.delays())
             .field("timeout", &inner.timeout)
             .field("reports_in_flight", &inner.reports.len())
             .finish()
     }
+}
+
+impl TaskClient {
+    /// What never leaves the client in text taken from a response.
+    fn secrets(&self) -> Vec<&str> {
+        self.inner.token.as_deref().into_iter().collect()
+    }
+}
+
+/// Refuses a task id that is empty, holds a control character or is longer
+/// than [`MAX_TASK_ID`]; the message quotes none of it.
+fn check_task_id(task_id: &str) -> Result<(), Error> {
+    let reason = if task_id.is_empty() {
+        "is empty"
+    } else if task_id.len() > MAX_TASK_ID {
+        "is longer than 1024 bytes"
+    } else if task_id.chars().any(char::is_control) {
+        "holds a control character"
+    } else {
+        return Ok(());
+    };
+    Err(Error::config(format!("the task id {reason}"), None))
 }
 
 /// Percent-encodes everything but the unreserved characters of RFC 3986, so

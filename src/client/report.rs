@@ -6,16 +6,17 @@ use std::{
     future::Future,
     pin::Pin,
     sync::{
-        atomic::{AtomicU64, Ordering},
-        Mutex, MutexGuard,
+        atomic::{AtomicU64, AtomicU8, Ordering},
+        Arc, Mutex, MutexGuard,
     },
     task::{ready, Context, Poll},
     time::Duration,
 };
 
+use http::StatusCode;
 use tokio::{
     runtime::Handle,
-    sync::watch,
+    sync::{watch, Notify},
     task::{AbortHandle, JoinHandle},
 };
 
@@ -106,9 +107,15 @@ pub enum ReportOutcome {
     /// The completion still failed transiently after the whole schedule. No
     /// failure was sent, as it would turn a success red: the task stays
     /// running on the server until something recovers it.
+    ///
+    /// Precisely: no success answer was received. A proxy that gave up on
+    /// its upstream (a 502 or 504) may still have passed the request on, so
+    /// the server may have taken it after all.
     LeftRunning,
     /// The failure (reported, or the fallback of a refused completion) did not
-    /// reach the server.
+    /// reach the server: no success answer was received. As with
+    /// [`LeftRunning`](ReportOutcome::LeftRunning), a proxy in between may
+    /// still have passed it on.
     NotDelivered,
     /// [`TaskClient::shutdown`] stopped the delivery, and returned it among
     /// the undelivered reports.
@@ -127,6 +134,16 @@ pub enum ReportOutcome {
     /// on the server, the first terminal report wins); this one was neither
     /// stored nor sent.
     AlreadyStored,
+    /// The server answered `409 Conflict`: the task belongs to another run
+    /// (it was dispatched again), or already ended differently. No fallback
+    /// `fail` is sent, as it could fail the other run. With an outbox the
+    /// report is retired (an event at `warn`): neither pending nor
+    /// quarantined.
+    Superseded,
+    /// The task id is empty, holds a control character or is longer than
+    /// [`MAX_TASK_ID`](super::MAX_TASK_ID) bytes: nothing was sent or stored
+    /// (an `error` event says which).
+    InvalidTaskId,
 }
 
 /// A report [`TaskClient::shutdown`] stopped before it was delivered.
@@ -160,10 +177,32 @@ impl UndeliveredReport {
 #[derive(Debug)]
 #[must_use = "the report is delivered anyway; await this to learn how it ended"]
 pub struct ReportFuture {
-    delivery: JoinHandle<ReportOutcome>,
-    stored: StoredFlag,
+    /// The delivery's task; `None` for a report refused before it started.
+    delivery: Option<JoinHandle<ReportOutcome>>,
+    /// How a report refused before it started ended.
+    refused: ReportOutcome,
+    stored: Arc<StoreState>,
     #[cfg(feature = "outbox")]
     durability: crate::outbox::DurabilityWatch,
+}
+
+impl ReportFuture {
+    /// A report that ends as soon as it is made, sending nothing.
+    pub(super) fn ready(outcome: ReportOutcome) -> ReportFuture {
+        #[cfg(feature = "outbox")]
+        let durability = {
+            let (sender, watch) = crate::outbox::DurabilityWatch::new();
+            let _ = sender.send(crate::outbox::Durability::Refused);
+            watch
+        };
+        ReportFuture {
+            delivery: None,
+            refused: outcome,
+            stored: Arc::default(),
+            #[cfg(feature = "outbox")]
+            durability,
+        }
+    }
 }
 
 #[cfg(feature = "outbox")]
@@ -173,7 +212,9 @@ impl ReportFuture {
     /// once the outbox committed it, before its first attempt. A daemon can
     /// clean up after the task from then on: a crash no longer loses the
     /// result. [`NoOutbox`](crate::outbox::Durability::NoOutbox) at once for
-    /// a client without one.
+    /// a client without one; [`Refused`](crate::outbox::Durability::Refused)
+    /// for a report refused before it was made
+    /// ([`ReportOutcome::InvalidTaskId`]).
     pub async fn stored(&mut self) -> crate::outbox::Durability {
         self.durability.wait().await
     }
@@ -183,45 +224,103 @@ impl Future for ReportFuture {
     type Output = ReportOutcome;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<ReportOutcome> {
-        Poll::Ready(match ready!(Pin::new(&mut self.delivery).poll(cx)) {
+        let refused = self.refused;
+        let Some(delivery) = &mut self.delivery else {
+            return Poll::Ready(refused);
+        };
+        Poll::Ready(match ready!(Pin::new(delivery).poll(cx)) {
             Ok(outcome) => outcome,
             Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
             // Aborted by `shutdown`, or its runtime shut down: a stored
             // report is the next replay's.
-            Err(_) if self.stored.is_set() => ReportOutcome::Queued,
+            Err(_) if self.stored.get() == STORED => ReportOutcome::Queued,
             Err(_) => ReportOutcome::Abandoned,
         })
     }
 }
 
-/// Whether a report is in the outbox, shared by its delivery, its future
-/// and `shutdown`; never set without the `outbox` feature.
-#[derive(Debug, Clone, Default)]
-struct StoredFlag(#[cfg(feature = "outbox")] std::sync::Arc<std::sync::atomic::AtomicBool>);
+/// Where a report stands with the outbox, shared by its delivery, its future
+/// and `shutdown`, so that `shutdown` either returns a report or leaves it
+/// stored, never both.
+#[derive(Debug, Default)]
+pub(super) struct StoreState {
+    state: AtomicU8,
+    /// Wakes `shutdown` when a report being stored learns whether it is.
+    settled: Notify,
+}
 
-impl StoredFlag {
-    fn is_set(&self) -> bool {
-        #[cfg(feature = "outbox")]
-        return self.0.load(Ordering::Acquire);
-        #[cfg(not(feature = "outbox"))]
-        false
+/// Not handed to an outbox (yet, or ever).
+const NOT_HANDED: u8 = 0;
+/// Handed to the outbox, its commit not answered yet.
+const STORING: u8 = 1;
+/// In the outbox: the replay delivers it if this delivery does not.
+const STORED: u8 = 2;
+/// The outbox could not take it: it lives in this delivery only.
+#[cfg(feature = "outbox")]
+const NOT_STORED: u8 = 3;
+/// Stopped by `shutdown` before it was handed to the outbox: it never will be.
+const ABANDONED: u8 = 4;
+
+impl StoreState {
+    fn get(&self) -> u8 {
+        self.state.load(Ordering::Acquire)
+    }
+
+    /// Claims the report for the outbox; `false` once `shutdown` abandoned it.
+    #[cfg(feature = "outbox")]
+    fn hand_over(&self) -> bool {
+        self.state
+            .compare_exchange(NOT_HANDED, STORING, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// Claims the report for `shutdown`'s list; `false` once it is handed to
+    /// the outbox.
+    fn abandon(&self) -> bool {
+        self.state
+            .compare_exchange(NOT_HANDED, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// Waits until a report handed to the outbox knows whether it is stored.
+    async fn known(&self) -> u8 {
+        loop {
+            let settled = self.settled.notified();
+            match self.get() {
+                STORING => settled.await,
+                state => return state,
+            }
+        }
     }
 }
 
 /// Tells a report's future, and `shutdown`, whether the report is stored.
 pub(super) struct StoredSignal {
     #[cfg(feature = "outbox")]
-    stored: StoredFlag,
+    state: Arc<StoreState>,
     #[cfg(feature = "outbox")]
     durable: tokio::sync::oneshot::Sender<crate::outbox::Durability>,
 }
 
 #[cfg(feature = "outbox")]
 impl StoredSignal {
+    /// Hands the report to the outbox; `false` when `shutdown` abandoned it
+    /// first, and it must not be sent.
+    pub(super) fn hand_over(&self) -> bool {
+        self.state.hand_over()
+    }
+
     pub(super) fn tell(self, durability: crate::outbox::Durability) {
         use crate::outbox::Durability;
         let stored = matches!(durability, Durability::Stored | Durability::AlreadyStored);
-        self.stored.0.store(stored, Ordering::Release);
+        let state = if stored { STORED } else { NOT_STORED };
+        // Only a report handed over is being stored; one never handed stays
+        // as it is (not handed, or abandoned).
+        let _ =
+            self.state
+                .state
+                .compare_exchange(STORING, state, Ordering::AcqRel, Ordering::Acquire);
+        self.state.settled.notify_waiters();
         let _ = self.durable.send(durability);
     }
 }
@@ -236,14 +335,14 @@ pub(super) async fn deliver(
     #[cfg(feature = "outbox")]
     {
         if let Some(dispatcher) = &client.inner.dispatcher {
-            let tell = |durability| stored.tell(durability);
-            return super::durable::deliver(client, dispatcher, task_id, result.report, tell).await;
+            return super::durable::deliver(client, dispatcher, task_id, result.report, stored)
+                .await;
         }
         stored.tell(crate::outbox::Durability::NoOutbox);
     }
     // Nothing to tell without the `outbox` feature.
     #[cfg(not(feature = "outbox"))]
-    let StoredSignal {} = stored;
+    let StoredSignal { .. } = stored;
     match result.report {
         Report::Completed(complete) => match client.complete_task(task_id, &complete).await {
             Ok(()) => {
@@ -259,6 +358,7 @@ pub(super) async fn deliver(
                 );
                 ReportOutcome::LeftRunning
             }
+            Err(error) if error.status() == Some(StatusCode::CONFLICT) => superseded(task_id),
             Err(error) => {
                 tracing::error!(
                     task_id,
@@ -282,11 +382,22 @@ async fn fail(client: &TaskClient, task_id: &str, failure: &FailTask) -> ReportO
             tracing::info!(task_id, "task failure reported");
             ReportOutcome::Failed
         }
+        Err(error) if error.status() == Some(StatusCode::CONFLICT) => superseded(task_id),
         Err(error) => {
             tracing::error!(task_id, error = %Chain(&error), "fail task failed");
             ReportOutcome::NotDelivered
         }
     }
+}
+
+/// A `409 Conflict` to a terminal report: the task is another run's now.
+pub(super) fn superseded(task_id: &str) -> ReportOutcome {
+    tracing::warn!(
+        task_id,
+        "the server answered 409 Conflict: the task belongs to another run or already ended; \
+         no fallback is sent"
+    );
+    ReportOutcome::Superseded
 }
 
 /// The reports being delivered, so that `shutdown` can wait for them and name
@@ -304,7 +415,7 @@ struct Pending {
     report: UndeliveredReport,
     abort: AbortHandle,
     /// Whether the report is in the outbox: then it is not undelivered.
-    stored: StoredFlag,
+    stored: Arc<StoreState>,
 }
 
 impl Default for InFlight {
@@ -331,12 +442,12 @@ impl InFlight {
         F: Future<Output = ReportOutcome> + Send + 'static,
     {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let stored = StoredFlag::default();
+        let stored = Arc::<StoreState>::default();
         #[cfg(feature = "outbox")]
         let (durable, durability) = crate::outbox::DurabilityWatch::new();
         let signal = StoredSignal {
             #[cfg(feature = "outbox")]
-            stored: stored.clone(),
+            state: stored.clone(),
             #[cfg(feature = "outbox")]
             durable,
         };
@@ -354,7 +465,8 @@ impl InFlight {
         reports.insert(id, pending);
         self.count.send_replace(reports.len());
         ReportFuture {
-            delivery: handle,
+            delivery: Some(handle),
+            refused: ReportOutcome::Abandoned,
             stored,
             #[cfg(feature = "outbox")]
             durability,
@@ -374,42 +486,52 @@ impl InFlight {
 
     /// Waits up to `grace` for every report to finish, then aborts the rest
     /// and returns those not stored in an outbox, in the order they were
-    /// started.
+    /// started. A report whose commit is under way is waited for until the
+    /// outbox answers, so that it is either returned or stored, never both.
     pub(super) async fn settle(&self, grace: Duration) -> Vec<UndeliveredReport> {
         let mut count = self.count.subscribe();
         // The sender lives in `self`, so waiting ends only by count or time.
         let _ = tokio::time::timeout(grace, count.wait_for(|&count| count == 0)).await;
-        let mut reports = self.lock();
-        let abandoned = std::mem::take(&mut *reports);
-        self.count.send_replace(0);
-        drop(reports);
-        abandoned
-            .into_values()
-            .filter_map(|pending| {
-                pending.abort.abort();
-                let (task_id, completed) = (
-                    &pending.report.task_id,
-                    pending.report.result.is_completed(),
-                );
-                if pending.stored.is_set() {
-                    tracing::info!(
-                        task_id,
-                        completed,
-                        "terminal report not delivered before shutdown: it stays in the outbox"
-                    );
-                    return None;
-                }
-                tracing::warn!(
-                    task_id,
-                    completed,
-                    "terminal report not delivered before shutdown"
-                );
-                Some(pending.report)
-            })
-            .collect()
+        let abandoned = {
+            let mut reports = self.lock();
+            self.count.send_replace(0);
+            std::mem::take(&mut *reports)
+        };
+        let mut undelivered = Vec::new();
+        for pending in abandoned.into_values() {
+            // Either `shutdown` claims the report before it reaches the
+            // outbox, or the outbox's answer decides.
+            let stored = !pending.stored.abandon() && pending.stored.known().await == STORED;
+            pending.abort.abort();
+            if let Some(report) = pending.into_undelivered(stored) {
+                undelivered.push(report);
+            }
+        }
+        undelivered
     }
 
     fn lock(&self) -> MutexGuard<'_, BTreeMap<u64, Pending>> {
         crate::sync::lock(&self.reports)
+    }
+}
+
+impl Pending {
+    /// The report, unless it stays stored for the replay.
+    fn into_undelivered(self, stored: bool) -> Option<UndeliveredReport> {
+        let (task_id, completed) = (&self.report.task_id, self.report.result.is_completed());
+        if stored {
+            tracing::info!(
+                task_id,
+                completed,
+                "terminal report not delivered before shutdown: it stays in the outbox"
+            );
+            return None;
+        }
+        tracing::warn!(
+            task_id,
+            completed,
+            "terminal report not delivered before shutdown"
+        );
+        Some(self.report)
     }
 }

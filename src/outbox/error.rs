@@ -15,6 +15,14 @@ enum Kind {
     Locked,
     /// The file is not an outbox.
     Invalid(String),
+    /// The path is not safe to keep requests in: a symbolic link, not a
+    /// regular file, writable by others, or owned by another user.
+    Unsafe(&'static str),
+    /// The file was replaced or removed while open: what is committed to it
+    /// would not be found at the path again.
+    Replaced,
+    /// A record too large for the encoding (a field past 4 GiB).
+    TooLarge(&'static str),
     /// Reading or writing failed: I/O, a full disk.
     Io(Arc<dyn Error + Send + Sync>),
     /// The writer is gone: the outbox is being dropped.
@@ -31,6 +39,18 @@ impl OutboxError {
 
     pub(super) fn invalid(path: &Path, reason: impl Into<String>) -> OutboxError {
         OutboxError::new(Kind::Invalid(reason.into()), path)
+    }
+
+    pub(super) fn unsafe_path(path: &Path, reason: &'static str) -> OutboxError {
+        OutboxError::new(Kind::Unsafe(reason), path)
+    }
+
+    pub(super) fn replaced(path: &Path) -> OutboxError {
+        OutboxError::new(Kind::Replaced, path)
+    }
+
+    pub(super) fn too_large(path: &Path, field: &'static str) -> OutboxError {
+        OutboxError::new(Kind::TooLarge(field), path)
     }
 
     pub(super) fn io(path: &Path, source: impl Into<Box<dyn Error + Send + Sync>>) -> OutboxError {
@@ -69,6 +89,19 @@ impl OutboxError {
     pub fn is_invalid(&self) -> bool {
         matches!(self.kind, Kind::Invalid(_))
     }
+
+    /// Whether the path was refused as unsafe to keep requests in: a symbolic
+    /// link, not a regular file, writable by group or others, or owned by
+    /// another user. Such a file is left as it was.
+    pub fn is_unsafe(&self) -> bool {
+        matches!(self.kind, Kind::Unsafe(_))
+    }
+
+    /// Whether the file was replaced or removed while the outbox had it open:
+    /// nothing is reported stored in it any more.
+    pub fn is_replaced(&self) -> bool {
+        matches!(self.kind, Kind::Replaced)
+    }
 }
 
 impl fmt::Display for OutboxError {
@@ -77,6 +110,15 @@ impl fmt::Display for OutboxError {
         match &self.kind {
             Kind::Locked => write!(f, "outbox {path} is held by another live client"),
             Kind::Invalid(reason) => write!(f, "{path} is not a valid outbox: {reason}"),
+            Kind::Unsafe(reason) => write!(f, "outbox {path} is refused: {reason}"),
+            Kind::Replaced => write!(
+                f,
+                "outbox {path} was replaced or removed while open: nothing more is stored in it"
+            ),
+            Kind::TooLarge(field) => write!(
+                f,
+                "a request is too large for outbox {path}: its {field} is over 4 GiB"
+            ),
             Kind::Io(source) => write!(f, "outbox {path} cannot be read or written: {source}"),
             Kind::Closed => write!(f, "outbox {path} is closed"),
             Kind::Stopped => f.write_str(
@@ -107,7 +149,13 @@ impl Error for OutboxError {
     fn source(&self) -> Option<&(dyn Error + 'static)> {
         match &self.kind {
             Kind::Io(source) => Some(&**source),
-            Kind::Locked | Kind::Invalid(_) | Kind::Closed | Kind::Stopped => None,
+            Kind::Locked
+            | Kind::Invalid(_)
+            | Kind::Unsafe(_)
+            | Kind::Replaced
+            | Kind::TooLarge(_)
+            | Kind::Closed
+            | Kind::Stopped => None,
         }
     }
 }

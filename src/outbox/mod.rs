@@ -9,22 +9,35 @@
 //! - [`Outbox`] is the store: one [redb](https://docs.rs/redb) file, crash
 //!   safe, locked against a second process. Each request is committed with an
 //!   fsync before its first attempt leaves; concurrent requests share one
-//!   commit (group commit). Sensitive headers and `Authorization` are never
-//!   written; each request gets an [`IDEMPOTENCY_KEY`] header, stored with it
-//!   and the same on every attempt, replay and restart. One request per key:
-//!   a second one under a key still stored is refused, the first stands.
+//!   commit (group commit). Sensitive headers, `Authorization`,
+//!   `Proxy-Authorization` and `Cookie` are never written; each request gets
+//!   an [`IDEMPOTENCY_KEY`] header, stored with it and the same on every
+//!   attempt, replay and restart. One request per key: a second one under a
+//!   key still stored is refused, the first stands.
 //! - [`Dispatcher`] sends what is stored over your own tower stack, with the
-//!   [`TerminalRetryLayer`](crate::TerminalRetryLayer) inside. A request
-//!   whose retries run out stays stored ([`Delivery::Queued`]); a replay
-//!   worker delivers it once the server is back, however long that takes.
-//!   While the server is down the worker sends one probe at a time (the
-//!   oldest request), on a jittered backoff capped at the replay interval;
-//!   as soon as any request succeeds (a probe, a foreground delivery, or any
+//!   [`TerminalRetryLayer`](crate::TerminalRetryLayer) inside. Only a 2xx
+//!   delivers a request. One whose retries run out stays stored
+//!   ([`Delivery::Queued`]); a replay worker delivers it once the server is
+//!   back, however long that takes. While the server is down the worker
+//!   sends one probe at a time (the oldest request), on a jittered backoff
+//!   capped at the replay interval, and never sooner than a `Retry-After`
+//!   asked for (up to the layer's [`RetryAfter`](crate::RetryAfter) cap); as
+//!   soon as any request succeeds (a probe, a foreground delivery, or any
 //!   call [observed](crate::Recovery::observe) by its [`Recovery`](crate::Recovery))
-//!   it sends everything stored, oldest first, a bounded number at once.
-//!   A request refused for good is replaced by its fallback, if any (stored
-//!   in the same commit that retires it), or quarantined: kept, listed by
-//!   [`Outbox::quarantined`], never retried until [`Outbox::requeue`].
+//!   it sends everything stored, oldest first, a bounded number at once and
+//!   at most [`DEFAULT_REPLAY_RATE`] a second (see
+//!   [`replay_rate`](DispatcherBuilder::replay_rate)): a server that has just
+//!   come back is not hit by its whole backlog at once. Each record is read
+//!   again once claimed, so that one delivered meanwhile in the foreground
+//!   is not sent again.
+//! - A request refused for good (any 4xx but 408 and 429, and 1xx and 3xx:
+//!   a redirect is not followed, its failure names where it pointed) is
+//!   replaced by its fallback, if any (stored in the same commit that
+//!   retires it), or quarantined: kept, listed by [`Outbox::quarantined`],
+//!   never retried until [`Outbox::requeue`]. A `409 Conflict` says the
+//!   request is superseded (its task belongs to another run, or already
+//!   ended otherwise): no fallback, the record is retired
+//!   ([`Delivery::Superseded`]).
 //!
 //! The guarantee is at-least-once delivery to an idempotent server, durable
 //! once [`Dispatch::stored`] says [`Durability::Stored`]. A crash before that
@@ -32,7 +45,27 @@
 //! idempotency key lets it tell them apart). A store that cannot be written
 //! (a full disk, an I/O error) does not stop the delivery: the request is
 //! still sent in process, an `error` event says it is not durable, and
-//! [`Dispatch::stored`] says [`Durability::NotStored`].
+//! [`Dispatch::stored`] says [`Durability::NotStored`]. The replay, though,
+//! waits until the store can be written again (asking it to recover once per
+//! replay interval): a delivery it could not record would be sent again and
+//! again. A record delivered whose removal failed is remembered in memory,
+//! not sent again, and removed once the store recovers.
+//!
+//! What is stored, and what a server sends back, is not trusted:
+//!
+//! - With [`DispatcherBuilder::origin`], requests go to that origin only: a
+//!   stored request for another one (queued under an old base URL, or
+//!   planted in the file) is quarantined unsent, with an `error` event
+//!   naming its host, and [`Dispatcher::send`] refuses one
+//!   ([`Durability::Refused`]).
+//! - A request whose URI holds credentials (`http://user:password@host/`) is
+//!   refused, neither stored nor sent, and its password never shown; put
+//!   credentials in a header the sending service adds.
+//! - Text taken from a response (its start, a redirect's `Location`) is
+//!   capped, its control characters escaped, and each secret given to
+//!   [`DispatcherBuilder::redact`] replaced by `[redacted]`, before it goes
+//!   to an event, the outbox, the fallback or [`Delivery::Undelivered`].
+//! - Attempt counts saturate rather than overflow.
 //!
 //! A webhook sender that survives a restart:
 //!
@@ -80,7 +113,7 @@ mod store;
 
 pub use dispatch::{
     AttemptService, Delivery, Dispatch, Dispatcher, DispatcherBuilder, Durability, Fallback,
-    DEFAULT_REPLAY_CONCURRENCY, DEFAULT_REPLAY_INTERVAL,
+    DEFAULT_REPLAY_CONCURRENCY, DEFAULT_REPLAY_INTERVAL, DEFAULT_REPLAY_RATE,
 };
 pub use error::OutboxError;
 pub use record::Entry;
