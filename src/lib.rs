@@ -93,6 +93,7 @@
 
 pub mod budget;
 pub mod classify;
+#[cfg(feature = "client")]
 pub mod client;
 mod error;
 pub mod jitter;
@@ -102,6 +103,7 @@ mod origin;
 pub mod outbox;
 pub mod policy;
 pub mod recovery;
+#[cfg(any(feature = "client", feature = "outbox"))]
 mod response;
 pub mod retry_after;
 pub mod schedule;

@@ -246,6 +246,10 @@ where
             }
         }
         let outcome = config.classifier.classify(result);
+        #[cfg(feature = "outbox")]
+        if let Some(slot) = request.extensions().get::<crate::classify::OutcomeSlot>() {
+            slot.set(outcome);
+        }
         match outcome {
             Outcome::Success => {
                 if let Some(recovery) = &config.recovery {

@@ -30,7 +30,7 @@ const MIN_SECRET_TAIL: usize = 4;
 /// The start of a body, as cleaned text (see [`clean`]); what could be read
 /// within `timeout` if the server stalls. Reading it also lets the connection
 /// go back to the pool.
-pub(crate) async fn body_start<B: hyper::body::Body>(
+pub(crate) async fn body_start<B: http_body::Body>(
     body: B,
     timeout: Duration,
     secrets: &[&str],

@@ -75,7 +75,7 @@ pub trait AttemptService:
     + 'static
 {
     /// The body of its responses.
-    type ResponseBody: hyper::body::Body<Data: Send> + Send + 'static;
+    type ResponseBody: http_body::Body<Data: Send> + Send + 'static;
     /// Its error.
     type Failure: Into<BoxError> + fmt::Debug + Send + 'static;
 }
@@ -87,7 +87,7 @@ where
         + Send
         + Sync
         + 'static,
-    RB: hyper::body::Body<Data: Send> + Send + 'static,
+    RB: http_body::Body<Data: Send> + Send + 'static,
     E: Into<BoxError> + fmt::Debug + Send + 'static,
 {
     type ResponseBody = RB;
@@ -670,7 +670,7 @@ impl<S> Shared<S> {
     async fn send<T, RB, E>(&self, service: T, request: Request<Bytes>) -> Sent
     where
         T: Service<Request<Full<Bytes>>, Response = Response<RB>, Error = E>,
-        RB: hyper::body::Body,
+        RB: http_body::Body,
         E: fmt::Debug,
     {
         let secrets: Vec<&str> = self.secrets.iter().map(String::as_str).collect();
