@@ -1,11 +1,10 @@
 //! Heap allocations per successful call, counted by a counting global
 //! allocator: the bare service, the floor (`tower::retry::Retry` that clones
 //! the request and never retries) and the layer, in memory and over loopback.
-//! Prints a Markdown table; run with `cargo bench --bench allocations`.
+//! Prints a Markdown table; run with `cargo bench --bench allocations`. The
+//! peers package (`peers/`) prints the loopback rows of the peer stacks.
 
 mod common;
-#[path = "common/counting_alloc.rs"]
-mod counting_alloc;
 
 use std::hint::black_box;
 
@@ -13,39 +12,17 @@ use tower::{retry::Retry, Layer};
 use tower_terminal_retry::TerminalRetryLayer;
 
 use common::{
-    answer_200, call_now, callback_request, hyper_client, layer_all_options, send_hyper,
-    LoopbackServer, NeverRetry, ReqwestCallback,
+    allocation_table::{self, per_call, row, CALLS},
+    answer_200, call_now, callback_request,
+    counting_alloc::{allocated_bytes, allocations, CountingAlloc},
+    layer_all_options, NeverRetry,
 };
-use counting_alloc::{allocated_bytes, allocations, CountingAlloc};
 
 #[global_allocator]
 static ALLOC: CountingAlloc = CountingAlloc;
 
-const CALLS: u64 = 10_000;
-
-/// Allocations and bytes per call of `call`, after a warm-up that fills pools
-/// and lazily built state.
-fn per_call(mut call: impl FnMut()) -> (f64, f64) {
-    for _ in 0..100 {
-        call();
-    }
-    let (allocations_before, bytes_before) = (allocations(), allocated_bytes());
-    for _ in 0..CALLS {
-        call();
-    }
-    (
-        (allocations() - allocations_before) as f64 / CALLS as f64,
-        (allocated_bytes() - bytes_before) as f64 / CALLS as f64,
-    )
-}
-
-fn row(name: &str, (allocations, bytes): (f64, f64)) {
-    println!("| {name} | {allocations:.2} | {bytes:.0} |");
-}
-
 fn main() {
-    println!("| per successful call | heap allocations | bytes allocated |");
-    println!("|---|---:|---:|");
+    allocation_table::header();
 
     // In memory: the request handed to each call is made before the count;
     // only the call (and dropping its response) is counted. A clone of a
@@ -109,40 +86,6 @@ fn main() {
         );
     }
 
-    // Loopback, one call in flight: the server's thread allocates the same for
-    // every client, so the differences between rows are the clients'.
-    let server = LoopbackServer::start(200);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a runtime");
-    let request = callback_request(&server.base());
-    let client = runtime.block_on(async { hyper_client() });
-    let layered = TerminalRetryLayer::new().layer(client.clone());
-    let (reqwest_builtin, reqwest_middleware) = runtime.block_on(async {
-        (
-            ReqwestCallback::builtin_retry(&server.base()),
-            ReqwestCallback::middleware_retry(&server.base()),
-        )
-    });
-    row(
-        "loopback (client + server): hyper-util bare",
-        per_call(|| {
-            runtime.block_on(send_hyper(client.clone(), request.clone()));
-        }),
-    );
-    row(
-        "loopback (client + server): hyper-util + layer",
-        per_call(|| {
-            runtime.block_on(send_hyper(layered.clone(), request.clone()));
-        }),
-    );
-    row(
-        "loopback (client + server): reqwest 0.13, its own retry",
-        per_call(|| runtime.block_on(reqwest_builtin.send())),
-    );
-    row(
-        "loopback (client + server): reqwest-middleware 0.5 + reqwest-retry 0.9",
-        per_call(|| runtime.block_on(reqwest_middleware.send())),
-    );
+    let (server, runtime) = allocation_table::loopback();
+    allocation_table::hyper_rows(&server, &runtime);
 }

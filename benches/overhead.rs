@@ -14,10 +14,7 @@ use criterion::{criterion_group, BatchSize, Criterion};
 use http::{HeaderValue, Response, StatusCode};
 use tower::{retry::Retry, Layer};
 use tower_terminal_retry::{
-    classify::{Classify, DefaultClassifier},
-    classify_status,
-    retry_after::parse_retry_after,
-    Recovery, TerminalRetryLayer,
+    classify_status, parse_retry_after, Classify, DefaultClassifier, Recovery, TerminalRetryLayer,
 };
 
 use common::{answer_200, call_now, callback_request, layer_all_options, side_by_side, NeverRetry};

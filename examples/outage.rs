@@ -21,7 +21,7 @@ use std::{collections::BTreeMap, fmt::Write as _, ops::Range, process::ExitCode,
 use http::StatusCode;
 use tokio::time::Instant;
 use tower_terminal_retry::{
-    client::{CompleteTask, FailTask, ReportOutcome, TaskClient, TaskResult},
+    client::{ReportOutcome, TaskClient, TaskResult},
     test_server::{Action, Attempt, Fault, Handling, TaskServer, TaskState},
     Schedule,
 };
@@ -164,7 +164,7 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
         .into_iter()
         .filter(|attempt| matches!(attempt.action, Action::Complete | Action::Fail))
         .collect();
-    print!("{}", timeline(&attempts, start));
+    print!("{TIMELINE_LEGEND}{}", timeline(&attempts, start));
     print!("{}", stories(&attempts, start));
 
     let mut counts = BTreeMap::<&str, usize>::new();
@@ -181,7 +181,7 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
         if agent_result(n, id).is_completed() && state == Some(TaskState::Failed) {
             wrongly_failed += 1;
         }
-        if !state.is_some_and(TaskState::is_terminal) {
+        if !matches!(state, Some(TaskState::Completed | TaskState::Failed)) {
             lost += 1;
         }
     }
@@ -193,6 +193,7 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
             undelivered.len()
         );
     }
+    print!("{SUMMARY_LEGEND}");
     println!(
         "summary: tasks={TASKS} completed={} failed={} left_running={} wrongly_failed={wrongly_failed} \
          queued={queued} lost={lost} attempts={}",
@@ -226,19 +227,51 @@ async fn report_fire_once(client: &TaskClient, id: &str, result: TaskResult) {
         return;
     }
     if let Err(error) = client
-        .complete_task(id, &CompleteTask::new(output(id)))
+        .send_task_result(id, &TaskResult::completed(output(id)))
         .await
     {
-        let fail =
-            FailTask::new(format!("complete task failed: {error}")).failure_reason("agent_error");
+        let fail = TaskResult::failed(format!("complete task failed: {error}"))
+            .failure_reason("agent_error");
         // Whatever happens now is what the server keeps.
-        let _ = client.fail_task(id, &fail).await;
+        let _ = client.send_task_result(id, &fail).await;
     }
 }
 
+/// What the timeline's columns count: each name once, with one meaning.
+const TIMELINE_LEGEND: &str = "\
+attempts on `complete` and `fail`, by what became of them:
+  time (s)  when they arrived, in windows of 0.25 s after the start
+  ok        taken: the task became completed or failed
+  already   answered 200 \"already terminal\": the task was final before, nothing changed
+  5xx       a 502 from the proxy in front: the server never saw it
+  429       rate limited with Retry-After: the server never saw it
+  reset     the connection closed before any response: the server never saw it
+  unacked   taken, then the connection closed before the reply: the client saw a reset
+  hang      no answer until the attempt timed out: the server never saw it
+  4xx       refused by the server: a bad body or an unknown task
+  server    the outage phases in the window (`up` when none)
+
+";
+
+/// What the summary's fields count: each name once, with one meaning.
+const SUMMARY_LEGEND: &str = "\
+the summary, as the server sees it at the end:
+  tasks           tasks the agents finished
+  completed       tasks the server holds as completed
+  failed          tasks the server holds as failed
+  left_running    tasks the server does not hold as final: still running
+  wrongly_failed  tasks whose agent succeeded, held as failed
+  queued          reports left stored in the outbox for its replay: those found after the crash,
+                  and those of later agents not delivered when their report returned
+  lost            tasks left running, less the reports still stored: reports no one will deliver
+  attempts        requests on `complete` and `fail` the server saw, faults included
+";
+
 /// Attempts per time bucket, by what the client got back.
 fn timeline(attempts: &[Attempt], start: Instant) -> String {
-    const COLUMNS: [&str; 8] = ["ok", "replay", "5xx", "429", "reset", "lost", "hang", "4xx"];
+    const COLUMNS: [&str; 8] = [
+        "ok", "already", "5xx", "429", "reset", "unacked", "hang", "4xx",
+    ];
     let mut buckets = BTreeMap::<u128, [usize; 8]>::new();
     for attempt in attempts {
         let bucket = (attempt.at - start).as_millis() / BUCKET.as_millis();
@@ -246,7 +279,7 @@ fn timeline(attempts: &[Attempt], start: Instant) -> String {
     }
     let mut out = format!("{:>11}", "time (s)");
     for name in COLUMNS {
-        let _ = write!(out, "{name:>7}");
+        let _ = write!(out, "{name:>8}");
     }
     out.push_str("   server\n");
     for (bucket, counts) in buckets {
@@ -260,7 +293,7 @@ fn timeline(attempts: &[Attempt], start: Instant) -> String {
         for count in counts {
             let _ = write!(
                 out,
-                "{:>7}",
+                "{:>8}",
                 if count == 0 {
                     String::new()
                 } else {
@@ -316,7 +349,7 @@ fn stories(attempts: &[Attempt], start: Instant) -> String {
         let steps: Vec<String> = attempts
             .iter()
             .map(|attempt| {
-                let got = match (attempt.fault, attempt.status()) {
+                let got = match (attempt.fault, attempt.status) {
                     (Some(Fault::ReplyLost), _) => "committed, reply lost".to_owned(),
                     (Some(Fault::Reset), _) => "reset".to_owned(),
                     (Some(Fault::Hang), _) => "hung".to_owned(),

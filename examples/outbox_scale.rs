@@ -28,10 +28,13 @@ use std::{
     time::{Duration, Instant},
 };
 
+use bytes::Bytes;
 use http::Request;
+use http_body_util::Full;
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use tower::{Layer, ServiceExt};
 use tower_terminal_retry::{
-    outbox::{AttemptService, Delivery, Dispatcher, Outbox},
+    outbox::{Delivery, Dispatcher, Outbox},
     Recovery, Schedule, TerminalRetryLayer,
 };
 
@@ -184,11 +187,12 @@ async fn run(concurrency: usize) {
 
 /// Hands [`REPORTS`] reports to `dispatcher`, [`FILLING`] at a time, each
 /// expected to end as `expected`.
-async fn fill<S>(dispatcher: &Dispatcher<S>, base: &str, next: &AtomicU64, expected: Delivery)
-where
-    S: AttemptService,
-    S::Future: Send,
-{
+async fn fill(
+    dispatcher: &Dispatcher<Client<HttpConnector, Full<Bytes>>>,
+    base: &str,
+    next: &AtomicU64,
+    expected: Delivery,
+) {
     for _ in 0..REPORTS / FILLING {
         let mut sends = Vec::new();
         for _ in 0..FILLING {

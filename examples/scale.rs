@@ -34,8 +34,6 @@
 
 #[path = "../benches/common/mod.rs"]
 mod common;
-#[path = "../benches/common/counting_alloc.rs"]
-mod counting_alloc;
 
 use std::{
     fmt::Write as _,
@@ -55,8 +53,11 @@ use tower::{Layer, ServiceBuilder, ServiceExt};
 use tower_terminal_retry::{Jitter, Recovery, Schedule, TerminalRetryLayer};
 use tracing_subscriber::layer::SubscriberExt;
 
-use common::{callback_request, connector, LoopbackServer};
-use counting_alloc::{live_bytes, CountingAlloc};
+use common::{
+    callback_request, connector,
+    counting_alloc::{live_bytes, CountingAlloc},
+    LoopbackServer,
+};
 
 #[global_allocator]
 static ALLOC: CountingAlloc = CountingAlloc;

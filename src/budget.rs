@@ -33,7 +33,8 @@ use crate::ConfigError;
 /// How many slots the window is cut into.
 const SLOTS: usize = 10;
 
-/// A retry budget shared by all its clones: see the [module docs](self).
+/// A retry budget shared by all its clones: retries may add a share of the
+/// calls of a window, and a floor per second, whatever the traffic.
 #[derive(Clone)]
 pub struct RetryBudget {
     inner: Arc<Budget>,
@@ -112,13 +113,13 @@ impl RetryBudget {
     }
 
     /// Records a call that went through, earning retries for later.
-    pub fn deposit(&self) {
+    pub(crate) fn deposit(&self) {
         let mut balance = self.inner.current();
         balance.open = balance.open.saturating_add(self.inner.deposit);
     }
 
     /// Takes one retry from the budget; `false` when it is spent.
-    pub fn withdraw(&self) -> bool {
+    pub(crate) fn withdraw(&self) -> bool {
         let budget = &*self.inner;
         let mut balance = budget.current();
         let available = balance

@@ -12,18 +12,18 @@
 //! connection, an elapsed per-attempt timeout) is transient. Its status rule is
 //! [`classify_status`], usable on its own.
 //!
-//! Any `Fn(&Result<Res, E>) -> Outcome` is a classifier too, so a special case can
-//! be layered over the default:
+//! A closure wrapped in [`ClassifyFn`] is a classifier too, so a special case
+//! can be layered over the default:
 //!
 //! ```
 //! use http::{Response, StatusCode};
-//! use tower_terminal_retry::classify::{Classify, DefaultClassifier, Outcome};
+//! use tower_terminal_retry::{Classify, ClassifyFn, DefaultClassifier, Outcome};
 //!
 //! // This server answers 409 when a report was already accepted: a success.
-//! let classifier = |result: &Result<Response<()>, std::io::Error>| match result {
+//! let classifier = ClassifyFn(|result: &Result<Response<()>, std::io::Error>| match result {
 //!     Ok(response) if response.status() == StatusCode::CONFLICT => Outcome::Success,
 //!     other => DefaultClassifier.classify(other),
-//! };
+//! });
 //!
 //! let conflict = Ok(Response::builder().status(409).body(()).unwrap());
 //! assert_eq!(classifier.classify(&conflict), Outcome::Success);
@@ -53,7 +53,7 @@ impl Outcome {
     }
 
     /// The name used in `tracing` events: `success`, `transient` or `permanent`.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Outcome::Success => "success",
             Outcome::Transient => "transient",
@@ -64,19 +64,31 @@ impl Outcome {
 
 /// Sorts the result of one attempt into an [`Outcome`].
 ///
-/// Implemented by [`DefaultClassifier`] and by every
-/// `Fn(&Result<Res, E>) -> Outcome`.
+/// Implemented by [`DefaultClassifier`], and by [`ClassifyFn`] for a closure.
 pub trait Classify<Res, E> {
     /// Classifies the result of one attempt.
     fn classify(&self, result: &Result<Res, E>) -> Outcome;
 }
 
-impl<F, Res, E> Classify<Res, E> for F
+/// A closure `Fn(&Result<Res, E>) -> Outcome` as a [`Classify`]: see the
+/// [crate docs](crate#classifying-an-answer). A wrapper rather than an
+/// implementation for every closure, so that the compiler can tell which
+/// `Res` and `E` a closure is for.
+#[derive(Clone, Copy)]
+pub struct ClassifyFn<F>(pub F);
+
+impl<F, Res, E> Classify<Res, E> for ClassifyFn<F>
 where
     F: Fn(&Result<Res, E>) -> Outcome,
 {
     fn classify(&self, result: &Result<Res, E>) -> Outcome {
-        self(result)
+        (self.0)(result)
+    }
+}
+
+impl<F> std::fmt::Debug for ClassifyFn<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("ClassifyFn").finish_non_exhaustive()
     }
 }
 
@@ -107,7 +119,7 @@ impl<B, E> Classify<Response<B>, E> for DefaultClassifier {
 ///
 /// ```
 /// use http::StatusCode;
-/// use tower_terminal_retry::classify::{classify_status, Outcome};
+/// use tower_terminal_retry::{classify_status, Outcome};
 ///
 /// assert_eq!(classify_status(StatusCode::OK), Outcome::Success);
 /// assert_eq!(classify_status(StatusCode::BAD_GATEWAY), Outcome::Transient);

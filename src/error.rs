@@ -7,12 +7,12 @@ use std::{error::Error, fmt, time::Duration};
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub enum ConfigError {
-    /// A schedule holds more delays than [`MAX_RETRIES`](crate::schedule::MAX_RETRIES).
+    /// A schedule holds more than 64 delays.
     TooManyRetries {
         /// How many delays were given, counted up to the first one too many.
         count: usize,
     },
-    /// A delay, or a cap on delays, is longer than [`MAX_DELAY`](crate::schedule::MAX_DELAY).
+    /// A delay, or a cap on delays, is longer than 24 hours.
     DelayTooLong {
         /// The delay that was given.
         delay: Duration,

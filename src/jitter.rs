@@ -9,14 +9,26 @@
 //! The random source is injectable, so tests can be exact:
 //!
 //! ```
-//! use std::time::Duration;
-//! use tower_terminal_retry::Jitter;
+//! use std::{convert::Infallible, time::Duration};
+//! use http::{Request, Response};
+//! use tower::{service_fn, Layer, ServiceExt};
+//! use tower_terminal_retry::{Jitter, Schedule, TerminalRetryLayer};
 //!
-//! let half = Jitter::full().with_random(|| 0.5);
-//! assert_eq!(half.apply(Duration::from_secs(8)), Duration::from_secs(4));
-//! let equal = Jitter::equal().with_random(|| 0.5);
-//! assert_eq!(equal.apply(Duration::from_secs(8)), Duration::from_secs(6));
-//! assert_eq!(Jitter::none().apply(Duration::from_secs(8)), Duration::from_secs(8));
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // Full jitter with its random draw pinned at one half: 8 s becomes 4 s.
+//! let layer = TerminalRetryLayer::new()
+//!     .with_schedule(Schedule::new([Duration::from_secs(8)])?)
+//!     .with_jitter(Jitter::full().with_random(|| 0.5));
+//! let down = service_fn(|_: Request<()>| async {
+//!     Ok::<_, Infallible>(Response::builder().status(502).body(()).unwrap())
+//! });
+//! let start = tokio::time::Instant::now();
+//! let response = layer.layer(down).oneshot(Request::new(())).await?;
+//! assert_eq!(response.status(), 502);
+//! assert_eq!(start.elapsed(), Duration::from_secs(4));
+//! # Ok(())
+//! # }
 //! ```
 
 use std::{fmt, sync::Arc, time::Duration};
@@ -69,13 +81,8 @@ impl Jitter {
         self
     }
 
-    /// Whether this jitter changes delays at all.
-    pub fn is_none(&self) -> bool {
-        self.kind == Kind::None
-    }
-
     /// The delay to sleep instead of `delay`.
-    pub fn apply(&self, delay: Duration) -> Duration {
+    pub(crate) fn apply(&self, delay: Duration) -> Duration {
         let fraction = match self.kind {
             Kind::None => return delay,
             Kind::Full => self.random_fraction(),
@@ -168,8 +175,8 @@ mod tests {
 
     #[test]
     fn none_is_exact_and_default() {
-        assert!(Jitter::default().is_none());
-        assert!(!Jitter::full().is_none());
+        assert_eq!(Jitter::default().kind, Kind::None);
+        assert_eq!(Jitter::full().kind, Kind::Full);
         assert_eq!(Jitter::none().apply(EIGHT), EIGHT);
     }
 }

@@ -52,10 +52,14 @@ use crate::{
 /// terminal policy.
 pub type TerminalRetry<S, C = DefaultClassifier> = Retry<TerminalRetryPolicy<C>, S>;
 
-/// Retries idempotent requests on transient failures: see the [module docs](self).
+/// Retries idempotent requests on transient failures: see the
+/// [crate docs](crate).
 ///
-/// Its settings are those of [`TerminalRetryPolicy`], which every method here
-/// forwards to. Clones share the schedule, classifier and budget.
+/// Wraps any `Service<http::Request<B>>` (with `B: Clone`) into
+/// [`TerminalRetry`], tower's `Retry` with a [`TerminalRetryPolicy`]: the
+/// inner service's `Response` and `Error` types are kept, and after the last
+/// attempt the caller gets the last response or error, unchanged. Clones
+/// share the schedule, classifier and budget.
 #[derive(Debug, Clone)]
 pub struct TerminalRetryLayer<C = DefaultClassifier> {
     policy: TerminalRetryPolicy<C>,
@@ -82,42 +86,53 @@ impl<C> From<TerminalRetryPolicy<C>> for TerminalRetryLayer<C> {
 }
 
 impl<C> TerminalRetryLayer<C> {
-    /// See [`TerminalRetryPolicy::with_schedule`].
+    /// Uses `schedule` for the delays between attempts (by default 4, 8, 16,
+    /// 32 and 64 s).
     pub fn with_schedule(self, schedule: Schedule) -> Self {
         self.policy.with_schedule(schedule).into()
     }
 
-    /// See [`TerminalRetryPolicy::with_classifier`].
+    /// Uses `classifier` to sort results into success, transient and
+    /// permanent (by default [`DefaultClassifier`]; a closure goes in a
+    /// [`ClassifyFn`](crate::ClassifyFn)).
     pub fn with_classifier<D>(self, classifier: D) -> TerminalRetryLayer<D> {
         self.policy.with_classifier(classifier).into()
     }
 
-    /// See [`TerminalRetryPolicy::with_retry_after`].
+    /// Sets how the server's `Retry-After` is honoured (by default up to five
+    /// minutes).
     pub fn with_retry_after(self, retry_after: RetryAfter) -> Self {
         self.policy.with_retry_after(retry_after).into()
     }
 
-    /// See [`TerminalRetryPolicy::with_jitter`].
+    /// Randomises the schedule's delays (off by default).
     pub fn with_jitter(self, jitter: Jitter) -> Self {
         self.policy.with_jitter(jitter).into()
     }
 
-    /// See [`TerminalRetryPolicy::with_budget`].
+    /// Limits retries with `budget`, shared by every clone of this layer.
     pub fn with_budget(self, budget: RetryBudget) -> Self {
         self.policy.with_budget(budget).into()
     }
 
-    /// See [`TerminalRetryPolicy::with_attempt_header`].
+    /// Numbers retried requests in the header `name`: the second attempt
+    /// carries `name: 2`, the third `name: 3`, and so on. The first attempt
+    /// goes out as the caller built it.
     pub fn with_attempt_header(self, name: HeaderName) -> Self {
         self.policy.with_attempt_header(name).into()
     }
 
-    /// See [`TerminalRetryPolicy::with_recovery`].
+    /// Ends schedule delays early once the server answers again: see
+    /// [`Recovery`]. Every success through this layer is reported to
+    /// `recovery`, and every wait on a schedule delay (not one set by
+    /// `Retry-After`) can be released by it. Off by default: the schedule
+    /// stays exact.
     pub fn with_recovery(self, recovery: Recovery) -> Self {
         self.policy.with_recovery(recovery).into()
     }
 
-    /// The policy each wrapped service starts from.
+    /// The policy each wrapped service starts from: a
+    /// [`tower::retry::Policy`], for tower's own `RetryLayer`.
     pub fn policy(&self) -> &TerminalRetryPolicy<C> {
         &self.policy
     }

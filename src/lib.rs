@@ -10,15 +10,70 @@
 //!   other status (4xx, and 1xx and 3xx: redirects are not followed) is
 //!   permanent; every error of the inner service (refused or reset
 //!   connection, an elapsed per-attempt timeout) is transient
-//!   ([`classify`]);
+//!   ([`DefaultClassifier`]);
 //! - the default [`Schedule`] waits 4, 8, 16, 32 and 64 s: six attempts over
 //!   124 s at most; a 429 or 503 with `Retry-After` sets its own delay
-//!   ([`retry_after`]);
+//!   ([`RetryAfter`]);
 //! - jitter ([`Jitter`]), a retry budget ([`RetryBudget`]) and an attempt
 //!   header are there when asked for, off by default;
 //! - the wrapped service keeps the inner service's `Response` and `Error`
 //!   types: after the last attempt the caller gets the last response or error,
 //!   unchanged.
+//!
+//! # The crate's map
+//!
+//! | what | where | feature |
+//! | --- | --- | --- |
+//! | the layer and its policy | [`TerminalRetryLayer`], [`TerminalRetry`], [`TerminalRetryPolicy`], [`Backoff`] | none: always there |
+//! | classifying an answer | [`Classify`], [`ClassifyFn`], [`DefaultClassifier`], [`classify_status`], [`Outcome`] | none |
+//! | when to retry | [`Schedule`], [`RetryAfter`], [`parse_retry_after`], [`Jitter`], [`RetryBudget`] | none |
+//! | early release | [`Recovery`] | none |
+//! | bad configuration | [`ConfigError`] | none |
+//! | the task-callback client | `client` (`TaskClient`) | `client` (`rustls` adds HTTPS) |
+//! | the durable outbox, for any tower service | `outbox` (`Outbox`, `Dispatcher`) | `outbox`; with `client`, the durable task client |
+//! | loopback test servers with scripted faults | `test_server` (`TestServer`, `TaskServer`) | `test-server` |
+//!
+//! With no feature, the crate is the layer alone: tower, http, tokio's timer,
+//! tracing and httpdate.
+//!
+//! # Classifying an answer
+//!
+//! [`DefaultClassifier`] is the rule above; a special case goes in a
+//! [`ClassifyFn`] over it, given to
+//! [`TerminalRetryLayer::with_classifier`]:
+//!
+//! ```
+//! use http::{Response, StatusCode};
+//! use tower_terminal_retry::{Classify, ClassifyFn, DefaultClassifier, Outcome, TerminalRetryLayer};
+//!
+//! // This server answers 409 when a report was already accepted: a success.
+//! let layer = TerminalRetryLayer::new().with_classifier(ClassifyFn(
+//!     |result: &Result<Response<()>, std::io::Error>| match result {
+//!         Ok(response) if response.status() == StatusCode::CONFLICT => Outcome::Success,
+//!         other => DefaultClassifier.classify(other),
+//!     },
+//! ));
+//! # let _ = layer;
+//! ```
+//!
+//! # Early release
+//!
+//! A retry parked in backoff waits its whole delay even when the server came
+//! back a moment after it fell asleep. Give the layers that talk to a server
+//! one [`Recovery`] ([`TerminalRetryLayer::with_recovery`]), and the first
+//! success through any of them releases the retries waiting on a schedule
+//! delay for the same scheme, host and port, oldest first, at a bounded rate.
+//! A wait the server asked for with `Retry-After` is never cut short.
+//!
+//! ```
+//! use tower_terminal_retry::{Recovery, TerminalRetryLayer};
+//!
+//! let recovery = Recovery::new(1_000)?; // at most 1,000 releases a second
+//! let reports = TerminalRetryLayer::new().with_recovery(recovery.clone());
+//! let heartbeats = TerminalRetryLayer::new().with_recovery(recovery.clone());
+//! # let _ = (reports, heartbeats);
+//! # Ok::<(), tower_terminal_retry::ConfigError>(())
+//! ```
 //!
 //! # When to use it, and when not
 //!
@@ -87,42 +142,50 @@
 //! ```
 
 #![forbid(unsafe_code)]
-#![deny(missing_docs)]
+#![deny(
+    missing_docs,
+    rustdoc::broken_intra_doc_links,
+    rustdoc::private_intra_doc_links
+)]
 #![warn(missing_debug_implementations, unreachable_pub, rust_2018_idioms)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
-pub mod budget;
-pub mod classify;
-#[cfg(feature = "client")]
-pub mod client;
+// The layer's concepts, each a module of its own; their items are
+// re-exported here, their one public path.
+mod budget;
+mod classify;
 mod error;
-pub mod jitter;
-pub mod layer;
+mod jitter;
+mod layer;
 mod origin;
-#[cfg(feature = "outbox")]
-pub mod outbox;
-pub mod policy;
-pub mod recovery;
-#[cfg(any(feature = "client", feature = "outbox"))]
-mod response;
-pub mod retry_after;
-pub mod schedule;
+mod policy;
+mod recovery;
+mod retry_after;
+mod schedule;
 mod sync;
 
+// Reading a server's answer as untrusted text: the client's and the outbox's.
+#[cfg(any(feature = "client", feature = "outbox"))]
+mod response;
+
+#[cfg(feature = "client")]
+pub mod client;
+#[cfg(feature = "outbox")]
+pub mod outbox;
+#[cfg(feature = "test-server")]
+pub mod test_server;
+
 pub use budget::RetryBudget;
-pub use classify::{classify_status, Classify, DefaultClassifier, Outcome};
+pub use classify::{classify_status, Classify, ClassifyFn, DefaultClassifier, Outcome};
 pub use error::ConfigError;
 pub use jitter::Jitter;
 pub use layer::{TerminalRetry, TerminalRetryLayer};
-pub use policy::TerminalRetryPolicy;
+pub use policy::{Backoff, TerminalRetryPolicy};
 pub use recovery::Recovery;
-pub use retry_after::RetryAfter;
+pub use retry_after::{parse_retry_after, RetryAfter};
 pub use schedule::Schedule;
-
-#[cfg(feature = "test-server")]
-pub mod test_server;
 
 // Compiles the README's examples with the doc tests.
 #[doc = include_str!("../README.md")]
 #[cfg(doctest)]
-pub struct ReadmeDoctests;
+struct ReadmeDoctests;

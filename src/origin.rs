@@ -17,6 +17,7 @@ pub(crate) fn origin_key(uri: &Uri) -> String {
 /// Whether `uri` goes to the origin of `key` (made by [`origin_key`]); a URI
 /// without authority goes nowhere in particular, so to no origin. Checked on
 /// every attempt that may carry credentials, so it allocates nothing.
+#[cfg(any(feature = "client", feature = "outbox"))]
 pub(crate) fn is_origin(uri: &Uri, key: &str) -> bool {
     let (Some((scheme, host, port)), Some((key_scheme, key_authority))) =
         (parts(uri), key.split_once("://"))
@@ -61,6 +62,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(any(feature = "client", feature = "outbox"))]
     fn a_uri_without_authority_has_no_origin() {
         let own = key("http://a.test:8080");
         assert!(is_origin(&"http://A.test:8080/x".parse().unwrap(), &own));

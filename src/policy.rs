@@ -7,7 +7,7 @@
 //! with a shorter name.
 //!
 //! After each attempt the policy:
-//! 1. classifies the result (see [`classify`](crate::classify)); a success or a
+//! 1. classifies the result (see [`Classify`](crate::Classify)); a success or a
 //!    permanent rejection ends the call;
 //! 2. ends the call when the schedule is exhausted (a `warn` event) or the
 //!    retry budget, if any, is spent (also `warn`);
@@ -24,11 +24,15 @@
 //! use http::{Request, Response, StatusCode};
 //! use http_body_util::Full;
 //! use tower::{retry::RetryLayer, service_fn, ServiceBuilder, ServiceExt};
-//! use tower_terminal_retry::{Schedule, TerminalRetryPolicy};
+//! use tower_terminal_retry::{Schedule, TerminalRetryLayer};
 //!
 //! # #[tokio::main(flavor = "current_thread", start_paused = true)]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let policy = TerminalRetryPolicy::default().with_schedule(Schedule::new([Duration::from_secs(1)])?);
+//! // Configured through the layer; its policy is tower's `Policy`.
+//! let policy = TerminalRetryLayer::new()
+//!     .with_schedule(Schedule::new([Duration::from_secs(1)])?)
+//!     .policy()
+//!     .clone();
 //! let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
 //! let counted = calls.clone();
 //! let service = ServiceBuilder::new()
@@ -66,7 +70,9 @@ use crate::{
     Jitter, Recovery, RetryAfter, RetryBudget, Schedule,
 };
 
-/// The retry policy of terminal callbacks: see the [module docs](self).
+/// The retry policy of terminal callbacks, a [`tower::retry::Policy`]: made
+/// and configured by [`TerminalRetryLayer`](crate::TerminalRetryLayer), see
+/// the [crate docs](crate).
 ///
 /// It is a `Policy<Request<B>, Response<RB>, E>` for every `B: Clone` and
 /// every classifier of `Result<Response<RB>, E>`; the error must be `Debug`,
@@ -135,12 +141,12 @@ impl<C> TerminalRetryPolicy<C> {
     }
 
     /// Uses `schedule` for the delays between attempts.
-    pub fn with_schedule(self, schedule: Schedule) -> Self {
+    pub(crate) fn with_schedule(self, schedule: Schedule) -> Self {
         self.configure(|config| config.schedule = schedule)
     }
 
     /// Uses `classifier` to sort results into success, transient and permanent.
-    pub fn with_classifier<D>(self, classifier: D) -> TerminalRetryPolicy<D> {
+    pub(crate) fn with_classifier<D>(self, classifier: D) -> TerminalRetryPolicy<D> {
         let config = &*self.config;
         TerminalRetryPolicy {
             config: Arc::new(Config {
@@ -158,33 +164,33 @@ impl<C> TerminalRetryPolicy<C> {
 
     /// Sets how the server's `Retry-After` is honoured (by default up to five
     /// minutes).
-    pub fn with_retry_after(self, retry_after: RetryAfter) -> Self {
+    pub(crate) fn with_retry_after(self, retry_after: RetryAfter) -> Self {
         self.configure(|config| config.retry_after = retry_after)
     }
 
     /// Randomises the schedule's delays (off by default).
-    pub fn with_jitter(self, jitter: Jitter) -> Self {
+    pub(crate) fn with_jitter(self, jitter: Jitter) -> Self {
         self.configure(|config| config.jitter = jitter)
     }
 
     /// Limits retries with `budget`, shared by every clone of this policy.
-    pub fn with_budget(self, budget: RetryBudget) -> Self {
+    pub(crate) fn with_budget(self, budget: RetryBudget) -> Self {
         self.configure(|config| config.budget = Some(budget))
     }
 
     /// Numbers retried requests in the header `name`: the second attempt
     /// carries `name: 2`, the third `name: 3`, and so on. The first attempt
     /// goes out as the caller built it.
-    pub fn with_attempt_header(self, name: HeaderName) -> Self {
+    pub(crate) fn with_attempt_header(self, name: HeaderName) -> Self {
         self.configure(|config| config.attempt_header = Some(name))
     }
 
     /// Ends schedule delays early once the server answers again: see
-    /// [`recovery`](crate::recovery). Every success through this policy is
+    /// [`Recovery`]. Every success through this policy is
     /// reported to `recovery`, and every wait on a schedule delay (not one
     /// set by `Retry-After`) can be released by it. Off by default: the
     /// schedule stays exact.
-    pub fn with_recovery(self, recovery: Recovery) -> Self {
+    pub(crate) fn with_recovery(self, recovery: Recovery) -> Self {
         self.configure(|config| config.recovery = Some(recovery))
     }
 
@@ -193,8 +199,16 @@ impl<C> TerminalRetryPolicy<C> {
         &self.config.schedule
     }
 
+    /// The classifier, shared: the outbox's replay classifies its single
+    /// attempts with it.
+    #[cfg(feature = "outbox")]
+    pub(crate) fn classifier(&self) -> Arc<C> {
+        self.config.classifier.clone()
+    }
+
     /// How the server's `Retry-After` is honoured.
-    pub fn retry_after(&self) -> RetryAfter {
+    #[cfg(feature = "outbox")]
+    pub(crate) fn retry_after(&self) -> RetryAfter {
         self.config.retry_after
     }
 }

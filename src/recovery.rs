@@ -84,10 +84,10 @@ use crate::ConfigError;
 /// outbox's dispatcher use unless given one: a daemon reports a handful of
 /// tasks at a time, and fifty a second delivers a backlog within seconds of
 /// the server's recovery without a stampede.
-pub const DEFAULT_RELEASE_PER_SECOND: u32 = 50;
+pub(crate) const DEFAULT_RELEASE_PER_SECOND: u32 = 50;
 
 /// A shared signal that releases parked retries once their server answers
-/// again: see the [module docs](self).
+/// again: see the [crate docs](crate#early-release).
 ///
 /// Cloning is cheap: clones share the waiters and the release rate. Give the
 /// same `Recovery` to every layer (and [`observe`](Recovery::observe) every
@@ -265,7 +265,7 @@ impl Recovery {
 }
 
 impl Default for Recovery {
-    /// A recovery releasing [`DEFAULT_RELEASE_PER_SECOND`] a second.
+    /// A recovery releasing 50 retries a second.
     fn default() -> Self {
         Recovery::new(DEFAULT_RELEASE_PER_SECOND).expect("a release rate above zero")
     }

@@ -3,7 +3,7 @@
 //! When a 429 (Too Many Requests) or 503 (Service Unavailable) carries a
 //! `Retry-After` header, the server's delay replaces the schedule's delay for
 //! that retry, shorter or longer, but never longer than a cap (by default
-//! [`DEFAULT_CAP`], five minutes). The number of attempts does not change.
+//! five minutes). The number of attempts does not change.
 //!
 //! Both forms of the header are understood: delay-seconds (`120`) and an
 //! HTTP-date (`Wed, 21 Oct 2026 07:28:00 GMT`). A value that is malformed,
@@ -13,7 +13,7 @@
 //! ```
 //! use std::time::{Duration, SystemTime};
 //! use http::HeaderValue;
-//! use tower_terminal_retry::retry_after::{parse_retry_after, RetryAfter};
+//! use tower_terminal_retry::{parse_retry_after, RetryAfter};
 //!
 //! let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
 //! assert_eq!(parse_retry_after(&HeaderValue::from_static("120"), now), Some(Duration::from_secs(120)));
@@ -36,7 +36,7 @@ use http::{header::RETRY_AFTER, HeaderMap, HeaderValue, StatusCode};
 use crate::{schedule::check_delay, ConfigError};
 
 /// The default cap on a server-given delay: five minutes.
-pub const DEFAULT_CAP: Duration = Duration::from_secs(5 * 60);
+pub(crate) const DEFAULT_CAP: Duration = Duration::from_secs(5 * 60);
 
 /// Whether, and up to how long, the server's `Retry-After` is honoured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,7 +50,7 @@ impl RetryAfter {
     /// # Errors
     ///
     /// [`ConfigError::DelayTooLong`] when `cap` is over
-    /// [`MAX_DELAY`](crate::schedule::MAX_DELAY).
+    /// 24 hours.
     pub fn honor_up_to(cap: Duration) -> Result<RetryAfter, ConfigError> {
         Ok(RetryAfter {
             cap: Some(check_delay(cap)?),
@@ -60,11 +60,6 @@ impl RetryAfter {
     /// Ignore `Retry-After`: the schedule alone sets the delays.
     pub fn ignore() -> RetryAfter {
         RetryAfter { cap: None }
-    }
-
-    /// The cap on a server-given delay, or `None` when the header is ignored.
-    pub fn cap(&self) -> Option<Duration> {
-        self.cap
     }
 
     /// The server's delay for a response of this status and these headers,
@@ -85,7 +80,7 @@ impl RetryAfter {
 }
 
 impl Default for RetryAfter {
-    /// Honour `Retry-After` up to [`DEFAULT_CAP`].
+    /// Honour `Retry-After` up to five minutes.
     fn default() -> Self {
         RetryAfter {
             cap: Some(DEFAULT_CAP),
@@ -209,7 +204,7 @@ mod tests {
     #[test]
     fn cap_over_a_day_is_an_error() {
         assert!(RetryAfter::honor_up_to(Duration::from_secs(86_401)).is_err());
-        assert_eq!(RetryAfter::default().cap(), Some(DEFAULT_CAP));
-        assert_eq!(RetryAfter::ignore().cap(), None);
+        assert_eq!(RetryAfter::default().cap, Some(DEFAULT_CAP));
+        assert_eq!(RetryAfter::ignore().cap, None);
     }
 }

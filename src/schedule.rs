@@ -26,10 +26,10 @@ use std::{sync::Arc, time::Duration};
 use crate::ConfigError;
 
 /// The longest delay a schedule, or a cap on delays, may hold: 24 hours.
-pub const MAX_DELAY: Duration = Duration::from_secs(24 * 60 * 60);
+pub(crate) const MAX_DELAY: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// The most delays (retries) a schedule may hold: 64.
-pub const MAX_RETRIES: usize = 64;
+pub(crate) const MAX_RETRIES: usize = 64;
 
 /// The default delays: 4 s, 8 s, 16 s, 32 s, 64 s.
 const DEFAULT_DELAYS: [Duration; 5] = [
@@ -55,10 +55,10 @@ impl Schedule {
     ///
     /// # Errors
     ///
-    /// [`ConfigError::TooManyRetries`] for more than [`MAX_RETRIES`] delays
+    /// [`ConfigError::TooManyRetries`] for more than 64 delays
     /// (the iterator is read no further than the first delay too many, so an
     /// endless one is an error too), [`ConfigError::DelayTooLong`] for a
-    /// delay over [`MAX_DELAY`].
+    /// delay over 24 hours.
     pub fn new(delays: impl IntoIterator<Item = Duration>) -> Result<Schedule, ConfigError> {
         let delays: Vec<Duration> = delays.into_iter().take(MAX_RETRIES + 1).collect();
         if delays.len() > MAX_RETRIES {
@@ -78,10 +78,9 @@ impl Schedule {
     /// # Errors
     ///
     /// [`ConfigError::InvalidFactor`] when `factor` is not finite or below 1,
-    /// [`ConfigError::DelayTooLong`] when `base` is over [`MAX_DELAY`],
-    /// [`ConfigError::TooManyRetries`] when `count` is over [`MAX_RETRIES`].
-    /// A `cap` over [`MAX_DELAY`] (`Duration::MAX` for "no cap") stands for
-    /// [`MAX_DELAY`].
+    /// [`ConfigError::DelayTooLong`] when `base` is over 24 hours,
+    /// [`ConfigError::TooManyRetries`] when `count` is over 64. A `cap` over
+    /// 24 hours (`Duration::MAX` for "no cap") stands for 24 hours.
     pub fn exponential(
         base: Duration,
         factor: f64,

@@ -8,9 +8,7 @@ use std::time::Duration;
 use http::StatusCode;
 use serde_json::json;
 use tower_terminal_retry::{
-    client::{
-        CompleteTask, FailTask, ReportOutcome, TaskClient, TaskResult, UsageEntry, DEFAULT_TIMEOUT,
-    },
+    client::{ReportOutcome, TaskClient, TaskResult, UsageEntry},
     test_server::{Action, Fault, Reply, TaskServer, TaskState, TestServer},
 };
 use tracing::Instrument;
@@ -134,7 +132,7 @@ async fn fail_task_retries_on_transient_5xx_then_succeeds() {
     let start = tokio::time::Instant::now();
 
     client
-        .fail_task("task-fail", &FailTask::new("boom"))
+        .send_task_result("task-fail", &TaskResult::failed("boom"))
         .await
         .expect("the third attempt succeeds");
 
@@ -200,11 +198,17 @@ async fn shutdown_returns_the_reports_it_could_not_deliver() {
     let undelivered = client.shutdown(Duration::from_secs(10)).await;
 
     assert_eq!(start.elapsed(), Duration::from_secs(10));
-    let ids: Vec<_> = undelivered.iter().map(|report| report.task_id()).collect();
+    let ids: Vec<_> = undelivered
+        .iter()
+        .map(|report| report.task_id.as_str())
+        .collect();
     assert_eq!(ids, ["hung-1", "hung-2"]);
-    assert_eq!(undelivered[0].result(), &TaskResult::completed("one"));
+    assert_eq!(undelivered[0].result, TaskResult::completed("one"));
     assert_eq!(
-        undelivered[1].clone().into_parts(),
+        (
+            undelivered[1].task_id.clone(),
+            undelivered[1].result.clone()
+        ),
         ("hung-2".to_owned(), TaskResult::failed("two"))
     );
     assert_eq!(fast.await, ReportOutcome::Completed);
@@ -248,13 +252,13 @@ async fn requests_have_the_agreed_routes_bodies_and_headers() {
     };
     client.report_usage("t1", &[usage]).await.unwrap();
     client.pin_session("t1", "sess", "").await.unwrap();
-    let complete = CompleteTask::new("done")
+    let complete = TaskResult::completed("done")
         .branch_name("feature/x")
         .session_id("sess")
         .work_dir("/w");
-    client.complete_task("t1", &complete).await.unwrap();
-    let fail = FailTask::new("late").failure_reason("agent_error");
-    client.fail_task("t1", &fail).await.unwrap();
+    client.send_task_result("t1", &complete).await.unwrap();
+    let fail = TaskResult::failed("late").failure_reason("agent_error");
+    client.send_task_result("t1", &fail).await.unwrap();
 
     let requests = server.requests();
     let sent: Vec<_> = requests
@@ -314,7 +318,7 @@ async fn optional_headers_and_fields_are_omitted_when_unset() {
     let client = TaskClient::builder(server.url()).build().unwrap();
 
     client
-        .complete_task("t1", &CompleteTask::new(""))
+        .send_task_result("t1", &TaskResult::completed(""))
         .await
         .unwrap();
 
@@ -389,13 +393,21 @@ async fn the_token_appears_in_no_debug_output() {
 
 // --- Errors ------------------------------------------------------------------
 
+/// A `Result<(), Error>` is one word wide: the error is boxed.
+#[test]
+fn an_error_is_one_word() {
+    use tower_terminal_retry::client::Error;
+
+    assert_eq!(size_of::<Error>(), size_of::<usize>());
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_rejection_names_route_status_and_body() {
     let server = server_with(&[]).await;
     let client = client(&server, &[1, 1]);
 
     let error = client
-        .complete_task("ghost", &CompleteTask::new("x"))
+        .send_task_result("ghost", &TaskResult::completed("x"))
         .await
         .unwrap_err();
 
@@ -422,7 +434,7 @@ async fn a_long_error_body_is_cut_to_4_kib_and_trimmed() {
         .unwrap();
 
     let error = client
-        .complete_task("t1", &CompleteTask::new("x"))
+        .send_task_result("t1", &TaskResult::completed("x"))
         .await
         .unwrap_err();
 
@@ -469,7 +481,7 @@ async fn a_hung_attempt_times_out_and_is_retried() {
     let start = tokio::time::Instant::now();
 
     let error = client
-        .complete_task("t1", &CompleteTask::new("x"))
+        .send_task_result("t1", &TaskResult::completed("x"))
         .await
         .unwrap_err();
 
@@ -521,7 +533,6 @@ async fn bad_configuration_is_an_error_at_build() {
         let error = build(TaskClient::builder("https://127.0.0.1"));
         assert!(error.to_string().contains("rustls"), "{error}");
     }
-    assert_eq!(DEFAULT_TIMEOUT, Duration::from_secs(30));
 }
 
 #[test]

@@ -27,7 +27,7 @@ use tokio_rustls::{
     TlsAcceptor,
 };
 use tower_terminal_retry::{
-    client::{CompleteTask, TaskClient},
+    client::{TaskClient, TaskResult},
     Schedule,
 };
 
@@ -83,7 +83,7 @@ async fn completes_over_https_with_a_trusted_self_signed_certificate() {
         .unwrap();
 
     client
-        .complete_task("t1", &CompleteTask::new("done"))
+        .send_task_result("t1", &TaskResult::completed("done"))
         .await
         .unwrap();
 
@@ -100,7 +100,7 @@ async fn an_untrusted_certificate_is_a_transient_transport_error() {
         .unwrap();
 
     let error = client
-        .complete_task("t1", &CompleteTask::new("done"))
+        .send_task_result("t1", &TaskResult::completed("done"))
         .await
         .unwrap_err();
 

@@ -51,6 +51,7 @@ const SAYS: &str = "child:";
 /// The outbox's tables, as the tests plant records in them.
 const PENDING: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("pending");
 const KEYS: TableDefinition<'_, &str, u64> = TableDefinition::new("keys");
+const META: TableDefinition<'_, &str, u64> = TableDefinition::new("outbox_meta");
 
 /// A directory of its own for one test, removed when dropped.
 struct Scratch(PathBuf);
@@ -546,8 +547,9 @@ async fn a_file_removed_while_open_fails_the_next_insert_not_silently() {
     assert!(!file.exists(), "not created again");
 }
 
-/// A record as the outbox encodes it (version 1): `headers` headers, each
-/// with a name of its own and an empty value; `attempts` attempts so far.
+/// A record as the first version of the outbox encoded it (record format
+/// 1): `headers` headers, each with a name of its own and an empty value;
+/// `attempts` attempts so far.
 fn record(key: &str, base: &str, headers: u32, attempts: u32) -> Vec<u8> {
     fn put(out: &mut Vec<u8>, bytes: &[u8]) {
         out.extend_from_slice(&u32::try_from(bytes.len()).unwrap().to_le_bytes());
@@ -571,12 +573,15 @@ fn record(key: &str, base: &str, headers: u32, attempts: u32) -> Vec<u8> {
     out
 }
 
-/// Plants `records` (sequence number, key, bytes) in the outbox at `file`.
+/// Plants `records` (sequence number, key, bytes) in the outbox at `file`,
+/// as the first version of the outbox wrote them (file format 1): opening
+/// it migrates what it can read.
 async fn plant(file: &Path, records: &[(u64, &str, Vec<u8>)]) {
     created(file).await;
     let database = Database::create(file).unwrap();
     let write = database.begin_write().unwrap();
     {
+        write.open_table(META).unwrap().insert("format", 1).unwrap();
         let mut pending = write.open_table(PENDING).unwrap();
         let mut keys = write.open_table(KEYS).unwrap();
         for (seq, key, bytes) in records {
@@ -659,12 +664,12 @@ async fn damaged_records_are_quarantined_and_the_records_after_them_still_replay
     );
     assert!(eventually(|| outbox.pending().unwrap().is_empty()).await);
     let quarantined = outbox.quarantined().unwrap();
-    let keys: Vec<&str> = quarantined.iter().map(|entry| entry.key()).collect();
+    let keys: Vec<&str> = quarantined.iter().map(|entry| entry.key.as_str()).collect();
     assert_eq!(keys, ["damaged-2", "damaged-3"]);
     for entry in &quarantined {
-        assert!(entry.is_quarantined());
+        assert!(entry.quarantined);
         assert!(
-            entry.last_failure().unwrap().contains("damaged"),
+            entry.last_failure.as_deref().unwrap().contains("damaged"),
             "{entry:?}"
         );
     }
@@ -684,7 +689,7 @@ async fn damaged_records_are_quarantined_and_the_records_after_them_still_replay
         .quarantined()
         .unwrap()
         .iter()
-        .map(|entry| entry.key().to_owned())
+        .map(|entry| entry.key.clone())
         .collect();
     assert_eq!(keys, ["damaged-3"]);
     // The key of a damaged record is free for a new request.
@@ -707,9 +712,9 @@ async fn attempt_counts_saturate_and_a_worn_record_is_still_delivered() {
     let outbox = dispatcher.outbox().clone();
     let saturated = || {
         server.seen() >= 2
-            && outbox.pending().is_ok_and(|pending| {
-                pending.first().map(|entry| entry.attempts()) == Some(u32::MAX)
-            })
+            && outbox
+                .pending()
+                .is_ok_and(|pending| pending.first().map(|entry| entry.attempts) == Some(u32::MAX))
     };
     assert!(eventually(saturated).await, "{:?}", outbox.pending());
     let seen = server.seen();
@@ -717,7 +722,7 @@ async fn attempt_counts_saturate_and_a_worn_record_is_still_delivered() {
         eventually(|| server.seen() > seen).await,
         "failed once more"
     );
-    assert_eq!(outbox.pending().unwrap()[0].attempts(), u32::MAX);
+    assert_eq!(outbox.pending().unwrap()[0].attempts, u32::MAX);
 
     server.set_up(true);
     assert!(eventually(|| server.taken() == ["worn"]).await);

@@ -12,7 +12,7 @@ use std::{
 
 use http::StatusCode;
 use tower_terminal_retry::{
-    client::{ReportOutcome, TaskClient, TaskClientBuilder, TaskResult},
+    client::{ReportOutcome, TaskClient, TaskClientBuilder, TaskResult, TerminalAction},
     outbox::Durability,
     test_server::{Action, Attempt, Fault, Handling, TaskServer, TaskState},
     Schedule,
@@ -75,7 +75,7 @@ fn a_stored_report_survives_its_runtime_and_a_new_client_delivers_it() {
     // The server runs on a runtime of its own, which outlives the client's.
     let server_runtime = tokio::runtime::Runtime::new().unwrap();
     let server = server_runtime.block_on(TaskServer::start()).unwrap();
-    server.add_task("t1");
+    server.add_tasks(["t1"]);
     // The first attempt hangs: the client is stopped while it waits.
     server.script("t1", Action::Complete, [Fault::Hang]);
 
@@ -86,7 +86,7 @@ fn a_stored_report_survives_its_runtime_and_a_new_client_delivers_it() {
     first.block_on(async {
         let client = builder(&server, &scratch.file()).build().unwrap();
         let mut report = client.report_task_result("t1", TaskResult::completed("done"));
-        assert_eq!(report.stored().await, Durability::Stored);
+        assert_eq!(report.stored().await, Some(Durability::Stored));
         assert!(wait_for_real(|| server.attempts().len() == 1).await);
     });
     // A crash: the runtime goes, and every task with it, mid-delivery.
@@ -101,8 +101,8 @@ fn a_stored_report_survives_its_runtime_and_a_new_client_delivers_it() {
         let client = builder(&server, &scratch.file()).build().unwrap();
         let pending = client.pending_reports().unwrap();
         assert_eq!(pending.len(), 1, "readable before any replay");
-        assert_eq!(pending[0].task_id(), "t1");
-        assert_eq!(pending[0].action(), Action::Complete);
+        assert_eq!(pending[0].task_id, "t1");
+        assert_eq!(pending[0].action, TerminalAction::Complete);
         assert!(wait_for_real(|| server.state("t1") == Some(TaskState::Completed)).await);
         assert!(wait_for_real(|| client.pending_reports().unwrap().is_empty()).await);
     });
@@ -147,12 +147,12 @@ async fn a_completion_that_outlives_the_schedule_is_queued_then_delivered() {
     assert_eq!(outcome, ReportOutcome::Queued);
     let pending = client.pending_reports().unwrap();
     assert_eq!(pending.len(), 1);
-    assert_eq!(pending[0].task_id(), "t1");
-    assert_eq!(pending[0].action(), Action::Complete);
-    assert_eq!(pending[0].attempts(), 3);
-    let failure = pending[0].last_failure().unwrap();
+    assert_eq!(pending[0].task_id, "t1");
+    assert_eq!(pending[0].action, TerminalAction::Complete);
+    assert_eq!(pending[0].attempts, 3);
+    let failure = pending[0].last_failure.as_deref().unwrap();
     assert!(failure.contains("502"), "{failure}");
-    assert!(pending[0].stored_at() <= std::time::SystemTime::now());
+    assert!(pending[0].stored_at <= std::time::SystemTime::now());
 
     // Ten minutes of outage: the report stays stored and is not failed.
     tokio::time::sleep_until(server.started() + Duration::from_secs(590)).await;
@@ -173,7 +173,7 @@ async fn a_completion_that_outlives_the_schedule_is_queued_then_delivered() {
 async fn a_refused_completion_falls_back_to_a_fail_stored_before_it_is_sent() {
     let scratch = Scratch::new("fallback");
     let server = TaskServer::start().await.unwrap();
-    server.add_task("t1");
+    server.add_tasks(["t1"]);
     server.script(
         "t1",
         Action::Complete,
@@ -190,7 +190,11 @@ async fn a_refused_completion_falls_back_to_a_fail_stored_before_it_is_sent() {
     assert_eq!(outcome, ReportOutcome::Queued);
     let pending = client.pending_reports().unwrap();
     assert_eq!(pending.len(), 1);
-    assert_eq!(pending[0].action(), Action::Fail, "the fallback is stored");
+    assert_eq!(
+        pending[0].action,
+        TerminalAction::Fail,
+        "the fallback is stored"
+    );
     assert_eq!(server.attempts_of("t1", Action::Complete), 1);
     drop(client);
 
@@ -227,9 +231,16 @@ async fn a_refused_fail_is_quarantined_until_requeued_or_discarded() {
         assert_eq!(outcome, ReportOutcome::Quarantined);
     }
     let quarantined = client.quarantined_reports().unwrap();
-    let ids: Vec<&str> = quarantined.iter().map(|report| report.task_id()).collect();
+    let ids: Vec<&str> = quarantined
+        .iter()
+        .map(|report| report.task_id.as_str())
+        .collect();
     assert_eq!(ids, ["t1", "t2"]);
-    assert!(quarantined[0].last_failure().unwrap().contains("422"));
+    assert!(quarantined[0]
+        .last_failure
+        .as_deref()
+        .unwrap()
+        .contains("422"));
     assert!(client.pending_reports().unwrap().is_empty());
     // Kept, not retried.
     tokio::time::sleep(Duration::from_secs(300)).await;
@@ -263,7 +274,7 @@ async fn while_the_server_is_down_one_probe_at_a_time_then_a_bounded_replay() {
     let server = TaskServer::start().await.unwrap();
     let ids: Vec<String> = (0..50).map(|index| format!("t{index}")).collect();
     server.add_tasks(ids.iter().map(String::as_str));
-    server.add_task("heartbeat");
+    server.add_tasks(["heartbeat"]);
     let outage = Duration::from_secs(600);
     server.outage(Duration::ZERO, outage, bad_gateway());
     server.latency(Duration::from_millis(200));
@@ -374,7 +385,7 @@ async fn after_a_restart_reports_go_oldest_first_beside_new_ones() {
     let server = TaskServer::start().await.unwrap();
     let ids: Vec<String> = (0..20).map(|index| format!("t{index:02}")).collect();
     server.add_tasks(ids.iter().map(String::as_str));
-    server.add_task("new");
+    server.add_tasks(["new"]);
     server.outage(Duration::ZERO, Duration::from_secs(10), bad_gateway());
     let first = builder(&server, &scratch.file())
         .terminal_schedule(Schedule::new([]).unwrap())
@@ -424,7 +435,7 @@ async fn after_a_restart_reports_go_oldest_first_beside_new_ones() {
 async fn the_idempotency_key_is_the_same_on_every_attempt_replay_and_restart() {
     let scratch = Scratch::new("idempotency");
     let server = TaskServer::start().await.unwrap();
-    server.add_task("t1");
+    server.add_tasks(["t1"]);
     server.outage(Duration::ZERO, Duration::from_secs(60), Fault::ReplyLost);
     let client = builder(&server, &scratch.file()).build().unwrap();
     let outcome = client
@@ -459,7 +470,7 @@ async fn the_idempotency_key_is_the_same_on_every_attempt_replay_and_restart() {
 async fn the_token_is_never_written_to_the_outbox() {
     let scratch = Scratch::new("secret");
     let server = TaskServer::start().await.unwrap();
-    server.add_task("t1");
+    server.add_tasks(["t1"]);
     server.outage(Duration::ZERO, Duration::from_secs(600), bad_gateway());
     let client = builder(&server, &scratch.file()).build().unwrap();
     let outcome = client
@@ -478,7 +489,7 @@ async fn the_token_is_never_written_to_the_outbox() {
 async fn a_file_held_by_another_live_client_is_an_error_naming_it() {
     let scratch = Scratch::new("locked");
     let server = TaskServer::start().await.unwrap();
-    server.add_task("t1");
+    server.add_tasks(["t1"]);
     let first = builder(&server, &scratch.file()).build().unwrap();
     let error = builder(&server, &scratch.file()).build().unwrap_err();
     assert!(error.is_outbox(), "{error}");
@@ -514,7 +525,7 @@ async fn a_file_held_by_another_live_client_is_an_error_naming_it() {
 async fn a_file_that_is_not_an_outbox_is_an_error_and_left_as_it_was() {
     let scratch = Scratch::new("invalid");
     let server = TaskServer::start().await.unwrap();
-    server.add_task("t1");
+    server.add_tasks(["t1"]);
     // A real outbox with a report in it, to truncate.
     server.outage(Duration::ZERO, Duration::from_secs(3600), bad_gateway());
     let client = builder(&server, &scratch.file())

@@ -68,8 +68,9 @@ fn child() {
             let mut report = client.report_task_result(id, result);
             let durability = report.stored().await;
             match durability {
-                Durability::Stored => println!("{SAYS} stored {id}"),
-                other => println!("{SAYS} not-stored {id} {other:?}"),
+                Some(Durability::Stored) => println!("{SAYS} stored {id}"),
+                Some(other) => println!("{SAYS} not-stored {id} {other:?}"),
+                None => println!("{SAYS} not-stored {id} without an outbox"),
             }
             reports.push((id.to_owned(), report));
         }
@@ -191,7 +192,7 @@ async fn killed_at_random_instants_nothing_stored_is_lost_and_no_success_turns_r
         for index in 0..4 {
             let id = format!("r{round}-{index}");
             let completed = random.below(3) != 0;
-            server.add_task(&id);
+            server.add_tasks([&id]);
             let action = if completed {
                 Action::Complete
             } else {
@@ -265,7 +266,7 @@ async fn a_store_that_cannot_be_written_still_delivers_and_says_not_stored() {
     let directory = scratch("full");
     let file = directory.join("reports.redb");
     let server = TaskServer::start().await.unwrap();
-    server.add_task("huge");
+    server.add_tasks(["huge"]);
     // An outbox with nothing in it: its size is the limit of the child.
     let lines = said(spawn("drain", &server, &file, "", None));
     assert!(lines.iter().any(|line| line == "drained"), "{lines:?}");
@@ -295,7 +296,7 @@ async fn a_file_held_by_another_process_is_an_error_until_it_dies() {
     let directory = scratch("held");
     let file = directory.join("reports.redb");
     let server = TaskServer::start().await.unwrap();
-    server.add_task("t1");
+    server.add_tasks(["t1"]);
     let mut child = spawn("report", &server, &file, "t1:c", None);
     // The child holds the file once it has stored its report.
     let held = async {

@@ -7,9 +7,13 @@ use http::{header::RETRY_AFTER, HeaderName, HeaderValue, Request, Response, Stat
 use proptest::{collection::vec, prelude::*};
 use tower::retry::Policy;
 use tower_terminal_retry::{
-    classify_status, retry_after::parse_retry_after, retry_after::DEFAULT_CAP, Classify,
-    DefaultClassifier, Outcome, Schedule, TerminalRetryPolicy,
+    classify_status, parse_retry_after, Classify, DefaultClassifier, Outcome, Schedule,
+    TerminalRetryLayer,
 };
+
+/// The cap on a server-given delay that `RetryAfter::default()` documents:
+/// five minutes.
+const DEFAULT_CAP: Duration = Duration::from_secs(5 * 60);
 
 /// The rule, stated apart from the crate: 2xx a success; 5xx and above,
 /// 408 and 429 transient; everything else (1xx, 3xx, the rest of 4xx)
@@ -121,10 +125,11 @@ proptest! {
 
         let schedule = Schedule::new(delays.iter().copied().map(Duration::from_millis)).unwrap();
         let attempt_header = HeaderName::from_static("x-retry-attempt");
-        let mut policy = TerminalRetryPolicy::default().with_schedule(schedule.clone());
+        let mut layer = TerminalRetryLayer::new().with_schedule(schedule.clone());
         if numbered {
-            policy = policy.with_attempt_header(attempt_header.clone());
+            layer = layer.with_attempt_header(attempt_header.clone());
         }
+        let mut policy = layer.policy().clone();
         let mut response = Response::builder().status(code).body(()).unwrap();
         for (name, bytes) in &extra {
             let name = HeaderName::from_bytes(name.as_bytes()).unwrap();

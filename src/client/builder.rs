@@ -9,33 +9,28 @@ use http::{
     HeaderMap, HeaderName, HeaderValue, Uri,
 };
 use http_body_util::Full;
-use hyper_util::{
-    client::legacy::{connect::HttpConnector, Client},
-    rt::TokioExecutor,
-};
+#[cfg(not(feature = "rustls"))]
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 use tower::{Layer, ServiceBuilder};
 use tower_http::{
-    sensitive_headers::SetSensitiveRequestHeadersLayer,
-    set_header::{MakeHeaderValue, SetRequestHeaderLayer},
+    sensitive_headers::SetSensitiveRequestHeadersLayer, set_header::SetRequestHeaderLayer,
 };
 
-use super::{report::InFlight, Error, Inner, TaskClient};
+#[cfg(feature = "outbox")]
+use super::durable::{self, OutboxSettings};
+use super::{
+    error::Error,
+    task_client::TaskClient,
+    transport::{Connector, Credentials, Transport},
+};
 use crate::{Recovery, RetryAfter, Schedule, TerminalRetryLayer};
 
-/// The connector under the client: plain HTTP, or HTTP and HTTPS with the
-/// `rustls` feature.
-#[cfg(not(feature = "rustls"))]
-pub(super) type Connector = HttpConnector;
-/// The connector under the client: plain HTTP, or HTTP and HTTPS with the
-/// `rustls` feature.
-#[cfg(feature = "rustls")]
-pub(super) type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
-
 /// The default per-attempt timeout.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The default bound on a client's requests in flight at once.
-pub const DEFAULT_CONCURRENCY_LIMIT: usize = 64;
+const DEFAULT_CONCURRENCY_LIMIT: usize = 64;
 
 /// Configures a [`TaskClient`]; made by [`TaskClient::builder`].
 ///
@@ -56,17 +51,6 @@ pub struct TaskClientBuilder {
     roots: Roots,
 }
 
-/// Where and how terminal reports are kept on disk; the replay settings
-/// apply once a path is set, whatever the order of the calls.
-#[cfg(feature = "outbox")]
-#[derive(Debug)]
-pub(super) struct OutboxSettings {
-    pub(super) path: Option<std::path::PathBuf>,
-    pub(super) replay_interval: Duration,
-    pub(super) replay_concurrency: usize,
-    pub(super) replay_rate: u32,
-}
-
 /// Which certificate authorities an HTTPS connection trusts.
 #[cfg(feature = "rustls")]
 enum Roots {
@@ -78,8 +62,16 @@ enum Roots {
     Only(Vec<Vec<u8>>),
 }
 
+impl TaskClient {
+    /// Starts configuring a client for the server at `base_url`, such as
+    /// `http://127.0.0.1:8080` (a path prefix is kept).
+    pub fn builder(base_url: impl Into<String>) -> TaskClientBuilder {
+        TaskClientBuilder::new(base_url.into())
+    }
+}
+
 impl TaskClientBuilder {
-    pub(super) fn new(base_url: String) -> TaskClientBuilder {
+    fn new(base_url: String) -> TaskClientBuilder {
         TaskClientBuilder {
             base_url,
             token: None,
@@ -90,12 +82,7 @@ impl TaskClientBuilder {
             concurrency_limit: DEFAULT_CONCURRENCY_LIMIT,
             recovery: Some(Recovery::default()),
             #[cfg(feature = "outbox")]
-            outbox: OutboxSettings {
-                path: None,
-                replay_interval: crate::outbox::DEFAULT_REPLAY_INTERVAL,
-                replay_concurrency: crate::outbox::DEFAULT_REPLAY_CONCURRENCY,
-                replay_rate: crate::outbox::DEFAULT_REPLAY_RATE,
-            },
+            outbox: OutboxSettings::default(),
             #[cfg(feature = "rustls")]
             roots: Roots::Webpki,
         }
@@ -126,8 +113,7 @@ impl TaskClientBuilder {
 
     /// How the server's `Retry-After` on a 429 or 503 is honoured on the
     /// terminal routes and by the outbox's probes, with the layer's meaning
-    /// (see [`retry_after`](crate::retry_after)): by default up to
-    /// [`DEFAULT_CAP`](crate::retry_after::DEFAULT_CAP), five minutes. A
+    /// (see [`RetryAfter`]): by default up to five minutes. A
     /// lower cap bounds how long one report can be held by a server asking
     /// for long waits.
     pub fn retry_after(mut self, retry_after: RetryAfter) -> TaskClientBuilder {
@@ -136,7 +122,7 @@ impl TaskClientBuilder {
     }
 
     /// How long one attempt may take, until the response headers and again for
-    /// reading the response body (by default [`DEFAULT_TIMEOUT`], 30 s). An
+    /// reading the response body (by default 30 s). An
     /// attempt that times out is a transient failure, retried on the terminal
     /// routes. It starts when the attempt is sent, not while it waits for its
     /// turn under the [`concurrency_limit`](TaskClientBuilder::concurrency_limit).
@@ -146,8 +132,7 @@ impl TaskClientBuilder {
     }
 
     /// At most `limit` requests of this client are in flight at once, across
-    /// every route, its clones, and the outbox's replay (by default
-    /// [`DEFAULT_CONCURRENCY_LIMIT`], 64). The others wait their turn: ten
+    /// every route, its clones, and the outbox's replay (by default 64). The others wait their turn: ten
     /// thousand reports at once open no more connections than this. Zero is
     /// a configuration error.
     pub fn concurrency_limit(mut self, limit: usize) -> TaskClientBuilder {
@@ -158,10 +143,9 @@ impl TaskClientBuilder {
     /// The signal that ends the backoff of parked terminal reports once a
     /// request to the same server succeeds: a `start`, a `progress`, any
     /// other call of this client, or one of the stacks you share it with
-    /// (see [`recovery`](crate::recovery)). By default a signal of the
-    /// client's own, [`Recovery::default`], releasing
-    /// [`DEFAULT_RELEASE_PER_SECOND`](crate::recovery::DEFAULT_RELEASE_PER_SECOND) reports a
-    /// second; `None` turns early release off and keeps the schedule exact.
+    /// (see [`Recovery`]). By default a signal of the client's own,
+    /// [`Recovery::default`], releasing 50 reports a second; `None` turns
+    /// early release off and keeps the schedule exact.
     pub fn recovery(mut self, recovery: Option<Recovery>) -> TaskClientBuilder {
         self.recovery = recovery;
         self
@@ -172,8 +156,7 @@ impl TaskClientBuilder {
     /// [`report_task_result`](TaskClient::report_task_result) is committed
     /// to disk before its first attempt, and delivered, across restarts,
     /// however long the server is away (see [`outbox`](crate::outbox)).
-    /// [`complete_task`](TaskClient::complete_task) and
-    /// [`fail_task`](TaskClient::fail_task) called directly are not stored.
+    /// [`send_task_result`](TaskClient::send_task_result) is not stored.
     ///
     /// Only reports to the base URL's own origin are replayed: one stored
     /// under another base URL (or planted in the file) is quarantined, with
@@ -188,7 +171,7 @@ impl TaskClientBuilder {
     /// two probes of a server that is down (by default 30 s).
     #[cfg(feature = "outbox")]
     pub fn replay_interval(mut self, interval: Duration) -> TaskClientBuilder {
-        self.outbox.replay_interval = interval;
+        self.outbox.replay_interval = Some(interval);
         self
     }
 
@@ -196,19 +179,18 @@ impl TaskClientBuilder {
     /// are sent at once once the server is back (by default 16).
     #[cfg(feature = "outbox")]
     pub fn replay_concurrency(mut self, concurrency: usize) -> TaskClientBuilder {
-        self.outbox.replay_concurrency = concurrency;
+        self.outbox.replay_concurrency = Some(concurrency);
         self
     }
 
     /// With an [`outbox`](TaskClientBuilder::outbox): at most this many
     /// stored reports start a replay in any one second, give or take the
-    /// replay concurrency (by default
-    /// [`DEFAULT_REPLAY_RATE`](crate::outbox::DEFAULT_REPLAY_RATE)), so that
+    /// replay concurrency (by default 100), so that
     /// a server back from an outage is not met by the whole backlog at once.
     /// Zero is a configuration error.
     #[cfg(feature = "outbox")]
     pub fn replay_rate(mut self, per_second: u32) -> TaskClientBuilder {
-        self.outbox.replay_rate = per_second;
+        self.outbox.replay_rate = Some(per_second);
         self
     }
 
@@ -299,10 +281,10 @@ impl TaskClientBuilder {
             .with_retry_after(self.retry_after);
         #[cfg(feature = "outbox")]
         let dispatcher = match &self.outbox.path {
-            Some(path) => Some(super::durable::dispatcher(
+            Some(path) => Some(durable::dispatcher(
                 path,
                 &self.outbox,
-                super::durable::Sending {
+                durable::Sending {
                     attempt: single.clone(),
                     layer: layer.clone(),
                     recovery: self.recovery.clone(),
@@ -318,23 +300,23 @@ impl TaskClientBuilder {
         };
         let terminal = layer.layer(single.clone());
 
-        Ok(TaskClient {
-            inner: Arc::new(Inner {
-                base,
-                headers,
-                token: self.token,
-                client_version: self.client_version,
-                schedule: self.schedule,
-                timeout: self.timeout,
-                recovery: self.recovery,
-                single,
-                terminal,
-                #[cfg(feature = "outbox")]
-                dispatcher,
-                runtime,
-                reports: InFlight::default(),
-            }),
-        })
+        let transport = Transport {
+            base,
+            headers,
+            token: self.token,
+            client_version: self.client_version,
+            schedule: self.schedule,
+            timeout: self.timeout,
+            recovery: self.recovery,
+            single,
+            terminal,
+        };
+        Ok(TaskClient::new(
+            transport,
+            #[cfg(feature = "outbox")]
+            dispatcher,
+            runtime,
+        ))
     }
 
     fn headers(&self) -> Result<HeaderMap, Error> {
@@ -443,22 +425,6 @@ impl fmt::Debug for TaskClientBuilder {
     }
 }
 
-/// The `Authorization` value, for requests to the client's own origin only:
-/// a stored report, or a redirect target, elsewhere never gets the token.
-#[derive(Clone)]
-pub(super) struct Credentials {
-    /// [`origin_key`](crate::origin::origin_key) of the base URL.
-    origin: Arc<str>,
-    value: Option<HeaderValue>,
-}
-
-impl<B> MakeHeaderValue<http::Request<B>> for Credentials {
-    fn make_header_value(&mut self, request: &http::Request<B>) -> Option<HeaderValue> {
-        let value = self.value.as_ref()?;
-        crate::origin::is_origin(request.uri(), &self.origin).then(|| value.clone())
-    }
-}
-
 /// The longest base URL accepted, in bytes.
 const MAX_BASE_URL: usize = 2048;
 
@@ -529,6 +495,12 @@ fn without_credentials(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn defaults_are_as_documented() {
+        assert_eq!(DEFAULT_TIMEOUT, Duration::from_secs(30));
+        assert_eq!(DEFAULT_CONCURRENCY_LIMIT, 64);
+    }
 
     #[test]
     fn base_urls_keep_their_prefix_and_lose_the_trailing_slash() {

@@ -1,71 +1,35 @@
-//! Terminal reports kept in an outbox until the server takes them.
+//! Terminal reports kept in an outbox until the server takes them, through
+//! the outbox's public API: each report is a request tagged with its route,
+//! handed to a [`Dispatcher`].
 
-use std::time::SystemTime;
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use bytes::Bytes;
-use http::{uri::PathAndQuery, Request, StatusCode, Uri};
+use http::{Request, StatusCode, Uri};
+use tokio::sync::oneshot;
 
 use super::{
-    builder::OutboxSettings,
-    report::{superseded, Report, StoredSignal},
-    Action, Attempt, CompleteTask, Error, ReportOutcome, TaskClient,
+    body::{self, Completion},
+    error::Error,
+    in_flight::StoreState,
+    report::{Report, ReportOutcome, StoredReport, TaskResult, TerminalAction},
+    route::Action,
+    transport::{Attempt, Transport},
 };
 use crate::{
-    outbox::{Delivery, Dispatcher, Durability, Entry, Outbox},
+    outbox::{Delivery, Dispatcher, Durability, Entry, Outbox, Tag},
     Recovery, TerminalRetryLayer,
 };
 
-/// A terminal report kept in the outbox: listed by
-/// [`TaskClient::pending_reports`] and [`TaskClient::quarantined_reports`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredReport {
-    task_id: String,
-    action: Action,
-    attempts: u32,
-    stored_at: SystemTime,
-    last_failure: Option<String>,
-}
-
-impl StoredReport {
-    fn from_entry(entry: &Entry) -> Option<StoredReport> {
-        let action = entry.uri().path().rsplit('/').next()?;
-        let action = [Action::Complete, Action::Fail]
-            .into_iter()
-            .find(|candidate| candidate.as_str() == action)?;
-        Some(StoredReport {
-            task_id: entry.key().to_owned(),
-            action,
-            attempts: entry.attempts(),
-            stored_at: entry.stored_at(),
-            last_failure: entry.last_failure().map(str::to_owned),
-        })
-    }
-
-    /// The task it is about.
-    pub fn task_id(&self) -> &str {
-        &self.task_id
-    }
-
-    /// The route it goes to: [`Action::Complete`] or [`Action::Fail`] (the
-    /// fallback of a completion refused for good).
-    pub fn action(&self) -> Action {
-        self.action
-    }
-
-    /// Attempts made so far, across restarts.
-    pub fn attempts(&self) -> u32 {
-        self.attempts
-    }
-
-    /// When it was first stored.
-    pub fn stored_at(&self) -> SystemTime {
-        self.stored_at
-    }
-
-    /// How the last attempt failed, if one did.
-    pub fn last_failure(&self) -> Option<&str> {
-        self.last_failure.as_deref()
-    }
+/// Where and how terminal reports are kept on disk; the replay settings
+/// apply once a path is set, whatever the order of the calls. A setting
+/// left unset keeps the dispatcher's default.
+#[derive(Debug, Default)]
+pub(super) struct OutboxSettings {
+    pub(super) path: Option<PathBuf>,
+    pub(super) replay_interval: Option<Duration>,
+    pub(super) replay_concurrency: Option<usize>,
+    pub(super) replay_rate: Option<u32>,
 }
 
 /// How the client's reports are sent: what its dispatcher needs of it.
@@ -73,13 +37,14 @@ pub(super) struct Sending<'a> {
     pub(super) attempt: Attempt,
     pub(super) layer: TerminalRetryLayer,
     pub(super) recovery: Option<Recovery>,
-    /// The base URL: only its origin gets stored reports.
+    /// The base URL: only its origin gets stored reports, and a fallback
+    /// goes below it.
     pub(super) base: &'a str,
     /// Redacted from whatever the server sends back.
     pub(super) token: Option<&'a str>,
 }
 
-/// Opens the outbox and starts its replay worker.
+/// Opens the outbox at `path` and starts its replay worker.
 pub(super) fn dispatcher(
     path: &std::path::Path,
     settings: &OutboxSettings,
@@ -92,14 +57,23 @@ pub(super) fn dispatcher(
             Error::config("the base URL is not a URL", Some(error.into()))
         })?;
     let outbox = Outbox::open(path).map_err(Error::outbox)?;
+    let base = sending.base.to_owned();
     let mut builder = Dispatcher::builder(outbox, sending.attempt)
         .layer(sending.layer)
         .recovery(sending.recovery)
         .origin(&origin)
-        .fallback(fallback)
-        .replay_interval(settings.replay_interval)
-        .replay_concurrency(settings.replay_concurrency)
-        .replay_rate(settings.replay_rate);
+        .fallback(move |entry: &Entry, _: StatusCode, failure: &str| {
+            fallback(&base, entry, failure)
+        });
+    if let Some(interval) = settings.replay_interval {
+        builder = builder.replay_interval(interval);
+    }
+    if let Some(concurrency) = settings.replay_concurrency {
+        builder = builder.replay_concurrency(concurrency);
+    }
+    if let Some(rate) = settings.replay_rate {
+        builder = builder.replay_rate(rate);
+    }
     if let Some(token) = sending.token {
         builder = builder.redact(token);
     }
@@ -109,47 +83,147 @@ pub(super) fn dispatcher(
 }
 
 /// The fail report that replaces a completion the server refused for good,
-/// with reason `agent_error`; none for a refused fail report.
-fn fallback(entry: &Entry, _status: StatusCode, failure: &str) -> Option<Request<Bytes>> {
-    let task_path = entry.uri().path().strip_suffix(Action::Complete.as_str())?;
-    let complete = CompleteTask::from_json(entry.body())?;
-    let fail = complete.fallback(format!("complete task failed: {failure}"));
-    let path = PathAndQuery::try_from(format!("{task_path}{}", Action::Fail.as_str())).ok()?;
-    let mut parts = entry.uri().clone().into_parts();
-    parts.path_and_query = Some(path);
+/// with reason `agent_error`, to the task's `fail` route below `base`; none
+/// for a refused fail report.
+fn fallback(base: &str, entry: &Entry, failure: &str) -> Option<Request<Bytes>> {
+    if terminal_action(entry)? != TerminalAction::Complete {
+        return None;
+    }
+    let completion: Completion = serde_json::from_slice(&entry.body).ok()?;
+    let failure = completion.fallback(format!("complete task failed: {failure}"));
     let mut request = entry.request();
-    *request.uri_mut() = Uri::from_parts(parts).ok()?;
-    *request.body_mut() = fail.to_json();
+    *request.uri_mut() = format!("{base}{}", Action::Fail.path(&entry.key))
+        .parse()
+        .ok()?;
+    *request.body_mut() = body::json(&failure);
+    request.extensions_mut().insert(tag(TerminalAction::Fail));
     Some(request)
 }
 
-/// Delivers `report` through the outbox.
+/// The route a stored report goes to, from its tag; none for a record the
+/// client did not store.
+fn terminal_action(entry: &Entry) -> Option<TerminalAction> {
+    let tag = entry.tag.as_deref()?;
+    [TerminalAction::Complete, TerminalAction::Fail]
+        .into_iter()
+        .find(|action| route(*action).as_str() == tag)
+}
+
+fn route(action: TerminalAction) -> Action {
+    match action {
+        TerminalAction::Complete => Action::Complete,
+        TerminalAction::Fail => Action::Fail,
+    }
+}
+
+/// The tag a report to `action` is stored with: the route's name.
+fn tag(action: TerminalAction) -> Tag {
+    Tag::new(route(action).as_str())
+}
+
+/// The report kept in `entry`; none for a record the client did not store.
+pub(super) fn stored_report(entry: &Entry) -> Option<StoredReport> {
+    Some(StoredReport {
+        task_id: entry.key.clone(),
+        action: terminal_action(entry)?,
+        attempts: entry.attempts,
+        stored_at: entry.stored_at,
+        last_failure: entry.last_failure.clone(),
+    })
+}
+
+/// Tells a report's future, and `shutdown`, whether the report is stored.
+///
+/// Dropped without an answer (its delivery stopped before the outbox
+/// answered), it says "not stored": `shutdown` then returns the report
+/// rather than lose it, at worst to be delivered twice.
+pub(super) struct StoredSignal {
+    store: Arc<StoreState>,
+    answer: Option<oneshot::Sender<Durability>>,
+}
+
+/// A report's side of [`StoredSignal`]: whether its report is stored.
+#[derive(Debug)]
+pub(super) struct StoredAnswer {
+    receiver: Option<oneshot::Receiver<Durability>>,
+    known: Option<Durability>,
+}
+
+/// A signal for a delivery and its answer for the report's future.
+pub(super) fn stored_signal(store: Arc<StoreState>) -> (StoredSignal, StoredAnswer) {
+    let (sender, receiver) = oneshot::channel();
+    let signal = StoredSignal {
+        store,
+        answer: Some(sender),
+    };
+    let answer = StoredAnswer {
+        receiver: Some(receiver),
+        known: None,
+    };
+    (signal, answer)
+}
+
+impl StoredSignal {
+    fn tell(mut self, durability: Durability) {
+        let stored = matches!(durability, Durability::Stored | Durability::AlreadyStored);
+        self.store.answer(stored);
+        if let Some(answer) = self.answer.take() {
+            let _ = answer.send(durability);
+        }
+    }
+}
+
+impl Drop for StoredSignal {
+    fn drop(&mut self) {
+        if let Some(answer) = self.answer.take() {
+            self.store.answer(false);
+            let _ = answer.send(Durability::Refused);
+        }
+    }
+}
+
+impl StoredAnswer {
+    /// Waits for the answer.
+    pub(super) async fn wait(&mut self) -> Durability {
+        // Awaited in place, so that a caller that stops waiting can ask again.
+        if let Some(receiver) = &mut self.receiver {
+            self.known = receiver.await.ok();
+            self.receiver = None;
+        }
+        // The signal answers even when dropped: no answer means its runtime
+        // went first.
+        self.known.clone().unwrap_or(Durability::Refused)
+    }
+}
+
+/// Delivers `result` through the outbox, tagged with its route.
 pub(super) async fn deliver(
-    client: &TaskClient,
+    transport: &Transport,
     dispatcher: &Dispatcher<Attempt>,
     task_id: &str,
-    report: Report,
-    stored: StoredSignal,
+    result: &TaskResult,
+    signal: StoredSignal,
 ) -> ReportOutcome {
-    let completed = matches!(report, Report::Completed(_));
-    let (action, body) = match &report {
-        Report::Completed(complete) => (Action::Complete, complete.to_json()),
-        Report::Failed(fail) => (Action::Fail, fail.to_json()),
+    let (action, body) = match &result.report {
+        Report::Completed(completion) => (TerminalAction::Complete, body::json(completion)),
+        Report::Failed(failure) => (TerminalAction::Fail, body::json(failure)),
     };
-    let request = match client.request(&action.path(task_id), body) {
+    let completed = action == TerminalAction::Complete;
+    let mut request = match transport.request(&route(action).path(task_id), body) {
         Ok(request) => request,
         Err(error) => {
             tracing::error!(task_id, error = %error, "terminal report cannot be made");
-            stored.tell(Durability::NoOutbox);
+            signal.tell(Durability::Refused);
             return ReportOutcome::NotDelivered;
         }
     };
-    if !stored.hand_over() {
+    request.extensions_mut().insert(tag(action));
+    if !signal.store.hand_over() {
         // `shutdown` took it first, and returns it.
         return ReportOutcome::Abandoned;
     }
     let mut dispatch = dispatcher.send(task_id, request);
-    stored.tell(dispatch.stored().await);
+    signal.tell(dispatch.stored().await);
     match dispatch.await {
         Delivery::Delivered if completed => ReportOutcome::Completed,
         Delivery::Delivered => ReportOutcome::Failed,
@@ -164,7 +238,7 @@ pub(super) async fn deliver(
             ReportOutcome::Queued
         }
         Delivery::Quarantined => ReportOutcome::Quarantined,
-        Delivery::Superseded => superseded(task_id),
+        Delivery::Superseded => ReportOutcome::superseded(task_id),
         Delivery::AlreadyStored => {
             tracing::warn!(
                 task_id,
@@ -185,81 +259,5 @@ pub(super) async fn deliver(
             tracing::error!(task_id, failure, "terminal report not delivered nor stored");
             ReportOutcome::NotDelivered
         }
-    }
-}
-
-impl TaskClient {
-    /// The terminal reports stored and not yet delivered, oldest first:
-    /// readable right after [`build`](super::TaskClientBuilder::build),
-    /// before any replay, so that a daemon can skip its orphan handling for
-    /// tasks whose result is already safe. Empty without an outbox.
-    ///
-    /// # Errors
-    ///
-    /// The outbox cannot be read.
-    pub fn pending_reports(&self) -> Result<Vec<StoredReport>, Error> {
-        self.stored(Outbox::pending)
-    }
-
-    /// The terminal reports the server refused for good with nothing left to
-    /// fall back to (a refused `fail`): kept, not retried, until
-    /// [`requeue_report`](TaskClient::requeue_report) or
-    /// [`discard_report`](TaskClient::discard_report). Empty without an
-    /// outbox.
-    ///
-    /// # Errors
-    ///
-    /// The outbox cannot be read.
-    pub fn quarantined_reports(&self) -> Result<Vec<StoredReport>, Error> {
-        self.stored(Outbox::quarantined)
-    }
-
-    /// Puts the quarantined report of `task_id` back among the pending ones,
-    /// to be delivered again (within the replay interval). `false` when
-    /// none is quarantined, or without an outbox.
-    ///
-    /// # Errors
-    ///
-    /// The outbox cannot be written.
-    pub async fn requeue_report(&self, task_id: &str) -> Result<bool, Error> {
-        match &self.inner.dispatcher {
-            Some(dispatcher) => dispatcher
-                .outbox()
-                .requeue(task_id)
-                .await
-                .map_err(Error::outbox),
-            None => Ok(false),
-        }
-    }
-
-    /// Deletes the stored report of `task_id`, pending or quarantined, for
-    /// good. `false` when there is none, or without an outbox.
-    ///
-    /// # Errors
-    ///
-    /// The outbox cannot be written.
-    pub async fn discard_report(&self, task_id: &str) -> Result<bool, Error> {
-        match &self.inner.dispatcher {
-            Some(dispatcher) => dispatcher
-                .outbox()
-                .discard(task_id)
-                .await
-                .map_err(Error::outbox),
-            None => Ok(false),
-        }
-    }
-
-    fn stored(
-        &self,
-        list: impl Fn(&Outbox) -> Result<Vec<Entry>, crate::outbox::OutboxError>,
-    ) -> Result<Vec<StoredReport>, Error> {
-        let Some(dispatcher) = &self.inner.dispatcher else {
-            return Ok(Vec::new());
-        };
-        let entries = list(dispatcher.outbox()).map_err(Error::outbox)?;
-        Ok(entries
-            .iter()
-            .filter_map(StoredReport::from_entry)
-            .collect())
     }
 }

@@ -13,6 +13,11 @@ use crate::classify::Outcome;
 /// Whether a replay may help is decided once, by the crate's classifier (the
 /// rule the retry layer used), and kept: [`is_transient`](Error::is_transient).
 pub struct Error {
+    /// Boxed, so that a `Result<(), Error>` is one word wide.
+    inner: Box<Inner>,
+}
+
+struct Inner {
     kind: Kind,
     outcome: Outcome,
 }
@@ -51,14 +56,20 @@ impl fmt::Display for Route {
 }
 
 impl Error {
-    pub(super) fn config(message: impl Into<String>, source: Option<BoxError>) -> Error {
+    fn new(kind: Kind, outcome: Outcome) -> Error {
         Error {
-            kind: Kind::Config {
+            inner: Box::new(Inner { kind, outcome }),
+        }
+    }
+
+    pub(super) fn config(message: impl Into<String>, source: Option<BoxError>) -> Error {
+        Error::new(
+            Kind::Config {
                 message: message.into(),
                 source,
             },
-            outcome: Outcome::Permanent,
-        }
+            Outcome::Permanent,
+        )
     }
 
     /// A status the classifier did not call a success; `body` is the start of
@@ -70,14 +81,14 @@ impl Error {
         body: String,
         outcome: Outcome,
     ) -> Error {
-        Error {
-            kind: Kind::Status {
+        Error::new(
+            Kind::Status {
                 route: Route { method, path },
                 status,
                 body,
             },
             outcome,
-        }
+        )
     }
 
     pub(super) fn transport(
@@ -86,28 +97,28 @@ impl Error {
         source: BoxError,
         outcome: Outcome,
     ) -> Error {
-        Error {
-            kind: Kind::Transport {
+        Error::new(
+            Kind::Transport {
                 route: Route { method, path },
                 source,
             },
             outcome,
-        }
+        )
     }
 
     #[cfg(feature = "outbox")]
     pub(super) fn outbox(source: crate::outbox::OutboxError) -> Error {
-        Error {
-            kind: Kind::Outbox {
+        Error::new(
+            Kind::Outbox {
                 source: source.into(),
             },
-            outcome: Outcome::Permanent,
-        }
+            Outcome::Permanent,
+        )
     }
 
     /// The status the server answered with, if it answered.
     pub fn status(&self) -> Option<StatusCode> {
-        match &self.kind {
+        match &self.inner.kind {
             Kind::Status { status, .. } => Some(*status),
             _ => None,
         }
@@ -117,25 +128,25 @@ impl Error {
     /// (including an elapsed per-attempt timeout). A configuration error and
     /// any other 4xx are permanent.
     pub fn is_transient(&self) -> bool {
-        self.outcome.is_transient()
+        self.inner.outcome.is_transient()
     }
 
     /// Whether the client was refused when it was built (a bad base URL, token
     /// or version, a zero timeout, no tokio runtime).
     pub fn is_config(&self) -> bool {
-        matches!(self.kind, Kind::Config { .. })
+        matches!(self.inner.kind, Kind::Config { .. })
     }
 
     /// Whether the outbox could not be opened (held by another live client,
     /// or not an outbox: the message names the file), read or written.
     #[cfg(feature = "outbox")]
     pub fn is_outbox(&self) -> bool {
-        matches!(self.kind, Kind::Outbox { .. })
+        matches!(self.inner.kind, Kind::Outbox { .. })
     }
 
     /// Whether the request timed out (the per-attempt timeout elapsed).
     pub fn is_timeout(&self) -> bool {
-        match &self.kind {
+        match &self.inner.kind {
             Kind::Transport { source, .. } => source.is::<tower::timeout::error::Elapsed>(),
             _ => false,
         }
@@ -144,7 +155,7 @@ impl Error {
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.kind {
+        match &self.inner.kind {
             Kind::Config { message, .. } => {
                 write!(f, "invalid task client configuration: {message}")
             }
@@ -175,7 +186,7 @@ impl fmt::Display for Error {
 impl fmt::Debug for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut debug = f.debug_struct("Error");
-        match &self.kind {
+        match &self.inner.kind {
             Kind::Config { message, source } => debug
                 .field("kind", &"config")
                 .field("message", message)
@@ -202,7 +213,7 @@ impl fmt::Debug for Error {
 
 impl StdError for Error {
     fn source(&self) -> Option<&(dyn StdError + 'static)> {
-        match &self.kind {
+        match &self.inner.kind {
             Kind::Config { source, .. } => source.as_deref().map(|source| source as _),
             Kind::Transport { source, .. } => Some(&**source),
             #[cfg(feature = "outbox")]

@@ -21,8 +21,8 @@ enum Kind {
     /// The file was replaced or removed while open: what is committed to it
     /// would not be found at the path again.
     Replaced,
-    /// A record too large for the encoding (a field past 4 GiB).
-    TooLarge(&'static str),
+    /// A record the encoding refused: that write alone failed.
+    Unencodable(String),
     /// Reading or writing failed: I/O, a full disk.
     Io(Arc<dyn Error + Send + Sync>),
     /// The writer is gone: the outbox is being dropped.
@@ -49,8 +49,8 @@ impl OutboxError {
         OutboxError::new(Kind::Replaced, path)
     }
 
-    pub(super) fn too_large(path: &Path, field: &'static str) -> OutboxError {
-        OutboxError::new(Kind::TooLarge(field), path)
+    pub(super) fn unencodable(path: &Path, error: postcard::Error) -> OutboxError {
+        OutboxError::new(Kind::Unencodable(error.to_string()), path)
     }
 
     pub(super) fn io(path: &Path, source: impl Into<Box<dyn Error + Send + Sync>>) -> OutboxError {
@@ -115,9 +115,9 @@ impl fmt::Display for OutboxError {
                 f,
                 "outbox {path} was replaced or removed while open: nothing more is stored in it"
             ),
-            Kind::TooLarge(field) => write!(
+            Kind::Unencodable(reason) => write!(
                 f,
-                "a request is too large for outbox {path}: its {field} is over 4 GiB"
+                "a request cannot be encoded for outbox {path}: {reason}"
             ),
             Kind::Io(source) => write!(f, "outbox {path} cannot be read or written: {source}"),
             Kind::Closed => write!(f, "outbox {path} is closed"),
@@ -153,7 +153,7 @@ impl Error for OutboxError {
             | Kind::Invalid(_)
             | Kind::Unsafe(_)
             | Kind::Replaced
-            | Kind::TooLarge(_)
+            | Kind::Unencodable(_)
             | Kind::Closed
             | Kind::Stopped => None,
         }

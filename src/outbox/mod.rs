@@ -67,6 +67,19 @@
 //!   to an event, the outbox, the fallback or [`Delivery::Undelivered`].
 //! - Attempt counts saturate rather than overflow.
 //!
+//! A stored request is an [`Entry`]: a plain record with public fields
+//! (`key`, `method`, `uri`, `body`, `idempotency_key`, `tag`, `stored_at`,
+//! `attempts`, `last_failure`, `quarantined`), read by its users and changed
+//! by the outbox only. A sender labels a request with a [`Tag`] (a request
+//! extension) to know after a restart what it is without parsing it.
+//!
+//! The module, by file: `delivery` (what a sender hears back), `builder`,
+//! `dispatcher` (the handle and what one attempt does), `foreground` (a
+//! request's first delivery), `replay` (the worker), `pace` and `backoff`
+//! (its timing), `store` (the seam in front of the stores, claims
+//! included, and the redb store behind it), `record` (the entry and its
+//! encoding), `error`.
+//!
 //! A webhook sender that survives a restart:
 //!
 //! ```
@@ -74,7 +87,7 @@
 //! use http::Request;
 //! use http_body_util::Full;
 //! use hyper_util::{client::legacy::Client, rt::TokioExecutor};
-//! use tower_terminal_retry::outbox::{Delivery, Dispatcher, Durability, Outbox};
+//! use tower_terminal_retry::outbox::{Delivery, Dispatcher, Durability, Outbox, Tag};
 //! # use tower_terminal_retry::test_server::TestServer;
 //!
 //! # #[tokio::main(flavor = "current_thread")]
@@ -86,9 +99,11 @@
 //! let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
 //! let dispatcher = Dispatcher::builder(outbox, client).build()?;
 //!
-//! let event = Request::post(server.url("/hooks/order-paid"))
+//! let mut event = Request::post(server.url("/hooks/order-paid"))
 //!     .header("content-type", "application/json")
 //!     .body(Bytes::from(r#"{"order":42}"#))?;
+//! // Stored with it: after a restart, `Entry::tag` says what it is.
+//! event.extensions_mut().insert(Tag::new("order-paid"));
 //! let mut dispatch = dispatcher.send("order-42-paid", event);
 //! assert_eq!(dispatch.stored().await, Durability::Stored); // safe on disk
 //! assert_eq!(dispatch.await, Delivery::Delivered);
@@ -106,20 +121,23 @@
 //! # }
 //! ```
 
-mod dispatch;
+mod backoff;
+mod builder;
+mod delivery;
+mod dispatcher;
 mod error;
+mod foreground;
+mod pace;
 mod record;
+mod replay;
 mod store;
 
-pub use dispatch::{
-    AttemptService, Delivery, Dispatch, Dispatcher, DispatcherBuilder, Durability, Fallback,
-    DEFAULT_REPLAY_CONCURRENCY, DEFAULT_REPLAY_INTERVAL, DEFAULT_REPLAY_RATE,
-};
+pub use builder::{DispatcherBuilder, DEFAULT_REPLAY_RATE};
+pub use delivery::{Delivery, Dispatch, Durability};
+pub use dispatcher::Dispatcher;
 pub use error::OutboxError;
-pub use record::Entry;
+pub use record::{Entry, Tag};
 pub use store::Outbox;
-
-pub(crate) use dispatch::DurabilityWatch;
 
 /// The header each stored request is sent with: a key generated when it is
 /// stored, the same on every attempt, replay and restart (the name of the

@@ -5,7 +5,8 @@
 //! client under test, its connection pool and its error paths are the real
 //! ones. Each request is answered by a [`Reply`]: a response, the connection
 //! closed before any response, or a hang until the server is dropped.
-//! Dropping the server stops it and every connection.
+//! Dropping the server stops it and every connection. [`TaskServer`] plays a
+//! task server on it, with faults scripted per task or in windows of time.
 //!
 //! ```
 //! use bytes::Bytes;
@@ -31,8 +32,7 @@
 //! ```
 
 mod task;
-pub use crate::client::Action;
-pub use task::{Attempt, Fault, Handling, TaskServer, TaskState};
+pub use task::{Action, Attempt, Fault, Handling, TaskServer, TaskState};
 
 use std::{
     collections::VecDeque,

@@ -9,14 +9,56 @@ use std::{
 };
 
 use http::{Method, StatusCode};
+use percent_encoding::percent_decode_str;
 use serde_json::Value;
 use tokio::time::Instant;
 
 use super::{RecordedRequest, Reply, TestServer};
-use crate::{
-    client::{Action, TASKS_PATH},
-    sync::lock,
-};
+use crate::sync::lock;
+
+/// Where the task routes start.
+const TASKS_PATH: &str = "/api/daemon/tasks/";
+
+/// The routes of a task, `POST /api/daemon/tasks/{id}/{action}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Action {
+    /// `start`: the agent started on the task.
+    Start,
+    /// `progress`: `{summary, step, total}`.
+    Progress,
+    /// `usage`: `{usage: [...]}`.
+    Usage,
+    /// `session`: `{session_id?, work_dir?}`.
+    Session,
+    /// `complete`: `{output, ...}`; terminal.
+    Complete,
+    /// `fail`: `{error, ...}`; terminal.
+    Fail,
+}
+
+impl Action {
+    /// Every route, in the order above.
+    const ALL: [Action; 6] = [
+        Action::Start,
+        Action::Progress,
+        Action::Usage,
+        Action::Session,
+        Action::Complete,
+        Action::Fail,
+    ];
+
+    /// The last segment of the route.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Start => "start",
+            Action::Progress => "progress",
+            Action::Usage => "usage",
+            Action::Session => "session",
+            Action::Complete => "complete",
+            Action::Fail => "fail",
+        }
+    }
+}
 
 /// The field the body must hold, as a string, for the server to take it.
 fn required_text(action: Action) -> Option<&'static str> {
@@ -43,7 +85,7 @@ pub enum TaskState {
 
 impl TaskState {
     /// Whether the state is final (completed or failed).
-    pub fn is_terminal(self) -> bool {
+    fn is_terminal(self) -> bool {
         matches!(self, TaskState::Completed | TaskState::Failed)
     }
 }
@@ -101,6 +143,7 @@ pub enum Handling {
 
 /// One request to a task route, as the server saw it.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct Attempt {
     /// The task, its id decoded from the path.
     pub task_id: String,
@@ -112,20 +155,22 @@ pub struct Attempt {
     pub fault: Option<Fault>,
     /// What the server did.
     pub handling: Handling,
-}
-
-impl Attempt {
     /// The status the client received: `None` when the connection was closed
     /// or hung.
-    pub fn status(&self) -> Option<StatusCode> {
-        match (&self.fault, self.handling) {
-            (Some(Fault::Status(status)), _) => Some(*status),
-            (Some(Fault::RateLimited { .. }), _) => Some(StatusCode::TOO_MANY_REQUESTS),
-            (Some(Fault::Reset | Fault::ReplyLost | Fault::Hang), _) => None,
-            (None, Handling::Rejected(status)) => Some(status),
-            (None, Handling::NotReached | Handling::Applied | Handling::AlreadyTerminal) => {
-                Some(StatusCode::OK)
-            }
+    pub status: Option<StatusCode>,
+}
+
+/// The status the client receives, from the fault that stood in for the
+/// server and what the server did: `None` when the connection is closed or
+/// hangs.
+fn status_received(fault: Option<Fault>, handling: Handling) -> Option<StatusCode> {
+    match (fault, handling) {
+        (Some(Fault::Status(status)), _) => Some(status),
+        (Some(Fault::RateLimited { .. }), _) => Some(StatusCode::TOO_MANY_REQUESTS),
+        (Some(Fault::Reset | Fault::ReplyLost | Fault::Hang), _) => None,
+        (None, Handling::Rejected(status)) => Some(status),
+        (None, Handling::NotReached | Handling::Applied | Handling::AlreadyTerminal) => {
+            Some(StatusCode::OK)
         }
     }
 }
@@ -155,8 +200,8 @@ struct State {
 }
 
 /// A loopback task server that behaves like the real one, with scripted
-/// faults: for testing a daemon's task callbacks (see
-/// [`TaskClient`](crate::client::TaskClient)).
+/// faults: for testing a daemon's task callbacks, such as those of
+/// `client::TaskClient` (feature `client`).
 ///
 /// It serves `POST /api/daemon/tasks/{id}/{action}` for the
 /// actions of [`Action`], on a [`TestServer`]:
@@ -180,7 +225,7 @@ struct State {
 /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let server = TaskServer::start().await?;
-/// server.add_task("t1");
+/// server.add_tasks(["t1"]);
 /// // The first `complete` is committed, but its reply never arrives.
 /// server.script("t1", Action::Complete, [Fault::ReplyLost]);
 ///
@@ -230,16 +275,12 @@ impl TaskServer {
         self.server.url("")
     }
 
-    /// Adds a queued task (a task already there is left as it is).
-    pub fn add_task(&self, task_id: &str) {
-        self.add_tasks([task_id]);
-    }
-
     /// Adds queued tasks (those already there are left as they are).
-    pub fn add_tasks<'a>(&self, task_ids: impl IntoIterator<Item = &'a str>) {
+    pub fn add_tasks(&self, task_ids: impl IntoIterator<Item = impl AsRef<str>>) {
         let mut state = lock(&self.state);
         for task_id in task_ids {
-            state.tasks.entry(task_id.to_owned()).or_insert(Task {
+            let task_id = task_id.as_ref().to_owned();
+            state.tasks.entry(task_id).or_insert(Task {
                 state: TaskState::Queued,
                 final_report: None,
             });
@@ -306,13 +347,6 @@ impl TaskServer {
         lock(&self.state).tasks.get(task_id).map(|task| task.state)
     }
 
-    /// Every task with its state, in no particular order.
-    pub fn states(&self) -> Vec<(String, TaskState)> {
-        let state = lock(&self.state);
-        let tasks = state.tasks.iter();
-        tasks.map(|(id, task)| (id.clone(), task.state)).collect()
-    }
-
     /// The JSON body that made the task final (completed or failed).
     pub fn final_report(&self, task_id: &str) -> Option<Value> {
         let state = lock(&self.state);
@@ -375,6 +409,7 @@ impl State {
             at: request.at,
             fault,
             handling,
+            status: status_received(fault, handling),
         });
         match self.latency.is_zero() {
             true => reply,
@@ -475,19 +510,19 @@ fn route(path: &str) -> Option<(String, Action)> {
 /// Decodes `%XX` escapes; `None` for a broken escape or bytes that are not
 /// UTF-8.
 fn percent_decode(escaped: &str) -> Option<String> {
-    let mut bytes = Vec::with_capacity(escaped.len());
-    let mut rest = escaped.as_bytes();
-    while let Some((&byte, tail)) = rest.split_first() {
-        if byte == b'%' {
-            let hex = std::str::from_utf8(tail.get(..2)?).ok()?;
-            bytes.push(u8::from_str_radix(hex, 16).ok()?);
-            rest = &tail[2..];
-        } else {
-            bytes.push(byte);
-            rest = tail;
-        }
+    // `percent_decode_str` passes a broken escape through as text; the server
+    // refuses it instead.
+    let well_formed = escaped.split('%').skip(1).all(|after| {
+        after
+            .as_bytes()
+            .get(..2)
+            .is_some_and(|hex| hex.iter().all(u8::is_ascii_hexdigit))
+    });
+    if !well_formed {
+        return None;
     }
-    String::from_utf8(bytes).ok()
+    let decoded = percent_decode_str(escaped).decode_utf8().ok()?;
+    Some(decoded.into_owned())
 }
 
 #[cfg(test)]

@@ -1,0 +1,100 @@
+//! The task routes, `POST {base}/api/daemon/tasks/{id}/{action}`, and the
+//! task ids they accept.
+
+use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+
+use super::error::Error;
+
+/// Where the task routes start, below the base URL.
+const TASKS_PATH: &str = "/api/daemon/tasks/";
+
+/// The longest task id accepted, in bytes.
+const MAX_TASK_ID: usize = 1024;
+
+/// The routes of a task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(super) enum Action {
+    /// `start`: the agent started on the task.
+    Start,
+    /// `progress`: `{summary, step, total}`.
+    Progress,
+    /// `usage`: `{usage: [...]}`.
+    Usage,
+    /// `session`: `{session_id?, work_dir?}`.
+    Session,
+    /// `complete`: `{output, ...}`; terminal, retried.
+    Complete,
+    /// `fail`: `{error, ...}`; terminal, retried.
+    Fail,
+}
+
+impl Action {
+    /// The last segment of the route.
+    pub(super) fn as_str(self) -> &'static str {
+        match self {
+            Action::Start => "start",
+            Action::Progress => "progress",
+            Action::Usage => "usage",
+            Action::Session => "session",
+            Action::Complete => "complete",
+            Action::Fail => "fail",
+        }
+    }
+
+    /// The path of this route for `task_id`, the id path-escaped.
+    pub(super) fn path(self, task_id: &str) -> String {
+        format!("{TASKS_PATH}{}/{}", escape_segment(task_id), self.as_str())
+    }
+}
+
+/// Refuses a task id that is empty, holds a control character or is longer
+/// than [`MAX_TASK_ID`]; the message quotes none of it.
+pub(super) fn check_task_id(task_id: &str) -> Result<(), Error> {
+    let reason = if task_id.is_empty() {
+        "is empty"
+    } else if task_id.len() > MAX_TASK_ID {
+        "is longer than 1024 bytes"
+    } else if task_id.chars().any(char::is_control) {
+        "holds a control character"
+    } else {
+        return Ok(());
+    };
+    Err(Error::config(format!("the task id {reason}"), None))
+}
+
+/// Everything but the unreserved characters of RFC 3986.
+const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'~')
+    .remove(b'.');
+
+/// [`SEGMENT`] and the dot: for the segments `.` and `..`, which a proxy
+/// would otherwise resolve as "this" and "parent".
+const DOTS: &AsciiSet = &SEGMENT.add(b'.');
+
+/// Percent-encodes `segment` so an id is one path segment whatever it holds.
+fn escape_segment(segment: &str) -> String {
+    let dots_only = segment.bytes().all(|byte| byte == b'.');
+    let set = if dots_only { DOTS } else { SEGMENT };
+    utf8_percent_encode(segment, set).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_escaped_into_one_segment() {
+        assert_eq!(escape_segment("t-1_a.b~"), "t-1_a.b~");
+        assert_eq!(escape_segment("a/b c?d#%"), "a%2Fb%20c%3Fd%23%25");
+        assert_eq!(escape_segment("é"), "%C3%A9");
+        assert_eq!(escape_segment(".."), "%2E%2E");
+        assert_eq!(escape_segment("."), "%2E");
+        assert_eq!(escape_segment("v1.2"), "v1.2");
+        assert_eq!(
+            Action::Complete.path("../x"),
+            "/api/daemon/tasks/..%2Fx/complete"
+        );
+    }
+}

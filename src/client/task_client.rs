@@ -1,0 +1,287 @@
+//! [`TaskClient`]: a daemon's calls of its task routes.
+
+use std::{fmt, sync::Arc, time::Duration};
+
+use tokio::runtime::Handle;
+
+use super::{
+    body::{self, Progress, Session, Usage, UsageEntry},
+    delivery::{Destination, ReportFuture},
+    error::Error,
+    in_flight::InFlight,
+    report::{Report, ReportOutcome, TaskResult, UndeliveredReport},
+    route::{check_task_id, Action},
+    transport::Transport,
+};
+#[cfg(feature = "outbox")]
+use super::{durable, report::StoredReport, transport::Attempt};
+#[cfg(feature = "outbox")]
+use crate::outbox::{Dispatcher, Entry, Outbox, OutboxError};
+
+/// Sends a daemon's task callbacks: see the [module docs](super).
+///
+/// Cloning is cheap: clones share the connection pool and the reports in
+/// flight.
+#[derive(Clone)]
+pub struct TaskClient {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    transport: Arc<Transport>,
+    /// Where terminal reports are made durable, if anywhere.
+    #[cfg(feature = "outbox")]
+    dispatcher: Option<Dispatcher<Attempt>>,
+    /// Where terminal reports are delivered.
+    runtime: Handle,
+    reports: InFlight,
+}
+
+impl TaskClient {
+    /// A client over `transport`, delivering its reports on `runtime`.
+    pub(super) fn new(
+        transport: Transport,
+        #[cfg(feature = "outbox")] dispatcher: Option<Dispatcher<Attempt>>,
+        runtime: Handle,
+    ) -> TaskClient {
+        TaskClient {
+            inner: Arc::new(Inner {
+                transport: Arc::new(transport),
+                #[cfg(feature = "outbox")]
+                dispatcher,
+                runtime,
+                reports: InFlight::default(),
+            }),
+        }
+    }
+
+    /// Tells the server the agent started on the task: `POST .../start`, once.
+    ///
+    /// # Errors
+    ///
+    /// The server's rejection or a transport error; see [`Error`].
+    pub async fn start_task(&self, task_id: &str) -> Result<(), Error> {
+        self.inner
+            .transport
+            .send_once(Action::Start, task_id, body::EMPTY)
+            .await
+    }
+
+    /// Reports progress, step `step` of `total`: `POST .../progress` with
+    /// `{summary, step, total}`, once.
+    ///
+    /// # Errors
+    ///
+    /// The server's rejection or a transport error; see [`Error`].
+    pub async fn report_progress(
+        &self,
+        task_id: &str,
+        summary: &str,
+        step: u32,
+        total: u32,
+    ) -> Result<(), Error> {
+        let body = body::json(&Progress {
+            summary,
+            step,
+            total,
+        });
+        self.inner
+            .transport
+            .send_once(Action::Progress, task_id, body)
+            .await
+    }
+
+    /// Reports the tokens used: `POST .../usage` with `{usage: [...]}`, once.
+    /// An empty list sends nothing.
+    ///
+    /// # Errors
+    ///
+    /// The server's rejection or a transport error; see [`Error`].
+    pub async fn report_usage(&self, task_id: &str, usage: &[UsageEntry]) -> Result<(), Error> {
+        check_task_id(task_id)?;
+        if usage.is_empty() {
+            return Ok(());
+        }
+        let body = body::json(&Usage { usage });
+        self.inner
+            .transport
+            .send_once(Action::Usage, task_id, body)
+            .await
+    }
+
+    /// Records the agent's session and work dir on the task, so it can be
+    /// resumed: `POST .../session` with `{session_id?, work_dir?}`, once.
+    /// Nothing is sent when both are empty.
+    ///
+    /// # Errors
+    ///
+    /// The server's rejection or a transport error; see [`Error`].
+    pub async fn pin_session(
+        &self,
+        task_id: &str,
+        session_id: &str,
+        work_dir: &str,
+    ) -> Result<(), Error> {
+        check_task_id(task_id)?;
+        let session = Session {
+            session_id,
+            work_dir,
+        };
+        if session.is_empty() {
+            return Ok(());
+        }
+        self.inner
+            .transport
+            .send_once(Action::Session, task_id, body::json(&session))
+            .await
+    }
+
+    /// Sends `result` once along the terminal schedule, in this future:
+    /// `POST .../complete` for a completion, `POST .../fail` for a failure,
+    /// retried on transient failures. No fallback, no outbox, no tracking by
+    /// [`shutdown`](TaskClient::shutdown): for those, see
+    /// [`report_task_result`](TaskClient::report_task_result).
+    ///
+    /// # Errors
+    ///
+    /// A permanent rejection at once, or the last transient failure once the
+    /// schedule is exhausted; see [`Error::is_transient`].
+    pub async fn send_task_result(&self, task_id: &str, result: &TaskResult) -> Result<(), Error> {
+        let transport = &self.inner.transport;
+        let (route, body) = match &result.report {
+            Report::Completed(completion) => (Action::Complete, body::json(completion)),
+            Report::Failed(failure) => (Action::Fail, body::json(failure)),
+        };
+        transport.send_terminal(route, task_id, body).await
+    }
+
+    /// Reports an agent's result, completed or failed, with the fallback rules
+    /// of the [module docs](super).
+    ///
+    /// The delivery starts now, on a task of the runtime the client was built
+    /// in, and goes on if the returned future is dropped. It is bounded in
+    /// time: at most two terminal calls, each at most the schedule's attempts,
+    /// delays and per-attempt timeouts (a `Retry-After` may stretch a delay,
+    /// up to its cap).
+    ///
+    /// A task id that is refused (see the [module docs](super)) resolves at
+    /// once to [`ReportOutcome::InvalidTaskId`]: nothing is sent or stored.
+    pub fn report_task_result(&self, task_id: &str, result: TaskResult) -> ReportFuture {
+        if let Err(error) = check_task_id(task_id) {
+            tracing::error!(error = %error, "terminal report refused");
+            return ReportFuture::refused(ReportOutcome::InvalidTaskId);
+        }
+        let inner = &self.inner;
+        let destination = Destination {
+            transport: &inner.transport,
+            reports: &inner.reports,
+            runtime: &inner.runtime,
+            #[cfg(feature = "outbox")]
+            dispatcher: inner.dispatcher.as_ref(),
+        };
+        ReportFuture::start(destination, task_id, result)
+    }
+
+    /// Waits up to `grace` for the reports in flight, then stops those still
+    /// running and returns them, in the order they were started, so the
+    /// caller can keep them for later; nothing vanishes silently.
+    ///
+    /// Reports started while it waits are waited for too.
+    pub async fn shutdown(&self, grace: Duration) -> Vec<UndeliveredReport> {
+        self.inner.reports.settle(grace).await
+    }
+
+    /// How many terminal reports are being delivered.
+    pub fn reports_in_flight(&self) -> usize {
+        self.inner.reports.len()
+    }
+}
+
+#[cfg(feature = "outbox")]
+impl TaskClient {
+    /// The terminal reports stored and not yet delivered, oldest first:
+    /// readable right after [`build`](super::TaskClientBuilder::build),
+    /// before any replay, so that a daemon can skip its orphan handling for
+    /// tasks whose result is already safe. Empty without an outbox.
+    ///
+    /// # Errors
+    ///
+    /// The outbox cannot be read.
+    pub fn pending_reports(&self) -> Result<Vec<StoredReport>, Error> {
+        self.stored(Outbox::pending)
+    }
+
+    /// The terminal reports the server refused for good with nothing left to
+    /// fall back to (a refused `fail`): kept, not retried, until
+    /// [`requeue_report`](TaskClient::requeue_report) or
+    /// [`discard_report`](TaskClient::discard_report). Empty without an
+    /// outbox.
+    ///
+    /// # Errors
+    ///
+    /// The outbox cannot be read.
+    pub fn quarantined_reports(&self) -> Result<Vec<StoredReport>, Error> {
+        self.stored(Outbox::quarantined)
+    }
+
+    /// Puts the quarantined report of `task_id` back among the pending ones,
+    /// to be delivered again (within the replay interval). `false` when
+    /// none is quarantined, or without an outbox.
+    ///
+    /// # Errors
+    ///
+    /// The outbox cannot be written.
+    pub async fn requeue_report(&self, task_id: &str) -> Result<bool, Error> {
+        match &self.inner.dispatcher {
+            Some(dispatcher) => dispatcher
+                .outbox()
+                .requeue(task_id)
+                .await
+                .map_err(Error::outbox),
+            None => Ok(false),
+        }
+    }
+
+    /// Deletes the stored report of `task_id`, pending or quarantined, for
+    /// good. `false` when there is none, or without an outbox.
+    ///
+    /// # Errors
+    ///
+    /// The outbox cannot be written.
+    pub async fn discard_report(&self, task_id: &str) -> Result<bool, Error> {
+        match &self.inner.dispatcher {
+            Some(dispatcher) => dispatcher
+                .outbox()
+                .discard(task_id)
+                .await
+                .map_err(Error::outbox),
+            None => Ok(false),
+        }
+    }
+
+    /// The client's reports in one of the outbox's lists.
+    fn stored(
+        &self,
+        list: impl Fn(&Outbox) -> Result<Vec<Entry>, OutboxError>,
+    ) -> Result<Vec<StoredReport>, Error> {
+        let Some(dispatcher) = &self.inner.dispatcher else {
+            return Ok(Vec::new());
+        };
+        let entries = list(dispatcher.outbox()).map_err(Error::outbox)?;
+        Ok(entries.iter().filter_map(durable::stored_report).collect())
+    }
+}
+
+impl fmt::Debug for TaskClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let transport = &self.inner.transport;
+        f.debug_struct("TaskClient")
+            .field("base_url", &transport.base)
+            .field("token", &transport.token.as_ref().map(|_| "<redacted>"))
+            .field("client_version", &transport.client_version)
+            .field("terminal_schedule", &transport.schedule.delays())
+            .field("timeout", &transport.timeout)
+            .field("reports_in_flight", &self.inner.reports.len())
+            .finish()
+    }
+}

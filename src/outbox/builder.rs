@@ -1,0 +1,250 @@
+//! Configuring a [`Dispatcher`]: [`DispatcherBuilder`], and the defaults it
+//! starts from.
+
+use std::{
+    fmt,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, Uri};
+use http_body_util::Full;
+use tower::{util::MapRequest, BoxError, Layer, Service};
+
+use super::{
+    dispatcher::{Fallback, Shared},
+    foreground::count_attempt,
+    pace::Pace,
+    replay::replay,
+    Dispatcher, Entry, Outbox,
+};
+use crate::{origin::origin_key, Classify, DefaultClassifier, Recovery, TerminalRetryLayer};
+
+/// The default longest wait between two probes of a server that is down.
+const DEFAULT_REPLAY_INTERVAL: Duration = Duration::from_secs(30);
+/// The default number of stored requests replayed at once.
+const DEFAULT_REPLAY_CONCURRENCY: usize = 16;
+/// The default most replays started in any one second. A server just back
+/// from an outage is cold (empty caches, connection pools still filling, no
+/// extra capacity yet): its whole backlog at once can take it down again.
+/// Without a rate, 600 stored reports went out as 561 requests within one
+/// second; at 100 a second they take six.
+pub const DEFAULT_REPLAY_RATE: u32 = 100;
+
+/// Configures a [`Dispatcher`]; made by [`Dispatcher::builder`].
+pub struct DispatcherBuilder<S, C = DefaultClassifier> {
+    outbox: Outbox,
+    service: S,
+    layer: TerminalRetryLayer<C>,
+    recovery: Option<Recovery>,
+    fallback: Option<Arc<Fallback>>,
+    replay_interval: Duration,
+    replay_concurrency: usize,
+    replay_rate: u32,
+    origin: Option<String>,
+    secrets: Vec<String>,
+}
+
+impl<S, C: fmt::Debug> fmt::Debug for DispatcherBuilder<S, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DispatcherBuilder")
+            .field("outbox", &self.outbox)
+            .field("layer", &self.layer)
+            .field("recovery", &self.recovery)
+            .field("fallback", &self.fallback.is_some())
+            .field("replay_interval", &self.replay_interval)
+            .field("replay_concurrency", &self.replay_concurrency)
+            .field("replay_rate", &self.replay_rate)
+            .field("origin", &self.origin)
+            // The secrets themselves stay out.
+            .field("redacted", &self.secrets.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> Dispatcher<S> {
+    /// Starts configuring a dispatcher that stores requests in `outbox` and
+    /// sends each attempt through `service` (put the per-attempt timeout
+    /// there, and whatever adds the credentials: sensitive headers are never
+    /// stored, so a replay after a restart gets them from the service).
+    pub fn builder(outbox: Outbox, service: S) -> DispatcherBuilder<S> {
+        DispatcherBuilder {
+            outbox,
+            service,
+            layer: TerminalRetryLayer::new(),
+            recovery: Some(Recovery::default()),
+            fallback: None,
+            replay_interval: DEFAULT_REPLAY_INTERVAL,
+            replay_concurrency: DEFAULT_REPLAY_CONCURRENCY,
+            replay_rate: DEFAULT_REPLAY_RATE,
+            origin: None,
+            secrets: Vec::new(),
+        }
+    }
+}
+
+impl<S, C> DispatcherBuilder<S, C> {
+    /// The layer foreground deliveries go through (by default
+    /// [`TerminalRetryLayer::new`]), with its classifier: each answer is
+    /// classified once, by the layer, and the replay's single attempts by the
+    /// same classifier. The dispatcher's
+    /// [`Recovery`] is added to the layer, and the replay honours its
+    /// [`RetryAfter`](crate::RetryAfter) rule too.
+    pub fn layer<D>(self, layer: TerminalRetryLayer<D>) -> DispatcherBuilder<S, D> {
+        DispatcherBuilder {
+            outbox: self.outbox,
+            service: self.service,
+            layer,
+            recovery: self.recovery,
+            fallback: self.fallback,
+            replay_interval: self.replay_interval,
+            replay_concurrency: self.replay_concurrency,
+            replay_rate: self.replay_rate,
+            origin: self.origin,
+            secrets: self.secrets,
+        }
+    }
+
+    /// The signal that releases parked retries, and the replay, once any
+    /// request succeeds; share it with the other stacks that talk to the same
+    /// server. By default a recovery of its own; `None` turns early release
+    /// off (the replay then waits for its next probe).
+    pub fn recovery(mut self, recovery: Option<Recovery>) -> Self {
+        self.recovery = recovery;
+        self
+    }
+
+    /// What to send when the server refuses a request for good (by default
+    /// nothing: the request is quarantined). The fallback is stored in place
+    /// of the refused request, in one commit, before it is sent; if it is
+    /// refused for good too, it is quarantined. It keeps the refused
+    /// request's [`Tag`](super::Tag) unless it carries its own. A `409
+    /// Conflict` gets no fallback ([`Delivery::Superseded`](super::Delivery::Superseded)),
+    /// and neither does a fallback to another origin than the dispatcher's.
+    pub fn fallback(
+        mut self,
+        fallback: impl Fn(&Entry, StatusCode, &str) -> Option<Request<Bytes>> + Send + Sync + 'static,
+    ) -> Self {
+        self.fallback = Some(Arc::new(fallback));
+        self
+    }
+
+    /// The longest wait between two probes while the server is down (by
+    /// default 30 s); also how often a store that cannot be written is asked
+    /// to recover.
+    pub fn replay_interval(mut self, interval: Duration) -> Self {
+        self.replay_interval = interval;
+        self
+    }
+
+    /// How many stored requests are replayed at once once the server is
+    /// back (by default 16).
+    pub fn replay_concurrency(mut self, concurrency: usize) -> Self {
+        self.replay_concurrency = concurrency;
+        self
+    }
+
+    /// The most replays started in any one second, give or take the replay
+    /// concurrency (by default [`DEFAULT_REPLAY_RATE`], 100). The replay
+    /// spaces its requests evenly, so that a server back from an outage is
+    /// not hit by its whole backlog at once; `0` is an error of
+    /// [`build`](DispatcherBuilder::build).
+    pub fn replay_rate(mut self, per_second: u32) -> Self {
+        self.replay_rate = per_second;
+        self
+    }
+
+    /// Sends requests to this origin only: its scheme, host and port (the
+    /// rest of `origin` is ignored). A stored request for another origin (one
+    /// queued under an old base URL, or planted in the file) is never sent:
+    /// it is quarantined, with an `error` event naming its host. A request
+    /// to another origin handed to [`Dispatcher::send`] is refused the same
+    /// way, and not stored ([`Durability::Refused`](super::Durability::Refused)).
+    /// By default requests go wherever their URI says.
+    pub fn origin(mut self, origin: &Uri) -> Self {
+        self.origin = Some(origin_key(origin));
+        self
+    }
+
+    /// A secret (a token, a password) to replace with `[redacted]` in any
+    /// text taken from a response: events, the outbox's
+    /// [`last_failure`](Entry::last_failure), the failure handed to the
+    /// fallback, and [`Delivery::Undelivered`](super::Delivery::Undelivered).
+    /// Call it once per secret.
+    pub fn redact(mut self, secret: impl Into<String>) -> Self {
+        self.secrets.push(secret.into());
+        self
+    }
+
+    /// Checks the settings and starts the replay worker on the current tokio
+    /// runtime; it begins with the requests stored by earlier runs, oldest
+    /// first.
+    ///
+    /// `service` must be a cloneable service of HTTP requests whose errors
+    /// can be described (hyper-util's client, with timeouts or other layers
+    /// on it), and the classifier one of its results.
+    ///
+    /// # Errors
+    ///
+    /// A zero replay interval, concurrency or rate, an origin without a
+    /// host, or no tokio runtime.
+    pub fn build<RB, E>(self) -> Result<Dispatcher<S, C>, crate::ConfigError>
+    where
+        S: Service<Request<Full<Bytes>>, Response = Response<RB>, Error = E>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send,
+        RB: http_body::Body<Data: Send> + Send + 'static,
+        E: Into<BoxError> + fmt::Debug + Send + 'static,
+        C: Classify<Response<RB>, E> + Send + Sync + 'static,
+    {
+        let invalid = |reason| crate::ConfigError::InvalidReplay { reason };
+        if self.replay_interval.is_zero() {
+            return Err(invalid("the replay interval must not be zero"));
+        }
+        if self.replay_concurrency == 0 {
+            return Err(invalid("the replay concurrency must not be zero"));
+        }
+        if self.replay_rate == 0 {
+            return Err(invalid("the replay rate must be at least one a second"));
+        }
+        if self.origin.as_ref().is_some_and(String::is_empty) {
+            return Err(invalid("the origin must be an absolute URL with a host"));
+        }
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|_| invalid("a dispatcher must be built inside a tokio runtime"))?;
+        let retry_after = self.layer.policy().retry_after();
+        // The replay classifies its single attempts with the layer's own.
+        let classifier = self.layer.policy().classifier();
+        let layer = match &self.recovery {
+            Some(recovery) => self.layer.with_recovery(recovery.clone()),
+            None => self.layer,
+        };
+        let counted: fn(Request<Full<Bytes>>) -> Request<Full<Bytes>> = count_attempt;
+        let retrying = layer.layer(MapRequest::new(self.service.clone(), counted));
+        let wake = self.outbox.requeued();
+        let pace = Pace::new(self.replay_rate);
+        let shared = Arc::new(Shared {
+            outbox: self.outbox,
+            attempt: self.service,
+            retrying,
+            classifier,
+            recovery: self.recovery,
+            fallback: self.fallback,
+            replay_interval: self.replay_interval,
+            replay_concurrency: self.replay_concurrency,
+            replay_rate: self.replay_rate,
+            origin: self.origin,
+            secrets: self.secrets,
+            retry_after,
+            quiet_until: Mutex::new(None),
+            unremoved: Mutex::new(Default::default()),
+            wake: wake.clone(),
+        });
+        runtime.spawn(replay(Arc::downgrade(&shared), wake, pace));
+        Ok(Dispatcher { shared })
+    }
+}

@@ -1,0 +1,132 @@
+//! A request's first delivery, in the foreground: refused or stored, then
+//! sent through the retry layer until it is delivered, refused for good, or
+//! left to the replay.
+
+use std::sync::{
+    atomic::{AtomicU32, Ordering},
+    Arc,
+};
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::Full;
+
+use super::{
+    dispatcher::{AttemptClassifier, AttemptService, Shared, Step},
+    store::Inserted,
+    Delivery, Durability, Entry, Tag,
+};
+
+/// Counts a foreground call's attempts; carried in the request's extensions,
+/// so every clone the retry layer makes shares it.
+#[derive(Clone)]
+struct AttemptCounter(Arc<AtomicU32>);
+
+/// Counts one attempt of the request it is given, if it carries a counter.
+pub(super) fn count_attempt(request: Request<Full<Bytes>>) -> Request<Full<Bytes>> {
+    if let Some(AttemptCounter(attempts)) = request.extensions().get() {
+        // Saturates rather than wraps: a count is never read as zero again.
+        let _ = attempts.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |count| {
+            Some(count.saturating_add(1))
+        });
+    }
+    request
+}
+
+impl<S, C> Shared<S, C>
+where
+    S: AttemptService,
+    S::Future: Send,
+    C: AttemptClassifier<S>,
+{
+    /// The foreground delivery: store, send through the retry layer, record
+    /// the end. `on_stored` hears whether the request was stored as soon as
+    /// that is known.
+    pub(super) async fn deliver(
+        self: Arc<Self>,
+        key: String,
+        request: Request<Bytes>,
+        on_stored: impl FnOnce(Durability) + Send,
+    ) -> Delivery {
+        let refused = self
+            .refusal(request.uri())
+            .map(Err)
+            .unwrap_or_else(|| Tag::of(&request));
+        let tag = match refused {
+            Ok(tag) => tag,
+            Err(failure) => {
+                tracing::error!(key, failure, "request refused: neither stored nor sent");
+                on_stored(Durability::Refused);
+                return Delivery::Undelivered {
+                    transient: false,
+                    failure,
+                };
+            }
+        };
+        let Some(claim) = self.outbox.claim(&key).await else {
+            // Being sent now, so stored (or being stored) already.
+            on_stored(Durability::AlreadyStored);
+            return Delivery::AlreadyStored;
+        };
+        let mut entry = Entry::new(key, &request, tag);
+        let seq = match self.outbox.insert(&entry).await {
+            Ok(Inserted::Stored(seq)) => {
+                tracing::debug!(
+                    key = entry.key,
+                    pending = self.outbox.pending_count(),
+                    "request stored in the outbox"
+                );
+                on_stored(Durability::Stored);
+                entry = entry.stored_as(seq);
+                Some(seq)
+            }
+            Ok(Inserted::Taken) => {
+                on_stored(Durability::AlreadyStored);
+                return Delivery::AlreadyStored;
+            }
+            Err(error) => {
+                tracing::error!(
+                    key = entry.key,
+                    error = %error,
+                    "request could not be stored in the outbox: it is not durable, sending it in process only"
+                );
+                on_stored(Durability::NotStored(error));
+                None
+            }
+        };
+        let mut request = entry.keyed(request);
+        let mut fell_back = false;
+        loop {
+            let attempts = Arc::new(AtomicU32::new(0));
+            request
+                .extensions_mut()
+                .insert(AttemptCounter(attempts.clone()));
+            let sent = self.send_through(self.retrying.clone(), request).await;
+            let attempts = attempts.load(Ordering::Relaxed);
+            match self.settle(&entry, seq, sent, attempts, fell_back).await {
+                Step::Retired(delivery, Some(seq)) => {
+                    // The caller need not wait for the removal: the claim,
+                    // held until it is committed, keeps the replay off.
+                    let shared = self.clone();
+                    tokio::spawn(async move {
+                        shared.remove(claim.key(), seq).await;
+                        claim.settle();
+                    });
+                    return delivery;
+                }
+                Step::Retired(delivery, None) | Step::Done(delivery) => {
+                    claim.settle();
+                    return delivery;
+                }
+                Step::Queued => {
+                    drop(claim);
+                    return Delivery::Queued;
+                }
+                Step::FallBack(fallback) => {
+                    fell_back = true;
+                    (request, entry) = *fallback;
+                }
+            }
+        }
+    }
+}

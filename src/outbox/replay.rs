@@ -1,0 +1,390 @@
+//! The replay worker: delivers what the outbox holds, probing a server that
+//! is down one request at a time, and sending the whole backlog, paced,
+//! once it is back.
+
+use std::{
+    future::Future,
+    sync::{Arc, Weak},
+    time::Duration,
+};
+
+use tokio::{
+    sync::Notify,
+    task::JoinSet,
+    time::{sleep_until, Instant},
+};
+
+use super::{
+    backoff::Backoff,
+    dispatcher::{AttemptClassifier, AttemptService, Shared, Step},
+    pace::Pace,
+    store::Claim,
+    Entry,
+};
+use crate::{classify::Outcome, recovery::Woken, sync::lock, Jitter};
+
+/// The first wait between probes (or the replay interval, if shorter);
+/// doubled after each failed probe up to the replay interval.
+const FIRST_PROBE_DELAY: Duration = Duration::from_secs(1);
+/// How many pending records the replay reads at a time.
+const REPLAY_PAGE: usize = 256;
+
+/// Runs `until` to its end, unless the dispatcher is dropped first (`None`).
+/// Holds the dispatcher weakly meanwhile, so that it can be dropped.
+async fn unless_gone<S, C, F: Future>(
+    dispatcher: &Weak<Shared<S, C>>,
+    wake: &Notify,
+    until: F,
+) -> Option<F::Output> {
+    tokio::pin!(until);
+    loop {
+        tokio::select! {
+            output = &mut until => return Some(output),
+            () = wake.notified() => if dispatcher.strong_count() == 0 {
+                return None;
+            },
+        }
+    }
+}
+
+/// The replay worker: delivers what the outbox holds, probing a server that is
+/// down one request at a time, at most at the replay rate, never while the
+/// server asked for a pause or the store cannot record a delivery. Holds the
+/// dispatcher weakly, so that it ends with the last handle.
+pub(super) async fn replay<S, C>(dispatcher: Weak<Shared<S, C>>, wake: Arc<Notify>, mut pace: Pace)
+where
+    S: AttemptService,
+    S::Future: Send,
+    C: AttemptClassifier<S>,
+{
+    let jitter = Jitter::full();
+    let Some(interval) = dispatcher.upgrade().map(|shared| shared.replay_interval) else {
+        return;
+    };
+    let down = || Backoff::new(FIRST_PROBE_DELAY, interval);
+    // The wait before the next probe; `None` while the server is taken to
+    // be up. At start, a probe at once: what an earlier run left goes before
+    // anything else.
+    let mut probe = Some(Backoff::immediate(FIRST_PROBE_DELAY, interval));
+    // The store is asked to recover at most once per replay interval.
+    let mut next_recovery = Instant::now();
+    loop {
+        let Some(shared) = dispatcher.upgrade() else {
+            return;
+        };
+        // No replay while the store cannot record a delivery (it would be
+        // sent again and again), asked to recover once per interval; nor
+        // while the server asked for a pause.
+        let mut writable = shared.outbox.is_writable();
+        if !writable && Instant::now() >= next_recovery {
+            next_recovery = Instant::now() + interval;
+            writable = shared.outbox.recover().await;
+            match writable {
+                true => tracing::info!("the outbox can be written again: the replay resumes"),
+                false => tracing::warn!("the outbox cannot be written: the replay waits"),
+            }
+        }
+        let rest = match writable {
+            true => {
+                shared.remove_again().await;
+                shared.quiet()
+            }
+            false => Some(next_recovery),
+        };
+        if let Some(until) = rest {
+            drop(shared);
+            if unless_gone(&dispatcher, &wake, sleep_until(until))
+                .await
+                .is_none()
+            {
+                return;
+            }
+            continue;
+        }
+        let oldest = match shared.outbox.pending_after(0, 1) {
+            Ok(oldest) => oldest.into_iter().next(),
+            Err(error) => {
+                tracing::error!(error = %error, "outbox cannot be read for replay");
+                None
+            }
+        };
+        match (oldest, probe) {
+            (None, _) => {
+                // Nothing stored: wait for a record to be queued or requeued.
+                drop(shared);
+                wake.notified().await;
+                probe = Some(down());
+            }
+            (Some(oldest), Some(mut backoff)) => {
+                let deadline = Instant::now() + jitter.apply(backoff.delay());
+                let recovery = shared.recovery.clone();
+                drop(shared);
+                // Only a success or the deadline ends the wait: a record
+                // queued meanwhile is covered by the probe.
+                let wait = async {
+                    match recovery {
+                        Some(recovery) => {
+                            recovery.park(&oldest.uri, deadline).await == Woken::Released
+                        }
+                        None => {
+                            sleep_until(deadline).await;
+                            false
+                        }
+                    }
+                };
+                let Some(released) = unless_gone(&dispatcher, &wake, wait).await else {
+                    return;
+                };
+                let Some(shared) = dispatcher.upgrade() else {
+                    return;
+                };
+                if shared.quiet().is_some() {
+                    // Asked for a pause meanwhile: that comes first.
+                    continue;
+                }
+                let up = released || shared.probe(&mut pace).await;
+                if released {
+                    tracing::debug!("a request to the server succeeded: replaying the outbox");
+                }
+                probe = match up {
+                    true => None,
+                    false => {
+                        backoff.failed();
+                        Some(backoff)
+                    }
+                };
+            }
+            (Some(_), None) => match shared.replay_all(&mut pace).await {
+                Replayed::Down => probe = Some(down()),
+                Replayed::All { sent } if sent > 0 => {}
+                // What is left is being sent by the foreground, which wakes
+                // the replay if it leaves something behind.
+                Replayed::All { .. } => wake.notified().await,
+            },
+        }
+    }
+}
+
+/// How a replay of the whole outbox went.
+enum Replayed {
+    /// Every record not being sent already was sent; `sent` of them.
+    All { sent: usize },
+    /// A transient failure, or the server asked for a pause: it is down
+    /// again.
+    Down,
+}
+
+impl<S, C> Shared<S, C>
+where
+    S: AttemptService,
+    S::Future: Send,
+    C: AttemptClassifier<S>,
+{
+    /// Sends the oldest record the replay may send once; whether the server
+    /// took it (or refused it for good: it is up either way).
+    async fn probe(self: Arc<Self>, pace: &mut Pace) -> bool {
+        let Ok(entries) = self.outbox.pending_after(0, REPLAY_PAGE) else {
+            return false;
+        };
+        for listed in entries {
+            if let Some((entry, claim)) = self.take(&listed).await {
+                pace.wait().await;
+                tracing::info!(
+                    key = entry.key,
+                    pending = self.outbox.pending_count(),
+                    oldest_pending_age_s = age(entry.stored_at).as_secs(),
+                    "probing the server with the oldest stored request"
+                );
+                return self.replay_one(entry, claim).await;
+            }
+        }
+        // Every record is being sent by the foreground, or awaits its
+        // removal: nothing to probe with.
+        false
+    }
+
+    /// Sends every record the replay may send, oldest first, at most
+    /// `replay_concurrency` at once and at the replay rate; stops at the
+    /// first transient failure.
+    async fn replay_all(self: Arc<Self>, pace: &mut Pace) -> Replayed {
+        let mut after = 0;
+        let mut running = JoinSet::new();
+        let mut healthy = true;
+        let mut sent = 0;
+        'pages: while healthy {
+            let entries = match self.outbox.pending_after(after, REPLAY_PAGE) {
+                Ok(entries) => entries,
+                Err(error) => {
+                    tracing::error!(error = %error, "outbox cannot be read for replay");
+                    healthy = false;
+                    break;
+                }
+            };
+            let Some(last) = entries.last() else {
+                break;
+            };
+            after = last.seq;
+            for listed in entries {
+                while running.len() >= self.replay_concurrency {
+                    if let Some(Ok(false)) = running.join_next().await {
+                        healthy = false;
+                        break 'pages;
+                    }
+                }
+                let Some((entry, claim)) = self.take(&listed).await else {
+                    continue;
+                };
+                pace.wait().await;
+                // Asked for a pause, or a removal failed, meanwhile: the
+                // claim's release wakes the replay for this record later.
+                if self.quiet().is_some() || !self.outbox.is_writable() {
+                    healthy = false;
+                    break 'pages;
+                }
+                tracing::info!(
+                    key = entry.key,
+                    attempts = entry.attempts,
+                    stored_for_s = age(entry.stored_at).as_secs(),
+                    pending = self.outbox.pending_count(),
+                    "replaying a stored request"
+                );
+                running.spawn(self.clone().replay_one(entry, claim));
+                sent += 1;
+            }
+        }
+        while let Some(done) = running.join_next().await {
+            healthy &= done.unwrap_or(false);
+        }
+        match healthy {
+            true => Replayed::All { sent },
+            false => Replayed::Down,
+        }
+    }
+
+    /// Claims `listed` (as a page of the outbox had it) for the replay, and
+    /// reads it again, now that no one else may send it. `None` when it is
+    /// not to be sent: it is being sent, is gone or changed since the page
+    /// was read (delivered in the foreground, say), awaits its removal, or
+    /// goes where the dispatcher sends nothing (it is quarantined here).
+    async fn take(self: &Arc<Self>, listed: &Entry) -> Option<(Entry, Claim)> {
+        if lock(&self.unremoved).contains(&listed.seq) {
+            return None;
+        }
+        let claim = self.outbox.claim(&listed.key).await?;
+        let entry = match self.outbox.get(listed.seq) {
+            Ok(Some(entry)) if entry.idempotency_key == listed.idempotency_key => entry,
+            // Replaced (by a fallback): the next pass reads it as it is now.
+            Ok(Some(_)) => return None,
+            Ok(None) => {
+                claim.settle();
+                return None;
+            }
+            Err(error) => {
+                tracing::error!(key = listed.key, error = %error, "outbox cannot be read for replay");
+                claim.settle();
+                return None;
+            }
+        };
+        if let Some(failure) = self.refusal(&entry.uri) {
+            tracing::error!(
+                key = entry.key,
+                failure,
+                "stored request not sent: quarantined in the outbox"
+            );
+            let written = self.outbox.quarantine(entry.seq, failure).await;
+            Self::recorded(&entry.key, written);
+            claim.settle();
+            return None;
+        }
+        Some((entry, claim))
+    }
+
+    /// One attempt of a stored record (and of its fallback, if it has one
+    /// and is refused for good); whether the server answered.
+    async fn replay_one(self: Arc<Self>, mut entry: Entry, claim: Claim) -> bool {
+        let mut fell_back = false;
+        loop {
+            let sent = self
+                .send_through(self.attempt.clone(), entry.request())
+                .await;
+            if sent.outcome == Outcome::Success {
+                if let Some(recovery) = &self.recovery {
+                    recovery.observe(&entry.uri);
+                }
+            }
+            let answered = sent.outcome != Outcome::Transient;
+            match self
+                .settle(&entry, Some(entry.seq), sent, 1, fell_back)
+                .await
+            {
+                Step::FallBack(fallback) => {
+                    fell_back = true;
+                    entry = fallback.1;
+                }
+                Step::Retired(_, seq) => {
+                    if let Some(seq) = seq {
+                        self.remove(&entry.key, seq).await;
+                    }
+                    claim.settle();
+                    return answered;
+                }
+                // The replay itself goes on with what is queued.
+                Step::Done(_) | Step::Queued => {
+                    claim.settle();
+                    return answered;
+                }
+            }
+        }
+    }
+}
+
+/// How long ago `at` was, for events; zero for a time in the future.
+fn age(at: std::time::SystemTime) -> Duration {
+    std::time::SystemTime::now()
+        .duration_since(at)
+        .unwrap_or_default()
+}
+#[cfg(test)]
+mod tests {
+    use super::super::{Delivery, Dispatcher, Outbox};
+    use crate::{sync::lock, TerminalRetryLayer};
+    use bytes::Bytes;
+    use http::Request;
+    use http_body_util::Full;
+    use std::time::Duration;
+
+    /// A commit that fails for real and then works again cannot be made from
+    /// outside the store: a removal that failed is recorded here by hand.
+    #[cfg(feature = "test-server")]
+    #[tokio::test(start_paused = true)]
+    async fn a_delivery_left_unremoved_is_removed_once_the_store_can_be_written_not_resent() {
+        use crate::test_server::{Reply, TestServer};
+        use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+
+        let directory =
+            std::env::temp_dir().join(format!("terminal-retry-unremoved-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&directory);
+        let outbox = Outbox::open(directory.join("requests.redb")).unwrap();
+        let server = TestServer::scripted([Reply::status(502)]).await.unwrap();
+        let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+        let once = TerminalRetryLayer::new().with_schedule(crate::Schedule::new([]).unwrap());
+        let dispatcher = Dispatcher::builder(outbox, client)
+            .layer(once)
+            .build()
+            .unwrap();
+        let request = Request::post(server.url("/r/1"))
+            .body(Bytes::new())
+            .unwrap();
+        assert_eq!(dispatcher.send("r1", request).await, Delivery::Queued);
+        let seq = dispatcher.outbox().pending().unwrap()[0].seq;
+        // As if it had been delivered and its removal had failed.
+        lock(&dispatcher.shared.unremoved).insert(seq);
+
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        assert!(dispatcher.outbox().pending().unwrap().is_empty());
+        assert!(lock(&dispatcher.shared.unremoved).is_empty());
+        assert_eq!(server.requests().len(), 1, "not sent again");
+        drop(dispatcher);
+        let _ = std::fs::remove_dir_all(&directory);
+    }
+}

@@ -1,0 +1,303 @@
+//! The store: where requests wait, and the seam the dispatcher talks to it
+//! through.
+//!
+//! [`Outbox`] is the public handle. Its crate-visible methods are the
+//! store's whole API for the dispatcher: insert, claim, re-read, record a
+//! failure, replace, quarantine, complete, list, and whether it can be
+//! written (and recover). Each answers what it did, typed: an insert says
+//! [`Inserted`], a change whether its record was there.
+//!
+//! Behind it, a [`Backend`] enum, not a trait object: the stores are this
+//! crate's own, known when it is compiled, so a `match` dispatches them
+//! with no boxed futures, and the async methods stay plain `async fn`s. A
+//! new store (a database shared by several processes, holding claims as
+//! leases) is a new variant and a module here; the dispatcher does not
+//! change.
+//!
+//! ```
+//! use tower_terminal_retry::outbox::Outbox;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let directory = std::env::temp_dir().join(format!("outbox-store-doc-{}", std::process::id()));
+//! let outbox = Outbox::open(directory.join("requests.redb"))?;
+//! for entry in outbox.quarantined()? {
+//!     println!("{} was refused: {:?}", entry.key, entry.last_failure);
+//! }
+//! assert_eq!(outbox.pending_count(), 0);
+//! # drop(outbox);
+//! # std::fs::remove_dir_all(&directory)?;
+//! # Ok(())
+//! # }
+//! ```
+
+mod claim;
+mod redb;
+
+pub(super) use claim::Claim;
+
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use tokio::sync::Notify;
+
+use super::{Entry, OutboxError};
+
+/// A durable store of idempotent requests, one per key, in a single file: see
+/// the [module docs](super).
+///
+/// Cloning is cheap: clones share the file. The file is locked while any
+/// clone lives (or a commit is under way): a second `Outbox` on the same
+/// file, in this process or another, is an error.
+///
+/// Commits run on tokio's blocking pool, one batch at a time, so that the
+/// caller's tasks never wait on the disk. A commit that fails (a full disk,
+/// a file-size limit, an I/O error) fails the writes after it at once, without
+/// touching the disk, until one made after a growing pause succeeds: the file
+/// is reopened if the database needs it, in the same process.
+///
+/// A stored record that cannot be decoded (damaged on disk) is moved to
+/// quarantine as it is, with an `error` event naming its sequence number and
+/// the file: the records after it are still replayed.
+/// [`quarantined`](Outbox::quarantined) lists it under the key
+/// `damaged-<seq>`, with an empty request and a
+/// [`last_failure`](Entry::last_failure) saying it is damaged;
+/// [`discard`](Outbox::discard) with that key deletes it.
+///
+/// A file written by an earlier version of this crate is migrated to the
+/// current record format when it is opened, in one transaction.
+#[derive(Clone)]
+pub struct Outbox {
+    backend: Arc<Backend>,
+}
+
+/// The stores an outbox can keep its requests in.
+enum Backend {
+    /// One redb file, claims held in memory.
+    Redb(redb::RedbStore),
+}
+
+/// What an insert did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Inserted {
+    /// Stored under this sequence number.
+    Stored(u64),
+    /// A record under the key is stored already: it stands.
+    Taken,
+}
+
+impl Outbox {
+    /// Opens the outbox at `path`, creating it (and its folder) if it does not
+    /// exist (or is empty), and starts its writer on the current tokio
+    /// runtime.
+    ///
+    /// A relative `path` is made absolute once, here: a later change of the
+    /// current directory does not move the outbox. On unix, a new file is
+    /// created with mode 0600 (a new folder 0700), never through a symbolic
+    /// link; an existing file must be a regular file (not a symbolic link),
+    /// owned by the effective user of this process, and not writable by group
+    /// or others. Should the file be replaced or removed while open, writes
+    /// fail from then on ([`OutboxError::is_replaced`]): nothing is reported
+    /// stored in a file that is no longer at the path.
+    ///
+    /// A file left by a crash is recovered: every commit made before the
+    /// crash is there. A file written by an earlier version is migrated.
+    ///
+    /// # Errors
+    ///
+    /// The file is held by another live outbox (in this process or another);
+    /// it is not an outbox (garbage, truncated, corrupted, another redb
+    /// database, or one written by a later version), in which case it is
+    /// left exactly as it was; it is not safe to keep requests in
+    /// ([`OutboxError::is_unsafe`]), left as it was too; it cannot be read or
+    /// created; or there is no tokio runtime. The error names the path.
+    pub fn open(path: impl Into<PathBuf>) -> Result<Outbox, OutboxError> {
+        let store = redb::RedbStore::open(path.into())?;
+        Ok(Outbox {
+            backend: Arc::new(Backend::Redb(store)),
+        })
+    }
+
+    /// The file, as an absolute path.
+    pub fn path(&self) -> &Path {
+        match &*self.backend {
+            Backend::Redb(store) => store.path(),
+        }
+    }
+
+    /// The pending records, oldest first.
+    ///
+    /// # Errors
+    ///
+    /// The file cannot be read.
+    pub fn pending(&self) -> Result<Vec<Entry>, OutboxError> {
+        self.pending_after(0, usize::MAX)
+    }
+
+    /// The quarantined records: refused for good by the server, kept, not
+    /// retried, oldest first. A record that cannot be decoded is listed as
+    /// `damaged-<seq>` (see [`Outbox`]).
+    ///
+    /// # Errors
+    ///
+    /// The file cannot be read.
+    pub fn quarantined(&self) -> Result<Vec<Entry>, OutboxError> {
+        match &*self.backend {
+            Backend::Redb(store) => store.quarantined(),
+        }
+    }
+
+    /// How many records are pending, as of the last commit.
+    pub fn pending_count(&self) -> u64 {
+        match &*self.backend {
+            Backend::Redb(store) => store.pending_count(),
+        }
+    }
+
+    /// Moves the quarantined record under `key` back to pending, to be
+    /// delivered again. `false` when no record under `key` is quarantined.
+    ///
+    /// # Errors
+    ///
+    /// The write could not be committed.
+    pub async fn requeue(&self, key: &str) -> Result<bool, OutboxError> {
+        match &*self.backend {
+            Backend::Redb(store) => store.requeue(key).await,
+        }
+    }
+
+    /// Deletes the record under `key`, pending or quarantined, for good.
+    /// `false` when there is none.
+    ///
+    /// # Errors
+    ///
+    /// The write could not be committed.
+    pub async fn discard(&self, key: &str) -> Result<bool, OutboxError> {
+        match &*self.backend {
+            Backend::Redb(store) => store.discard(key).await,
+        }
+    }
+
+    /// Claims `key` for this sender: `None` while another holds it.
+    pub(super) async fn claim(&self, key: &str) -> Option<Claim> {
+        let fresh = match &*self.backend {
+            Backend::Redb(store) => store.claim(key),
+        };
+        fresh.then(|| Claim::new(self.clone(), key))
+    }
+
+    /// Releases `key`; a record left unsettled wakes the replay.
+    fn release(&self, key: &str, settled: bool) {
+        match &*self.backend {
+            Backend::Redb(store) => store.release(key, settled),
+        }
+    }
+
+    /// How many keys are claimed, for the dispatcher's `Debug`.
+    pub(super) fn claimed(&self) -> usize {
+        match &*self.backend {
+            Backend::Redb(store) => store.claimed(),
+        }
+    }
+
+    /// Stores `entry` under its key, unless one is stored under it already.
+    pub(super) async fn insert(&self, entry: &Entry) -> Result<Inserted, OutboxError> {
+        match &*self.backend {
+            Backend::Redb(store) => store.insert(entry.clone()).await,
+        }
+    }
+
+    /// Up to `limit` pending records after sequence number `after`, oldest
+    /// first.
+    pub(super) fn pending_after(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Entry>, OutboxError> {
+        match &*self.backend {
+            Backend::Redb(store) => store.pending_after(after, limit),
+        }
+    }
+
+    /// The pending record stored as `seq`, if it still is: read again by a
+    /// replay after it claimed the record, so that one delivered or changed
+    /// meanwhile is not sent again.
+    pub(super) fn get(&self, seq: u64) -> Result<Option<Entry>, OutboxError> {
+        Ok(self
+            .pending_after(seq.saturating_sub(1), 1)?
+            .into_iter()
+            .find(|entry| entry.seq == seq))
+    }
+
+    /// Removes the record `seq`, delivered or superseded. Need not be
+    /// flushed at once: a lost removal only replays a request the server
+    /// takes as a no-op.
+    pub(super) async fn complete(&self, seq: u64) -> Result<bool, OutboxError> {
+        match &*self.backend {
+            Backend::Redb(store) => store.complete(seq).await,
+        }
+    }
+
+    /// Counts `attempts` failed attempts of the record `seq`, the last
+    /// failing with `failure`. Need not be flushed at once either.
+    pub(super) async fn record_failure(
+        &self,
+        seq: u64,
+        attempts: u32,
+        failure: String,
+    ) -> Result<bool, OutboxError> {
+        match &*self.backend {
+            Backend::Redb(store) => store.record_failure(seq, attempts, failure).await,
+        }
+    }
+
+    /// Retires the record `seq` and stores `entry` in its place: same key
+    /// and position.
+    pub(super) async fn replace(&self, seq: u64, entry: Entry) -> Result<bool, OutboxError> {
+        match &*self.backend {
+            Backend::Redb(store) => store.replace(seq, entry).await,
+        }
+    }
+
+    /// Moves the record `seq` to quarantine, refused with `failure`.
+    pub(super) async fn quarantine(&self, seq: u64, failure: String) -> Result<bool, OutboxError> {
+        match &*self.backend {
+            Backend::Redb(store) => store.quarantine(seq, failure).await,
+        }
+    }
+
+    /// Whether the last commit succeeded: while it did not, nothing that
+    /// needs recording (a delivery) should be attempted.
+    pub(super) fn is_writable(&self) -> bool {
+        match &*self.backend {
+            Backend::Redb(store) => store.is_writable(),
+        }
+    }
+
+    /// Tries now to make the store writable again, if it is not; whether it
+    /// is.
+    pub(super) async fn recover(&self) -> bool {
+        match &*self.backend {
+            Backend::Redb(store) => store.recover().await,
+        }
+    }
+
+    /// What wakes the replay: a record became pending again, or was left
+    /// unsettled by its sender.
+    pub(super) fn requeued(&self) -> Arc<Notify> {
+        match &*self.backend {
+            Backend::Redb(store) => store.requeued(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbox")
+            .field("path", &self.path())
+            .field("pending", &self.pending_count())
+            .finish()
+    }
+}

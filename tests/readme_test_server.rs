@@ -1,0 +1,32 @@
+//! Your daemon's code, tested against the crate's loopback task server: a
+//! completion rides out two 502s and is reported once, as a completion.
+
+use std::time::Duration;
+
+use http::StatusCode;
+use tower_terminal_retry::client::{ReportOutcome, TaskClient, TaskResult};
+use tower_terminal_retry::test_server::{Action, Fault, TaskServer, TaskState};
+use tower_terminal_retry::Schedule;
+
+/// The code under test: how your daemon reports a finished task.
+async fn finish(client: &TaskClient, task_id: &str) -> ReportOutcome {
+    let result = TaskResult::completed("all tests pass").branch_name("fix/retry");
+    client.report_task_result(task_id, result).await
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_completion_rides_out_two_bad_gateways() {
+    let server = TaskServer::start().await.expect("a loopback port");
+    server.add_tasks(["t1"]);
+    let bad_gateway = Fault::Status(StatusCode::BAD_GATEWAY);
+    server.script("t1", Action::Complete, [bad_gateway, bad_gateway]);
+    let client = TaskClient::builder(server.url())
+        .terminal_schedule(Schedule::new([Duration::from_secs(1); 3]).expect("a schedule"))
+        .build()
+        .expect("a client");
+
+    assert_eq!(finish(&client, "t1").await, ReportOutcome::Completed);
+    assert_eq!(server.state("t1"), Some(TaskState::Completed));
+    assert_eq!(server.attempts_of("t1", Action::Complete), 3);
+    assert_eq!(server.attempts_of("t1", Action::Fail), 0);
+}
