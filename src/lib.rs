@@ -168,6 +168,12 @@ mod sync;
 #[cfg(any(feature = "client", feature = "outbox"))]
 mod response;
 
+// The task routes, for the client and the test server alike; public only as
+// `test_server::Action`.
+#[cfg(any(feature = "client", feature = "test-server"))]
+#[cfg_attr(not(feature = "test-server"), allow(unreachable_pub))]
+mod task_route;
+
 #[cfg(feature = "client")]
 pub mod client;
 #[cfg(feature = "outbox")]

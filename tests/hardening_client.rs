@@ -4,6 +4,8 @@
 //! Real loopback servers; tokio's paused clock where time matters.
 
 mod client_support;
+#[cfg(feature = "outbox")]
+mod outbox_support;
 
 use std::time::Duration;
 
@@ -410,7 +412,7 @@ fn ten_thousand_reports_child(url: &str, reports: usize) {
 #[cfg(feature = "outbox")]
 mod with_outbox {
     use super::*;
-    use client_support::Scratch;
+    use crate::outbox_support::Scratch;
 
     /// A report stored under another base URL (an old server, or a record
     /// planted in the file) is quarantined, never sent with this client's

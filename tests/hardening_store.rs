@@ -7,6 +7,8 @@
 
 #![cfg(all(feature = "outbox", unix))]
 
+mod outbox_support;
+
 use std::{
     os::unix::fs::{MetadataExt, PermissionsExt},
     path::{Path, PathBuf},
@@ -31,10 +33,12 @@ use tokio::{
     process::{Child, ChildStdin, ChildStdout, Command},
 };
 use tower_terminal_retry::{
-    outbox::{Delivery, Dispatcher, Durability, Outbox},
+    outbox::{Delivery, Dispatcher, Durability, Outbox, OutboxError},
     test_server::{Reply, TestServer},
     Schedule, TerminalRetryLayer,
 };
+
+use outbox_support::{as_child, child_command, Scratch};
 
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
@@ -52,31 +56,6 @@ const SAYS: &str = "child:";
 const PENDING: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("pending");
 const KEYS: TableDefinition<'_, &str, u64> = TableDefinition::new("keys");
 const META: TableDefinition<'_, &str, u64> = TableDefinition::new("outbox_meta");
-
-/// A directory of its own for one test, removed when dropped.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Scratch {
-        let path = std::env::temp_dir().join(format!(
-            "terminal-retry-hardening-{name}-{}",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).unwrap();
-        Scratch(path.canonicalize().unwrap())
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn client() -> HttpClient {
     Client::builder(TokioExecutor::new()).build_http()
@@ -160,14 +139,7 @@ async fn eventually(mut done: impl FnMut() -> bool) -> bool {
 /// The entry point of every child: does nothing in a normal test run.
 #[test]
 fn child() {
-    let Ok(role) = std::env::var(ROLE) else {
-        return;
-    };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
+    as_child(ROLE, |role| async move {
         match role.as_str() {
             "commands" => run_commands().await,
             "relative" => open_relative_then_move().await,
@@ -221,13 +193,8 @@ async fn open_relative_then_move() {
 /// A child in `role`, with SIGXFSZ ignored, so that a write past a file-size
 /// limit fails with EFBIG rather than killing it.
 fn spawn(role: &str, env: &[(&str, &Path)], url: &str) -> Child {
-    let exe = std::env::current_exe().unwrap();
-    let mut command = Command::new("bash");
+    let mut command = Command::from(child_command(None));
     command
-        .arg("-c")
-        .arg("trap '' XFSZ; exec \"$0\" \"$@\"")
-        .arg(exe)
-        .args(["child", "--exact", "--nocapture", "--test-threads=1"])
         .env(ROLE, role)
         .env(URL, url)
         .stdin(Stdio::piped())
@@ -425,6 +392,15 @@ async fn created(file: &Path) {
     drop(Outbox::open(file).unwrap());
 }
 
+/// Asserts that `error` names the file at `path` and says `why`.
+fn assert_names(error: &OutboxError, path: &Path, why: &str) {
+    assert!(
+        error.to_string().contains(&path.display().to_string()),
+        "{error}"
+    );
+    assert!(error.to_string().contains(why), "{error}");
+}
+
 #[tokio::test]
 async fn a_symbolic_link_at_the_path_is_refused_naming_it() {
     let scratch = Scratch::new("link");
@@ -436,11 +412,7 @@ async fn a_symbolic_link_at_the_path_is_refused_naming_it() {
     let error = Outbox::open(&link).unwrap_err();
     assert!(error.is_unsafe(), "{error}");
     assert_eq!(error.path(), link);
-    assert!(
-        error.to_string().contains(&link.display().to_string()),
-        "{error}"
-    );
-    assert!(error.to_string().contains("symbolic link"), "{error}");
+    assert_names(&error, &link, "symbolic link");
     assert_eq!(std::fs::read(&target).unwrap(), before, "left as it was");
 
     // A dangling link: nothing is created where it points.
@@ -461,14 +433,7 @@ async fn a_file_others_may_write_is_refused_naming_it() {
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).unwrap();
         let error = Outbox::open(&file).unwrap_err();
         assert!(error.is_unsafe(), "{mode:o}: {error}");
-        assert!(
-            error.to_string().contains(&file.display().to_string()),
-            "{error}"
-        );
-        assert!(
-            error.to_string().contains("writable by group or others"),
-            "{error}"
-        );
+        assert_names(&error, &file, "writable by group or others");
     }
     // Readable by the group is fine.
     std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o640)).unwrap();
@@ -489,14 +454,7 @@ async fn a_file_owned_by_another_user_is_refused_naming_it() {
     }
     let error = Outbox::open(&file).unwrap_err();
     assert!(error.is_unsafe(), "{error}");
-    assert!(
-        error.to_string().contains(&file.display().to_string()),
-        "{error}"
-    );
-    assert!(
-        error.to_string().contains("owned by another user"),
-        "{error}"
-    );
+    assert_names(&error, &file, "owned by another user");
 }
 
 /// Stores `key` through `dispatcher` and says how that went.
@@ -504,9 +462,9 @@ async fn store(dispatcher: &Dispatcher<HttpClient>, base: &str, key: &str) -> Du
     dispatcher.send(key, hook(base, key)).stored().await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_file_replaced_while_open_fails_the_next_insert_not_silently() {
-    let scratch = Scratch::new("replaced");
+/// A dispatcher on a fresh outbox file in `scratch`, with `k1` stored, and
+/// its server, up.
+async fn one_stored(scratch: &Scratch) -> (PathBuf, Switched, Dispatcher<HttpClient>) {
     let file = scratch.path("reports.redb");
     let server = Switched::start(true).await;
     let dispatcher = dispatcher(Outbox::open(&file).unwrap());
@@ -514,6 +472,13 @@ async fn a_file_replaced_while_open_fails_the_next_insert_not_silently() {
         store(&dispatcher, &server.base(), "k1").await,
         Durability::Stored
     );
+    (file, server, dispatcher)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_replaced_while_open_fails_the_next_insert_not_silently() {
+    let scratch = Scratch::new("replaced");
+    let (file, server, dispatcher) = one_stored(&scratch).await;
     let impostor = scratch.path("impostor");
     std::fs::write(&impostor, b"another file").unwrap();
     std::fs::rename(&impostor, &file).unwrap();
@@ -532,13 +497,7 @@ async fn a_file_replaced_while_open_fails_the_next_insert_not_silently() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_removed_while_open_fails_the_next_insert_not_silently() {
     let scratch = Scratch::new("removed");
-    let file = scratch.path("reports.redb");
-    let server = Switched::start(true).await;
-    let dispatcher = dispatcher(Outbox::open(&file).unwrap());
-    assert_eq!(
-        store(&dispatcher, &server.base(), "k1").await,
-        Durability::Stored
-    );
+    let (file, server, dispatcher) = one_stored(&scratch).await;
     std::fs::remove_file(&file).unwrap();
     match store(&dispatcher, &server.base(), "k2").await {
         Durability::NotStored(error) => assert!(error.is_replaced(), "{error}"),

@@ -5,10 +5,9 @@
 
 #![cfg(feature = "outbox")]
 
-use std::{
-    path::{Path, PathBuf},
-    time::Duration,
-};
+mod outbox_support;
+
+use std::{path::Path, time::Duration};
 
 use http::StatusCode;
 use tower_terminal_retry::{
@@ -18,30 +17,7 @@ use tower_terminal_retry::{
     Schedule,
 };
 
-/// A directory of its own for one test, removed when dropped.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Scratch {
-        let path = std::env::temp_dir().join(format!(
-            "terminal-retry-outbox-{name}-{}",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).unwrap();
-        Scratch(path)
-    }
-
-    fn file(&self) -> PathBuf {
-        self.0.join("reports.redb")
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use outbox_support::Scratch;
 
 /// A client of `server` keeping its reports in `path`: a short schedule
 /// (1 s, 1 s), a short per-attempt timeout, a token.

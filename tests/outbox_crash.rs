@@ -10,11 +10,13 @@
 
 #![cfg(all(feature = "outbox", unix))]
 
+mod outbox_support;
+
 use std::{
     collections::{BTreeMap, BTreeSet},
     io::{BufRead, BufReader},
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    path::Path,
+    process::{Child, Stdio},
     time::{Duration, Instant, SystemTime},
 };
 
@@ -25,6 +27,8 @@ use tower_terminal_retry::{
     test_server::{Action, Fault, TaskServer, TaskState},
     Schedule,
 };
+
+use outbox_support::{as_child, child_command, Scratch};
 
 /// Selects the child's role; the rest of its orders come in these variables.
 const ROLE: &str = "OUTBOX_CRASH_ROLE";
@@ -38,14 +42,7 @@ const SAYS: &str = "child:";
 /// The entry point of every child: does nothing in a normal test run.
 #[test]
 fn child() {
-    let Ok(role) = std::env::var(ROLE) else {
-        return;
-    };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
+    as_child(ROLE, |role| async move {
         let url = std::env::var(URL).unwrap();
         let file = std::env::var(FILE).unwrap();
         let client = TaskClient::builder(url)
@@ -103,18 +100,7 @@ fn spawn(
     tasks: &str,
     file_size_limit: Option<u64>,
 ) -> Child {
-    let exe = std::env::current_exe().unwrap();
-    let mut command = match file_size_limit {
-        None => Command::new(&exe),
-        Some(kib) => {
-            let mut shell = Command::new("bash");
-            let script = format!("trap '' XFSZ; ulimit -f {kib}; exec \"$0\" \"$@\"");
-            shell.arg("-c").arg(script).arg(&exe);
-            shell
-        }
-    };
-    command
-        .args(["child", "--exact", "--nocapture", "--test-threads=1"])
+    child_command(file_size_limit)
         .env(ROLE, role)
         .env(URL, server.url())
         .env(FILE, file)
@@ -157,24 +143,14 @@ impl Random {
     }
 }
 
-fn scratch(name: &str) -> PathBuf {
-    let path = std::env::temp_dir().join(format!(
-        "terminal-retry-crash-{name}-{}",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&path);
-    std::fs::create_dir_all(&path).unwrap();
-    path
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_at_random_instants_nothing_stored_is_lost_and_no_success_turns_red() {
     let kills: u64 = std::env::var("CRASH_SOAK_KILLS")
         .ok()
         .and_then(|kills| kills.parse().ok())
         .unwrap_or(150);
-    let directory = scratch("kills");
-    let file = directory.join("reports.redb");
+    let scratch = Scratch::new("kills");
+    let file = scratch.file();
     let server = TaskServer::start().await.unwrap();
     let mut random = Random::seeded();
     let seed = random.0;
@@ -258,13 +234,12 @@ async fn killed_at_random_instants_nothing_stored_is_lost_and_no_success_turns_r
         stored.len()
     );
     assert!(stored.len() as u64 >= kills, "most rounds store something");
-    let _ = std::fs::remove_dir_all(&directory);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_that_cannot_be_written_still_delivers_and_says_not_stored() {
-    let directory = scratch("full");
-    let file = directory.join("reports.redb");
+    let scratch = Scratch::new("full");
+    let file = scratch.file();
     let server = TaskServer::start().await.unwrap();
     server.add_tasks(["huge"]);
     // An outbox with nothing in it: its size is the limit of the child.
@@ -288,13 +263,12 @@ async fn a_store_that_cannot_be_written_still_delivers_and_says_not_stored() {
     );
     assert_eq!(server.state("huge"), Some(TaskState::Completed));
     assert!(std::fs::metadata(&file).unwrap().len() <= limit_kib * 1024);
-    let _ = std::fs::remove_dir_all(&directory);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_held_by_another_process_is_an_error_until_it_dies() {
-    let directory = scratch("held");
-    let file = directory.join("reports.redb");
+    let scratch = Scratch::new("held");
+    let file = scratch.file();
     let server = TaskServer::start().await.unwrap();
     server.add_tasks(["t1"]);
     let mut child = spawn("report", &server, &file, "t1:c", None);
@@ -318,5 +292,4 @@ async fn a_file_held_by_another_process_is_an_error_until_it_dies() {
     child.wait().unwrap();
     // The lock dies with the process.
     builder().build().unwrap();
-    let _ = std::fs::remove_dir_all(&directory);
 }

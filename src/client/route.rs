@@ -4,43 +4,14 @@
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 
 use super::error::Error;
-
-/// Where the task routes start, below the base URL.
-const TASKS_PATH: &str = "/api/daemon/tasks/";
+pub(super) use crate::task_route::Action;
+use crate::task_route::TASKS_PATH;
 
 /// The longest task id accepted, in bytes.
 const MAX_TASK_ID: usize = 1024;
 
-/// The routes of a task.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(super) enum Action {
-    /// `start`: the agent started on the task.
-    Start,
-    /// `progress`: `{summary, step, total}`.
-    Progress,
-    /// `usage`: `{usage: [...]}`.
-    Usage,
-    /// `session`: `{session_id?, work_dir?}`.
-    Session,
-    /// `complete`: `{output, ...}`; terminal, retried.
-    Complete,
-    /// `fail`: `{error, ...}`; terminal, retried.
-    Fail,
-}
-
+// The client's side of the shared routes: where it sends each one.
 impl Action {
-    /// The last segment of the route.
-    pub(super) fn as_str(self) -> &'static str {
-        match self {
-            Action::Start => "start",
-            Action::Progress => "progress",
-            Action::Usage => "usage",
-            Action::Session => "session",
-            Action::Complete => "complete",
-            Action::Fail => "fail",
-        }
-    }
-
     /// The path of this route for `task_id`, the id path-escaped.
     pub(super) fn path(self, task_id: &str) -> String {
         format!("{TASKS_PATH}{}/{}", escape_segment(task_id), self.as_str())

@@ -13,7 +13,7 @@ use http_body_util::Full;
 use tower::{util::MapRequest, BoxError, Layer, Service};
 
 use super::{
-    dispatcher::{Fallback, Shared},
+    dispatcher::{Settings, Shared},
     foreground::count_attempt,
     pace::Pace,
     replay::replay,
@@ -37,28 +37,17 @@ pub struct DispatcherBuilder<S, C = DefaultClassifier> {
     outbox: Outbox,
     service: S,
     layer: TerminalRetryLayer<C>,
-    recovery: Option<Recovery>,
-    fallback: Option<Arc<Fallback>>,
-    replay_interval: Duration,
-    replay_concurrency: usize,
-    replay_rate: u32,
-    origin: Option<String>,
-    secrets: Vec<String>,
+    settings: Settings,
 }
 
 impl<S, C: fmt::Debug> fmt::Debug for DispatcherBuilder<S, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("DispatcherBuilder")
-            .field("outbox", &self.outbox)
-            .field("layer", &self.layer)
-            .field("recovery", &self.recovery)
-            .field("fallback", &self.fallback.is_some())
-            .field("replay_interval", &self.replay_interval)
-            .field("replay_concurrency", &self.replay_concurrency)
-            .field("replay_rate", &self.replay_rate)
-            .field("origin", &self.origin)
-            // The secrets themselves stay out.
-            .field("redacted", &self.secrets.len())
+        self.settings
+            .debug_fields(
+                f.debug_struct("DispatcherBuilder")
+                    .field("outbox", &self.outbox)
+                    .field("layer", &self.layer),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -73,13 +62,15 @@ impl<S> Dispatcher<S> {
             outbox,
             service,
             layer: TerminalRetryLayer::new(),
-            recovery: Some(Recovery::default()),
-            fallback: None,
-            replay_interval: DEFAULT_REPLAY_INTERVAL,
-            replay_concurrency: DEFAULT_REPLAY_CONCURRENCY,
-            replay_rate: DEFAULT_REPLAY_RATE,
-            origin: None,
-            secrets: Vec::new(),
+            settings: Settings {
+                recovery: Some(Recovery::default()),
+                fallback: None,
+                replay_interval: DEFAULT_REPLAY_INTERVAL,
+                replay_concurrency: DEFAULT_REPLAY_CONCURRENCY,
+                replay_rate: DEFAULT_REPLAY_RATE,
+                origin: None,
+                secrets: Vec::new(),
+            },
         }
     }
 }
@@ -96,13 +87,7 @@ impl<S, C> DispatcherBuilder<S, C> {
             outbox: self.outbox,
             service: self.service,
             layer,
-            recovery: self.recovery,
-            fallback: self.fallback,
-            replay_interval: self.replay_interval,
-            replay_concurrency: self.replay_concurrency,
-            replay_rate: self.replay_rate,
-            origin: self.origin,
-            secrets: self.secrets,
+            settings: self.settings,
         }
     }
 
@@ -111,7 +96,7 @@ impl<S, C> DispatcherBuilder<S, C> {
     /// server. By default a recovery of its own; `None` turns early release
     /// off (the replay then waits for its next probe).
     pub fn recovery(mut self, recovery: Option<Recovery>) -> Self {
-        self.recovery = recovery;
+        self.settings.recovery = recovery;
         self
     }
 
@@ -126,7 +111,7 @@ impl<S, C> DispatcherBuilder<S, C> {
         mut self,
         fallback: impl Fn(&Entry, StatusCode, &str) -> Option<Request<Bytes>> + Send + Sync + 'static,
     ) -> Self {
-        self.fallback = Some(Arc::new(fallback));
+        self.settings.fallback = Some(Arc::new(fallback));
         self
     }
 
@@ -134,14 +119,14 @@ impl<S, C> DispatcherBuilder<S, C> {
     /// default 30 s); also how often a store that cannot be written is asked
     /// to recover.
     pub fn replay_interval(mut self, interval: Duration) -> Self {
-        self.replay_interval = interval;
+        self.settings.replay_interval = interval;
         self
     }
 
     /// How many stored requests are replayed at once once the server is
     /// back (by default 16).
     pub fn replay_concurrency(mut self, concurrency: usize) -> Self {
-        self.replay_concurrency = concurrency;
+        self.settings.replay_concurrency = concurrency;
         self
     }
 
@@ -151,7 +136,7 @@ impl<S, C> DispatcherBuilder<S, C> {
     /// not hit by its whole backlog at once; `0` is an error of
     /// [`build`](DispatcherBuilder::build).
     pub fn replay_rate(mut self, per_second: u32) -> Self {
-        self.replay_rate = per_second;
+        self.settings.replay_rate = per_second;
         self
     }
 
@@ -163,7 +148,7 @@ impl<S, C> DispatcherBuilder<S, C> {
     /// way, and not stored ([`Durability::Refused`](super::Durability::Refused)).
     /// By default requests go wherever their URI says.
     pub fn origin(mut self, origin: &Uri) -> Self {
-        self.origin = Some(origin_key(origin));
+        self.settings.origin = Some(origin_key(origin));
         self
     }
 
@@ -173,7 +158,7 @@ impl<S, C> DispatcherBuilder<S, C> {
     /// fallback, and [`Delivery::Undelivered`](super::Delivery::Undelivered).
     /// Call it once per secret.
     pub fn redact(mut self, secret: impl Into<String>) -> Self {
-        self.secrets.push(secret.into());
+        self.settings.secrets.push(secret.into());
         self
     }
 
@@ -202,16 +187,16 @@ impl<S, C> DispatcherBuilder<S, C> {
         C: Classify<Response<RB>, E> + Send + Sync + 'static,
     {
         let invalid = |reason| crate::ConfigError::InvalidReplay { reason };
-        if self.replay_interval.is_zero() {
+        if self.settings.replay_interval.is_zero() {
             return Err(invalid("the replay interval must not be zero"));
         }
-        if self.replay_concurrency == 0 {
+        if self.settings.replay_concurrency == 0 {
             return Err(invalid("the replay concurrency must not be zero"));
         }
-        if self.replay_rate == 0 {
+        if self.settings.replay_rate == 0 {
             return Err(invalid("the replay rate must be at least one a second"));
         }
-        if self.origin.as_ref().is_some_and(String::is_empty) {
+        if self.settings.origin.as_ref().is_some_and(String::is_empty) {
             return Err(invalid("the origin must be an absolute URL with a host"));
         }
         let runtime = tokio::runtime::Handle::try_current()
@@ -219,26 +204,20 @@ impl<S, C> DispatcherBuilder<S, C> {
         let retry_after = self.layer.policy().retry_after();
         // The replay classifies its single attempts with the layer's own.
         let classifier = self.layer.policy().classifier();
-        let layer = match &self.recovery {
+        let layer = match &self.settings.recovery {
             Some(recovery) => self.layer.with_recovery(recovery.clone()),
             None => self.layer,
         };
         let counted: fn(Request<Full<Bytes>>) -> Request<Full<Bytes>> = count_attempt;
         let retrying = layer.layer(MapRequest::new(self.service.clone(), counted));
         let wake = self.outbox.requeued();
-        let pace = Pace::new(self.replay_rate);
+        let pace = Pace::new(self.settings.replay_rate);
         let shared = Arc::new(Shared {
             outbox: self.outbox,
             attempt: self.service,
             retrying,
             classifier,
-            recovery: self.recovery,
-            fallback: self.fallback,
-            replay_interval: self.replay_interval,
-            replay_concurrency: self.replay_concurrency,
-            replay_rate: self.replay_rate,
-            origin: self.origin,
-            secrets: self.secrets,
+            settings: self.settings,
             retry_after,
             quiet_until: Mutex::new(None),
             unremoved: Mutex::new(Default::default()),

@@ -103,15 +103,10 @@ impl<S, C> Clone for Dispatcher<S, C> {
     }
 }
 
-/// What the dispatcher's handles, deliveries and replay worker share.
-pub(super) struct Shared<S, C> {
-    pub(super) outbox: Outbox,
-    /// One attempt: the replay's.
-    pub(super) attempt: S,
-    /// The foreground's attempts, retried.
-    pub(super) retrying: Retrying<S, C>,
-    /// The layer's classifier, for the replay's single attempt.
-    pub(super) classifier: Arc<C>,
+/// What a dispatcher is set up with besides its outbox, service and layer:
+/// the builder fills it in and hands it over whole, so that the two hold
+/// the same fields in one place.
+pub(super) struct Settings {
     pub(super) recovery: Option<Recovery>,
     pub(super) fallback: Option<Arc<Fallback>>,
     pub(super) replay_interval: Duration,
@@ -121,6 +116,35 @@ pub(super) struct Shared<S, C> {
     pub(super) origin: Option<String>,
     /// Replaced in every text taken from a response.
     pub(super) secrets: Vec<String>,
+}
+
+impl Settings {
+    /// Adds the settings to the `Debug` of the builder or the dispatcher;
+    /// the secrets themselves stay out.
+    pub(super) fn debug_fields<'a, 'b, 'c>(
+        &self,
+        f: &'a mut fmt::DebugStruct<'b, 'c>,
+    ) -> &'a mut fmt::DebugStruct<'b, 'c> {
+        f.field("recovery", &self.recovery)
+            .field("fallback", &self.fallback.is_some())
+            .field("replay_interval", &self.replay_interval)
+            .field("replay_concurrency", &self.replay_concurrency)
+            .field("replay_rate", &self.replay_rate)
+            .field("origin", &self.origin)
+            .field("redacted", &self.secrets.len())
+    }
+}
+
+/// What the dispatcher's handles, deliveries and replay worker share.
+pub(super) struct Shared<S, C> {
+    pub(super) outbox: Outbox,
+    /// One attempt: the replay's.
+    pub(super) attempt: S,
+    /// The foreground's attempts, retried.
+    pub(super) retrying: Retrying<S, C>,
+    /// The layer's classifier, for the replay's single attempt.
+    pub(super) classifier: Arc<C>,
+    pub(super) settings: Settings,
     /// How long a server may ask to be left alone: the layer's rule.
     pub(super) retry_after: RetryAfter,
     /// No replay starts before this: the server asked for a pause
@@ -188,15 +212,9 @@ impl<S, C> Dispatcher<S, C> {
 impl<S, C> fmt::Debug for Dispatcher<S, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let shared = &self.shared;
-        f.debug_struct("Dispatcher")
-            .field("outbox", &shared.outbox)
-            .field("recovery", &shared.recovery)
-            .field("fallback", &shared.fallback.is_some())
-            .field("replay_interval", &shared.replay_interval)
-            .field("replay_concurrency", &shared.replay_concurrency)
-            .field("replay_rate", &shared.replay_rate)
-            .field("origin", &shared.origin)
-            .field("redacted", &shared.secrets.len())
+        shared
+            .settings
+            .debug_fields(f.debug_struct("Dispatcher").field("outbox", &shared.outbox))
             .field("in_flight", &shared.outbox.claimed())
             .finish()
     }
@@ -245,7 +263,7 @@ impl<S, C> Shared<S, C> {
                  host); put them in a header the sending service adds"
             ));
         }
-        let origin = self.origin.as_deref()?;
+        let origin = self.settings.origin.as_deref()?;
         (!is_origin(uri, origin)).then(|| {
             format!("not sent: it goes to {target}, not to the dispatcher's origin {origin}")
         })
@@ -315,7 +333,7 @@ where
     where
         T: Service<Request<Full<Bytes>>, Response = Response<S::ResponseBody>, Error = S::Failure>,
     {
-        let secrets: Vec<&str> = self.secrets.iter().map(String::as_str).collect();
+        let secrets: Vec<&str> = self.settings.secrets.iter().map(String::as_str).collect();
         let method = request.method().clone();
         // A stored path is untrusted too.
         let path = clean(request.uri().path(), &secrets);
@@ -457,7 +475,7 @@ impl<S, C> Shared<S, C> {
         fell_back: bool,
     ) -> Option<Step> {
         let key = entry.key.as_str();
-        let fallback = match (&self.fallback, fell_back) {
+        let fallback = match (&self.settings.fallback, fell_back) {
             (Some(fallback), false) => fallback(entry, status, failure)?,
             _ => return None,
         };

@@ -58,7 +58,10 @@ where
     C: AttemptClassifier<S>,
 {
     let jitter = Jitter::full();
-    let Some(interval) = dispatcher.upgrade().map(|shared| shared.replay_interval) else {
+    let Some(interval) = dispatcher
+        .upgrade()
+        .map(|shared| shared.settings.replay_interval)
+    else {
         return;
     };
     let down = || Backoff::new(FIRST_PROBE_DELAY, interval);
@@ -117,7 +120,7 @@ where
             }
             (Some(oldest), Some(mut backoff)) => {
                 let deadline = Instant::now() + jitter.apply(backoff.delay());
-                let recovery = shared.recovery.clone();
+                let recovery = shared.settings.recovery.clone();
                 drop(shared);
                 // Only a success or the deadline ends the wait: a record
                 // queued meanwhile is covered by the probe.
@@ -225,7 +228,7 @@ where
             };
             after = last.seq;
             for listed in entries {
-                while running.len() >= self.replay_concurrency {
+                while running.len() >= self.settings.replay_concurrency {
                     if let Some(Ok(false)) = running.join_next().await {
                         healthy = false;
                         break 'pages;
@@ -308,7 +311,7 @@ where
                 .send_through(self.attempt.clone(), entry.request())
                 .await;
             if sent.outcome == Outcome::Success {
-                if let Some(recovery) = &self.recovery {
+                if let Some(recovery) = &self.settings.recovery {
                     recovery.observe(&entry.uri);
                 }
             }

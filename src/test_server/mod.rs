@@ -32,7 +32,9 @@
 //! ```
 
 mod task;
-pub use task::{Action, Attempt, Fault, Handling, TaskServer, TaskState};
+pub use task::{Attempt, Fault, Handling, TaskServer, TaskState};
+// Shared with the client, which sends these routes; this is its public path.
+pub use crate::task_route::Action;
 
 use std::{
     collections::VecDeque,

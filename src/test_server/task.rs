@@ -14,30 +14,14 @@ use serde_json::Value;
 use tokio::time::Instant;
 
 use super::{RecordedRequest, Reply, TestServer};
-use crate::sync::lock;
+use crate::{
+    sync::lock,
+    task_route::{Action, TASKS_PATH},
+};
 
-/// Where the task routes start.
-const TASKS_PATH: &str = "/api/daemon/tasks/";
-
-/// The routes of a task, `POST /api/daemon/tasks/{id}/{action}`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Action {
-    /// `start`: the agent started on the task.
-    Start,
-    /// `progress`: `{summary, step, total}`.
-    Progress,
-    /// `usage`: `{usage: [...]}`.
-    Usage,
-    /// `session`: `{session_id?, work_dir?}`.
-    Session,
-    /// `complete`: `{output, ...}`; terminal.
-    Complete,
-    /// `fail`: `{error, ...}`; terminal.
-    Fail,
-}
-
+// The server's side of the shared routes: it reads the action from a path.
 impl Action {
-    /// Every route, in the order above.
+    /// Every route, in the order of its declaration.
     const ALL: [Action; 6] = [
         Action::Start,
         Action::Progress,
@@ -46,18 +30,6 @@ impl Action {
         Action::Complete,
         Action::Fail,
     ];
-
-    /// The last segment of the route.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Action::Start => "start",
-            Action::Progress => "progress",
-            Action::Usage => "usage",
-            Action::Session => "session",
-            Action::Complete => "complete",
-            Action::Fail => "fail",
-        }
-    }
 }
 
 /// The field the body must hold, as a string, for the server to take it.

@@ -75,26 +75,3 @@ pub fn capture() -> (Captured, tracing::subscriber::DefaultGuard) {
         .finish();
     (captured, tracing::subscriber::set_default(subscriber))
 }
-
-/// A directory of its own for one test, removed when dropped.
-pub struct Scratch(std::path::PathBuf);
-
-impl Scratch {
-    pub fn new(name: &str) -> Scratch {
-        let path =
-            std::env::temp_dir().join(format!("terminal-retry-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).unwrap();
-        Scratch(path)
-    }
-
-    pub fn file(&self) -> std::path::PathBuf {
-        self.0.join("reports.redb")
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
