@@ -104,7 +104,7 @@ where
             }
             continue;
         }
-        let oldest = match shared.outbox.pending_after(0, 1) {
+        let oldest = match shared.outbox.pending_after(0, 1).await {
             Ok(oldest) => oldest.into_iter().next(),
             Err(error) => {
                 tracing::error!(error = %error, "outbox cannot be read for replay");
@@ -186,7 +186,7 @@ where
     /// Sends the oldest record the replay may send once; whether the server
     /// took it (or refused it for good: it is up either way).
     async fn probe(self: Arc<Self>, pace: &mut Pace) -> bool {
-        let Ok(entries) = self.outbox.pending_after(0, REPLAY_PAGE) else {
+        let Ok(entries) = self.outbox.pending_after(0, REPLAY_PAGE).await else {
             return false;
         };
         for listed in entries {
@@ -215,7 +215,7 @@ where
         let mut healthy = true;
         let mut sent = 0;
         'pages: while healthy {
-            let entries = match self.outbox.pending_after(after, REPLAY_PAGE) {
+            let entries = match self.outbox.pending_after(after, REPLAY_PAGE).await {
                 Ok(entries) => entries,
                 Err(error) => {
                     tracing::error!(error = %error, "outbox cannot be read for replay");
@@ -274,7 +274,7 @@ where
             return None;
         }
         let claim = self.outbox.claim(&listed.key).await?;
-        let entry = match self.outbox.get(listed.seq) {
+        let entry = match self.outbox.get(listed.seq).await {
             Ok(Some(entry)) if entry.idempotency_key == listed.idempotency_key => entry,
             // Replaced (by a fallback): the next pass reads it as it is now.
             Ok(Some(_)) => return None,

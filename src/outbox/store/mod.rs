@@ -133,7 +133,9 @@ impl Outbox {
     ///
     /// The file cannot be read.
     pub fn pending(&self) -> Result<Vec<Entry>, OutboxError> {
-        self.pending_after(0, usize::MAX)
+        match &*self.backend {
+            Backend::Redb(store) => store.pending_after(0, usize::MAX),
+        }
     }
 
     /// The quarantined records: refused for good by the server, kept, not
@@ -210,8 +212,9 @@ impl Outbox {
     }
 
     /// Up to `limit` pending records after sequence number `after`, oldest
-    /// first.
-    pub(super) fn pending_after(
+    /// first. Async, as every read the dispatcher makes, for a store across
+    /// the network.
+    pub(super) async fn pending_after(
         &self,
         after: u64,
         limit: usize,
@@ -224,9 +227,10 @@ impl Outbox {
     /// The pending record stored as `seq`, if it still is: read again by a
     /// replay after it claimed the record, so that one delivered or changed
     /// meanwhile is not sent again.
-    pub(super) fn get(&self, seq: u64) -> Result<Option<Entry>, OutboxError> {
+    pub(super) async fn get(&self, seq: u64) -> Result<Option<Entry>, OutboxError> {
         Ok(self
-            .pending_after(seq.saturating_sub(1), 1)?
+            .pending_after(seq.saturating_sub(1), 1)
+            .await?
             .into_iter()
             .find(|entry| entry.seq == seq))
     }
