@@ -28,7 +28,7 @@ use std::{
 
 use tokio::time::Instant;
 
-use crate::ConfigError;
+use crate::error::ConfigError;
 
 /// How many slots the window is cut into.
 const SLOTS: usize = 10;

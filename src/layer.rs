@@ -44,8 +44,8 @@ use http::HeaderName;
 use tower::{retry::Retry, Layer};
 
 use crate::{
-    classify::DefaultClassifier, Jitter, Recovery, RetryAfter, RetryBudget, Schedule,
-    TerminalRetryPolicy,
+    budget::RetryBudget, classify::DefaultClassifier, jitter::Jitter, policy::TerminalRetryPolicy,
+    recovery::Recovery, retry_after::RetryAfter, schedule::Schedule,
 };
 
 /// The service [`TerminalRetryLayer`] produces: tower's `Retry` with the

@@ -65,9 +65,12 @@ use tokio::time::{Instant, Sleep};
 use tower::retry::Policy;
 
 use crate::{
+    budget::RetryBudget,
     classify::{Classify, DefaultClassifier, Outcome},
-    recovery::{Parked, Woken},
-    Jitter, Recovery, RetryAfter, RetryBudget, Schedule,
+    jitter::Jitter,
+    recovery::{Parked, Recovery, Woken},
+    retry_after::RetryAfter,
+    schedule::Schedule,
 };
 
 /// The retry policy of terminal callbacks, a [`tower::retry::Policy`]: made

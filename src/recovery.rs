@@ -78,7 +78,7 @@ use std::{
 use http::Uri;
 use tokio::time::Instant;
 
-use crate::ConfigError;
+use crate::error::ConfigError;
 
 /// The release rate of [`Recovery::default`], which the task client and the
 /// outbox's dispatcher use unless given one: a daemon reports a handful of

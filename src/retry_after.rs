@@ -33,7 +33,7 @@ use std::time::{Duration, SystemTime};
 
 use http::{header::RETRY_AFTER, HeaderMap, HeaderValue, StatusCode};
 
-use crate::{schedule::check_delay, ConfigError};
+use crate::{error::ConfigError, schedule::check_delay};
 
 /// The default cap on a server-given delay: five minutes.
 pub(crate) const DEFAULT_CAP: Duration = Duration::from_secs(5 * 60);

@@ -23,7 +23,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use crate::ConfigError;
+use crate::error::ConfigError;
 
 /// The longest delay a schedule, or a cap on delays, may hold: 24 hours.
 pub(crate) const MAX_DELAY: Duration = Duration::from_secs(24 * 60 * 60);
