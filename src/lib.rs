@@ -29,12 +29,13 @@
 //! | when to retry | [`Schedule`], [`RetryAfter`], [`parse_retry_after`], [`Jitter`], [`RetryBudget`] | none |
 //! | early release | [`Recovery`] | none |
 //! | bad configuration | [`ConfigError`] | none |
-//! | the task-callback client | `client` (`TaskClient`) | `client` (`rustls` adds HTTPS) |
-//! | the durable outbox, for any tower service | `outbox` (`Outbox`, `Dispatcher`) | `outbox`; with `client`, the durable task client |
-//! | loopback test servers with scripted faults | `test_server` (`TestServer`, `TaskServer`) | `test-server` |
+//! | the task-callback client | [`client`](client/index.html): [`TaskClient`](client/struct.TaskClient.html) | `client` (`rustls` adds HTTPS) |
+//! | the durable outbox, for any tower service | [`outbox`](outbox/index.html): [`Outbox`](outbox/struct.Outbox.html), [`Dispatcher`](outbox/struct.Dispatcher.html) | `outbox`; with `client`, the durable task client |
+//! | loopback test servers with scripted faults | [`test_server`](test_server/index.html): [`TestServer`](test_server/struct.TestServer.html), [`TaskServer`](test_server/struct.TaskServer.html) | `test-server` |
 //!
 //! With no feature, the crate is the layer alone: tower, http, tokio's timer,
-//! tracing and httpdate.
+//! tracing and httpdate. The modules of the features are documented when
+//! their feature is on, as on docs.rs.
 //!
 //! # Classifying an answer
 //!
