@@ -3,6 +3,8 @@
 //!
 //! ```text
 //! cargo run --example webhooks
+//! DATABASE_URL=postgres://postgres@127.0.0.1:5432/postgres \
+//!     cargo run --example webhooks -- --postgres
 //! ```
 //!
 //! The receiver is down while the first sender stores ten events and tries
@@ -10,6 +12,14 @@
 //! second sender on the same outbox file finds the events pending and, once
 //! the receiver is up, delivers every one, each with the `Idempotency-Key` it
 //! was stored with, so that the receiver can tell a replay from a new event.
+//!
+//! With `--postgres`, the outbox is a queue in the database `DATABASE_URL`
+//! names, shared by two sender processes at once. The first stores ten
+//! events and its network hangs, so it holds their claims, renewing its
+//! lease; the second leaves them alone. The first is then killed
+//! (`SIGKILL`, as `kill -9`): once its lease has run out, the second takes
+//! its events over and delivers every one. The summary says how long that
+//! took after the kill, to compare with the lease and the replay interval.
 
 use std::{collections::BTreeMap, time::Duration};
 
@@ -28,11 +38,26 @@ use tower_terminal_retry::{
 };
 
 const EVENTS: usize = 10;
+/// The PostgreSQL mode's lease and replay interval: a takeover after the
+/// kill takes at most their sum.
+const LEASE: Duration = Duration::from_secs(2);
+const REPLAY_INTERVAL: Duration = Duration::from_secs(1);
 
 /// One attempt: hyper-util's client under a timeout.
 type Stack = tower::timeout::Timeout<Client<HttpConnector, Full<Bytes>>>;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let arguments: Vec<String> = std::env::args().skip(1).collect();
+    match arguments.iter().map(String::as_str).collect::<Vec<_>>()[..] {
+        [] => on_redb(),
+        ["--postgres"] => on_postgres(),
+        ["--postgres-sender", role, receiver, queue] => postgres_sender(role, receiver, queue),
+        _ => Err("usage: webhooks [--postgres]".into()),
+    }
+}
+
+/// Two senders one after the other on one redb file.
+fn on_redb() -> Result<(), Box<dyn std::error::Error>> {
     let directory = std::env::temp_dir().join(format!("webhooks-example-{}", std::process::id()));
     std::fs::create_dir_all(&directory)?;
     let file = directory.join("webhooks.redb");
@@ -96,19 +121,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // What the receiver saw: every event, each with one key across all its
     // attempts, the first sender's and the second's.
-    let mut keys = BTreeMap::<String, Vec<String>>::new();
-    for request in receiver.requests() {
-        let body = String::from_utf8_lossy(&request.body).into_owned();
-        let key = request.headers["idempotency-key"].to_str()?.to_owned();
-        keys.entry(body).or_default().push(key);
-    }
-    let one_key_each = keys
-        .values()
-        .all(|keys| keys.iter().all(|key| key == &keys[0]));
     println!(
-        "\nsummary: events={EVENTS} received={} attempts={} one_key_per_event={one_key_each}",
-        keys.len(),
-        receiver.requests().len()
+        "\nsummary: events={EVENTS} received={} attempts={} one_key_per_event={}",
+        distinct_bodies(&receiver),
+        receiver.requests().len(),
+        one_key_per_event(&receiver)
     );
     std::fs::remove_dir_all(&directory)?;
     Ok(())
@@ -137,4 +154,175 @@ fn event(url: &str, order: usize) -> Result<Request<Bytes>, http::Error> {
         .body(Bytes::from(format!(
             r#"{{"event":"order.paid","order":{order}}}"#
         )))
+}
+
+/// The connection string of the PostgreSQL mode.
+fn database_url() -> Result<String, Box<dyn std::error::Error>> {
+    std::env::var("DATABASE_URL").map_err(|_| {
+        "--postgres needs DATABASE_URL, such as postgres://postgres@127.0.0.1:5432/postgres".into()
+    })
+}
+
+/// Two sender processes on one queue; the first is killed while it holds
+/// its events, the second delivers them.
+fn on_postgres() -> Result<(), Box<dyn std::error::Error>> {
+    database_url()?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    let receiver = runtime.block_on(TestServer::start(|_| Reply::status(204)))?;
+    let url = receiver.url("/hooks/orders");
+    let queue = format!("webhooks-example-{}", std::process::id());
+
+    let mut first = spawn_sender("hung", &url, &queue)?;
+    let mut second = spawn_sender("live", &url, &queue)?;
+    // The second sender runs beside the first for two lease renewals: it
+    // must leave claimed events alone.
+    runtime.block_on(async { tokio::time::sleep(LEASE).await });
+    let attempts_before_kill = receiver.requests().len();
+    let killed = tokio::time::Instant::now();
+    first.process.kill()?;
+    first.process.wait()?;
+    println!("sender 1: killed (SIGKILL) while it held its {EVENTS} events");
+
+    let delivered = runtime.block_on(async {
+        for _ in 0..300 {
+            if distinct_bodies(&receiver) == EVENTS {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    });
+    let status = second.process.wait()?;
+    second.forward.join().expect("the output of sender 2");
+    let takeover = receiver
+        .requests()
+        .iter()
+        .map(|request| request.at.saturating_duration_since(killed))
+        .min()
+        .unwrap_or_default();
+    println!(
+        "\nsummary: events={EVENTS} received={} lost={} attempts_before_kill={attempts_before_kill} \
+         takeover_ms={} lease_ms={} replay_interval_ms={} one_key_per_event={} sender_2_ok={}",
+        distinct_bodies(&receiver),
+        EVENTS - distinct_bodies(&receiver),
+        takeover.as_millis(),
+        LEASE.as_millis(),
+        REPLAY_INTERVAL.as_millis(),
+        one_key_per_event(&receiver),
+        status.success(),
+    );
+    if !delivered {
+        return Err("sender 2 did not deliver every event in 15 s".into());
+    }
+    Ok(())
+}
+
+/// A sender process and the thread that prints its output.
+struct Sender {
+    process: std::process::Child,
+    forward: std::thread::JoinHandle<()>,
+}
+
+/// Starts this example as a sender on `queue`, and returns once it says it
+/// is ready, forwarding its output from then on.
+fn spawn_sender(
+    role: &str,
+    receiver: &str,
+    queue: &str,
+) -> Result<Sender, Box<dyn std::error::Error>> {
+    use std::io::BufRead;
+    let mut process = std::process::Command::new(std::env::current_exe()?)
+        .args(["--postgres-sender", role, receiver, queue])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let mut lines = std::io::BufReader::new(process.stdout.take().expect("a pipe")).lines();
+    for line in lines.by_ref() {
+        let line = line?;
+        println!("{line}");
+        if line.ends_with("ready") {
+            let forward = std::thread::spawn(move || {
+                for line in lines.map_while(Result::ok) {
+                    println!("{line}");
+                }
+            });
+            return Ok(Sender { process, forward });
+        }
+    }
+    Err(format!("the {role} sender ended before it was ready").into())
+}
+
+/// One sender process. `hung`: stores the events, and its network never
+/// answers, so that it holds them until it is killed. `live`: delivers
+/// what is on the queue, and ends once it is empty.
+fn postgres_sender(
+    role: &str,
+    receiver: &str,
+    queue: &str,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let outbox = Outbox::connect(&database_url()?, queue).await?;
+        if role == "hung" {
+            let hangs = tower::service_fn(|_: Request<Full<Bytes>>| {
+                std::future::pending::<Result<http::Response<Full<Bytes>>, std::io::Error>>()
+            });
+            let dispatcher = Dispatcher::builder(outbox, hangs)
+                .lease(LEASE)
+                .replay_interval(REPLAY_INTERVAL)
+                .build()?;
+            let mut sends = Vec::new();
+            for order in 0..EVENTS {
+                let mut dispatch =
+                    dispatcher.send(format!("order-{order}-paid"), event(receiver, order)?);
+                assert_eq!(dispatch.stored().await, Durability::Stored);
+                sends.push(dispatch);
+            }
+            println!("sender 1: {EVENTS} events stored, its network hangs: ready");
+            // Killed long before.
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            return Ok(());
+        }
+        let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+        let stack = ServiceBuilder::new()
+            .timeout(Duration::from_secs(5))
+            .service(client);
+        let dispatcher = Dispatcher::builder(outbox, stack)
+            .lease(LEASE)
+            .replay_interval(REPLAY_INTERVAL)
+            .build()?;
+        println!(
+            "sender 2: {} events on the queue, held by sender 1: ready",
+            dispatcher.outbox().pending_count()
+        );
+        for _ in 0..600 {
+            if dispatcher.outbox().pending_count() == 0 {
+                println!("sender 2: delivered them; the queue is empty");
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err("sender 2: events still queued after 30 s".into())
+    })
+}
+
+/// The events the receiver has seen, each counted once.
+fn distinct_bodies(receiver: &TestServer) -> usize {
+    let bodies: std::collections::BTreeSet<_> = receiver
+        .requests()
+        .into_iter()
+        .map(|request| request.body)
+        .collect();
+    bodies.len()
+}
+
+/// Whether every attempt of each event carried an idempotency key, the
+/// same on each.
+fn one_key_per_event(receiver: &TestServer) -> bool {
+    let mut keys = BTreeMap::<Bytes, Vec<Option<http::HeaderValue>>>::new();
+    for request in receiver.requests() {
+        let key = request.headers.get("idempotency-key").cloned();
+        keys.entry(request.body).or_default().push(key);
+    }
+    keys.values()
+        .all(|keys| keys[0].is_some() && keys.iter().all(|key| key == &keys[0]))
 }

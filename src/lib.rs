@@ -30,7 +30,7 @@
 //! | early release | [`Recovery`] | none |
 //! | bad configuration | [`ConfigError`] | none |
 //! | the task-callback client | [`client`](client/index.html): [`TaskClient`](client/struct.TaskClient.html) | `client` (`rustls` adds HTTPS) |
-//! | the durable outbox, for any tower service | [`outbox`](outbox/index.html): [`Outbox`](outbox/struct.Outbox.html), [`Dispatcher`](outbox/struct.Dispatcher.html) | `outbox`; with `client`, the durable task client |
+//! | the durable outbox, for any tower service | [`outbox`](outbox/index.html): [`Outbox`](outbox/struct.Outbox.html), [`Dispatcher`](outbox/struct.Dispatcher.html) | `outbox` (a redb file); `postgres` (a queue shared by many senders); with `client`, the durable task client |
 //! | loopback test servers with scripted faults | [`test_server`](test_server/index.html): [`TestServer`](test_server/struct.TestServer.html), [`TaskServer`](test_server/struct.TaskServer.html) | `test-server` |
 //!
 //! With no feature, the crate is the layer alone: tower, http, tokio's timer,

@@ -31,6 +31,9 @@ const DEFAULT_REPLAY_CONCURRENCY: usize = 16;
 /// Without a rate, 600 stored reports went out as 561 requests within one
 /// second; at 100 a second they take six.
 pub const DEFAULT_REPLAY_RATE: u32 = 100;
+/// The default time a claim of a record in a shared outbox holds, renewed
+/// while its attempt runs.
+pub(super) const DEFAULT_LEASE: Duration = Duration::from_secs(30);
 
 /// Configures a [`Dispatcher`]; made by [`Dispatcher::builder`].
 pub struct DispatcherBuilder<S, C = DefaultClassifier> {
@@ -38,6 +41,8 @@ pub struct DispatcherBuilder<S, C = DefaultClassifier> {
     service: S,
     layer: TerminalRetryLayer<C>,
     settings: Settings,
+    /// How long a claim holds, in an outbox shared by processes.
+    lease: Duration,
 }
 
 impl<S, C: fmt::Debug> fmt::Debug for DispatcherBuilder<S, C> {
@@ -48,6 +53,7 @@ impl<S, C: fmt::Debug> fmt::Debug for DispatcherBuilder<S, C> {
                     .field("outbox", &self.outbox)
                     .field("layer", &self.layer),
             )
+            .field("lease", &self.lease)
             .finish_non_exhaustive()
     }
 }
@@ -71,6 +77,7 @@ impl<S> Dispatcher<S> {
                 origin: None,
                 secrets: Vec::new(),
             },
+            lease: DEFAULT_LEASE,
         }
     }
 }
@@ -88,6 +95,7 @@ impl<S, C> DispatcherBuilder<S, C> {
             service: self.service,
             layer,
             settings: self.settings,
+            lease: self.lease,
         }
     }
 
@@ -140,6 +148,20 @@ impl<S, C> DispatcherBuilder<S, C> {
         self
     }
 
+    /// How long this dispatcher holds a record it claimed in an outbox on
+    /// PostgreSQL (by default 30 s), renewed every third of it while the
+    /// attempt runs. Once a holder's lease has run out (it died, or hung),
+    /// another dispatcher on the queue takes the record over: within the
+    /// lease and the replay interval. Every write to a record is fenced by
+    /// the claim's generation, so a holder whose lease ran out cannot undo
+    /// the work of the one that took over. A redb outbox is held by one
+    /// process and needs no lease. `0` is an error of
+    /// [`build`](DispatcherBuilder::build).
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self
+    }
+
     /// Sends requests to this origin only: its scheme, host and port (the
     /// rest of `origin` is ignored). A stored request for another origin (one
     /// queued under an old base URL, or planted in the file) is never sent:
@@ -172,7 +194,7 @@ impl<S, C> DispatcherBuilder<S, C> {
     ///
     /// # Errors
     ///
-    /// A zero replay interval, concurrency or rate, an origin without a
+    /// A zero replay interval, concurrency, rate or lease, an origin without a
     /// host, or no tokio runtime.
     pub fn build<RB, E>(self) -> Result<Dispatcher<S, C>, crate::ConfigError>
     where
@@ -196,6 +218,9 @@ impl<S, C> DispatcherBuilder<S, C> {
         if self.settings.replay_rate == 0 {
             return Err(invalid("the replay rate must be at least one a second"));
         }
+        if self.lease.is_zero() {
+            return Err(invalid("the lease must not be zero"));
+        }
         if self.settings.origin.as_ref().is_some_and(String::is_empty) {
             return Err(invalid("the origin must be an absolute URL with a host"));
         }
@@ -210,6 +235,8 @@ impl<S, C> DispatcherBuilder<S, C> {
         };
         let counted: fn(Request<Full<Bytes>>) -> Request<Full<Bytes>> = count_attempt;
         let retrying = layer.layer(MapRequest::new(self.service.clone(), counted));
+        self.outbox
+            .hold_for(self.lease, self.settings.replay_interval);
         let wake = self.outbox.requeued();
         let pace = Pace::new(self.settings.replay_rate);
         let shared = Arc::new(Shared {

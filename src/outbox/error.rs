@@ -2,7 +2,9 @@
 
 use std::{error::Error, fmt, path::Path, sync::Arc};
 
-/// Why the outbox could not be opened, read or written. It names the file.
+/// Why the outbox could not be opened, read or written. It names the file
+/// (for an outbox on PostgreSQL, its pseudo path: the server, the database
+/// and the queue, never the password).
 #[derive(Clone)]
 pub struct OutboxError {
     kind: Kind,
@@ -21,6 +23,9 @@ enum Kind {
     /// The file was replaced or removed while open: what is committed to it
     /// would not be found at the path again.
     Replaced,
+    /// A request the outbox does not store: that write alone failed.
+    #[cfg(feature = "postgres")]
+    Refused(String),
     /// A record the encoding refused: that write alone failed.
     Unencodable(String),
     /// Reading or writing failed: I/O, a full disk.
@@ -47,6 +52,11 @@ impl OutboxError {
 
     pub(super) fn replaced(path: &Path) -> OutboxError {
         OutboxError::new(Kind::Replaced, path)
+    }
+
+    #[cfg(feature = "postgres")]
+    pub(super) fn refused(path: &Path, reason: impl Into<String>) -> OutboxError {
+        OutboxError::new(Kind::Refused(reason.into()), path)
     }
 
     pub(super) fn unencodable(path: &Path, error: postcard::Error) -> OutboxError {
@@ -115,6 +125,8 @@ impl fmt::Display for OutboxError {
                 f,
                 "outbox {path} was replaced or removed while open: nothing more is stored in it"
             ),
+            #[cfg(feature = "postgres")]
+            Kind::Refused(reason) => write!(f, "outbox {path} does not store the request: {reason}"),
             Kind::Unencodable(reason) => write!(
                 f,
                 "a request cannot be encoded for outbox {path}: {reason}"
@@ -156,6 +168,8 @@ impl Error for OutboxError {
             | Kind::Unencodable(_)
             | Kind::Closed
             | Kind::Stopped => None,
+            #[cfg(feature = "postgres")]
+            Kind::Refused(_) => None,
         }
     }
 }

@@ -63,7 +63,8 @@ where
                 };
             }
         };
-        let Some(claim) = self.outbox.claim(&key).await else {
+        // The insert below leases the record: no claim in the store first.
+        let Some(claim) = self.outbox.claim_new(&key) else {
             // Being sent now, so stored (or being stored) already.
             on_stored(Durability::AlreadyStored);
             return Delivery::AlreadyStored;

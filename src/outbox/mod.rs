@@ -73,12 +73,60 @@
 //! by the outbox only. A sender labels a request with a [`Tag`] (a request
 //! extension) to know after a restart what it is without parsing it.
 //!
+//! # A shared outbox on PostgreSQL
+//!
+//! With the `postgres` feature, [`Outbox::connect`] keeps the requests in a
+//! queue of a PostgreSQL database instead, shared by every process that
+//! connects to it: a replica that dies or is rescheduled leaves its records
+//! to the others. [`Outbox::enqueue`] stores a request inside the caller's
+//! own transaction (the transactional outbox): it exists once that commits,
+//! never if it rolls back, and a `NOTIFY` wakes the queue's dispatchers at
+//! once. Everything else works as over a file: the dispatcher, its replay
+//! and its rules, the idempotency key, fallbacks, quarantine.
+//!
+//! - **Schema.** One table, `terminal_retry_outbox`: `seq` (bigserial, the
+//!   order of storage), `queue`, `key` (unique per queue: the first request
+//!   per key stands), `state` (`pending` or `quarantined`), `record` (the
+//!   request, encoded as in the file), `attempts`, `last_failure`, and the
+//!   lease: `holder`, `lease_until`, `generation`; the primary key
+//!   `(queue, seq)` and a partial index on `(queue, seq) WHERE state =
+//!   'pending'`, so that listing one queue never walks another's records;
+//!   a version table,
+//!   `terminal_retry_outbox_schema`, for later migrations. It is created
+//!   when missing, under `pg_advisory_xact_lock`, by whichever process
+//!   connects first.
+//! - **Claims are leases.** A record is claimed by one `UPDATE` that sets
+//!   the holder (a uuid per [`Outbox`]), `lease_until = now() + lease` and
+//!   the next generation, only where the lease is free or ran out. The
+//!   lease ([`DispatcherBuilder::lease`], 30 s by default) is renewed every
+//!   third of it while held and cleared on release. Every write to a claimed
+//!   record (removal, failure count, fallback, quarantine) carries `AND
+//!   generation = $g`: a holder whose lease ran out cannot undo the work of
+//!   the one that took over. After a holder dies, the others take its
+//!   records over within the lease and the replay interval.
+//! - **Round trips.** No connection pool: queries pipeline on one
+//!   connection, and concurrent inserts (and removals) are batched into one
+//!   statement each, so a send costs about one commit: a send claims its
+//!   new key in process and stores the record already leased, and
+//!   statements are prepared once per connection. A second connection
+//!   listens for notifications; a poll every replay interval (at most a few
+//!   seconds) finds the records of dead holders.
+//! - **A lost connection** is a transient failure: the operations under way
+//!   fail, the store is not writable until it connects again (the replay
+//!   waits, asking it to recover), nothing stored is lost.
+//!
+//! [`Outbox::pending`] and [`Outbox::quarantined`] read on a thread and a
+//! connection of their own (they are not async);
+//! [`Outbox::pending_count`] is the count as of the store's last write.
+//! [`Outbox::path`] is a pseudo path naming the server, the database and
+//! the queue, never the password.
+//!
 //! The module, by file: `delivery` (what a sender hears back), `builder`,
 //! `dispatcher` (the handle and what one attempt does), `foreground` (a
 //! request's first delivery), `replay` (the worker), `pace` and `backoff`
 //! (its timing), `store` (the seam in front of the stores, claims
-//! included, and the redb store behind it), `record` (the entry and its
-//! encoding), `error`.
+//! included, and the stores behind it: redb, PostgreSQL), `record` (the
+//! entry and its encoding), `error`.
 //!
 //! A webhook sender that survives a restart:
 //!

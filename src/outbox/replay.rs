@@ -31,20 +31,28 @@ const REPLAY_PAGE: usize = 256;
 
 /// Runs `until` to its end, unless the dispatcher is dropped first (`None`).
 /// Holds the dispatcher weakly meanwhile, so that it can be dropped.
-async fn unless_gone<S, C, F: Future>(
-    dispatcher: &Weak<Shared<S, C>>,
+async fn unless_gone<T, F: Future>(
+    dispatcher: &Weak<T>,
     wake: &Notify,
     until: F,
 ) -> Option<F::Output> {
     tokio::pin!(until);
-    loop {
+    let mut woken = false;
+    let output = loop {
         tokio::select! {
-            output = &mut until => return Some(output),
-            () = wake.notified() => if dispatcher.strong_count() == 0 {
-                return None;
+            output = &mut until => break output,
+            () = wake.notified() => match dispatcher.strong_count() {
+                0 => return None,
+                _ => woken = true,
             },
         }
+    };
+    // A wake taken here (a record enqueued or released meanwhile) is handed
+    // on: swallowed, the record would wait for the next poll.
+    if woken {
+        wake.notify_one();
     }
+    Some(output)
 }
 
 /// The replay worker: delivers what the outbox holds, probing a server that is
@@ -71,6 +79,8 @@ where
     let mut probe = Some(Backoff::immediate(FIRST_PROBE_DELAY, interval));
     // The store is asked to recover at most once per replay interval.
     let mut next_recovery = Instant::now();
+    // Whether the replay was woken while nothing was stored.
+    let mut woken_idle = false;
     loop {
         let Some(shared) = dispatcher.upgrade() else {
             return;
@@ -111,11 +121,20 @@ where
                 None
             }
         };
+        // A record never attempted that woke an idle replay (enqueued by
+        // another process, or left by a holder that died before its first
+        // attempt) is probed at once: nothing says the server is down.
+        if std::mem::take(&mut woken_idle)
+            && oldest.as_ref().is_some_and(|entry| entry.attempts == 0)
+        {
+            probe = Some(Backoff::immediate(FIRST_PROBE_DELAY, interval));
+        }
         match (oldest, probe) {
             (None, _) => {
                 // Nothing stored: wait for a record to be queued or requeued.
                 drop(shared);
                 wake.notified().await;
+                woken_idle = true;
                 probe = Some(down());
             }
             (Some(oldest), Some(mut backoff)) => {
@@ -389,5 +408,43 @@ mod tests {
         assert_eq!(server.requests().len(), 1, "not sent again");
         drop(dispatcher);
         let _ = std::fs::remove_dir_all(&directory);
+    }
+}
+
+#[cfg(test)]
+mod wake_tests {
+    use std::sync::Arc;
+
+    use tokio::{sync::Notify, time::Duration};
+
+    use super::unless_gone;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wake_taken_while_waiting_is_handed_on_not_swallowed() {
+        let dispatcher = Arc::new(());
+        let weak = Arc::downgrade(&dispatcher);
+        let wake = Arc::new(Notify::new());
+        let woken = wake.clone();
+        let waited = unless_gone(&weak, &wake, async move {
+            // A record enqueued while the replay waits for something else.
+            woken.notify_one();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        });
+        assert!(waited.await.is_some());
+        // The wake is still there for the wait that follows.
+        tokio::time::timeout(Duration::from_millis(1), wake.notified())
+            .await
+            .expect("the wake handed on");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_wait_ends_once_the_dispatcher_is_gone() {
+        let dispatcher = Arc::new(());
+        let weak = Arc::downgrade(&dispatcher);
+        drop(dispatcher);
+        let wake = Notify::new();
+        wake.notify_one();
+        let waited = unless_gone(&weak, &wake, tokio::time::sleep(Duration::from_secs(60)));
+        assert!(waited.await.is_none());
     }
 }

@@ -32,6 +32,8 @@
 //! ```
 
 mod claim;
+#[cfg(feature = "postgres")]
+mod postgres;
 mod redb;
 
 pub(super) use claim::Claim;
@@ -39,14 +41,20 @@ pub(super) use claim::Claim;
 use std::{
     path::{Path, PathBuf},
     sync::Arc,
+    time::Duration,
 };
 
 use tokio::sync::Notify;
 
 use super::{Entry, OutboxError};
 
-/// A durable store of idempotent requests, one per key, in a single file: see
+/// A durable store of idempotent requests, one per key, in a single file
+/// ([`open`](Outbox::open)) or in a queue of a PostgreSQL database shared by
+/// several processes ([`connect`](Outbox::connect), feature `postgres`): see
 /// the [module docs](super).
+///
+/// What follows is about the file; a shared outbox is described
+/// [there](crate::outbox#a-shared-outbox-on-postgresql).
 ///
 /// Cloning is cheap: clones share the file. The file is locked while any
 /// clone lives (or a commit is under way): a second `Outbox` on the same
@@ -77,6 +85,9 @@ pub struct Outbox {
 enum Backend {
     /// One redb file, claims held in memory.
     Redb(redb::RedbStore),
+    /// A queue in a PostgreSQL database, claims held as leases.
+    #[cfg(feature = "postgres")]
+    Postgres(postgres::PostgresStore),
 }
 
 /// What an insert did.
@@ -120,10 +131,80 @@ impl Outbox {
         })
     }
 
-    /// The file, as an absolute path.
+    /// Connects to the PostgreSQL database at `url` (a `postgres://` URL or
+    /// a `key=value` string, as [`tokio_postgres::Config`] reads them) and
+    /// opens the outbox `queue` in it: a queue is an outbox of its own,
+    /// shared by every process that connects to it. Creates the schema if it
+    /// is missing (see [the schema](crate::outbox#a-shared-outbox-on-postgresql)), under an
+    /// advisory lock, so that processes starting at once do not race, and
+    /// starts the store's tasks (its writer, its listener, the lease
+    /// renewal) on the current tokio runtime.
+    ///
+    /// # Errors
+    ///
+    /// The URL cannot be parsed, the database cannot be reached, or its
+    /// schema was written by a later version of this crate; or there is no
+    /// tokio runtime.
+    #[cfg(feature = "postgres")]
+    pub async fn connect(url: &str, queue: &str) -> Result<Outbox, OutboxError> {
+        let store = postgres::PostgresStore::connect(url, queue).await?;
+        Ok(Outbox {
+            backend: Arc::new(Backend::Postgres(store)),
+        })
+    }
+
+    /// Stores `request` under `key` inside `transaction`, the caller's own:
+    /// it exists once that commits, and never if it rolls back. After the
+    /// commit, a dispatcher on the queue is woken at once (a `NOTIFY` in the
+    /// same transaction), in any process.
+    ///
+    /// The request is stored as [`Dispatcher::send`](super::Dispatcher::send)
+    /// stores one: without its sensitive headers, with an idempotency key
+    /// of its own. A record still stored under `key` stands: this one is
+    /// then not stored, and `Ok` is returned.
+    ///
+    /// # Errors
+    ///
+    /// The request is refused (credentials in its URI, an invalid
+    /// [`Tag`](super::Tag)), this outbox is not a PostgreSQL one, or the
+    /// statement failed (the transaction is then aborted, as PostgreSQL
+    /// does).
+    #[cfg(feature = "postgres")]
+    pub async fn enqueue(
+        &self,
+        transaction: &tokio_postgres::Transaction<'_>,
+        key: &str,
+        request: http::Request<bytes::Bytes>,
+    ) -> Result<(), OutboxError> {
+        match &*self.backend {
+            Backend::Postgres(store) => store.enqueue(transaction, key, request).await,
+            Backend::Redb(store) => Err(OutboxError::refused(
+                store.path(),
+                "enqueue needs an outbox on PostgreSQL",
+            )),
+        }
+    }
+
+    /// How long a claim of this outbox's records holds: set by the
+    /// dispatcher it is built into, with its replay interval, which paces
+    /// the polling that finds records whose holder died.
+    // A file is held by one process: it needs neither.
+    #[cfg_attr(not(feature = "postgres"), allow(unused_variables))]
+    pub(super) fn hold_for(&self, lease: Duration, replay_interval: Duration) {
+        match &*self.backend {
+            Backend::Redb(_) => {}
+            #[cfg(feature = "postgres")]
+            Backend::Postgres(store) => store.hold_for(lease, replay_interval),
+        }
+    }
+
+    /// The file, as an absolute path; for PostgreSQL, a pseudo path naming
+    /// the server, the database and the queue (never the password).
     pub fn path(&self) -> &Path {
         match &*self.backend {
             Backend::Redb(store) => store.path(),
+            #[cfg(feature = "postgres")]
+            Backend::Postgres(store) => store.path(),
         }
     }
 
@@ -135,6 +216,8 @@ impl Outbox {
     pub fn pending(&self) -> Result<Vec<Entry>, OutboxError> {
         match &*self.backend {
             Backend::Redb(store) => store.pending_after(0, usize::MAX),
+            #[cfg(feature = "postgres")]
+            Backend::Postgres(store) => store.pending(),
         }
     }
 
@@ -148,6 +231,8 @@ impl Outbox {
     pub fn quarantined(&self) -> Result<Vec<Entry>, OutboxError> {
         match &*self.backend {
             Backend::Redb(store) => store.quarantined(),
+            #[cfg(feature = "postgres")]
+            Backend::Postgres(store) => store.quarantined(),
         }
     }
 
@@ -155,6 +240,8 @@ impl Outbox {
     pub fn pending_count(&self) -> u64 {
         match &*self.backend {
             Backend::Redb(store) => store.pending_count(),
+            #[cfg(feature = "postgres")]
+            Backend::Postgres(store) => store.pending_count(),
         }
     }
 
@@ -167,6 +254,8 @@ impl Outbox {
     pub async fn requeue(&self, key: &str) -> Result<bool, OutboxError> {
         match &*self.backend {
             Backend::Redb(store) => store.requeue(key).await,
+            #[cfg(feature = "postgres")]
+            Backend::Postgres(store) => store.requeue(key).await,
         }
     }
 
@@ -179,6 +268,8 @@ impl Outbox {
     pub async fn discard(&self, key: &str) -> Result<bool, OutboxError> {
         match &*self.backend {
             Backend::Redb(store) => store.discard(key).await,
+            #[cfg(feature = "postgres")]
+            Backend::Postgres(store) => store.discard(key).await,
         }
     }
 
@@ -186,6 +277,21 @@ impl Outbox {
     pub(super) async fn claim(&self, key: &str) -> Option<Claim> {
         let fresh = match &*self.backend {
             Backend::Redb(store) => store.claim(key),
+            #[cfg(feature = "postgres")]
+            Backend::Postgres(store) => store.claim(key).await,
+        };
+        fresh.then(|| Claim::new(self.clone(), key))
+    }
+
+    /// Claims `key`, about to be inserted, for this sender: `None` while
+    /// another sender here holds it. Takes no lease in the store: the
+    /// insert that must follow stores the record leased here, or answers
+    /// [`Inserted::Taken`] if a record is stored under the key.
+    pub(super) fn claim_new(&self, key: &str) -> Option<Claim> {
+        let fresh = match &*self.backend {
+            Backend::Redb(store) => store.claim(key),
+            #[cfg(feature = "postgres")]
+            Backend::Postgres(store) => store.claim_new(key),
         };
         fresh.then(|| Claim::new(self.clone(), key))
     }
@@ -194,6 +300,8 @@ impl Outbox {
     fn release(&self, key: &str, settled: bool) {
         match &*self.backend {
             Backend::Redb(store) => store.release(key, settled),
+            #[cfg(feature = "postgres")]
+            Backend::Postgres(store) => store.release(key, settled),
         }
     }
 
@@ -201,6 +309,8 @@ impl Outbox {
     pub(super) fn claimed(&self) -> usize {
         match &*self.backend {
             Backend::Redb(store) => store.claimed(),
+            #[cfg(feature = "postgres")]
+            Backend::Postgres(store) => store.claimed(),
         }
     }
 
@@ -208,6 +318,8 @@ impl Outbox {
     pub(super) async fn insert(&self, entry: &Entry) -> Result<Inserted, OutboxError> {
         match &*self.backend {
             Backend::Redb(store) => store.insert(entry.clone()).await,
+            #[cfg(feature = "postgres")]
+            Backend::Postgres(store) => store.insert(entry.clone()).await,
         }
     }
 
@@ -221,6 +333,8 @@ impl Outbox {
     ) -> Result<Vec<Entry>, OutboxError> {
         match &*self.backend {
             Backend::Redb(store) => store.pending_after(after, limit),
+            #[cfg(feature = "postgres")]
+            Backend::Postgres(store) => store.pending_after(after, limit).await,
         }
     }
 
@@ -228,6 +342,11 @@ impl Outbox {
     /// replay after it claimed the record, so that one delivered or changed
     /// meanwhile is not sent again.
     pub(super) async fn get(&self, seq: u64) -> Result<Option<Entry>, OutboxError> {
+        // The listing leaves out leased records, this one's own claim too.
+        #[cfg(feature = "postgres")]
+        if let Backend::Postgres(store) = &*self.backend {
+            return store.get(seq).await;
+        }
         Ok(self
             .pending_after(seq.saturating_sub(1), 1)
             .await?
@@ -241,6 +360,8 @@ impl Outbox {
     pub(super) async fn complete(&self, seq: u64) -> Result<bool, OutboxError> {
         match &*self.backend {
             Backend::Redb(store) => store.complete(seq).await,
+            #[cfg(feature = "postgres")]
+            Backend::Postgres(store) => store.complete(seq).await,
         }
     }
 
@@ -254,6 +375,8 @@ impl Outbox {
     ) -> Result<bool, OutboxError> {
         match &*self.backend {
             Backend::Redb(store) => store.record_failure(seq, attempts, failure).await,
+            #[cfg(feature = "postgres")]
+            Backend::Postgres(store) => store.record_failure(seq, attempts, failure).await,
         }
     }
 
@@ -262,6 +385,8 @@ impl Outbox {
     pub(super) async fn replace(&self, seq: u64, entry: Entry) -> Result<bool, OutboxError> {
         match &*self.backend {
             Backend::Redb(store) => store.replace(seq, entry).await,
+            #[cfg(feature = "postgres")]
+            Backend::Postgres(store) => store.replace(seq, entry).await,
         }
     }
 
@@ -269,6 +394,8 @@ impl Outbox {
     pub(super) async fn quarantine(&self, seq: u64, failure: String) -> Result<bool, OutboxError> {
         match &*self.backend {
             Backend::Redb(store) => store.quarantine(seq, failure).await,
+            #[cfg(feature = "postgres")]
+            Backend::Postgres(store) => store.quarantine(seq, failure).await,
         }
     }
 
@@ -277,6 +404,8 @@ impl Outbox {
     pub(super) fn is_writable(&self) -> bool {
         match &*self.backend {
             Backend::Redb(store) => store.is_writable(),
+            #[cfg(feature = "postgres")]
+            Backend::Postgres(store) => store.is_writable(),
         }
     }
 
@@ -285,6 +414,8 @@ impl Outbox {
     pub(super) async fn recover(&self) -> bool {
         match &*self.backend {
             Backend::Redb(store) => store.recover().await,
+            #[cfg(feature = "postgres")]
+            Backend::Postgres(store) => store.recover().await,
         }
     }
 
@@ -293,6 +424,8 @@ impl Outbox {
     pub(super) fn requeued(&self) -> Arc<Notify> {
         match &*self.backend {
             Backend::Redb(store) => store.requeued(),
+            #[cfg(feature = "postgres")]
+            Backend::Postgres(store) => store.requeued(),
         }
     }
 }

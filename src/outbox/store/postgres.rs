@@ -1,0 +1,1182 @@
+//! The PostgreSQL store: one queue in a database shared by every process
+//! that connects to it, claims held as leases.
+//!
+//! # Schema
+//!
+//! Created by [`Outbox::connect`](super::Outbox::connect) if missing, in
+//! one transaction under `pg_advisory_xact_lock`, so that processes starting
+//! at once do not race on it; its version is kept for later migrations.
+//!
+//! ```sql
+//! CREATE TABLE terminal_retry_outbox_schema (version integer NOT NULL);
+//! CREATE TABLE terminal_retry_outbox (
+//!     seq         bigserial NOT NULL,        -- the order records were stored
+//!     queue       text NOT NULL,             -- one outbox per queue
+//!     key         text NOT NULL,             -- the sender's key
+//!     state       text NOT NULL DEFAULT 'pending'
+//!                 CHECK (state IN ('pending', 'quarantined')),
+//!     record      bytea NOT NULL,            -- the request, as the redb store encodes it
+//!     attempts    bigint NOT NULL DEFAULT 0, -- failed attempts so far
+//!     last_failure text,
+//!     holder      text,                      -- the claiming outbox's id, while leased
+//!     lease_until timestamptz,               -- when the lease runs out
+//!     generation  bigint NOT NULL DEFAULT 0, -- one more at every claim
+//!     stored_at   timestamptz NOT NULL DEFAULT now(),
+//!     PRIMARY KEY (queue, seq),              -- a queue's records, in order
+//!     UNIQUE (queue, key)                    -- first request per key stands
+//! );
+//! CREATE INDEX terminal_retry_outbox_pending
+//!     ON terminal_retry_outbox (queue, seq) WHERE state = 'pending';
+//! ```
+//!
+//! - The listing (for the replay) reads pending records of the queue whose
+//!   lease is free or ran out, oldest first, through the partial index: a
+//!   range scan from the last sequence number read. The key leads with the
+//!   queue for the same reason: a key on `seq` alone lets the planner walk
+//!   every other queue's records to reach this one's. So every statement
+//!   that names a record by `seq` names its queue too.
+//! - A claim is one `UPDATE ... WHERE queue = $1 AND key = $2 AND state =
+//!   'pending' AND (lease_until IS NULL OR lease_until < now())` through the
+//!   unique index: it sets the holder, the lease and the next generation,
+//!   and returns them. PostgreSQL's row lock makes two claims of one record
+//!   at once take turns; the second sees the new lease and takes nothing.
+//! - Every later write to the record (removal, failure count, replacement by
+//!   a fallback, quarantine, release) carries `AND generation = $g AND
+//!   holder = $h`: a holder whose lease ran out and was taken over changes
+//!   nothing. A lease is renewed every third of its length while held, and
+//!   cleared when its claim is released.
+//! - A record the dispatcher stores itself is stored leased to it, at
+//!   generation 1: its foreground claims the key in process only, no
+//!   statement before the insert, which answers `Taken` if a record is
+//!   stored under the key (leased or not). The replay's claims are the
+//!   `UPDATE` above: what it sends is stored, maybe held by another. One stored by [`Outbox::enqueue`](super::Outbox::enqueue)
+//!   is stored free, with a `NOTIFY` on the channel `terminal_retry_outbox`
+//!   (its payload the queue) that wakes the dispatchers of the queue once
+//!   the caller commits.
+//!
+//! # Connections
+//!
+//! No pool: the store's queries pipeline on one connection (tokio-postgres
+//! sends a query as soon as it is polled, without waiting for the answers
+//! before it), and inserts and removals are batched by a writer task into
+//! one statement each, so that concurrent sends share a commit. Statements
+//! are prepared once per connection and kept: preparing is a round trip. A second
+//! connection listens for notifications; a poll every replay interval (at
+//! most a few seconds) wakes the replay too, to find records whose holder
+//! died and those enqueued while the listener was reconnecting. A lost
+//! connection fails the operations under way (transient errors); the next
+//! one, or the dispatcher's recovery, connects again.
+
+use std::{
+    collections::HashMap,
+    future::poll_fn,
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::Request;
+use tokio::{
+    runtime::Handle,
+    sync::{mpsc, oneshot, Notify},
+    task::JoinHandle,
+};
+use tokio_postgres::{
+    types::ToSql, AsyncMessage, Client, Config, NoTls, Row, SimpleQueryMessage, Statement,
+    Transaction,
+};
+
+use super::Inserted;
+use crate::{
+    outbox::{
+        builder::DEFAULT_LEASE,
+        record::{damaged_key, Tag},
+        Entry, OutboxError,
+    },
+    sync::lock,
+};
+
+/// The schema version this crate writes.
+const SCHEMA_VERSION: i32 = 1;
+/// The advisory lock the schema is created under: any constant of this
+/// crate's own.
+const SCHEMA_LOCK: i64 = 0x7472_7920_6f75_7462;
+/// The notification channel; its payload names the queue.
+const CHANNEL: &str = "terminal_retry_outbox";
+/// The most writes batched into one statement.
+const MAX_BATCH: usize = 1024;
+/// How long a connection attempt may take, unless the URL says.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest time between two polls of the queue.
+const LONGEST_POLL: Duration = Duration::from_secs(5);
+/// The wait before the listener connects again.
+const LISTEN_RETRY: Duration = Duration::from_secs(1);
+
+/// The schema, version 1.
+const CREATE_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS terminal_retry_outbox (
+    seq bigserial NOT NULL,
+    queue text NOT NULL,
+    key text NOT NULL,
+    state text NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'quarantined')),
+    record bytea NOT NULL,
+    attempts bigint NOT NULL DEFAULT 0,
+    last_failure text,
+    holder text,
+    lease_until timestamptz,
+    generation bigint NOT NULL DEFAULT 0,
+    stored_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (queue, seq),
+    UNIQUE (queue, key)
+);
+CREATE INDEX IF NOT EXISTS terminal_retry_outbox_pending
+    ON terminal_retry_outbox (queue, seq) WHERE state = 'pending';
+INSERT INTO terminal_retry_outbox_schema (version) VALUES (1);
+";
+
+/// Writes to a record only while this claim of it is current: `$3` the
+/// generation (`NULL` for a record not claimed here: then only while no one
+/// holds it), `$4` the holder.
+const FENCE: &str = "((generation = $3::bigint AND holder = $4::text) \
+    OR ($3::bigint IS NULL AND (lease_until IS NULL OR lease_until < now())))";
+
+/// The columns a record is read from.
+const COLUMNS: &str = "seq, record, attempts, last_failure, state";
+
+/// The store on one queue of a PostgreSQL database, and the keys being sent
+/// from this process.
+pub(super) struct PostgresStore {
+    shared: Arc<Shared>,
+    writes: mpsc::UnboundedSender<Write>,
+    /// Keys being sent here, with the record leased for each, once known.
+    claimed: Mutex<HashMap<String, Option<u64>>>,
+    /// The writer, the listener and the lease renewal: stopped with the
+    /// store.
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// What the store and its tasks share.
+struct Shared {
+    config: Config,
+    /// A pseudo path: server, database and queue, no password.
+    path: PathBuf,
+    queue: String,
+    /// This store's id in `holder`: a fresh uuid.
+    holder: String,
+    /// `None` until connected again after the connection was lost.
+    client: tokio::sync::Mutex<Option<Arc<Connection>>>,
+    runtime: Handle,
+    writable: AtomicBool,
+    /// Pending records as of the last listing or write.
+    pending: AtomicU64,
+    requeued: Arc<Notify>,
+    lease_ms: AtomicU64,
+    replay_interval_ms: AtomicU64,
+    /// The generation of each record leased here, by sequence number.
+    held: Mutex<HashMap<u64, i64>>,
+}
+
+/// Where a write's answer goes.
+type Reply<T> = oneshot::Sender<Result<T, OutboxError>>;
+
+/// A write the writer batches with others.
+enum Write {
+    Insert {
+        key: String,
+        record: Vec<u8>,
+        reply: Reply<Inserted>,
+    },
+    Complete {
+        seq: u64,
+        generation: Option<i64>,
+        reply: Reply<bool>,
+    },
+}
+
+/// What a claim found in the table.
+enum Lease {
+    /// Leased here now, as this generation.
+    Taken { seq: u64, generation: i64 },
+    /// No record under the key: the insert that follows leases it.
+    Absent,
+    /// Leased by another holder, or quarantined.
+    Unavailable,
+}
+
+impl PostgresStore {
+    pub(super) async fn connect(url: &str, queue: &str) -> Result<PostgresStore, OutboxError> {
+        let unparsed = Path::new("postgres");
+        let runtime = Handle::try_current()
+            .map_err(|_| OutboxError::refused(unparsed, "no tokio runtime to run the store on"))?;
+        let mut config: Config = url.parse().map_err(|error| {
+            OutboxError::invalid(unparsed, format!("not a database URL: {error}"))
+        })?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        let path = pseudo_path(&config, queue);
+        let mut client = open(&config, &path).await?;
+        create_schema(&mut client, &path).await?;
+        let shared = Arc::new(Shared {
+            config,
+            path,
+            queue: queue.to_owned(),
+            holder: uuid::Uuid::new_v4().to_string(),
+            client: tokio::sync::Mutex::new(Some(Arc::new(Connection::new(client)))),
+            runtime: runtime.clone(),
+            writable: AtomicBool::new(true),
+            pending: AtomicU64::new(0),
+            requeued: Arc::new(Notify::new()),
+            lease_ms: AtomicU64::new(millis(DEFAULT_LEASE)),
+            // Until a dispatcher says its replay interval: the longest poll.
+            replay_interval_ms: AtomicU64::new(millis(LONGEST_POLL)),
+            held: Mutex::new(HashMap::new()),
+        });
+        shared.count_pending().await?;
+        let (writes, received) = mpsc::unbounded_channel();
+        let tasks = vec![
+            runtime.spawn(write_loop(shared.clone(), received)),
+            runtime.spawn(listen(shared.clone())),
+            runtime.spawn(upkeep(shared.clone())),
+        ];
+        Ok(PostgresStore {
+            shared,
+            writes,
+            claimed: Mutex::new(HashMap::new()),
+            tasks,
+        })
+    }
+
+    pub(super) async fn enqueue(
+        &self,
+        transaction: &Transaction<'_>,
+        key: &str,
+        request: Request<Bytes>,
+    ) -> Result<(), OutboxError> {
+        let path = &self.shared.path;
+        if request
+            .uri()
+            .authority()
+            .is_some_and(|authority| authority.as_str().contains('@'))
+        {
+            return Err(OutboxError::refused(
+                path,
+                "its URI holds credentials (user information before the host); put them in a \
+                 header the sending service adds",
+            ));
+        }
+        let tag = Tag::of(&request).map_err(|reason| OutboxError::refused(path, reason))?;
+        let record = Entry::new(key.to_owned(), &request, tag)
+            .encode()
+            .map_err(|error| OutboxError::unencodable(path, error))?;
+        // The notification is sent only if the record is stored, and only
+        // once the caller commits.
+        transaction
+            .query(
+                "WITH stored AS (
+                     INSERT INTO terminal_retry_outbox (queue, key, record)
+                     VALUES ($1, $2, $3) ON CONFLICT (queue, key) DO NOTHING RETURNING seq)
+                 SELECT pg_notify($4, $1) FROM stored",
+                &[&self.shared.queue, &key, &record, &CHANNEL],
+            )
+            .await
+            .map_err(|error| self.shared.failed(error))?;
+        Ok(())
+    }
+
+    pub(super) fn hold_for(&self, lease: Duration, replay_interval: Duration) {
+        self.shared.lease_ms.store(millis(lease), Ordering::Relaxed);
+        self.shared
+            .replay_interval_ms
+            .store(millis(replay_interval), Ordering::Relaxed);
+    }
+
+    pub(super) fn path(&self) -> &Path {
+        &self.shared.path
+    }
+
+    /// Read on a thread of its own, with a connection of its own: the
+    /// caller may be a task of a runtime this must not block on.
+    pub(super) fn pending(&self) -> Result<Vec<Entry>, OutboxError> {
+        let entries = self.list_apart("pending")?;
+        self.shared
+            .pending
+            .store(entries.len() as u64, Ordering::Relaxed);
+        Ok(entries)
+    }
+
+    pub(super) fn quarantined(&self) -> Result<Vec<Entry>, OutboxError> {
+        self.list_apart("quarantined")
+    }
+
+    pub(super) fn pending_count(&self) -> u64 {
+        self.shared.pending.load(Ordering::Relaxed)
+    }
+
+    pub(super) async fn requeue(&self, key: &str) -> Result<bool, OutboxError> {
+        let client = self.shared.client().await?;
+        let rows = client
+            .query(
+                "WITH requeued AS (
+                     UPDATE terminal_retry_outbox
+                     SET state = 'pending', holder = NULL, lease_until = NULL
+                     WHERE queue = $1 AND key = $2 AND state = 'quarantined' RETURNING seq)
+                 SELECT pg_notify($3, $1) FROM requeued",
+                &[&self.shared.queue, &key, &CHANNEL],
+            )
+            .await
+            .map_err(|error| self.shared.failed(error))?;
+        let requeued = !rows.is_empty();
+        if requeued {
+            self.shared.pending.fetch_add(1, Ordering::Relaxed);
+            self.shared.requeued.notify_one();
+        }
+        Ok(requeued)
+    }
+
+    pub(super) async fn discard(&self, key: &str) -> Result<bool, OutboxError> {
+        let client = self.shared.client().await?;
+        let rows = client
+            .query(
+                "DELETE FROM terminal_retry_outbox
+                 WHERE queue = $1 AND (key = $2 OR (state = 'quarantined' AND 'damaged-' || seq = $2))
+                 RETURNING state",
+                &[&self.shared.queue, &key],
+            )
+            .await
+            .map_err(|error| self.shared.failed(error))?;
+        for row in &rows {
+            if row.get::<_, &str>(0) == "pending" {
+                self.shared.uncount(1);
+            }
+        }
+        Ok(!rows.is_empty())
+    }
+
+    pub(super) async fn claim(&self, key: &str) -> bool {
+        {
+            let mut claimed = lock(&self.claimed);
+            if claimed.contains_key(key) {
+                return false;
+            }
+            claimed.insert(key.to_owned(), None);
+        }
+        match self.shared.take_lease(key).await {
+            Ok(Lease::Taken { seq, generation }) => {
+                lock(&self.shared.held).insert(seq, generation);
+                lock(&self.claimed).insert(key.to_owned(), Some(seq));
+                true
+            }
+            Ok(Lease::Unavailable) => {
+                lock(&self.claimed).remove(key);
+                false
+            }
+            // Not stored yet; or the database cannot be reached, and the
+            // insert or the read that follows fails and says so.
+            Ok(Lease::Absent) | Err(_) => true,
+        }
+    }
+
+    /// Claims in this process a key about to be inserted: no round trip,
+    /// as the insert stores the record leased here, or answers `Taken` if
+    /// one is stored under the key (leased or not), which is then not sent.
+    pub(super) fn claim_new(&self, key: &str) -> bool {
+        let mut claimed = lock(&self.claimed);
+        if claimed.contains_key(key) {
+            return false;
+        }
+        claimed.insert(key.to_owned(), None);
+        true
+    }
+
+    pub(super) fn release(&self, key: &str, settled: bool) {
+        let seq = lock(&self.claimed).remove(key).flatten();
+        let lease = seq.and_then(|seq| Some((seq, lock(&self.shared.held).remove(&seq)?)));
+        if let Some((seq, generation)) = lease {
+            // Cleared at once, so that any holder may take it; were this
+            // lost, the lease runs out.
+            let shared = self.shared.clone();
+            self.shared.runtime.spawn(async move {
+                if let Err(error) = shared.release(seq, generation).await {
+                    tracing::debug!(seq, error = %error, "a lease could not be cleared: it runs out");
+                }
+            });
+        }
+        if !settled {
+            self.shared.requeued.notify_one();
+        }
+    }
+
+    pub(super) fn claimed(&self) -> usize {
+        lock(&self.claimed).len()
+    }
+
+    pub(super) async fn insert(&self, entry: Entry) -> Result<Inserted, OutboxError> {
+        let record = entry
+            .encode()
+            .map_err(|error| OutboxError::unencodable(&self.shared.path, error))?;
+        let (reply, answer) = oneshot::channel();
+        let write = Write::Insert {
+            key: entry.key.clone(),
+            record,
+            reply,
+        };
+        let inserted = self.ask(write, answer).await?;
+        if let Inserted::Stored(seq) = inserted {
+            // Stored leased here, as generation 1.
+            lock(&self.shared.held).insert(seq, 1);
+            if let Some(claim) = lock(&self.claimed).get_mut(&entry.key) {
+                *claim = Some(seq);
+            }
+        }
+        Ok(inserted)
+    }
+
+    pub(super) async fn pending_after(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Entry>, OutboxError> {
+        let client = self.shared.client().await?;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT {COLUMNS} FROM terminal_retry_outbox
+                     WHERE queue = $1 AND state = 'pending' AND seq > $2
+                       AND (lease_until IS NULL OR lease_until < now())
+                     ORDER BY seq LIMIT $3"
+                ),
+                &[&self.shared.queue, &as_seq(after), &as_limit(limit)],
+            )
+            .await
+            .map_err(|error| self.shared.failed(error))?;
+        let mut entries = Vec::with_capacity(rows.len());
+        for row in &rows {
+            match decode(row) {
+                Ok(entry) => entries.push(entry),
+                Err(seq) => self.shared.set_damaged(seq).await,
+            }
+        }
+        Ok(entries)
+    }
+
+    pub(super) async fn get(&self, seq: u64) -> Result<Option<Entry>, OutboxError> {
+        let client = self.shared.client().await?;
+        let row = client
+            .query_opt(
+                &format!(
+                    "SELECT {COLUMNS} FROM terminal_retry_outbox
+                     WHERE seq = $1 AND queue = $2 AND state = 'pending'"
+                ),
+                &[&as_seq(seq), &self.shared.queue],
+            )
+            .await
+            .map_err(|error| self.shared.failed(error))?;
+        match row.as_ref().map(decode) {
+            None => Ok(None),
+            Some(Ok(entry)) => Ok(Some(entry)),
+            Some(Err(seq)) => {
+                self.shared.set_damaged(seq).await;
+                Ok(None)
+            }
+        }
+    }
+
+    pub(super) async fn complete(&self, seq: u64) -> Result<bool, OutboxError> {
+        let generation = self.shared.generation(seq);
+        let (reply, answer) = oneshot::channel();
+        let removed = self
+            .ask(
+                Write::Complete {
+                    seq,
+                    generation,
+                    reply,
+                },
+                answer,
+            )
+            .await?;
+        // Gone: its release has nothing to clear.
+        lock(&self.shared.held).remove(&seq);
+        Ok(removed)
+    }
+
+    pub(super) async fn record_failure(
+        &self,
+        seq: u64,
+        attempts: u32,
+        failure: String,
+    ) -> Result<bool, OutboxError> {
+        self.shared
+            .fenced(
+                "UPDATE terminal_retry_outbox
+                 SET attempts = LEAST(attempts + $5, 4294967295), last_failure = $6",
+                seq,
+                &[&i64::from(attempts), &failure],
+            )
+            .await
+    }
+
+    pub(super) async fn replace(&self, seq: u64, entry: Entry) -> Result<bool, OutboxError> {
+        let record = entry
+            .encode()
+            .map_err(|error| OutboxError::unencodable(&self.shared.path, error))?;
+        // One statement: the fallback is stored as the refused request is
+        // retired, or neither is.
+        self.shared
+            .fenced(
+                "UPDATE terminal_retry_outbox
+                 SET record = $5, attempts = $6, last_failure = $7",
+                seq,
+                &[&record, &i64::from(entry.attempts), &entry.last_failure],
+            )
+            .await
+    }
+
+    pub(super) async fn quarantine(&self, seq: u64, failure: String) -> Result<bool, OutboxError> {
+        let quarantined = self
+            .shared
+            .fenced(
+                "UPDATE terminal_retry_outbox
+                 SET state = 'quarantined', last_failure = $5, holder = NULL, lease_until = NULL",
+                seq,
+                &[&failure],
+            )
+            .await?;
+        if quarantined {
+            lock(&self.shared.held).remove(&seq);
+            self.shared.uncount(1);
+        }
+        Ok(quarantined)
+    }
+
+    pub(super) fn is_writable(&self) -> bool {
+        self.shared.writable.load(Ordering::Acquire)
+    }
+
+    pub(super) async fn recover(&self) -> bool {
+        let Ok(client) = self.shared.client().await else {
+            return false;
+        };
+        match client.simple_query("SELECT 1").await {
+            Ok(_) => {
+                self.shared.writable.store(true, Ordering::Release);
+                true
+            }
+            Err(error) => {
+                self.shared.failed(error);
+                false
+            }
+        }
+    }
+
+    pub(super) fn requeued(&self) -> Arc<Notify> {
+        self.shared.requeued.clone()
+    }
+
+    /// Hands `write` to the writer and waits for its commit.
+    async fn ask<T>(
+        &self,
+        write: Write,
+        answer: oneshot::Receiver<Result<T, OutboxError>>,
+    ) -> Result<T, OutboxError> {
+        if self.writes.send(write).is_err() {
+            return Err(OutboxError::closed(&self.shared.path));
+        }
+        answer
+            .await
+            .unwrap_or_else(|_| Err(OutboxError::closed(&self.shared.path)))
+    }
+
+    /// The records of the queue in `state`, oldest first, read on a thread
+    /// with its own runtime and connection.
+    fn list_apart(&self, state: &'static str) -> Result<Vec<Entry>, OutboxError> {
+        let config = self.shared.config.clone();
+        let path = self.shared.path.clone();
+        let queue = self.shared.queue.clone();
+        let read = move || -> Result<Vec<Entry>, OutboxError> {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|error| OutboxError::io(&path, error))?;
+            runtime.block_on(async {
+                let client = open(&config, &path).await?;
+                let rows = client
+                    .query(
+                        &format!(
+                            "SELECT {COLUMNS} FROM terminal_retry_outbox
+                             WHERE queue = $1 AND state = $2 ORDER BY seq"
+                        ),
+                        &[&queue, &state],
+                    )
+                    .await
+                    .map_err(|error| OutboxError::io(&path, error))?;
+                Ok(rows
+                    .iter()
+                    .map(|row| decode(row).unwrap_or_else(Entry::damaged))
+                    .filter(|entry| entry.quarantined == (state == "quarantined"))
+                    .collect())
+            })
+        };
+        std::thread::scope(|scope| {
+            scope
+                .spawn(read)
+                .join()
+                .unwrap_or_else(|_| Err(OutboxError::stopped()))
+        })
+    }
+}
+
+impl Drop for PostgresStore {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+impl Shared {
+    /// The connection, connecting again if it was lost.
+    async fn client(&self) -> Result<Arc<Connection>, OutboxError> {
+        let mut client = self.client.lock().await;
+        if let Some(open) = client.as_ref().filter(|open| !open.is_closed()) {
+            return Ok(open.clone());
+        }
+        *client = None;
+        match open(&self.config, &self.path).await {
+            Ok(opened) => {
+                let opened = Arc::new(Connection::new(opened));
+                *client = Some(opened.clone());
+                Ok(opened)
+            }
+            Err(error) => {
+                self.writable.store(false, Ordering::Release);
+                Err(error)
+            }
+        }
+    }
+
+    /// The error of a statement: a lost connection makes the store
+    /// unwritable until it is connected again.
+    fn failed(&self, error: tokio_postgres::Error) -> OutboxError {
+        // Errors without an SQL state come from the connection, not from
+        // the statement.
+        if error.is_closed() || error.code().is_none() {
+            self.writable.store(false, Ordering::Release);
+        }
+        OutboxError::io(&self.path, error)
+    }
+
+    fn lease_seconds(&self) -> f64 {
+        Duration::from_millis(self.lease_ms.load(Ordering::Relaxed)).as_secs_f64()
+    }
+
+    fn generation(&self, seq: u64) -> Option<i64> {
+        lock(&self.held).get(&seq).copied()
+    }
+
+    fn uncount(&self, removed: u64) {
+        let _ = self
+            .pending
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |pending| {
+                Some(pending.saturating_sub(removed))
+            });
+    }
+
+    async fn count_pending(&self) -> Result<(), OutboxError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "SELECT count(*) FROM terminal_retry_outbox WHERE queue = $1 AND state = 'pending'",
+                &[&self.queue],
+            )
+            .await
+            .map_err(|error| self.failed(error))?;
+        let count: i64 = row.get(0);
+        self.pending
+            .store(u64::try_from(count).unwrap_or(0), Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Leases the pending record under `key` here, if no one holds it.
+    async fn take_lease(&self, key: &str) -> Result<Lease, OutboxError> {
+        let client = self.client().await?;
+        // The outer select sees the table as it was before the update: a
+        // row under the key that was not taken is held by another, or
+        // quarantined.
+        let rows = client
+            .query(
+                "WITH taken AS (
+                     UPDATE terminal_retry_outbox
+                     SET holder = $3, lease_until = now() + $4 * interval '1 second',
+                         generation = generation + 1
+                     WHERE queue = $1 AND key = $2 AND state = 'pending'
+                       AND (lease_until IS NULL OR lease_until < now())
+                     RETURNING seq, generation)
+                 SELECT seq, generation FROM taken
+                 UNION ALL
+                 SELECT NULL, NULL FROM terminal_retry_outbox
+                 WHERE queue = $1 AND key = $2 AND NOT EXISTS (SELECT 1 FROM taken)",
+                &[&self.queue, &key, &self.holder, &self.lease_seconds()],
+            )
+            .await
+            .map_err(|error| self.failed(error))?;
+        Ok(match rows.first() {
+            None => Lease::Absent,
+            Some(row) => match (row.get::<_, Option<i64>>(0), row.get(1)) {
+                (Some(seq), Some(generation)) => Lease::Taken {
+                    seq: seq as u64,
+                    generation,
+                },
+                _ => Lease::Unavailable,
+            },
+        })
+    }
+
+    /// Runs `update` (setting parameters from `$5` on) on the record `seq`
+    /// while this store's claim of it is current; whether it was.
+    async fn fenced(
+        &self,
+        update: &str,
+        seq: u64,
+        rest: &[&(dyn ToSql + Sync)],
+    ) -> Result<bool, OutboxError> {
+        let client = self.client().await?;
+        let statement =
+            format!("{update} WHERE seq = $1 AND queue = $2 AND state = 'pending' AND {FENCE}");
+        let generation = self.generation(seq);
+        let seq = as_seq(seq);
+        let mut parameters: Vec<&(dyn ToSql + Sync)> =
+            vec![&seq, &self.queue, &generation, &self.holder];
+        parameters.extend_from_slice(rest);
+        let changed = client
+            .execute(&statement, &parameters)
+            .await
+            .map_err(|error| self.failed(error))?;
+        self.writable.store(true, Ordering::Release);
+        Ok(changed > 0)
+    }
+
+    /// Clears this store's lease of `seq`, if it is still current.
+    async fn release(&self, seq: u64, generation: i64) -> Result<(), OutboxError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "UPDATE terminal_retry_outbox SET holder = NULL, lease_until = NULL
+                 WHERE queue = $1 AND seq = $2 AND generation = $3 AND holder = $4",
+                &[&self.queue, &as_seq(seq), &generation, &self.holder],
+            )
+            .await
+            .map_err(|error| self.failed(error))?;
+        Ok(())
+    }
+
+    /// Moves a record that cannot be decoded to quarantine, as it is: the
+    /// records after it are still replayed.
+    async fn set_damaged(&self, seq: u64) {
+        tracing::error!(
+            seq,
+            outbox = %self.path.display(),
+            key = damaged_key(seq),
+            "a stored record cannot be decoded: moved to quarantine"
+        );
+        let moved = match self.client().await {
+            Ok(client) => client
+                .execute(
+                    "UPDATE terminal_retry_outbox
+                     SET state = 'quarantined', last_failure = $3, holder = NULL, lease_until = NULL
+                     WHERE seq = $1 AND queue = $2",
+                    &[&as_seq(seq), &self.queue, &"damaged: cannot be decoded"],
+                )
+                .await
+                .map_err(|error| self.failed(error)),
+            Err(error) => Err(error),
+        };
+        match moved {
+            Ok(_) => self.uncount(1),
+            Err(error) => {
+                tracing::error!(seq, error = %error, "a damaged record could not be moved")
+            }
+        }
+    }
+
+    /// Extends the leases held here.
+    async fn renew(&self) -> Result<(), OutboxError> {
+        let held: Vec<i64> = lock(&self.held).keys().map(|&seq| as_seq(seq)).collect();
+        if held.is_empty() {
+            return Ok(());
+        }
+        let client = self.client().await?;
+        client
+            .execute(
+                "UPDATE terminal_retry_outbox SET lease_until = now() + $3 * interval '1 second'
+                 WHERE queue = $1 AND holder = $2 AND seq = ANY($4)",
+                &[&self.queue, &self.holder, &self.lease_seconds(), &held],
+            )
+            .await
+            .map_err(|error| self.failed(error))?;
+        Ok(())
+    }
+
+    /// Commits a batch of writes: the inserts in one statement, the
+    /// removals in another.
+    async fn commit(&self, batch: Vec<Write>) {
+        let mut inserts = Vec::new();
+        let mut completes = Vec::new();
+        for write in batch {
+            match write {
+                Write::Insert { key, record, reply } => inserts.push((key, record, reply)),
+                Write::Complete {
+                    seq,
+                    generation,
+                    reply,
+                } => completes.push((seq, generation, reply)),
+            }
+        }
+        if !inserts.is_empty() {
+            let stored = self.insert_all(&inserts).await;
+            for (key, _, reply) in inserts {
+                let answer = match &stored {
+                    Ok(stored) => Ok(stored
+                        .get(&key)
+                        .map_or(Inserted::Taken, |&seq| Inserted::Stored(seq))),
+                    Err(error) => Err(error.clone()),
+                };
+                let _ = reply.send(answer);
+            }
+        }
+        if !completes.is_empty() {
+            let removed = self.complete_all(&completes).await;
+            for (seq, _, reply) in completes {
+                let answer = match &removed {
+                    Ok(removed) => Ok(removed.contains(&seq)),
+                    Err(error) => Err(error.clone()),
+                };
+                let _ = reply.send(answer);
+            }
+        }
+    }
+
+    /// Stores the records, leased here; the sequence number of each stored
+    /// (a key stored already is not).
+    async fn insert_all(
+        &self,
+        inserts: &[(String, Vec<u8>, Reply<Inserted>)],
+    ) -> Result<HashMap<String, u64>, OutboxError> {
+        let client = self.client().await?;
+        let keys: Vec<&str> = inserts.iter().map(|(key, ..)| key.as_str()).collect();
+        let records: Vec<&[u8]> = inserts.iter().map(|(_, record, _)| &record[..]).collect();
+        let rows = client
+            .query(
+                "INSERT INTO terminal_retry_outbox (queue, key, record, holder, lease_until, generation)
+                 SELECT $1, batch.key, batch.record, $2, now() + $3 * interval '1 second', 1
+                 FROM unnest($4::text[], $5::bytea[]) WITH ORDINALITY AS batch(key, record, position)
+                 ORDER BY batch.position
+                 ON CONFLICT (queue, key) DO NOTHING
+                 RETURNING key, seq",
+                &[&self.queue, &self.holder, &self.lease_seconds(), &keys, &records],
+            )
+            .await
+            .map_err(|error| self.failed(error))?;
+        self.writable.store(true, Ordering::Release);
+        self.pending.fetch_add(rows.len() as u64, Ordering::Relaxed);
+        Ok(rows
+            .iter()
+            .map(|row| (row.get::<_, String>(0), row.get::<_, i64>(1) as u64))
+            .collect())
+    }
+
+    /// Removes the records whose claim is still current here (or that no
+    /// one holds); the sequence numbers removed.
+    async fn complete_all(
+        &self,
+        completes: &[(u64, Option<i64>, Reply<bool>)],
+    ) -> Result<Vec<u64>, OutboxError> {
+        let client = self.client().await?;
+        let seqs: Vec<i64> = completes.iter().map(|&(seq, ..)| as_seq(seq)).collect();
+        let generations: Vec<Option<i64>> = completes.iter().map(|&(_, g, _)| g).collect();
+        let rows = client
+            .query(
+                "DELETE FROM terminal_retry_outbox AS stored
+                 USING unnest($2::bigint[], $3::bigint[]) AS done(seq, generation)
+                 WHERE stored.queue = $1 AND stored.seq = done.seq AND stored.state = 'pending'
+                   AND ((stored.generation = done.generation AND stored.holder = $4)
+                     OR (done.generation IS NULL
+                         AND (stored.lease_until IS NULL OR stored.lease_until < now())))
+                 RETURNING stored.seq",
+                &[&self.queue, &seqs, &generations, &self.holder],
+            )
+            .await
+            .map_err(|error| self.failed(error))?;
+        self.writable.store(true, Ordering::Release);
+        self.uncount(rows.len() as u64);
+        Ok(rows.iter().map(|row| row.get::<_, i64>(0) as u64).collect())
+    }
+}
+
+/// Commits what is asked, batching what waits meanwhile; ends with the
+/// store.
+async fn write_loop(shared: Arc<Shared>, mut writes: mpsc::UnboundedReceiver<Write>) {
+    let mut batch = Vec::new();
+    while writes.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        shared.commit(std::mem::take(&mut batch)).await;
+    }
+}
+
+/// Listens for records enqueued on the queue, connecting again whenever the
+/// connection is lost; wakes the replay once listening, for what was
+/// enqueued while it was not.
+async fn listen(shared: Arc<Shared>) {
+    loop {
+        if let Err(error) = listen_once(&shared).await {
+            tracing::debug!(error = %error, "the outbox's listener lost its connection");
+        }
+        tokio::time::sleep(LISTEN_RETRY).await;
+    }
+}
+
+async fn listen_once(shared: &Shared) -> Result<(), tokio_postgres::Error> {
+    let (client, mut connection) = shared.config.connect(NoTls).await?;
+    let listen = client.batch_execute("LISTEN terminal_retry_outbox");
+    tokio::pin!(listen);
+    let mut listening = false;
+    loop {
+        tokio::select! {
+            listened = &mut listen, if !listening => {
+                listened?;
+                listening = true;
+                shared.requeued.notify_one();
+            }
+            message = poll_fn(|cx| connection.poll_message(cx)) => match message {
+                Some(Ok(AsyncMessage::Notification(notification))) => {
+                    if notification.payload() == shared.queue {
+                        shared.requeued.notify_one();
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(error)) => return Err(error),
+                None => return Ok(()),
+            },
+        }
+    }
+}
+
+/// Renews the leases held here every third of the lease, and wakes the
+/// replay at least every replay interval (capped at a few seconds): it then
+/// finds the records whose holder died.
+async fn upkeep(shared: Arc<Shared>) {
+    let mut last_poll = tokio::time::Instant::now();
+    loop {
+        let lease = Duration::from_millis(shared.lease_ms.load(Ordering::Relaxed));
+        let poll = Duration::from_millis(shared.replay_interval_ms.load(Ordering::Relaxed))
+            .min(LONGEST_POLL);
+        let tick = (lease / 3).min(poll).max(Duration::from_millis(10));
+        tokio::time::sleep(tick).await;
+        if let Err(error) = shared.renew().await {
+            tracing::warn!(error = %error, "the outbox's leases could not be renewed");
+        }
+        if last_poll.elapsed() >= poll {
+            last_poll = tokio::time::Instant::now();
+            shared.requeued.notify_one();
+        }
+    }
+}
+
+/// The store's connection, with the statements it prepared: a statement is
+/// prepared once per connection, not at every use (a round trip each).
+struct Connection {
+    client: Client,
+    prepared: Mutex<HashMap<String, Statement>>,
+}
+
+impl Connection {
+    fn new(client: Client) -> Connection {
+        Connection {
+            client,
+            prepared: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn is_closed(&self) -> bool {
+        self.client.is_closed()
+    }
+
+    /// `sql`, prepared on this connection once.
+    async fn statement(&self, sql: &str) -> Result<Statement, tokio_postgres::Error> {
+        if let Some(statement) = lock(&self.prepared).get(sql) {
+            return Ok(statement.clone());
+        }
+        // Two tasks preparing one statement at once both succeed; the
+        // second's copy replaces the first's, which is harmless.
+        let statement = self.client.prepare(sql).await?;
+        lock(&self.prepared).insert(sql.to_owned(), statement.clone());
+        Ok(statement)
+    }
+
+    async fn query(
+        &self,
+        sql: &str,
+        parameters: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, tokio_postgres::Error> {
+        let statement = self.statement(sql).await?;
+        self.client.query(&statement, parameters).await
+    }
+
+    async fn query_opt(
+        &self,
+        sql: &str,
+        parameters: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, tokio_postgres::Error> {
+        let statement = self.statement(sql).await?;
+        self.client.query_opt(&statement, parameters).await
+    }
+
+    async fn query_one(
+        &self,
+        sql: &str,
+        parameters: &[&(dyn ToSql + Sync)],
+    ) -> Result<Row, tokio_postgres::Error> {
+        let statement = self.statement(sql).await?;
+        self.client.query_one(&statement, parameters).await
+    }
+
+    async fn execute(
+        &self,
+        sql: &str,
+        parameters: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, tokio_postgres::Error> {
+        let statement = self.statement(sql).await?;
+        self.client.execute(&statement, parameters).await
+    }
+
+    async fn simple_query(
+        &self,
+        sql: &str,
+    ) -> Result<Vec<SimpleQueryMessage>, tokio_postgres::Error> {
+        self.client.simple_query(sql).await
+    }
+}
+
+/// Connects, with the connection driven on the current runtime.
+async fn open(config: &Config, path: &Path) -> Result<Client, OutboxError> {
+    let (client, connection) = config
+        .connect(NoTls)
+        .await
+        .map_err(|error| OutboxError::io(path, error))?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(error = %error, "an outbox connection ended");
+        }
+    });
+    Ok(client)
+}
+
+/// Creates the schema if it is missing, under an advisory lock.
+async fn create_schema(client: &mut Client, path: &Path) -> Result<(), OutboxError> {
+    let io = |error| OutboxError::io(path, error);
+    let transaction = client.transaction().await.map_err(io)?;
+    transaction
+        .execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])
+        .await
+        .map_err(io)?;
+    transaction
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS terminal_retry_outbox_schema (version integer NOT NULL)",
+        )
+        .await
+        .map_err(io)?;
+    let version: Option<i32> = transaction
+        .query_one("SELECT max(version) FROM terminal_retry_outbox_schema", &[])
+        .await
+        .map_err(io)?
+        .get(0);
+    match version {
+        None => transaction.batch_execute(CREATE_SCHEMA).await.map_err(io)?,
+        Some(SCHEMA_VERSION) => {}
+        Some(later) => {
+            return Err(OutboxError::invalid(
+                path,
+                format!("its schema is version {later}, written by a later version of this crate"),
+            ))
+        }
+    }
+    transaction.commit().await.map_err(io)
+}
+
+/// The record in `row`; the sequence number of one that cannot be decoded.
+fn decode(row: &Row) -> Result<Entry, u64> {
+    let seq = row.get::<_, i64>(0) as u64;
+    let mut entry = Entry::decode(seq, row.get(1)).ok_or(seq)?;
+    entry.attempts = u32::try_from(row.get::<_, i64>(2)).unwrap_or(u32::MAX);
+    entry.last_failure = row.get(3);
+    entry.quarantined = row.get::<_, &str>(4) == "quarantined";
+    Ok(entry)
+}
+
+/// A pseudo path naming the server, the database and the queue: what
+/// events and errors show. The password stays out.
+fn pseudo_path(config: &Config, queue: &str) -> PathBuf {
+    let host = match config.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
+        #[cfg(unix)]
+        Some(tokio_postgres::config::Host::Unix(socket)) => socket.display().to_string(),
+        None => "localhost".to_owned(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let user = config.get_user().unwrap_or_default();
+    let database = config.get_dbname().unwrap_or(user);
+    PathBuf::from(format!(
+        "postgres://{user}@{host}:{port}/{database}?queue={queue}"
+    ))
+}
+
+/// A sequence number as PostgreSQL's bigint.
+fn as_seq(seq: u64) -> i64 {
+    i64::try_from(seq).unwrap_or(i64::MAX)
+}
+
+/// A listing's limit as PostgreSQL's bigint.
+fn as_limit(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pseudo_path_names_server_database_and_queue_never_the_password() {
+        let config: Config = "postgres://sender:hunter2@127.0.0.1:5544/billing"
+            .parse()
+            .unwrap();
+        let path = pseudo_path(&config, "webhooks");
+        assert_eq!(
+            path,
+            Path::new("postgres://sender@127.0.0.1:5544/billing?queue=webhooks")
+        );
+        assert!(!path.display().to_string().contains("hunter2"));
+    }
+
+    #[test]
+    fn sequence_numbers_and_limits_saturate_into_bigint() {
+        assert_eq!(as_seq(u64::MAX), i64::MAX);
+        assert_eq!(as_limit(usize::MAX), i64::MAX);
+        assert_eq!(as_seq(42), 42);
+    }
+
+    #[tokio::test]
+    async fn a_url_that_cannot_be_parsed_is_refused_without_a_connection() {
+        let error = PostgresStore::connect("postgres://[::1", "q")
+            .await
+            .err()
+            .unwrap();
+        assert!(error.is_invalid());
+    }
+}
