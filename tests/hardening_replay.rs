@@ -108,15 +108,8 @@ fn post(url: impl AsRef<str>) -> Request<Bytes> {
 
 /// Waits on tokio's clock, a quarter second at a time, until `done` or
 /// `limit`.
-async fn wait_for(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    while !done() {
-        if start.elapsed() > limit {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    true
+async fn wait_for(limit: Duration, done: impl FnMut() -> bool) -> bool {
+    outbox_support::wait_every(Duration::from_millis(250), limit, done).await
 }
 
 /// Waits on tokio's clock until nothing is pending in `outbox`.

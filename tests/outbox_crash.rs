@@ -17,7 +17,7 @@ use std::{
     io::{BufRead, BufReader},
     path::Path,
     process::{Child, Stdio},
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
 
 use http::StatusCode;
@@ -28,7 +28,7 @@ use tower_terminal_retry::{
     Schedule,
 };
 
-use outbox_support::{as_child, child_command, Scratch};
+use outbox_support::{as_child, child_command, Random, Scratch};
 
 /// Selects the child's role; the rest of its orders come in these variables.
 const ROLE: &str = "OUTBOX_CRASH_ROLE";
@@ -131,26 +131,6 @@ fn said(child: Child) -> Vec<String> {
         // The harness may have started the line ("test child ... ").
         .filter_map(|line| Some(line.split_once(SAYS)?.1.trim().to_owned()))
         .collect()
-}
-
-/// xorshift64*: enough randomness for kill instants and faults.
-struct Random(u64);
-
-impl Random {
-    fn seeded() -> Random {
-        let nanos = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos();
-        Random(u64::from(nanos) | 1)
-    }
-
-    fn below(&mut self, bound: u64) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) % bound
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,6 +6,7 @@
 
 #![cfg(all(feature = "postgres", unix))]
 
+mod outbox_support;
 mod postgres_support;
 
 use std::{
@@ -13,7 +14,7 @@ use std::{
         atomic::{AtomicBool, Ordering},
         Arc,
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use bytes::Bytes;
@@ -21,27 +22,18 @@ use http::{
     header::{AUTHORIZATION, COOKIE, PROXY_AUTHORIZATION},
     HeaderValue, Request, StatusCode,
 };
-use http_body_util::Full;
-use hyper_util::{
-    client::legacy::{connect::HttpConnector, Client},
-    rt::TokioExecutor,
-};
 use tower_terminal_retry::{
     outbox::{Delivery, Dispatcher, DispatcherBuilder, Durability, Outbox, IDEMPOTENCY_KEY},
     test_server::{Reply, TestServer},
     ConfigError,
 };
 
-use postgres_support::{postgres, postgres_alone, Postgres};
-
-type HttpClient = Client<HttpConnector, Full<Bytes>>;
+use postgres_support::{
+    connect, emptied, http_client, postgres, postgres_alone, wait_for, HttpClient,
+};
 
 /// A secret that must never reach the database.
 const SECRET: &str = "s3cret-never-stored";
-
-fn http_client() -> HttpClient {
-    Client::builder(TokioExecutor::new()).build_http()
-}
 
 /// A dispatcher on `outbox`: short lease and replay interval, for tests.
 fn builder(outbox: Outbox) -> DispatcherBuilder<HttpClient> {
@@ -56,25 +48,6 @@ fn post(server: &TestServer, path: &str, body: &str) -> Request<Bytes> {
         .unwrap()
 }
 
-/// Waits on the real clock, 20 ms at a time, until `done` or `limit`.
-async fn wait_for(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    while !done() {
-        if start.elapsed() > limit {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    true
-}
-
-async fn emptied(outbox: &Outbox) -> bool {
-    wait_for(Duration::from_secs(10), || {
-        outbox.pending().unwrap().is_empty() && outbox.quarantined().unwrap().is_empty()
-    })
-    .await
-}
-
 /// A server that hangs while `hanging` holds, then answers 200.
 async fn hanging_server(hanging: &Arc<AtomicBool>) -> TestServer {
     let hanging = hanging.clone();
@@ -87,10 +60,6 @@ async fn hanging_server(hanging: &Arc<AtomicBool>) -> TestServer {
     })
     .await
     .unwrap()
-}
-
-async fn connect(postgres: &Postgres, queue: &str) -> Outbox {
-    Outbox::connect(postgres.url(), queue).await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -148,7 +117,7 @@ async fn a_request_is_stored_before_its_first_attempt_under_a_stable_idempotency
     let stored_key = pending[0].idempotency_key.clone();
     assert_eq!(stored_key.len(), 36, "a UUID: {stored_key}");
     assert_eq!(dispatch.await, Delivery::Delivered);
-    assert!(emptied(&observer).await);
+    assert!(emptied(&observer, Duration::from_secs(10)).await);
     let requests = server.requests();
     assert!(requests.len() >= 2, "{requests:?}");
     for request in requests {
@@ -190,7 +159,7 @@ async fn the_first_request_per_key_stands_whether_sent_or_enqueued() {
     assert_eq!(pending.len(), 1, "{pending:?}");
     assert_eq!(pending[0].body, "first");
     assert_eq!(first.await, Delivery::Delivered);
-    assert!(emptied(&outbox).await);
+    assert!(emptied(&outbox, Duration::from_secs(10)).await);
     let bodies: Vec<Bytes> = server.requests().into_iter().map(|r| r.body).collect();
     assert_eq!(bodies, ["first"]);
 }
@@ -264,7 +233,7 @@ async fn a_refused_request_is_replaced_by_its_fallback_in_the_same_transaction()
     let paths: Vec<&str> = requests.iter().map(|r| r.uri.path()).collect();
     assert_eq!(paths, ["/hooks/refused", "/hooks/fallback"]);
     assert_eq!(requests[1].body, "instead of event");
-    assert!(emptied(dispatcher.outbox()).await);
+    assert!(emptied(dispatcher.outbox(), Duration::from_secs(10)).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -310,7 +279,7 @@ async fn a_refused_request_is_quarantined_until_requeued_or_discarded() {
     assert!(!outbox.discard("discarded").await.unwrap());
     assert!(outbox.requeue("requeued").await.unwrap());
     assert!(!outbox.requeue("requeued").await.unwrap_or(false));
-    assert!(emptied(&outbox).await);
+    assert!(emptied(&outbox, Duration::from_secs(10)).await);
     let last = server.requests().last().unwrap().uri.path().to_owned();
     assert_eq!(last, "/hooks/requeued");
     assert_eq!(server.requests().len(), attempts + 1);

@@ -23,21 +23,22 @@ use std::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex,
     },
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Request};
 use http_body_util::Full;
-use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 use tower::util::MapRequest;
 use tower_terminal_retry::{
     outbox::{Dispatcher, Durability, Outbox, IDEMPOTENCY_KEY},
     test_server::{RecordedRequest, Reply, TestServer},
 };
 
-use outbox_support::{as_child, child_command};
-use postgres_support::{postgres, postgres_alone, Postgres};
+use outbox_support::{as_child, child_command, Random};
+use postgres_support::{
+    connect, emptied, http_client, postgres, postgres_alone, wait_for, Postgres,
+};
 
 /// Selects the child's role; the rest of its orders come in these variables.
 const ROLE: &str = "POSTGRES_CRASH_ROLE";
@@ -68,7 +69,7 @@ fn child() {
             .await
             .unwrap();
         let sender = HeaderValue::from_str(&role).unwrap();
-        let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+        let client = http_client();
         let service = MapRequest::new(client, move |mut request: Request<Full<Bytes>>| {
             request.headers_mut().insert(SENDER, sender.clone());
             request
@@ -115,7 +116,34 @@ struct Orders<'a> {
     interval: Duration,
 }
 
-impl Orders<'_> {
+impl<'a> Orders<'a> {
+    /// A lease of one second, a replay every `interval`.
+    fn new(
+        postgres: &'a Postgres,
+        queue: &'a str,
+        server: &'a TestServer,
+        interval: Duration,
+    ) -> Self {
+        Orders {
+            postgres,
+            queue,
+            server,
+            lease: Duration::from_secs(1),
+            interval,
+        }
+    }
+
+    /// A child named `role` with nothing to send, once it says it is ready.
+    async fn ready(&self, role: &str) -> Sender {
+        let sender = self.spawn(role, &[], Duration::ZERO);
+        assert!(
+            sender
+                .said(Duration::from_secs(10), |line| line == "ready")
+                .await
+        );
+        sender
+    }
+
     /// A child named `role` sending `keys`, one every `pace`.
     fn spawn(&self, role: &str, keys: &[String], pace: Duration) -> Sender {
         let mut child = child_command(None)
@@ -191,18 +219,6 @@ impl Sender {
     }
 }
 
-/// Waits on the real clock, 20 ms at a time, until `done` or `limit`.
-async fn wait_for(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    while !done() {
-        if start.elapsed() > limit {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    true
-}
-
 /// The key a request was sent under (its path is `/hooks/<key>`).
 fn key_of(request: &RecordedRequest) -> String {
     request
@@ -251,6 +267,15 @@ impl Ledger {
             self.delivered.entry(key_of(request)).or_insert(now);
         }
     }
+
+    /// Notes an attempt delivered after `takes`, and answers it so: 200.
+    fn delivered_after(&mut self, request: &RecordedRequest, takes: Duration) -> Reply {
+        self.note(request, takes, true);
+        Reply::Delayed {
+            after: takes,
+            reply: Box::new(Reply::status(200)),
+        }
+    }
 }
 
 /// A server answering as `answer` does, with its ledger.
@@ -265,10 +290,16 @@ async fn receiver(
     (server, ledger)
 }
 
-/// Waits until `outbox` holds nothing, pending or quarantined.
-async fn emptied(outbox: &Outbox, limit: Duration) -> bool {
+/// Waits, up to `limit`, until the server has taken every one of `keys`.
+async fn all_delivered<'k>(
+    ledger: &Mutex<Ledger>,
+    keys: impl IntoIterator<Item = &'k String> + Copy,
+    limit: Duration,
+) -> bool {
     wait_for(limit, || {
-        outbox.pending().unwrap().is_empty() && outbox.quarantined().unwrap().is_empty()
+        let ledger = ledger.lock().unwrap();
+        keys.into_iter()
+            .all(|key| ledger.delivered.contains_key(key))
     })
     .await
 }
@@ -277,26 +308,6 @@ fn keys(prefix: &str, count: usize) -> Vec<String> {
     (0..count)
         .map(|index| format!("{prefix}-{index}"))
         .collect()
-}
-
-/// xorshift64*: enough randomness for kill instants and answers.
-struct Random(u64);
-
-impl Random {
-    fn seeded() -> Random {
-        let nanos = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos();
-        Random(u64::from(nanos) | 1)
-    }
-
-    fn below(&mut self, bound: u64) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) % bound
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -314,21 +325,10 @@ async fn senders_killed_at_random_lose_nothing_and_never_send_one_record_twice_a
             ledger.note(request, Duration::ZERO, false);
             return Reply::status(503);
         }
-        let takes = Duration::from_millis(40);
-        ledger.note(request, takes, true);
-        Reply::Delayed {
-            after: takes,
-            reply: Box::new(Reply::status(200)),
-        }
+        ledger.delivered_after(request, Duration::from_millis(40))
     })
     .await;
-    let orders = Orders {
-        postgres: &postgres,
-        queue: &queue,
-        server: &server,
-        lease: Duration::from_secs(1),
-        interval: Duration::from_millis(200),
-    };
+    let orders = Orders::new(&postgres, &queue, &server, Duration::from_millis(200));
     // Kills land while a child connects, stores, sends or replays.
     let pace = Duration::from_millis(25);
     let mut stored = BTreeSet::new();
@@ -357,11 +357,7 @@ async fn senders_killed_at_random_lose_nothing_and_never_send_one_record_twice_a
     let reached: BTreeSet<String> = server.requests().iter().map(key_of).collect();
     let owed: BTreeSet<String> = stored.union(&reached).cloned().collect();
     let last_kill = Instant::now();
-    let delivered = wait_for(Duration::from_secs(20), || {
-        let ledger = ledger.lock().unwrap();
-        owed.iter().all(|key| ledger.delivered.contains_key(key))
-    })
-    .await;
+    let delivered = all_delivered(&ledger, &owed, Duration::from_secs(20)).await;
     if !delivered {
         // What the server saw of each record still owed, since the last kill.
         let ledger = ledger.lock().unwrap();
@@ -386,7 +382,7 @@ async fn senders_killed_at_random_lose_nothing_and_never_send_one_record_twice_a
             println!("seed {seed}: {key} not yet delivered; attempts (sender, ms): {attempts:?}");
         }
     }
-    let outbox = Outbox::connect(postgres.url(), &queue).await.unwrap();
+    let outbox = connect(&postgres, &queue).await;
     let drained = emptied(&outbox, Duration::from_secs(20)).await;
     for sender in senders {
         let lines = sender.kill();
@@ -441,21 +437,9 @@ async fn a_survivor_takes_over_the_records_of_a_killed_holder_within_lease_and_i
         }
     })
     .await;
-    let lease = Duration::from_secs(1);
-    let interval = Duration::from_millis(500);
-    let orders = Orders {
-        postgres: &postgres,
-        queue: &queue,
-        server: &server,
-        lease,
-        interval,
-    };
-    let survivor = orders.spawn("survivor", &[], Duration::ZERO);
-    assert!(
-        survivor
-            .said(Duration::from_secs(10), |line| line == "ready")
-            .await
-    );
+    let orders = Orders::new(&postgres, &queue, &server, Duration::from_millis(500));
+    let (lease, interval) = (orders.lease, orders.interval);
+    let survivor = orders.ready("survivor").await;
     let held = keys("held", 5);
     let holder = orders.spawn("holder", &held, Duration::ZERO);
     // Each record is stored, claimed and in flight from the holder.
@@ -475,11 +459,7 @@ async fn a_survivor_takes_over_the_records_of_a_killed_holder_within_lease_and_i
     answering.store(true, Ordering::SeqCst);
     let killed_at = Instant::now();
     let lines = holder.kill();
-    let delivered = wait_for(Duration::from_secs(10), || {
-        let ledger = ledger.lock().unwrap();
-        held.iter().all(|key| ledger.delivered.contains_key(key))
-    })
-    .await;
+    let delivered = all_delivered(&ledger, &held, Duration::from_secs(10)).await;
     assert!(delivered, "{lines:?}");
     let takeover = {
         let ledger = ledger.lock().unwrap();
@@ -514,7 +494,7 @@ async fn a_survivor_takes_over_the_records_of_a_killed_holder_within_lease_and_i
             .collect();
         assert_eq!(idempotency_keys.len(), 1, "{key}: {idempotency_keys:?}");
     }
-    let outbox = Outbox::connect(postgres.url(), &queue).await.unwrap();
+    let outbox = connect(&postgres, &queue).await;
     assert!(emptied(&outbox, Duration::from_secs(10)).await);
     survivor.kill();
 }
@@ -544,18 +524,8 @@ async fn a_holder_whose_lease_ran_out_cannot_undo_the_work_of_the_one_that_took_
         Reply::status(if delivers { 200 } else { 503 })
     })
     .await;
-    let orders = Orders {
-        postgres: &postgres,
-        queue: &queue,
-        server: &server,
-        lease: Duration::from_secs(1),
-        interval: Duration::from_millis(300),
-    };
-    let new = orders.spawn("new", &[], Duration::ZERO);
-    assert!(
-        new.said(Duration::from_secs(10), |line| line == "ready")
-            .await
-    );
+    let orders = Orders::new(&postgres, &queue, &server, Duration::from_millis(300));
+    let new = orders.ready("new").await;
     let old = orders.spawn("old", &["fenced".to_owned()], Duration::ZERO);
     let sent_by = |sender: &str| {
         server
@@ -578,7 +548,7 @@ async fn a_holder_whose_lease_ran_out_cannot_undo_the_work_of_the_one_that_took_
         "{:?}",
         old.lines()
     );
-    let outbox = Outbox::connect(postgres.url(), &queue).await.unwrap();
+    let outbox = connect(&postgres, &queue).await;
     assert!(
         outbox.quarantined().unwrap().is_empty(),
         "the old holder's quarantine applied"
@@ -627,20 +597,9 @@ async fn an_enqueue_committed_wakes_a_dispatcher_at_once_and_one_rolled_back_nev
     .await;
     // Polling every 30 s: only the notification explains a prompt delivery.
     let interval = Duration::from_secs(30);
-    let orders = Orders {
-        postgres: &postgres,
-        queue: &queue,
-        server: &server,
-        lease: Duration::from_secs(1),
-        interval,
-    };
-    let dispatcher = orders.spawn("dispatcher", &[], Duration::ZERO);
-    assert!(
-        dispatcher
-            .said(Duration::from_secs(10), |line| line == "ready")
-            .await
-    );
-    let outbox = Outbox::connect(postgres.url(), &queue).await.unwrap();
+    let orders = Orders::new(&postgres, &queue, &server, interval);
+    let dispatcher = orders.ready("dispatcher").await;
+    let outbox = connect(&postgres, &queue).await;
     let mut client = postgres.client().await;
     let event = |key: &str| {
         Request::post(server.url(&format!("/hooks/{key}")))
@@ -696,22 +655,10 @@ async fn a_database_restarted_mid_run_loses_nothing_and_the_sender_reconnects() 
         return;
     }
     let queue = postgres.queue("restart");
-    let (server, ledger) = receiver(|request, ledger| {
-        let takes = Duration::from_millis(10);
-        ledger.note(request, takes, true);
-        Reply::Delayed {
-            after: takes,
-            reply: Box::new(Reply::status(200)),
-        }
-    })
-    .await;
-    let orders = Orders {
-        postgres: &postgres,
-        queue: &queue,
-        server: &server,
-        lease: Duration::from_secs(1),
-        interval: Duration::from_millis(200),
-    };
+    let (server, ledger) =
+        receiver(|request, ledger| ledger.delivered_after(request, Duration::from_millis(10)))
+            .await;
+    let orders = Orders::new(&postgres, &queue, &server, Duration::from_millis(200));
     let sent = keys("restart", 60);
     let sender = orders.spawn("sender", &sent, Duration::from_millis(50));
     let some_delivered = wait_for(Duration::from_secs(10), || {
@@ -732,12 +679,8 @@ async fn a_database_restarted_mid_run_loses_nothing_and_the_sender_reconnects() 
         "{:?}",
         sender.lines()
     );
-    let all_delivered = wait_for(Duration::from_secs(20), || {
-        let ledger = ledger.lock().unwrap();
-        sent.iter().all(|key| ledger.delivered.contains_key(key))
-    })
-    .await;
-    let outbox = Outbox::connect(postgres.url(), &queue).await.unwrap();
+    let all_delivered = all_delivered(&ledger, &sent, Duration::from_secs(20)).await;
+    let outbox = connect(&postgres, &queue).await;
     let drained = emptied(&outbox, Duration::from_secs(20)).await;
     let lines = sender.kill();
     let not_stored: Vec<&String> = lines

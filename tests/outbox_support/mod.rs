@@ -4,7 +4,12 @@
 
 #![allow(dead_code)] // Each test file uses its own share of them.
 
-use std::{future::Future, path::PathBuf, process::Command};
+use std::{
+    future::Future,
+    path::PathBuf,
+    process::Command,
+    time::{Duration, SystemTime},
+};
 
 /// A directory of its own for one test, removed when dropped. Its path is
 /// canonical, so that tests of links and moved files compare like with like.
@@ -64,4 +69,37 @@ pub fn as_child<F: Future<Output = ()>>(role: &str, body: impl FnOnce(String) ->
         .build()
         .unwrap();
     runtime.block_on(body(role));
+}
+
+/// Waits on tokio's clock (the real one, unless the test paused it), `step`
+/// at a time, until `done` or `limit`.
+pub async fn wait_every(step: Duration, limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let start = tokio::time::Instant::now();
+    while !done() {
+        if start.elapsed() > limit {
+            return false;
+        }
+        tokio::time::sleep(step).await;
+    }
+    true
+}
+
+/// xorshift64*: enough randomness for kill instants, faults and answers.
+pub struct Random(pub u64);
+
+impl Random {
+    pub fn seeded() -> Random {
+        let nanos = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+        Random(u64::from(nanos) | 1)
+    }
+
+    pub fn below(&mut self, bound: u64) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) % bound
+    }
 }

@@ -19,7 +19,43 @@ use std::{
     sync::OnceLock,
 };
 
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_util::{
+    client::legacy::{connect::HttpConnector, Client},
+    rt::TokioExecutor,
+};
 use tokio::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use tower_terminal_retry::outbox::Outbox;
+
+use crate::outbox_support::wait_every;
+
+pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+/// A plain HTTP client, for the dispatchers of the tests.
+pub fn http_client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// Waits on the real clock, 20 ms at a time, until `done` or `limit`.
+pub async fn wait_for(limit: Duration, done: impl FnMut() -> bool) -> bool {
+    wait_every(Duration::from_millis(20), limit, done).await
+}
+
+/// Waits until `outbox` holds nothing, pending or quarantined.
+pub async fn emptied(outbox: &Outbox, limit: Duration) -> bool {
+    wait_for(limit, || {
+        outbox.pending().unwrap().is_empty() && outbox.quarantined().unwrap().is_empty()
+    })
+    .await
+}
+
+/// The outbox of `queue` on the test server.
+pub async fn connect(postgres: &Postgres, queue: &str) -> Outbox {
+    Outbox::connect(postgres.url(), queue).await.unwrap()
+}
 
 /// The database the throwaway server's tests connect to.
 const DATABASE: &str = "postgres";
