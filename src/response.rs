@@ -35,6 +35,14 @@ pub(crate) async fn body_start<B: http_body::Body>(
     timeout: Duration,
     secrets: &[&str],
 ) -> String {
+    let start = read_start(body, timeout).await;
+    clean(String::from_utf8_lossy(&start).trim(), secrets)
+}
+
+/// The first bytes of a body, at most what is read of one; what could be
+/// read within `timeout`. A success's body is read so, and dropped unread as
+/// text: the connection goes back to the pool.
+pub(crate) async fn read_start<B: http_body::Body>(body: B, timeout: Duration) -> Vec<u8> {
     let mut body = std::pin::pin!(body);
     let mut start = Vec::new();
     let read = async {
@@ -56,7 +64,7 @@ pub(crate) async fn body_start<B: http_body::Body>(
     };
     // A body cut short by the timeout or an error is still worth showing.
     let _ = tokio::time::timeout(timeout, read).await;
-    clean(String::from_utf8_lossy(&start).trim(), secrets)
+    start
 }
 
 /// Text from a server made safe to show, store and send back: each of

@@ -90,6 +90,29 @@ async fn a_redirect_is_refused_for_good_and_the_error_names_its_location() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_token_echoed_in_a_redirects_location_is_redacted() {
+    let server = answering(|_| {
+        let mut reply = Reply::status(302);
+        if let Reply::Respond(response) = &mut reply {
+            let location = format!("https://elsewhere.test/?token={TOKEN}");
+            response.headers_mut().insert(
+                http::header::LOCATION,
+                http::HeaderValue::from_str(&location).unwrap(),
+            );
+        }
+        reply
+    })
+    .await;
+    let error = client_of(&server)
+        .send_task_result("t1", &TaskResult::completed(""))
+        .await
+        .expect_err("a 302 is no success");
+    let shown = format!("{error} {error:?}");
+    assert!(!shown.contains(TOKEN), "{shown}");
+    assert!(shown.contains("elsewhere.test"), "{shown}");
+}
+
+#[tokio::test(start_paused = true)]
 async fn an_echoed_token_is_redacted_from_errors_events_and_the_fallback() {
     let server = answering(echo_authorization(400)).await;
     let client = client_of(&server);

@@ -139,16 +139,17 @@ impl Transport {
         let response = result
             .map_err(|source| Error::transport(Method::POST, path.clone(), source, outcome))?;
         let status = response.status();
-        let redirect = crate::response::redirect_note(status, response.headers());
-        // Read even on success, so the connection goes back to the pool.
-        let body =
-            crate::response::body_start(response.into_body(), self.timeout, &self.secrets()).await;
-        let body = redirect.unwrap_or(body);
-        match outcome {
-            Outcome::Success => Ok(()),
-            Outcome::Transient | Outcome::Permanent => {
-                Err(Error::rejected(Method::POST, path, status, body, outcome))
-            }
+        if outcome == Outcome::Success {
+            // Read, so the connection goes back to the pool; never shown.
+            crate::response::read_start(response.into_body(), self.timeout).await;
+            return Ok(());
         }
+        let secrets = self.secrets();
+        let redirect = crate::response::redirect_note(status, response.headers());
+        let body = crate::response::body_start(response.into_body(), self.timeout, &secrets).await;
+        // A redirect says where it points (cleaned too: a hostile server may
+        // echo the token there) instead of its body.
+        let body = redirect.map_or(body, |note| crate::response::clean(&note, &secrets));
+        Err(Error::rejected(Method::POST, path, status, body, outcome))
     }
 }
