@@ -181,6 +181,10 @@ pub mod client;
 pub mod outbox;
 #[cfg(feature = "test-server")]
 pub mod test_server;
+#[cfg(feature = "webhooks")]
+pub mod webhooks;
+#[cfg(feature = "idempotency")]
+pub mod idempotency;
 
 pub use budget::RetryBudget;
 pub use classify::{classify_status, Classify, ClassifyFn, DefaultClassifier, Outcome};
