@@ -175,6 +175,7 @@ fn main() {
                 .build()
                 .expect("a dispatcher"),
             postgres: Dispatcher::builder(postgres, client)
+                .origin(&server.base().parse().expect("the server's URL"))
                 .build()
                 .expect("a dispatcher"),
             naive: Naive::connect(&url).await,
@@ -216,6 +217,7 @@ async fn commit_to_first_attempt(url: &str) {
         .await
         .expect("a postgres outbox");
     let dispatcher = Dispatcher::builder(outbox, hyper_client())
+        .any_origin()
         .build()
         .expect("a dispatcher");
     let (mut application, connection) = tokio_postgres::connect(url, NoTls)

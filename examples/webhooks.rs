@@ -267,6 +267,7 @@ fn postgres_sender(
                 std::future::pending::<Result<http::Response<Full<Bytes>>, std::io::Error>>()
             });
             let dispatcher = Dispatcher::builder(outbox, hangs)
+                .origin(&receiver.parse()?)
                 .lease(LEASE)
                 .replay_interval(REPLAY_INTERVAL)
                 .build()?;
@@ -286,7 +287,9 @@ fn postgres_sender(
         let stack = ServiceBuilder::new()
             .timeout(Duration::from_secs(5))
             .service(client);
+        // On a shared queue, a dispatcher is told where its requests may go.
         let dispatcher = Dispatcher::builder(outbox, stack)
+            .origin(&receiver.parse()?)
             .lease(LEASE)
             .replay_interval(REPLAY_INTERVAL)
             .build()?;

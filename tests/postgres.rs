@@ -38,6 +38,7 @@ const SECRET: &str = "s3cret-never-stored";
 /// A dispatcher on `outbox`: short lease and replay interval, for tests.
 fn builder(outbox: Outbox) -> DispatcherBuilder<HttpClient> {
     Dispatcher::builder(outbox, http_client())
+        .any_origin()
         .lease(Duration::from_secs(1))
         .replay_interval(Duration::from_millis(200))
 }
@@ -396,6 +397,7 @@ async fn a_zero_lease_is_a_configuration_error() {
     };
     let outbox = connect(&postgres, &postgres.queue("zero-lease")).await;
     let error = Dispatcher::builder(outbox, http_client())
+        .any_origin()
         .lease(Duration::ZERO)
         .build()
         .unwrap_err();

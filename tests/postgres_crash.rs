@@ -74,13 +74,14 @@ fn child() {
             request.headers_mut().insert(SENDER, sender.clone());
             request
         });
+        let server = var(SERVER);
         let dispatcher = Dispatcher::builder(outbox, service)
+            .origin(&server.parse().unwrap())
             .lease(millis(LEASE_MS))
             .replay_interval(millis(INTERVAL_MS))
             .build()
             .unwrap();
         println!("{SAYS} ready");
-        let server = var(SERVER);
         let pace = millis(PACE_MS);
         for key in var(KEYS).split(',').filter(|key| !key.is_empty()) {
             let request = Request::post(format!("{server}/hooks/{key}"))

@@ -15,8 +15,7 @@ use tower::{util::MapRequest, BoxError, Layer, Service};
 use super::{
     dispatcher::{Settings, Shared},
     foreground::count_attempt,
-    pace::Pace,
-    replay::replay,
+    replay::supervise,
     Dispatcher, Entry, Outbox,
 };
 use crate::{origin::origin_key, Classify, DefaultClassifier, Recovery, TerminalRetryLayer};
@@ -34,6 +33,9 @@ pub const DEFAULT_REPLAY_RATE: u32 = 100;
 /// The default time a claim of a record in a shared outbox holds, renewed
 /// while its attempt runs.
 pub(super) const DEFAULT_LEASE: Duration = Duration::from_secs(30);
+/// How long a foreground delivery waits for each write to the store before
+/// it goes on without it, unless set.
+const DEFAULT_STORE_WAIT: Duration = Duration::from_secs(3);
 
 /// Configures a [`Dispatcher`]; made by [`Dispatcher::builder`].
 pub struct DispatcherBuilder<S, C = DefaultClassifier> {
@@ -74,7 +76,9 @@ impl<S> Dispatcher<S> {
                 replay_interval: DEFAULT_REPLAY_INTERVAL,
                 replay_concurrency: DEFAULT_REPLAY_CONCURRENCY,
                 replay_rate: DEFAULT_REPLAY_RATE,
-                origin: None,
+                origins: Vec::new(),
+                any_origin: false,
+                store_wait: DEFAULT_STORE_WAIT,
                 secrets: Vec::new(),
             },
             lease: DEFAULT_LEASE,
@@ -162,15 +166,50 @@ impl<S, C> DispatcherBuilder<S, C> {
         self
     }
 
-    /// Sends requests to this origin only: its scheme, host and port (the
-    /// rest of `origin` is ignored). A stored request for another origin (one
-    /// queued under an old base URL, or planted in the file) is never sent:
-    /// it is quarantined, with an `error` event naming its host. A request
-    /// to another origin handed to [`Dispatcher::send`] is refused the same
-    /// way, and not stored ([`Durability::Refused`](super::Durability::Refused)).
-    /// By default requests go wherever their URI says.
+    /// Adds `origin` (its scheme, host and port; the rest is ignored) to the
+    /// origins requests may go to: call it once for each. A request to
+    /// another origin handed to [`Dispatcher::send`] is refused, not stored
+    /// ([`Durability::Refused`](super::Durability::Refused)), and so is a
+    /// fallback to one.
+    ///
+    /// A stored request for an origin outside the list is never sent by this
+    /// dispatcher. On a file ([`Outbox::open`]), which one process holds, it
+    /// is quarantined (one queued under an old base URL, or planted in the
+    /// file), with an `error` event naming its host. On a shared outbox
+    /// ([`Outbox::connect`]) it is left alone, neither claimed nor changed:
+    /// it belongs to another dispatcher on the queue, the one whose list
+    /// holds its origin.
+    ///
+    /// On a file, without a list, requests go wherever their URI says. On a
+    /// shared outbox, [`build`](DispatcherBuilder::build) needs this or
+    /// [`any_origin`](DispatcherBuilder::any_origin): whoever can store a
+    /// request in the queue must not be able to send this dispatcher's
+    /// credentials to a host of its choosing.
     pub fn origin(mut self, origin: &Uri) -> Self {
-        self.settings.origin = Some(origin_key(origin));
+        self.settings.origins.push(origin_key(origin));
+        self
+    }
+
+    /// Lets requests go wherever their URI says, on a shared outbox too: for
+    /// a sender whose service adds no shared credential (webhooks to its
+    /// customers' own endpoints). Not to be combined with
+    /// [`origin`](DispatcherBuilder::origin).
+    pub fn any_origin(mut self) -> Self {
+        self.settings.any_origin = true;
+        self
+    }
+
+    /// The longest a foreground delivery waits for each write to the store
+    /// (by default 3 s): the insert before the first attempt, and the
+    /// records of how it went. Past it, the request is sent without the
+    /// store, exactly as when the store cannot be written: a `warn` event
+    /// says so, and [`Dispatch::stored`](super::Dispatch::stored) says
+    /// [`Durability::NotStored`](super::Durability::NotStored). A store
+    /// that freezes (a database that stops answering, a table locked by
+    /// another session) does not hold deliveries up. `0` is an error of
+    /// [`build`](DispatcherBuilder::build).
+    pub fn store_wait(mut self, wait: Duration) -> Self {
+        self.settings.store_wait = wait;
         self
     }
 
@@ -194,8 +233,9 @@ impl<S, C> DispatcherBuilder<S, C> {
     ///
     /// # Errors
     ///
-    /// A zero replay interval, concurrency, rate or lease, an origin without a
-    /// host, or no tokio runtime.
+    /// A zero replay interval, concurrency, rate, lease or store wait; an
+    /// origin without a host; both `origin` and `any_origin`, or neither on
+    /// a shared outbox ([`Outbox::connect`]); or no tokio runtime.
     pub fn build<RB, E>(self) -> Result<Dispatcher<S, C>, crate::ConfigError>
     where
         S: Service<Request<Full<Bytes>>, Response = Response<RB>, Error = E>
@@ -221,8 +261,23 @@ impl<S, C> DispatcherBuilder<S, C> {
         if self.lease.is_zero() {
             return Err(invalid("the lease must not be zero"));
         }
-        if self.settings.origin.as_ref().is_some_and(String::is_empty) {
-            return Err(invalid("the origin must be an absolute URL with a host"));
+        if self.settings.store_wait.is_zero() {
+            return Err(invalid("the store wait must not be zero"));
+        }
+        if self.settings.origins.iter().any(String::is_empty) {
+            return Err(invalid("an origin must be an absolute URL with a host"));
+        }
+        if self.settings.any_origin && !self.settings.origins.is_empty() {
+            return Err(invalid(
+                "`any_origin` and `origin` contradict each other: call one of them",
+            ));
+        }
+        if self.outbox.is_shared() && self.settings.origins.is_empty() && !self.settings.any_origin
+        {
+            return Err(invalid(
+                "a dispatcher on a shared outbox must be told where its requests may go: call \
+                 `origin` once for each origin, or `any_origin`",
+            ));
         }
         let runtime = tokio::runtime::Handle::try_current()
             .map_err(|_| invalid("a dispatcher must be built inside a tokio runtime"))?;
@@ -238,7 +293,6 @@ impl<S, C> DispatcherBuilder<S, C> {
         self.outbox
             .hold_for(self.lease, self.settings.replay_interval);
         let wake = self.outbox.requeued();
-        let pace = Pace::new(self.settings.replay_rate);
         let shared = Arc::new(Shared {
             outbox: self.outbox,
             attempt: self.service,
@@ -250,7 +304,8 @@ impl<S, C> DispatcherBuilder<S, C> {
             unremoved: Mutex::new(Default::default()),
             wake: wake.clone(),
         });
-        runtime.spawn(replay(Arc::downgrade(&shared), wake, pace));
+        let rate = shared.settings.replay_rate;
+        runtime.spawn(supervise(Arc::downgrade(&shared), wake, rate));
         Ok(Dispatcher { shared })
     }
 }

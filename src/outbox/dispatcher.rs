@@ -112,8 +112,13 @@ pub(super) struct Settings {
     pub(super) replay_interval: Duration,
     pub(super) replay_concurrency: usize,
     pub(super) replay_rate: u32,
-    /// The only origin requests are sent to (`scheme://host:port`), if set.
-    pub(super) origin: Option<String>,
+    /// The origins requests may go to (`scheme://host:port`); any, if
+    /// empty.
+    pub(super) origins: Vec<String>,
+    /// Said explicitly: requests may go anywhere, on a shared outbox too.
+    pub(super) any_origin: bool,
+    /// The longest a foreground delivery waits for a write to the store.
+    pub(super) store_wait: Duration,
     /// Replaced in every text taken from a response.
     pub(super) secrets: Vec<String>,
 }
@@ -130,7 +135,9 @@ impl Settings {
             .field("replay_interval", &self.replay_interval)
             .field("replay_concurrency", &self.replay_concurrency)
             .field("replay_rate", &self.replay_rate)
-            .field("origin", &self.origin)
+            .field("origins", &self.origins)
+            .field("any_origin", &self.any_origin)
+            .field("store_wait", &self.store_wait)
             .field("redacted", &self.secrets.len())
     }
 }
@@ -263,10 +270,18 @@ impl<S, C> Shared<S, C> {
                  host); put them in a header the sending service adds"
             ));
         }
-        let origin = self.settings.origin.as_deref()?;
-        (!is_origin(uri, origin)).then(|| {
-            format!("not sent: it goes to {target}, not to the dispatcher's origin {origin}")
+        (!self.allows(uri)).then(|| {
+            format!(
+                "not sent: it goes to {target}, not to an origin of the dispatcher's ({})",
+                self.settings.origins.join(", ")
+            )
         })
+    }
+
+    /// Whether `uri` goes to an origin of the allow-list (any, without one).
+    pub(super) fn allows(&self, uri: &Uri) -> bool {
+        let origins = &self.settings.origins;
+        origins.is_empty() || origins.iter().any(|origin| is_origin(uri, origin))
     }
 
     /// Starts no replay for `pause` from now (or longer, if asked before).
@@ -308,6 +323,19 @@ impl<S, C> Shared<S, C> {
             }
             lock(&self.unremoved).remove(&seq);
         }
+    }
+
+    /// `write` to the store, or an error once the store wait has passed: a
+    /// store that stops answering does not hold a delivery up. A write that
+    /// lands later only has its request replayed, a no-op for the server.
+    pub(super) async fn within_wait<T>(
+        &self,
+        write: impl std::future::Future<Output = Result<T, super::OutboxError>>,
+    ) -> Result<T, super::OutboxError> {
+        let wait = self.settings.store_wait;
+        tokio::time::timeout(wait, write)
+            .await
+            .unwrap_or_else(|_| Err(super::OutboxError::unanswered(self.outbox.path(), wait)))
     }
 
     /// Logs a store write that failed; the delivery goes on: what is on
@@ -415,7 +443,9 @@ impl<S, C> Shared<S, C> {
             Outcome::Transient => match seq {
                 Some(seq) => {
                     let failure = sent.failure;
-                    let written = self.outbox.record_failure(seq, attempts, failure).await;
+                    let written = self
+                        .within_wait(self.outbox.record_failure(seq, attempts, failure))
+                        .await;
                     Self::recorded(key, written);
                     Step::Queued
                 }
@@ -449,7 +479,9 @@ impl<S, C> Shared<S, C> {
                             "request refused for good with nothing to fall back to: quarantined \
                              in the outbox, not retried"
                         );
-                        let written = self.outbox.quarantine(seq, sent.failure).await;
+                        let written = self
+                            .within_wait(self.outbox.quarantine(seq, sent.failure))
+                            .await;
                         Self::recorded(key, written);
                         Step::Done(Delivery::Quarantined)
                     }
@@ -494,7 +526,9 @@ impl<S, C> Shared<S, C> {
         if let Some(seq) = seq {
             // The fallback is stored before it is sent, in the commit that
             // retires the refused request.
-            let written = self.outbox.replace(seq, next.clone()).await;
+            let written = self
+                .within_wait(self.outbox.replace(seq, next.clone()))
+                .await;
             Self::recorded(key, written);
         }
         let request = next.keyed(fallback);

@@ -32,6 +32,8 @@ enum Kind {
     Io(Arc<dyn Error + Send + Sync>),
     /// The writer is gone: the outbox is being dropped.
     Closed,
+    /// The store did not answer within the dispatcher's store wait.
+    Unanswered(std::time::Duration),
     /// The delivery stopped (its task was aborted, its runtime shut down)
     /// before the outbox answered.
     Stopped,
@@ -69,6 +71,15 @@ impl OutboxError {
 
     pub(super) fn closed(path: &Path) -> OutboxError {
         OutboxError::new(Kind::Closed, path)
+    }
+
+    pub(super) fn unanswered(path: &Path, wait: std::time::Duration) -> OutboxError {
+        OutboxError::new(Kind::Unanswered(wait), path)
+    }
+
+    /// Whether the store did not answer in time (it may answer later).
+    pub(super) fn is_unanswered(&self) -> bool {
+        matches!(self.kind, Kind::Unanswered(_))
     }
 
     pub(super) fn stopped() -> OutboxError {
@@ -133,6 +144,11 @@ impl fmt::Display for OutboxError {
             ),
             Kind::Io(source) => write!(f, "outbox {path} cannot be read or written: {source}"),
             Kind::Closed => write!(f, "outbox {path} is closed"),
+            Kind::Unanswered(wait) => write!(
+                f,
+                "outbox {path} did not answer within {} ms: going on without it",
+                wait.as_millis()
+            ),
             Kind::Stopped => f.write_str(
                 "the delivery stopped before the outbox answered: the request may or may not be stored",
             ),
@@ -167,6 +183,7 @@ impl Error for OutboxError {
             | Kind::Replaced
             | Kind::Unencodable(_)
             | Kind::Closed
+            | Kind::Unanswered(_)
             | Kind::Stopped => None,
             #[cfg(feature = "postgres")]
             Kind::Refused(_) => None,

@@ -70,7 +70,7 @@ where
             return Delivery::AlreadyStored;
         };
         let mut entry = Entry::new(key, &request, tag);
-        let seq = match self.outbox.insert(&entry).await {
+        let seq = match self.within_wait(self.outbox.insert(&entry)).await {
             Ok(Inserted::Stored(seq)) => {
                 tracing::debug!(
                     key = entry.key,
@@ -86,11 +86,20 @@ where
                 return Delivery::AlreadyStored;
             }
             Err(error) => {
-                tracing::error!(
-                    key = entry.key,
-                    error = %error,
-                    "request could not be stored in the outbox: it is not durable, sending it in process only"
-                );
+                // A store that stopped answering is a warning: it may well
+                // have the request by now, and its replay sends it again.
+                match error.is_unanswered() {
+                    true => tracing::warn!(
+                        key = entry.key,
+                        error = %error,
+                        "request not stored in the outbox in time: it may not be durable, sending it in process"
+                    ),
+                    false => tracing::error!(
+                        key = entry.key,
+                        error = %error,
+                        "request could not be stored in the outbox: it is not durable, sending it in process only"
+                    ),
+                }
                 on_stored(Durability::NotStored(error));
                 None
             }

@@ -175,6 +175,7 @@ mod delivery;
 mod dispatcher;
 mod error;
 mod foreground;
+mod listing;
 mod pace;
 mod record;
 mod replay;
@@ -184,8 +185,9 @@ pub use builder::{DispatcherBuilder, DEFAULT_REPLAY_RATE};
 pub use delivery::{Delivery, Dispatch, Durability};
 pub use dispatcher::Dispatcher;
 pub use error::OutboxError;
+pub use listing::{Cursor, Listing, Page, MAX_PAGE};
 pub use record::{Entry, Tag};
-pub use store::Outbox;
+pub use store::{Outbox, LIST_CAP};
 
 /// The header each stored request is sent with: a key generated when it is
 /// stored, the same on every attempt, replay and restart (the name of the

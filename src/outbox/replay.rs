@@ -28,6 +28,39 @@ use crate::{classify::Outcome, recovery::Woken, sync::lock, Jitter};
 const FIRST_PROBE_DELAY: Duration = Duration::from_secs(1);
 /// How many pending records the replay reads at a time.
 const REPLAY_PAGE: usize = 256;
+/// The wait before a replay worker that stopped unexpectedly is started
+/// again: a fault that recurs at once does not spin.
+const RESTART_DELAY: Duration = Duration::from_secs(1);
+/// The longest part of a panic's message an event shows.
+const PANIC_MESSAGE_CAP: usize = 512;
+
+/// Runs the replay worker, and starts it again, with an `error` event,
+/// whenever it stops unexpectedly (a panic in a classifier, a fallback or a
+/// store): nothing stops the delivery of what is stored but the end of the
+/// dispatcher or of the runtime.
+pub(super) async fn supervise<S, C>(dispatcher: Weak<Shared<S, C>>, wake: Arc<Notify>, rate: u32)
+where
+    S: AttemptService,
+    S::Future: Send,
+    C: AttemptClassifier<S>,
+{
+    loop {
+        let worker = tokio::spawn(replay(dispatcher.clone(), wake.clone(), Pace::new(rate)));
+        let stopped = match worker.await {
+            Ok(()) => return,
+            Err(error) if error.is_cancelled() => return,
+            Err(error) => error.into_panic(),
+        };
+        if dispatcher.strong_count() == 0 {
+            return;
+        }
+        tracing::error!(
+            panic = panic_message(stopped),
+            "the outbox's replay stopped unexpectedly: started again"
+        );
+        tokio::time::sleep(RESTART_DELAY).await;
+    }
+}
 
 /// Runs `until` to its end, unless the dispatcher is dropped first (`None`).
 /// Holds the dispatcher weakly meanwhile, so that it can be dropped.
@@ -114,7 +147,7 @@ where
             }
             continue;
         }
-        let oldest = match shared.outbox.pending_after(0, 1).await {
+        let oldest = match shared.outbox.pending_after(0, 1, &shared.settings.origins).await {
             Ok(oldest) => oldest.into_iter().next(),
             Err(error) => {
                 tracing::error!(error = %error, "outbox cannot be read for replay");
@@ -205,7 +238,7 @@ where
     /// Sends the oldest record the replay may send once; whether the server
     /// took it (or refused it for good: it is up either way).
     async fn probe(self: Arc<Self>, pace: &mut Pace) -> bool {
-        let Ok(entries) = self.outbox.pending_after(0, REPLAY_PAGE).await else {
+        let Ok(entries) = self.outbox.pending_after(0, REPLAY_PAGE, &self.settings.origins).await else {
             return false;
         };
         for listed in entries {
@@ -234,7 +267,7 @@ where
         let mut healthy = true;
         let mut sent = 0;
         'pages: while healthy {
-            let entries = match self.outbox.pending_after(after, REPLAY_PAGE).await {
+            let entries = match self.outbox.pending_after(after, REPLAY_PAGE, &self.settings.origins).await {
                 Ok(entries) => entries,
                 Err(error) => {
                     tracing::error!(error = %error, "outbox cannot be read for replay");
@@ -248,9 +281,11 @@ where
             after = last.seq;
             for listed in entries {
                 while running.len() >= self.settings.replay_concurrency {
-                    if let Some(Ok(false)) = running.join_next().await {
-                        healthy = false;
-                        break 'pages;
+                    if let Some(done) = running.join_next().await {
+                        if !answered(done) {
+                            healthy = false;
+                            break 'pages;
+                        }
                     }
                 }
                 let Some((entry, claim)) = self.take(&listed).await else {
@@ -275,7 +310,7 @@ where
             }
         }
         while let Some(done) = running.join_next().await {
-            healthy &= done.unwrap_or(false);
+            healthy &= answered(done);
         }
         match healthy {
             true => Replayed::All { sent },
@@ -290,6 +325,11 @@ where
     /// goes where the dispatcher sends nothing (it is quarantined here).
     async fn take(self: &Arc<Self>, listed: &Entry) -> Option<(Entry, Claim)> {
         if lock(&self.unremoved).contains(&listed.seq) {
+            return None;
+        }
+        // Another dispatcher's, on a shared outbox: not claimed, not
+        // changed, left to the one whose allow-list holds its origin.
+        if self.outbox.is_shared() && !self.allows(&listed.uri) {
             return None;
         }
         let claim = self.outbox.claim(&listed.key).await?;
@@ -358,6 +398,37 @@ where
             }
         }
     }
+}
+
+/// Whether a replayed record's server answered; a replay that panicked (in a
+/// classifier, a fallback) says so in an `error` event, and counts as no
+/// answer: the record, released by its claim, is tried again.
+fn answered(done: Result<bool, tokio::task::JoinError>) -> bool {
+    match done {
+        Ok(answered) => answered,
+        Err(error) => {
+            if error.is_panic() {
+                tracing::error!(
+                    panic = panic_message(error.into_panic()),
+                    "a replayed request's attempt panicked: it stays stored"
+                );
+            }
+            false
+        }
+    }
+}
+
+/// The message of a panic, cleaned and capped for an event.
+fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
+    let message = panic
+        .downcast_ref::<&str>()
+        .map(|message| message.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_default();
+    crate::response::clean(&message, &[])
+        .chars()
+        .take(PANIC_MESSAGE_CAP)
+        .collect()
 }
 
 /// How long ago `at` was, for events; zero for a time in the future.

@@ -46,7 +46,11 @@ use std::{
 
 use tokio::sync::Notify;
 
-use super::{Entry, OutboxError};
+use super::{Entry, Listing, OutboxError, Page};
+
+/// The most records [`Outbox::pending`] and [`Outbox::quarantined`] return:
+/// a queue of millions is read with [`Outbox::list`], a page at a time.
+pub const LIST_CAP: usize = 10_000;
 
 /// A durable store of idempotent requests, one per key, in a single file
 /// ([`open`](Outbox::open)) or in a queue of a PostgreSQL database shared by
@@ -198,6 +202,17 @@ impl Outbox {
         }
     }
 
+    /// Whether other processes share this outbox (one on PostgreSQL): its
+    /// dispatchers must be told where their requests may go, and leave
+    /// alone the records of the others.
+    pub(super) fn is_shared(&self) -> bool {
+        match &*self.backend {
+            Backend::Redb(_) => false,
+            #[cfg(feature = "postgres")]
+            Backend::Postgres(_) => true,
+        }
+    }
+
     /// The file, as an absolute path; for PostgreSQL, a pseudo path naming
     /// the server, the database and the queue (never the password).
     pub fn path(&self) -> &Path {
@@ -208,32 +223,54 @@ impl Outbox {
         }
     }
 
-    /// The pending records, oldest first.
+    /// The pending records, oldest first, with their bodies: at most
+    /// [`LIST_CAP`] of them. A convenience for small outboxes; a large one
+    /// is read a page at a time with [`list`](Outbox::list).
     ///
     /// # Errors
     ///
     /// The file cannot be read.
     pub fn pending(&self) -> Result<Vec<Entry>, OutboxError> {
         match &*self.backend {
-            Backend::Redb(store) => store.pending_after(0, usize::MAX),
+            Backend::Redb(store) => store.page(false, 0, LIST_CAP),
             #[cfg(feature = "postgres")]
-            Backend::Postgres(store) => store.pending(),
+            Backend::Postgres(store) => store.pending(LIST_CAP),
         }
     }
 
     /// The quarantined records: refused for good by the server, kept, not
-    /// retried, oldest first. A record that cannot be decoded is listed as
-    /// `damaged-<seq>` (see [`Outbox`]).
+    /// retried, oldest first, with their bodies: at most [`LIST_CAP`] of
+    /// them (see [`list`](Outbox::list) for more). A record that cannot be
+    /// decoded is listed as `damaged-<seq>` (see [`Outbox`]).
     ///
     /// # Errors
     ///
     /// The file cannot be read.
     pub fn quarantined(&self) -> Result<Vec<Entry>, OutboxError> {
         match &*self.backend {
-            Backend::Redb(store) => store.quarantined(),
+            Backend::Redb(store) => store.page(true, 0, LIST_CAP),
             #[cfg(feature = "postgres")]
-            Backend::Postgres(store) => store.quarantined(),
+            Backend::Postgres(store) => store.quarantined(LIST_CAP),
         }
+    }
+
+    /// One page of the records, pending or quarantined, oldest first (see
+    /// [`Listing`]): however many are stored, it reads at most
+    /// [`MAX_PAGE`](super::MAX_PAGE), without their bodies unless asked. On
+    /// PostgreSQL it reads on the store's own connection, pending records
+    /// leased by a sender included.
+    ///
+    /// # Errors
+    ///
+    /// The store cannot be read.
+    pub async fn list(&self, listing: &Listing) -> Result<Page, OutboxError> {
+        let (after, limit) = listing.range();
+        let entries = match &*self.backend {
+            Backend::Redb(store) => store.page(listing.quarantined, after, limit)?,
+            #[cfg(feature = "postgres")]
+            Backend::Postgres(store) => store.page(listing.quarantined, after, limit).await?,
+        };
+        Ok(Page::of(entries, limit, listing.bodies))
     }
 
     /// How many records are pending, as of the last commit.
@@ -324,17 +361,20 @@ impl Outbox {
     }
 
     /// Up to `limit` pending records after sequence number `after`, oldest
-    /// first. Async, as every read the dispatcher makes, for a store across
-    /// the network.
+    /// first; on a shared outbox, only those for `origins` (all, if empty),
+    /// the records of other dispatchers left out. Async, as every read the
+    /// dispatcher makes, for a store across the network.
+    #[cfg_attr(not(feature = "postgres"), allow(unused_variables))]
     pub(super) async fn pending_after(
         &self,
         after: u64,
         limit: usize,
+        origins: &[String],
     ) -> Result<Vec<Entry>, OutboxError> {
         match &*self.backend {
             Backend::Redb(store) => store.pending_after(after, limit),
             #[cfg(feature = "postgres")]
-            Backend::Postgres(store) => store.pending_after(after, limit).await,
+            Backend::Postgres(store) => store.pending_after(after, limit, origins).await,
         }
     }
 
@@ -348,7 +388,7 @@ impl Outbox {
             return store.get(seq).await;
         }
         Ok(self
-            .pending_after(seq.saturating_sub(1), 1)
+            .pending_after(seq.saturating_sub(1), 1, &[])
             .await?
             .into_iter()
             .find(|entry| entry.seq == seq))

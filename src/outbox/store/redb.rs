@@ -198,8 +198,18 @@ impl RedbStore {
         &self.shared.path
     }
 
-    pub(super) fn quarantined(&self) -> Result<Vec<Entry>, OutboxError> {
-        self.read(QUARANTINED, 0, usize::MAX)
+    /// Up to `limit` records after `after`, quarantined or pending.
+    pub(super) fn page(
+        &self,
+        quarantined: bool,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Entry>, OutboxError> {
+        let table = match quarantined {
+            true => QUARANTINED,
+            false => PENDING,
+        };
+        self.read(table, after.saturating_add(1), limit)
     }
 
     pub(super) fn pending_after(

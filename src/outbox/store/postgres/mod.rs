@@ -69,7 +69,8 @@
 
 use std::{
     collections::HashMap,
-    future::poll_fn,
+    fmt,
+    future::{poll_fn, Future},
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -97,26 +98,31 @@ use crate::{
         record::{damaged_key, Tag},
         Entry, OutboxError,
     },
+    origin::origin_key,
     sync::lock,
 };
 
 /// The schema version this crate writes.
-const SCHEMA_VERSION: i32 = 1;
+const SCHEMA_VERSION: i32 = 2;
 /// The advisory lock the schema is created under: any constant of this
 /// crate's own.
 const SCHEMA_LOCK: i64 = 0x7472_7920_6f75_7462;
-/// The notification channel; its payload names the queue.
-const CHANNEL: &str = "terminal_retry_outbox";
+/// The start of each queue's notification channel, a digest of the queue's
+/// name after it (see [`channel`]).
+const CHANNEL_PREFIX: &str = "terminal_retry_outbox_";
 /// The most writes batched into one statement.
 const MAX_BATCH: usize = 1024;
 /// How long a connection attempt may take, unless the URL says.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest wait for the answer to a statement: longer than the
+/// server's own `statement_timeout`, for a connection that answers nothing.
+const ANSWER_BOUND: Duration = Duration::from_secs(10);
 /// The longest time between two polls of the queue.
 const LONGEST_POLL: Duration = Duration::from_secs(5);
 /// The wait before the listener connects again.
 const LISTEN_RETRY: Duration = Duration::from_secs(1);
 
-/// The schema, version 1.
+/// The schema, version 2.
 const CREATE_SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS terminal_retry_outbox (
     seq bigserial NOT NULL,
@@ -130,12 +136,21 @@ CREATE TABLE IF NOT EXISTS terminal_retry_outbox (
     lease_until timestamptz,
     generation bigint NOT NULL DEFAULT 0,
     stored_at timestamptz NOT NULL DEFAULT now(),
+    origin text,
     PRIMARY KEY (queue, seq),
     UNIQUE (queue, key)
 );
 CREATE INDEX IF NOT EXISTS terminal_retry_outbox_pending
     ON terminal_retry_outbox (queue, seq) WHERE state = 'pending';
-INSERT INTO terminal_retry_outbox_schema (version) VALUES (1);
+INSERT INTO terminal_retry_outbox_schema (version) VALUES (2);
+";
+
+/// From version 1: the origin of each record, so that a dispatcher lists
+/// only the records of its allow-list. Records stored before have none, and
+/// are sorted by the dispatcher.
+const MIGRATE_FROM_1: &str = "
+ALTER TABLE terminal_retry_outbox ADD COLUMN IF NOT EXISTS origin text;
+INSERT INTO terminal_retry_outbox_schema (version) VALUES (2);
 ";
 
 /// Writes to a record only while this claim of it is current: `$3` the
@@ -165,6 +180,14 @@ struct Shared {
     /// A pseudo path: server, database and queue, no password.
     path: PathBuf,
     queue: String,
+    /// The queue's notification channel: its name is not in it.
+    channel: String,
+    /// A notification woke the replay, and no scan has started since.
+    notified: AtomicBool,
+    /// Notifications are not heeded before this: one woke a scan that found
+    /// nothing to do (spurious, or taken by another dispatcher first). The
+    /// poll finds what they announced meanwhile.
+    deaf_until: Mutex<Option<tokio::time::Instant>>,
     /// This store's id in `holder`: a fresh uuid.
     holder: String,
     /// `None` until connected again after the connection was lost.
@@ -183,10 +206,19 @@ struct Shared {
 /// Where a write's answer goes.
 type Reply<T> = oneshot::Sender<Result<T, OutboxError>>;
 
+/// An insert waiting in a batch.
+struct Insert {
+    key: String,
+    origin: String,
+    record: Vec<u8>,
+    reply: Reply<Inserted>,
+}
+
 /// A write the writer batches with others.
 enum Write {
     Insert {
         key: String,
+        origin: String,
         record: Vec<u8>,
         reply: Reply<Inserted>,
     },
@@ -225,8 +257,11 @@ impl PostgresStore {
             config,
             path,
             queue: queue.to_owned(),
+            channel: channel(queue),
+            notified: AtomicBool::new(false),
+            deaf_until: Mutex::new(None),
             holder: uuid::Uuid::new_v4().to_string(),
-            client: tokio::sync::Mutex::new(Some(Arc::new(Connection::new(client)))),
+            client: tokio::sync::Mutex::new(Some(Arc::new(Connection::new(client, ANSWER_BOUND)))),
             runtime: runtime.clone(),
             writable: AtomicBool::new(true),
             pending: AtomicU64::new(0),
@@ -270,6 +305,7 @@ impl PostgresStore {
             ));
         }
         let tag = Tag::of(&request).map_err(|reason| OutboxError::refused(path, reason))?;
+        let origin = origin_key(request.uri());
         let record = Entry::new(key.to_owned(), &request, tag)
             .encode()
             .map_err(|error| OutboxError::unencodable(path, error))?;
@@ -278,10 +314,10 @@ impl PostgresStore {
         transaction
             .query(
                 "WITH stored AS (
-                     INSERT INTO terminal_retry_outbox (queue, key, record)
-                     VALUES ($1, $2, $3) ON CONFLICT (queue, key) DO NOTHING RETURNING seq)
-                 SELECT pg_notify($4, $1) FROM stored",
-                &[&self.shared.queue, &key, &record, &CHANNEL],
+                     INSERT INTO terminal_retry_outbox (queue, key, origin, record)
+                     VALUES ($1, $2, $3, $4) ON CONFLICT (queue, key) DO NOTHING RETURNING seq)
+                 SELECT pg_notify($5, '') FROM stored",
+                &[&self.shared.queue, &key, &origin, &record, &self.shared.channel],
             )
             .await
             .map_err(|error| self.shared.failed(error))?;
@@ -301,16 +337,44 @@ impl PostgresStore {
 
     /// Read on a thread of its own, with a connection of its own: the
     /// caller may be a task of a runtime this must not block on.
-    pub(super) fn pending(&self) -> Result<Vec<Entry>, OutboxError> {
-        let entries = self.list_apart("pending")?;
-        self.shared
-            .pending
-            .store(entries.len() as u64, Ordering::Relaxed);
+    pub(super) fn pending(&self, cap: usize) -> Result<Vec<Entry>, OutboxError> {
+        let entries = self.list_apart("pending", cap)?;
+        if entries.len() < cap {
+            self.shared
+                .pending
+                .store(entries.len() as u64, Ordering::Relaxed);
+        }
         Ok(entries)
     }
 
-    pub(super) fn quarantined(&self) -> Result<Vec<Entry>, OutboxError> {
-        self.list_apart("quarantined")
+    pub(super) fn quarantined(&self, cap: usize) -> Result<Vec<Entry>, OutboxError> {
+        self.list_apart("quarantined", cap)
+    }
+
+    /// Up to `limit` records after `after`, quarantined or pending, leased
+    /// or not, on the store's connection.
+    pub(super) async fn page(
+        &self,
+        quarantined: bool,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Entry>, OutboxError> {
+        let state = match quarantined {
+            true => "quarantined",
+            false => "pending",
+        };
+        let client = self.shared.client().await?;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT {COLUMNS} FROM terminal_retry_outbox
+                     WHERE queue = $1 AND state = $2 AND seq > $3 ORDER BY seq LIMIT $4"
+                ),
+                &[&self.shared.queue, &state, &as_seq(after), &as_limit(limit)],
+            )
+            .await
+            .map_err(|error| self.shared.failed(error))?;
+        Ok(listed(&rows, quarantined))
     }
 
     pub(super) fn pending_count(&self) -> u64 {
@@ -325,8 +389,8 @@ impl PostgresStore {
                      UPDATE terminal_retry_outbox
                      SET state = 'pending', holder = NULL, lease_until = NULL
                      WHERE queue = $1 AND key = $2 AND state = 'quarantined' RETURNING seq)
-                 SELECT pg_notify($3, $1) FROM requeued",
-                &[&self.shared.queue, &key, &CHANNEL],
+                 SELECT pg_notify($3, '') FROM requeued",
+                &[&self.shared.queue, &key, &self.shared.channel],
             )
             .await
             .map_err(|error| self.shared.failed(error))?;
@@ -350,7 +414,7 @@ impl PostgresStore {
             .await
             .map_err(|error| self.shared.failed(error))?;
         for row in &rows {
-            if row.get::<_, &str>(0) == "pending" {
+            if row.try_get::<_, &str>(0).is_ok_and(|state| state == "pending") {
                 self.shared.uncount(1);
             }
         }
@@ -422,6 +486,7 @@ impl PostgresStore {
         let (reply, answer) = oneshot::channel();
         let write = Write::Insert {
             key: entry.key.clone(),
+            origin: origin_key(&entry.uri),
             record,
             reply,
         };
@@ -436,10 +501,14 @@ impl PostgresStore {
         Ok(inserted)
     }
 
+    /// Records of other origins than `origins` (all, if empty) are left
+    /// out; those stored before the schema knew origins are listed, for the
+    /// dispatcher to sort.
     pub(super) async fn pending_after(
         &self,
         after: u64,
         limit: usize,
+        origins: &[String],
     ) -> Result<Vec<Entry>, OutboxError> {
         let client = self.shared.client().await?;
         let rows = client
@@ -448,9 +517,10 @@ impl PostgresStore {
                     "SELECT {COLUMNS} FROM terminal_retry_outbox
                      WHERE queue = $1 AND state = 'pending' AND seq > $2
                        AND (lease_until IS NULL OR lease_until < now())
+                       AND (cardinality($4::text[]) = 0 OR origin IS NULL OR origin = ANY($4))
                      ORDER BY seq LIMIT $3"
                 ),
-                &[&self.shared.queue, &as_seq(after), &as_limit(limit)],
+                &[&self.shared.queue, &as_seq(after), &as_limit(limit), &origins],
             )
             .await
             .map_err(|error| self.shared.failed(error))?;
@@ -458,8 +528,11 @@ impl PostgresStore {
         for row in &rows {
             match decode(row) {
                 Ok(entry) => entries.push(entry),
-                Err(seq) => self.shared.set_damaged(seq).await,
+                Err(unreadable) => self.shared.set_damaged(unreadable).await,
             }
+        }
+        if after == 0 {
+            self.shared.scanned(!entries.is_empty());
         }
         Ok(entries)
     }
@@ -479,8 +552,8 @@ impl PostgresStore {
         match row.as_ref().map(decode) {
             None => Ok(None),
             Some(Ok(entry)) => Ok(Some(entry)),
-            Some(Err(seq)) => {
-                self.shared.set_damaged(seq).await;
+            Some(Err(unreadable)) => {
+                self.shared.set_damaged(unreadable).await;
                 Ok(None)
             }
         }
@@ -593,7 +666,7 @@ impl PostgresStore {
 
     /// The records of the queue in `state`, oldest first, read on a thread
     /// with its own runtime and connection.
-    fn list_apart(&self, state: &'static str) -> Result<Vec<Entry>, OutboxError> {
+    fn list_apart(&self, state: &'static str, cap: usize) -> Result<Vec<Entry>, OutboxError> {
         let config = self.shared.config.clone();
         let path = self.shared.path.clone();
         let queue = self.shared.queue.clone();
@@ -608,17 +681,13 @@ impl PostgresStore {
                     .query(
                         &format!(
                             "SELECT {COLUMNS} FROM terminal_retry_outbox
-                             WHERE queue = $1 AND state = $2 ORDER BY seq"
+                             WHERE queue = $1 AND state = $2 ORDER BY seq LIMIT $3"
                         ),
-                        &[&queue, &state],
+                        &[&queue, &state, &as_limit(cap)],
                     )
                     .await
                     .map_err(|error| OutboxError::io(&path, error))?;
-                Ok(rows
-                    .iter()
-                    .map(|row| decode(row).unwrap_or_else(Entry::damaged))
-                    .filter(|entry| entry.quarantined == (state == "quarantined"))
-                    .collect())
+                Ok(listed(&rows, state == "quarantined"))
             })
         };
         std::thread::scope(|scope| {
@@ -648,7 +717,7 @@ impl Shared {
         *client = None;
         match open(&self.config, &self.path).await {
             Ok(opened) => {
-                let opened = Arc::new(Connection::new(opened));
+                let opened = Arc::new(Connection::new(opened, ANSWER_BOUND));
                 *client = Some(opened.clone());
                 Ok(opened)
             }
@@ -659,12 +728,38 @@ impl Shared {
         }
     }
 
+    /// A notification came: the replay is woken, unless one woke it for
+    /// nothing less than a replay interval ago.
+    fn notified(&self) {
+        let deaf = lock(&self.deaf_until).is_some_and(|until| until > tokio::time::Instant::now());
+        if !deaf {
+            self.notified.store(true, Ordering::Relaxed);
+            self.requeued.notify_one();
+        }
+    }
+
+    /// A scan of the queue began, and `found` records: if a notification
+    /// woke it for nothing, notifications are not heeded for a replay
+    /// interval, so that a flood of them (any role may notify) costs at
+    /// most one scan per interval besides the polls.
+    fn scanned(&self, found: bool) {
+        if self.notified.swap(false, Ordering::Relaxed) && !found {
+            let interval = Duration::from_millis(self.replay_interval_ms.load(Ordering::Relaxed));
+            *lock(&self.deaf_until) = Some(tokio::time::Instant::now() + interval);
+        }
+    }
+
     /// The error of a statement: a lost connection makes the store
     /// unwritable until it is connected again.
-    fn failed(&self, error: tokio_postgres::Error) -> OutboxError {
+    fn failed(&self, error: impl Into<Failed>) -> OutboxError {
+        let error = error.into();
         // Errors without an SQL state come from the connection, not from
-        // the statement.
-        if error.is_closed() || error.code().is_none() {
+        // the statement; so does an answer that never came.
+        let lost = match &error {
+            Failed::Server(error) => error.is_closed() || error.code().is_none(),
+            Failed::Unanswered(_) => true,
+        };
+        if lost {
             self.writable.store(false, Ordering::Release);
         }
         OutboxError::io(&self.path, error)
@@ -774,22 +869,34 @@ impl Shared {
         Ok(())
     }
 
-    /// Moves a record that cannot be decoded to quarantine, as it is: the
-    /// records after it are still replayed.
-    async fn set_damaged(&self, seq: u64) {
+    /// Moves a record that cannot be read to quarantine, as it is, with the
+    /// reason: the records after it are still replayed. One whose sequence
+    /// number cannot be read is reported, and left.
+    async fn set_damaged(&self, unreadable: Unreadable) {
+        let Unreadable { seq, reason } = unreadable;
+        let Some(seq) = seq else {
+            tracing::error!(
+                outbox = %self.path.display(),
+                reason,
+                "a stored row cannot be read, not even its sequence number: skipped"
+            );
+            return;
+        };
         tracing::error!(
             seq,
             outbox = %self.path.display(),
             key = damaged_key(seq),
-            "a stored record cannot be decoded: moved to quarantine"
+            reason,
+            "a stored record cannot be read: moved to quarantine"
         );
+        let failure = format!("damaged: {reason}");
         let moved = match self.client().await {
             Ok(client) => client
                 .execute(
                     "UPDATE terminal_retry_outbox
                      SET state = 'quarantined', last_failure = $3, holder = NULL, lease_until = NULL
                      WHERE seq = $1 AND queue = $2",
-                    &[&as_seq(seq), &self.queue, &"damaged: cannot be decoded"],
+                    &[&as_seq(seq), &self.queue, &failure],
                 )
                 .await
                 .map_err(|error| self.failed(error)),
@@ -828,7 +935,17 @@ impl Shared {
         let mut completes = Vec::new();
         for write in batch {
             match write {
-                Write::Insert { key, record, reply } => inserts.push((key, record, reply)),
+                Write::Insert {
+                    key,
+                    origin,
+                    record,
+                    reply,
+                } => inserts.push(Insert {
+                    key,
+                    origin,
+                    record,
+                    reply,
+                }),
                 Write::Complete {
                     seq,
                     generation,
@@ -838,7 +955,7 @@ impl Shared {
         }
         if !inserts.is_empty() {
             let stored = self.insert_all(&inserts).await;
-            for (key, _, reply) in inserts {
+            for Insert { key, reply, .. } in inserts {
                 let answer = match &stored {
                     Ok(stored) => Ok(stored
                         .get(&key)
@@ -862,31 +979,37 @@ impl Shared {
 
     /// Stores the records, leased here; the sequence number of each stored
     /// (a key stored already is not).
-    async fn insert_all(
-        &self,
-        inserts: &[(String, Vec<u8>, Reply<Inserted>)],
-    ) -> Result<HashMap<String, u64>, OutboxError> {
+    async fn insert_all(&self, inserts: &[Insert]) -> Result<HashMap<String, u64>, OutboxError> {
         let client = self.client().await?;
-        let keys: Vec<&str> = inserts.iter().map(|(key, ..)| key.as_str()).collect();
-        let records: Vec<&[u8]> = inserts.iter().map(|(_, record, _)| &record[..]).collect();
+        let keys: Vec<&str> = inserts.iter().map(|insert| insert.key.as_str()).collect();
+        let origins: Vec<&str> = inserts.iter().map(|insert| insert.origin.as_str()).collect();
+        let records: Vec<&[u8]> = inserts.iter().map(|insert| &insert.record[..]).collect();
         let rows = client
             .query(
-                "INSERT INTO terminal_retry_outbox (queue, key, record, holder, lease_until, generation)
-                 SELECT $1, batch.key, batch.record, $2, now() + $3 * interval '1 second', 1
-                 FROM unnest($4::text[], $5::bytea[]) WITH ORDINALITY AS batch(key, record, position)
+                "INSERT INTO terminal_retry_outbox
+                     (queue, key, origin, record, holder, lease_until, generation)
+                 SELECT $1, batch.key, batch.origin, batch.record, $2,
+                        now() + $3 * interval '1 second', 1
+                 FROM unnest($4::text[], $5::text[], $6::bytea[]) WITH ORDINALITY
+                     AS batch(key, origin, record, position)
                  ORDER BY batch.position
                  ON CONFLICT (queue, key) DO NOTHING
                  RETURNING key, seq",
-                &[&self.queue, &self.holder, &self.lease_seconds(), &keys, &records],
+                &[&self.queue, &self.holder, &self.lease_seconds(), &keys, &origins, &records],
             )
             .await
             .map_err(|error| self.failed(error))?;
         self.writable.store(true, Ordering::Release);
         self.pending.fetch_add(rows.len() as u64, Ordering::Relaxed);
-        Ok(rows
-            .iter()
-            .map(|row| (row.get::<_, String>(0), row.get::<_, i64>(1) as u64))
-            .collect())
+        let mut stored = HashMap::with_capacity(rows.len());
+        for row in &rows {
+            let key = row.try_get::<_, String>(0);
+            let seq = row.try_get::<_, i64>(1);
+            if let (Ok(key), Ok(seq)) = (key, seq) {
+                stored.insert(key, seq as u64);
+            }
+        }
+        Ok(stored)
     }
 
     /// Removes the records whose claim is still current here (or that no
@@ -940,7 +1063,8 @@ async fn listen(shared: Arc<Shared>) {
 
 async fn listen_once(shared: &Shared) -> Result<(), tokio_postgres::Error> {
     let (client, mut connection) = shared.config.connect(NoTls).await?;
-    let listen = client.batch_execute("LISTEN terminal_retry_outbox");
+    let statement = format!("LISTEN {}", shared.channel);
+    let listen = client.batch_execute(&statement);
     tokio::pin!(listen);
     let mut listening = false;
     loop {
@@ -951,11 +1075,10 @@ async fn listen_once(shared: &Shared) -> Result<(), tokio_postgres::Error> {
                 shared.requeued.notify_one();
             }
             message = poll_fn(|cx| connection.poll_message(cx)) => match message {
-                Some(Ok(AsyncMessage::Notification(notification))) => {
-                    if notification.payload() == shared.queue {
-                        shared.requeued.notify_one();
-                    }
-                }
+                // Anyone who may connect may notify: what the payload says
+                // is not trusted, and a flood is heeded at most once per
+                // replay interval (see `Shared::scanned`).
+                Some(Ok(AsyncMessage::Notification(_))) => shared.notified(),
                 Some(Ok(_)) => {}
                 Some(Err(error)) => return Err(error),
                 None => return Ok(()),
@@ -987,31 +1110,94 @@ async fn upkeep(shared: Arc<Shared>) {
 
 /// The store's connection, with the statements it prepared: a statement is
 /// prepared once per connection, not at every use (a round trip each).
+///
+/// Every statement is bounded here too, not only by the server's
+/// `statement_timeout`: a connection that freezes without closing (a
+/// network that drops packets, a server that stops) answers nothing, not
+/// even a timeout. One left unanswered is dropped, and the next operation
+/// connects again.
 struct Connection {
     client: Client,
     prepared: Mutex<HashMap<String, Statement>>,
+    /// The longest wait for an answer.
+    bound: Duration,
+    /// A statement went unanswered: the connection is not used again.
+    frozen: AtomicBool,
+}
+
+/// Why a statement failed.
+#[derive(Debug)]
+enum Failed {
+    /// The server said so, or the connection closed.
+    Server(tokio_postgres::Error),
+    /// No answer within the bound.
+    Unanswered(Duration),
+}
+
+impl From<tokio_postgres::Error> for Failed {
+    fn from(error: tokio_postgres::Error) -> Failed {
+        Failed::Server(error)
+    }
+}
+
+impl fmt::Display for Failed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Failed::Server(error) => write!(f, "{error}"),
+            Failed::Unanswered(bound) => write!(
+                f,
+                "the database did not answer within {} ms: the connection is dropped",
+                bound.as_millis()
+            ),
+        }
+    }
+}
+
+impl std::error::Error for Failed {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Failed::Server(error) => Some(error),
+            Failed::Unanswered(_) => None,
+        }
+    }
 }
 
 impl Connection {
-    fn new(client: Client) -> Connection {
+    fn new(client: Client, bound: Duration) -> Connection {
         Connection {
             client,
             prepared: Mutex::new(HashMap::new()),
+            bound,
+            frozen: AtomicBool::new(false),
         }
     }
 
     fn is_closed(&self) -> bool {
-        self.client.is_closed()
+        self.client.is_closed() || self.frozen.load(Ordering::Relaxed)
+    }
+
+    /// `answer`, unless the bound passes first.
+    async fn bounded<T>(
+        &self,
+        answer: impl Future<Output = Result<T, tokio_postgres::Error>>,
+    ) -> Result<T, Failed> {
+        match tokio::time::timeout(self.bound, answer).await {
+            Ok(answer) => Ok(answer?),
+            Err(_) => {
+                self.frozen.store(true, Ordering::Relaxed);
+                Err(Failed::Unanswered(self.bound))
+            }
+        }
     }
 
     /// `sql`, prepared on this connection once.
-    async fn statement(&self, sql: &str) -> Result<Statement, tokio_postgres::Error> {
+    async fn statement(&self, sql: &str) -> Result<Statement, Failed> {
         if let Some(statement) = lock(&self.prepared).get(sql) {
             return Ok(statement.clone());
         }
         // Two tasks preparing one statement at once both succeed; the
         // second's copy replaces the first's, which is harmless.
-        let statement = self.client.prepare(sql).await?;
+        let statement = self.bounded(self.client.prepare(sql)).await?;
         lock(&self.prepared).insert(sql.to_owned(), statement.clone());
         Ok(statement)
     }
@@ -1020,43 +1206,44 @@ impl Connection {
         &self,
         sql: &str,
         parameters: &[&(dyn ToSql + Sync)],
-    ) -> Result<Vec<Row>, tokio_postgres::Error> {
+    ) -> Result<Vec<Row>, Failed> {
         let statement = self.statement(sql).await?;
-        self.client.query(&statement, parameters).await
+        self.bounded(self.client.query(&statement, parameters))
+            .await
     }
 
     async fn query_opt(
         &self,
         sql: &str,
         parameters: &[&(dyn ToSql + Sync)],
-    ) -> Result<Option<Row>, tokio_postgres::Error> {
+    ) -> Result<Option<Row>, Failed> {
         let statement = self.statement(sql).await?;
-        self.client.query_opt(&statement, parameters).await
+        self.bounded(self.client.query_opt(&statement, parameters))
+            .await
     }
 
     async fn query_one(
         &self,
         sql: &str,
         parameters: &[&(dyn ToSql + Sync)],
-    ) -> Result<Row, tokio_postgres::Error> {
+    ) -> Result<Row, Failed> {
         let statement = self.statement(sql).await?;
-        self.client.query_one(&statement, parameters).await
+        self.bounded(self.client.query_one(&statement, parameters))
+            .await
     }
 
     async fn execute(
         &self,
         sql: &str,
         parameters: &[&(dyn ToSql + Sync)],
-    ) -> Result<u64, tokio_postgres::Error> {
+    ) -> Result<u64, Failed> {
         let statement = self.statement(sql).await?;
-        self.client.execute(&statement, parameters).await
+        self.bounded(self.client.execute(&statement, parameters))
+            .await
     }
 
-    async fn simple_query(
-        &self,
-        sql: &str,
-    ) -> Result<Vec<SimpleQueryMessage>, tokio_postgres::Error> {
-        self.client.simple_query(sql).await
+    async fn simple_query(&self, sql: &str) -> Result<Vec<SimpleQueryMessage>, Failed> {
+        self.bounded(self.client.simple_query(sql)).await
     }
 }
 
@@ -1095,6 +1282,7 @@ async fn create_schema(client: &mut Client, path: &Path) -> Result<(), OutboxErr
         .get(0);
     match version {
         None => transaction.batch_execute(CREATE_SCHEMA).await.map_err(io)?,
+        Some(1) => transaction.batch_execute(MIGRATE_FROM_1).await.map_err(io)?,
         Some(SCHEMA_VERSION) => {}
         Some(later) => {
             return Err(OutboxError::invalid(
@@ -1106,14 +1294,77 @@ async fn create_schema(client: &mut Client, path: &Path) -> Result<(), OutboxErr
     transaction.commit().await.map_err(io)
 }
 
-/// The record in `row`; the sequence number of one that cannot be decoded.
-fn decode(row: &Row) -> Result<Entry, u64> {
-    let seq = row.get::<_, i64>(0) as u64;
-    let mut entry = Entry::decode(seq, row.get(1)).ok_or(seq)?;
-    entry.attempts = u32::try_from(row.get::<_, i64>(2)).unwrap_or(u32::MAX);
-    entry.last_failure = row.get(3);
-    entry.quarantined = row.get::<_, &str>(4) == "quarantined";
+/// A row that cannot be read: a column `NULL`, of another type than the
+/// schema's, or a record that cannot be decoded.
+struct Unreadable {
+    /// Its sequence number, if even that cannot be read.
+    seq: Option<u64>,
+    reason: String,
+}
+
+/// The record in `row`, read column by column: a table changed behind the
+/// store's back is reported, never a panic.
+fn decode(row: &Row) -> Result<Entry, Unreadable> {
+    let seq = row
+        .try_get::<_, i64>(0)
+        .ok()
+        .and_then(|seq| u64::try_from(seq).ok());
+    let unreadable = |column: &str, error: tokio_postgres::Error| Unreadable {
+        seq,
+        reason: format!("its column `{column}` cannot be read: {error}"),
+    };
+    let Some(seq) = seq else {
+        let reason = match row.try_get::<_, i64>(0) {
+            Err(error) => format!("its column `seq` cannot be read: {error}"),
+            Ok(seq) => format!("its sequence number {seq} is negative"),
+        };
+        return Err(Unreadable { seq: None, reason });
+    };
+    let record = row
+        .try_get::<_, &[u8]>(1)
+        .map_err(|error| unreadable("record", error))?;
+    let mut entry = Entry::decode(seq, record).ok_or_else(|| Unreadable {
+        seq: Some(seq),
+        reason: "its record cannot be decoded".to_owned(),
+    })?;
+    let attempts = row
+        .try_get::<_, i64>(2)
+        .map_err(|error| unreadable("attempts", error))?;
+    entry.attempts = u32::try_from(attempts.max(0)).unwrap_or(u32::MAX);
+    entry.last_failure = row
+        .try_get(3)
+        .map_err(|error| unreadable("last_failure", error))?;
+    entry.quarantined = row
+        .try_get::<_, &str>(4)
+        .map_err(|error| unreadable("state", error))?
+        == "quarantined";
     Ok(entry)
+}
+
+/// The entries of a listing of `rows`, all in quarantine or all pending: a
+/// row that cannot be read is listed as damaged, one whose sequence number
+/// cannot be read is left out (the replay reports it).
+fn listed(rows: &[Row], quarantined: bool) -> Vec<Entry> {
+    rows.iter()
+        .filter_map(|row| match decode(row) {
+            Ok(entry) => Some(entry),
+            Err(unreadable) => unreadable.seq.map(Entry::damaged),
+        })
+        .filter(|entry| entry.quarantined == quarantined)
+        .collect()
+}
+
+/// A queue's notification channel: a digest of its name, so that one
+/// listening on the database's channels does not learn the queues' names,
+/// and is woken by its own queue only.
+fn channel(queue: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(queue.as_bytes());
+    let hex: String = digest[..16]
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect();
+    format!("{CHANNEL_PREFIX}{hex}")
 }
 
 /// A pseudo path naming the server, the database and the queue: what
