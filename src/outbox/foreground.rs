@@ -14,7 +14,7 @@ use http_body_util::Full;
 use super::{
     dispatcher::{AttemptClassifier, AttemptService, Shared, Step},
     store::Inserted,
-    Delivery, Durability, Entry, Tag,
+    Delivery, Durability, Entry, OutboxError, Tag,
 };
 
 /// Counts a foreground call's attempts; carried in the request's extensions,
@@ -70,7 +70,23 @@ where
             return Delivery::AlreadyStored;
         };
         let mut entry = Entry::new(key, &request, tag);
-        let seq = match self.within_wait(self.outbox.insert(&entry)).await {
+        // Kept past the store wait: should it land after all, a request
+        // delivered meanwhile is removed again rather than replayed.
+        let mut insert = {
+            let outbox = self.outbox.clone();
+            let entry = entry.clone();
+            Box::pin(async move { outbox.insert(&entry).await })
+        };
+        let wait = self.settings.store_wait;
+        let mut late = None;
+        let inserted = match tokio::time::timeout(wait, &mut insert).await {
+            Ok(inserted) => inserted,
+            Err(_) => {
+                late = Some(insert);
+                Err(OutboxError::unanswered(self.outbox.path(), wait))
+            }
+        };
+        let seq = match inserted {
             Ok(Inserted::Stored(seq)) => {
                 tracing::debug!(
                     key = entry.key,
@@ -124,7 +140,20 @@ where
                     });
                     return delivery;
                 }
-                Step::Retired(delivery, None) | Step::Done(delivery) => {
+                Step::Retired(delivery, None) => {
+                    claim.settle();
+                    if let Some(insert) = late {
+                        let shared = self.clone();
+                        let key = entry.key.clone();
+                        tokio::spawn(async move {
+                            if let Ok(Inserted::Stored(seq)) = insert.await {
+                                shared.remove(&key, seq).await;
+                            }
+                        });
+                    }
+                    return delivery;
+                }
+                Step::Done(delivery) => {
                     claim.settle();
                     return delivery;
                 }

@@ -147,7 +147,11 @@ where
             }
             continue;
         }
-        let oldest = match shared.outbox.pending_after(0, 1, &shared.settings.origins).await {
+        let oldest = match shared
+            .outbox
+            .pending_after(0, 1, &shared.settings.origins)
+            .await
+        {
             Ok(oldest) => oldest.into_iter().next(),
             Err(error) => {
                 tracing::error!(error = %error, "outbox cannot be read for replay");
@@ -238,7 +242,11 @@ where
     /// Sends the oldest record the replay may send once; whether the server
     /// took it (or refused it for good: it is up either way).
     async fn probe(self: Arc<Self>, pace: &mut Pace) -> bool {
-        let Ok(entries) = self.outbox.pending_after(0, REPLAY_PAGE, &self.settings.origins).await else {
+        let Ok(entries) = self
+            .outbox
+            .pending_after(0, REPLAY_PAGE, &self.settings.origins)
+            .await
+        else {
             return false;
         };
         for listed in entries {
@@ -267,7 +275,11 @@ where
         let mut healthy = true;
         let mut sent = 0;
         'pages: while healthy {
-            let entries = match self.outbox.pending_after(after, REPLAY_PAGE, &self.settings.origins).await {
+            let entries = match self
+                .outbox
+                .pending_after(after, REPLAY_PAGE, &self.settings.origins)
+                .await
+            {
                 Ok(entries) => entries,
                 Err(error) => {
                     tracing::error!(error = %error, "outbox cannot be read for replay");

@@ -93,12 +93,12 @@ use tokio_postgres::{
 
 use super::Inserted;
 use crate::{
+    origin::origin_key,
     outbox::{
         builder::DEFAULT_LEASE,
         record::{damaged_key, Tag},
         Entry, OutboxError,
     },
-    origin::origin_key,
     sync::lock,
 };
 
@@ -317,7 +317,13 @@ impl PostgresStore {
                      INSERT INTO terminal_retry_outbox (queue, key, origin, record)
                      VALUES ($1, $2, $3, $4) ON CONFLICT (queue, key) DO NOTHING RETURNING seq)
                  SELECT pg_notify($5, '') FROM stored",
-                &[&self.shared.queue, &key, &origin, &record, &self.shared.channel],
+                &[
+                    &self.shared.queue,
+                    &key,
+                    &origin,
+                    &record,
+                    &self.shared.channel,
+                ],
             )
             .await
             .map_err(|error| self.shared.failed(error))?;
@@ -414,7 +420,10 @@ impl PostgresStore {
             .await
             .map_err(|error| self.shared.failed(error))?;
         for row in &rows {
-            if row.try_get::<_, &str>(0).is_ok_and(|state| state == "pending") {
+            if row
+                .try_get::<_, &str>(0)
+                .is_ok_and(|state| state == "pending")
+            {
                 self.shared.uncount(1);
             }
         }
@@ -520,7 +529,12 @@ impl PostgresStore {
                        AND (cardinality($4::text[]) = 0 OR origin IS NULL OR origin = ANY($4))
                      ORDER BY seq LIMIT $3"
                 ),
-                &[&self.shared.queue, &as_seq(after), &as_limit(limit), &origins],
+                &[
+                    &self.shared.queue,
+                    &as_seq(after),
+                    &as_limit(limit),
+                    &origins,
+                ],
             )
             .await
             .map_err(|error| self.shared.failed(error))?;
@@ -982,7 +996,10 @@ impl Shared {
     async fn insert_all(&self, inserts: &[Insert]) -> Result<HashMap<String, u64>, OutboxError> {
         let client = self.client().await?;
         let keys: Vec<&str> = inserts.iter().map(|insert| insert.key.as_str()).collect();
-        let origins: Vec<&str> = inserts.iter().map(|insert| insert.origin.as_str()).collect();
+        let origins: Vec<&str> = inserts
+            .iter()
+            .map(|insert| insert.origin.as_str())
+            .collect();
         let records: Vec<&[u8]> = inserts.iter().map(|insert| &insert.record[..]).collect();
         let rows = client
             .query(
@@ -995,7 +1012,14 @@ impl Shared {
                  ORDER BY batch.position
                  ON CONFLICT (queue, key) DO NOTHING
                  RETURNING key, seq",
-                &[&self.queue, &self.holder, &self.lease_seconds(), &keys, &origins, &records],
+                &[
+                    &self.queue,
+                    &self.holder,
+                    &self.lease_seconds(),
+                    &keys,
+                    &origins,
+                    &records,
+                ],
             )
             .await
             .map_err(|error| self.failed(error))?;
@@ -1143,7 +1167,11 @@ impl From<tokio_postgres::Error> for Failed {
 impl fmt::Display for Failed {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Failed::Server(error) => write!(f, "{error}"),
+            // The server's own message: "db error" alone says nothing.
+            Failed::Server(error) => match error.as_db_error() {
+                Some(db) => write!(f, "{}: {}", db.severity(), db.message()),
+                None => write!(f, "{error}"),
+            },
             Failed::Unanswered(bound) => write!(
                 f,
                 "the database did not answer within {} ms: the connection is dropped",
@@ -1190,6 +1218,20 @@ impl Connection {
         }
     }
 
+    /// Whether `failed` says that the table changed under a prepared
+    /// statement (a migration, a column altered): the statements are then
+    /// prepared again, once, rather than failing until a restart.
+    fn replanned(&self, failed: &Failed) -> bool {
+        let Failed::Server(error) = failed else {
+            return false;
+        };
+        let stale = error.code() == Some(&tokio_postgres::error::SqlState::FEATURE_NOT_SUPPORTED);
+        if stale {
+            lock(&self.prepared).clear();
+        }
+        stale
+    }
+
     /// `sql`, prepared on this connection once.
     async fn statement(&self, sql: &str) -> Result<Statement, Failed> {
         if let Some(statement) = lock(&self.prepared).get(sql) {
@@ -1208,8 +1250,17 @@ impl Connection {
         parameters: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>, Failed> {
         let statement = self.statement(sql).await?;
-        self.bounded(self.client.query(&statement, parameters))
+        match self
+            .bounded(self.client.query(&statement, parameters))
             .await
+        {
+            Err(failed) if self.replanned(&failed) => {
+                let statement = self.statement(sql).await?;
+                self.bounded(self.client.query(&statement, parameters))
+                    .await
+            }
+            answer => answer,
+        }
     }
 
     async fn query_opt(
@@ -1218,8 +1269,17 @@ impl Connection {
         parameters: &[&(dyn ToSql + Sync)],
     ) -> Result<Option<Row>, Failed> {
         let statement = self.statement(sql).await?;
-        self.bounded(self.client.query_opt(&statement, parameters))
+        match self
+            .bounded(self.client.query_opt(&statement, parameters))
             .await
+        {
+            Err(failed) if self.replanned(&failed) => {
+                let statement = self.statement(sql).await?;
+                self.bounded(self.client.query_opt(&statement, parameters))
+                    .await
+            }
+            answer => answer,
+        }
     }
 
     async fn query_one(
@@ -1228,18 +1288,32 @@ impl Connection {
         parameters: &[&(dyn ToSql + Sync)],
     ) -> Result<Row, Failed> {
         let statement = self.statement(sql).await?;
-        self.bounded(self.client.query_one(&statement, parameters))
+        match self
+            .bounded(self.client.query_one(&statement, parameters))
             .await
+        {
+            Err(failed) if self.replanned(&failed) => {
+                let statement = self.statement(sql).await?;
+                self.bounded(self.client.query_one(&statement, parameters))
+                    .await
+            }
+            answer => answer,
+        }
     }
 
-    async fn execute(
-        &self,
-        sql: &str,
-        parameters: &[&(dyn ToSql + Sync)],
-    ) -> Result<u64, Failed> {
+    async fn execute(&self, sql: &str, parameters: &[&(dyn ToSql + Sync)]) -> Result<u64, Failed> {
         let statement = self.statement(sql).await?;
-        self.bounded(self.client.execute(&statement, parameters))
+        match self
+            .bounded(self.client.execute(&statement, parameters))
             .await
+        {
+            Err(failed) if self.replanned(&failed) => {
+                let statement = self.statement(sql).await?;
+                self.bounded(self.client.execute(&statement, parameters))
+                    .await
+            }
+            answer => answer,
+        }
     }
 
     async fn simple_query(&self, sql: &str) -> Result<Vec<SimpleQueryMessage>, Failed> {
@@ -1282,7 +1356,10 @@ async fn create_schema(client: &mut Client, path: &Path) -> Result<(), OutboxErr
         .get(0);
     match version {
         None => transaction.batch_execute(CREATE_SCHEMA).await.map_err(io)?,
-        Some(1) => transaction.batch_execute(MIGRATE_FROM_1).await.map_err(io)?,
+        Some(1) => transaction
+            .batch_execute(MIGRATE_FROM_1)
+            .await
+            .map_err(io)?,
         Some(SCHEMA_VERSION) => {}
         Some(later) => {
             return Err(OutboxError::invalid(
@@ -1348,7 +1425,14 @@ fn listed(rows: &[Row], quarantined: bool) -> Vec<Entry> {
     rows.iter()
         .filter_map(|row| match decode(row) {
             Ok(entry) => Some(entry),
-            Err(unreadable) => unreadable.seq.map(Entry::damaged),
+            Err(unreadable) => unreadable.seq.map(|seq| {
+                let mut entry = Entry::damaged(seq);
+                // Why it was quarantined, if that much can be read.
+                if let Ok(Some(failure)) = row.try_get::<_, Option<String>>(3) {
+                    entry.last_failure = Some(failure);
+                }
+                entry
+            }),
         })
         .filter(|entry| entry.quarantined == quarantined)
         .collect()
