@@ -370,3 +370,75 @@ async fn the_outbox_reports_each_step_of_a_stored_report() {
     drop(client);
     let _ = std::fs::remove_dir_all(&directory);
 }
+
+/// A replay that panics (here in the layer's classifier) is started again,
+/// with an `error` event: what is stored is still delivered.
+#[cfg(feature = "outbox")]
+#[tokio::test(start_paused = true)]
+async fn a_replay_that_panics_is_started_again_and_still_delivers() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+    use tower_terminal_retry::{
+        outbox::{Delivery, Dispatcher, Outbox},
+        Classify, DefaultClassifier, Outcome, Schedule,
+    };
+
+    /// Answers classified so far; the second (the replay's first) panics.
+    static CLASSIFIED: AtomicUsize = AtomicUsize::new(0);
+
+    #[derive(Debug, Clone, Copy)]
+    struct PanicsOnce;
+
+    impl<B, E> Classify<http::Response<B>, E> for PanicsOnce {
+        fn classify(&self, result: &Result<http::Response<B>, E>) -> Outcome {
+            if CLASSIFIED.fetch_add(1, Ordering::SeqCst) == 1 {
+                panic!("a classifier bug");
+            }
+            DefaultClassifier.classify(result)
+        }
+    }
+
+    let capture = Capture::default();
+    let _guard = capture.install();
+    let directory = std::env::temp_dir().join(format!("events-panic-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&directory);
+    let server = TestServer::scripted([Reply::status(502)]).await.unwrap();
+    let layer = TerminalRetryLayer::new()
+        .with_schedule(Schedule::new([]).unwrap())
+        .with_classifier(PanicsOnce);
+    let outbox = Outbox::open(directory.join("requests.redb")).unwrap();
+    let dispatcher = Dispatcher::builder(outbox, client())
+        .layer(layer)
+        .replay_interval(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let request = http::Request::post(server.url("/hooks/1"))
+        .body(bytes::Bytes::new())
+        .unwrap();
+    assert_eq!(dispatcher.send("h1", request).await, Delivery::Queued);
+    for _ in 0..600 {
+        if server.requests().len() >= 3 && dispatcher.outbox().pending().unwrap().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        dispatcher.outbox().pending().unwrap().is_empty(),
+        "still stored"
+    );
+    let restarted: Vec<Captured> = capture
+        .at_level(Level::ERROR)
+        .into_iter()
+        .filter(|event| {
+            event
+                .field("message")
+                .is_some_and(|message| message.contains("started again"))
+        })
+        .collect();
+    assert_eq!(restarted.len(), 1, "{:#?}", capture.events());
+    assert!(restarted[0]
+        .field("panic")
+        .is_some_and(|panic| panic.contains("a classifier bug")));
+    drop(dispatcher);
+    let _ = std::fs::remove_dir_all(&directory);
+}
