@@ -193,13 +193,6 @@ mod tests {
     }
 
     #[test]
-    fn a_record_of_the_first_format_is_not_misread_as_this_one() {
-        let first = super::super::first_format_record("k1", "http://127.0.0.1:9/hook", b"{}", 3);
-        assert!(Entry::decode(1, &first).is_none());
-        assert!(super::super::decode_v1(1, &first).is_some());
-    }
-
-    #[test]
     fn proxy_credentials_and_cookies_are_never_stored() {
         let request = Request::post("http://127.0.0.1:9/hook")
             .header(PROXY_AUTHORIZATION, "Basic cHJveHk6c2VjcmV0")

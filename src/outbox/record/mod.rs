@@ -6,7 +6,6 @@
 //! here, which the store calls.
 
 mod format;
-mod v1;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -15,10 +14,6 @@ use http::{
     header::{AUTHORIZATION, COOKIE, PROXY_AUTHORIZATION},
     HeaderMap, HeaderName, HeaderValue, Method, Request, Uri,
 };
-
-pub(super) use v1::decode as decode_v1;
-#[cfg(test)]
-pub(super) use v1::record as first_format_record;
 
 /// Headers that carry credentials, never written to disk (with any header
 /// marked sensitive): the sending stack adds them to each attempt.

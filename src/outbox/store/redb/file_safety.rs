@@ -1,0 +1,144 @@
+//! Keeping requests in a file that is safe: created private, never
+//! through a symbolic link, refused when others may write it or it is
+//! another user's, and told apart from a file put at its path later.
+
+use std::{
+    fs::{File, Metadata, OpenOptions},
+    io,
+    path::Path,
+};
+
+use crate::outbox::OutboxError;
+
+/// A file's device and inode: what tells it from another put at its path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct FileId {
+    device: u64,
+    inode: u64,
+}
+
+impl FileId {
+    #[cfg(unix)]
+    pub(super) fn of(metadata: &Metadata) -> FileId {
+        use std::os::unix::fs::MetadataExt;
+        FileId {
+            device: metadata.dev(),
+            inode: metadata.ino(),
+        }
+    }
+
+    /// Elsewhere std says nothing stable of a file's identity: only a file
+    /// removed from its path is told.
+    #[cfg(not(unix))]
+    pub(super) fn of(_: &Metadata) -> FileId {
+        FileId {
+            device: 0,
+            inode: 0,
+        }
+    }
+}
+
+/// Opens the file at `path` for reading and writing, creating it (and its
+/// folder) if it is missing; refuses one that is not safe to keep requests
+/// in. Returns it, its identity, and whether it held anything.
+pub(super) fn open_file(path: &Path) -> Result<(File, FileId, bool), OutboxError> {
+    let io = |error: io::Error| OutboxError::io(path, error);
+    let seen = match std::fs::symlink_metadata(path) {
+        Ok(seen) => seen,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => {
+            if let Some(folder) = path.parent() {
+                create_folder(folder).map_err(io)?;
+            }
+            // Fails on anything at the path, a dangling link included: a
+            // new file is never created through a link.
+            let mut options = OpenOptions::new();
+            options.read(true).write(true).create_new(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+            let file = options.open(path).map_err(io)?;
+            let id = FileId::of(&file.metadata().map_err(io)?);
+            return Ok((file, id, false));
+        }
+        Err(error) => return Err(io(error)),
+    };
+    check_safe(path, &seen)?;
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(io)?;
+    let opened = file.metadata().map_err(io)?;
+    // Swapped between the look and the open (for a link, say).
+    if FileId::of(&opened) != FileId::of(&seen) {
+        return Err(OutboxError::unsafe_path(
+            path,
+            "it changed while being opened",
+        ));
+    }
+    Ok((file, FileId::of(&opened), opened.len() > 0))
+}
+
+fn create_folder(folder: &Path) -> io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(folder)
+}
+
+/// Refuses what `metadata` (not following a link) says is unsafe to keep
+/// requests in: anything but a regular file; on unix, a file others may
+/// write, or another user's.
+fn check_safe(path: &Path, metadata: &Metadata) -> Result<(), OutboxError> {
+    if metadata.file_type().is_symlink() {
+        return Err(OutboxError::unsafe_path(path, "it is a symbolic link"));
+    }
+    if !metadata.is_file() {
+        return Err(OutboxError::unsafe_path(path, "it is not a regular file"));
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        if metadata.mode() & 0o022 != 0 {
+            return Err(OutboxError::unsafe_path(
+                path,
+                "it is writable by group or others",
+            ));
+        }
+        let user = process_user().map_err(|error| OutboxError::io(path, error))?;
+        if metadata.uid() != user {
+            return Err(OutboxError::unsafe_path(
+                path,
+                "it is owned by another user",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The effective user of this process. std has no `geteuid`; a new pipe is
+/// owned by the user that makes it, and takes no file on disk.
+#[cfg(unix)]
+fn process_user() -> io::Result<u32> {
+    use std::os::{fd::OwnedFd, unix::fs::MetadataExt};
+    let (reader, _writer) = io::pipe()?;
+    Ok(File::from(OwnedFd::from(reader)).metadata()?.uid())
+}
+
+/// Opens the file at `path` again, if it is still the file `id`.
+pub(super) fn reopen_file(path: &Path, id: FileId, write: bool) -> Result<File, OutboxError> {
+    let file = match OpenOptions::new().read(true).write(write).open(path) {
+        Ok(file) => file,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => {
+            return Err(OutboxError::replaced(path))
+        }
+        Err(error) => return Err(OutboxError::io(path, error)),
+    };
+    let metadata = file
+        .metadata()
+        .map_err(|error| OutboxError::io(path, error))?;
+    match FileId::of(&metadata) == id {
+        true => Ok(file),
+        false => Err(OutboxError::replaced(path)),
+    }
+}

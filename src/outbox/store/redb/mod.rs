@@ -1,0 +1,295 @@
+//! The redb store: one file, written by one thread that commits every write
+//! waiting in one transaction (group commit). Claims live in memory: one
+//! process holds the file.
+//!
+//! By file: `file_safety` (the Unix checks on the file), `schema` (its
+//! tables and format), `writer` (the commits, and their recovery).
+
+mod file_safety;
+mod schema;
+mod writer;
+
+use std::{
+    collections::HashSet,
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+};
+
+use redb::{ReadableDatabase, TableDefinition, TableHandle};
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use file_safety::open_file;
+use schema::{count_pending, last_seq, open_database_caught, PENDING, QUARANTINED};
+use writer::{write_loop, Change, Job, Reply, Shared, Write};
+
+use super::Inserted;
+use crate::{
+    outbox::{Entry, OutboxError},
+    sync::lock,
+};
+
+/// The store in one redb file, and the keys being sent.
+pub(super) struct RedbStore {
+    shared: Arc<Shared>,
+    /// Keys being sent: never twice at once.
+    claimed: Mutex<HashSet<String>>,
+}
+
+impl RedbStore {
+    pub(super) fn open(given: PathBuf) -> Result<RedbStore, OutboxError> {
+        let path = std::path::absolute(&given).map_err(|error| OutboxError::io(&given, error))?;
+        let runtime = tokio::runtime::Handle::try_current().map_err(|error| {
+            OutboxError::io(
+                &path,
+                format!("an outbox is opened inside a tokio runtime: {error}"),
+            )
+        })?;
+        let (file, id, existed) = open_file(&path)?;
+        let db = Arc::new(open_database_caught(&path, file, id, existed)?);
+        let next_seq = last_seq(&db).map_err(|error| OutboxError::io(&path, error))? + 1;
+        let pending = count_pending(&db).map_err(|error| OutboxError::io(&path, error))?;
+        let (jobs, receiver) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared {
+            path,
+            file: id,
+            db: Mutex::new(Some(db)),
+            jobs,
+            pending: AtomicU64::new(pending),
+            requeued: Arc::new(Notify::new()),
+            writable: AtomicBool::new(true),
+        });
+        // The writer holds the store weakly: the file is unlocked as soon as
+        // the last handle is gone, but for a commit under way.
+        runtime.spawn(write_loop(receiver, next_seq, Arc::downgrade(&shared)));
+        Ok(RedbStore {
+            shared,
+            claimed: Mutex::new(HashSet::new()),
+        })
+    }
+
+    pub(super) fn path(&self) -> &Path {
+        &self.shared.path
+    }
+
+    /// Up to `limit` records after `after`, quarantined or pending.
+    pub(super) fn page(
+        &self,
+        quarantined: bool,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Entry>, OutboxError> {
+        let table = match quarantined {
+            true => QUARANTINED,
+            false => PENDING,
+        };
+        self.read(table, after.saturating_add(1), limit)
+    }
+
+    pub(super) fn pending_after(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Entry>, OutboxError> {
+        self.read(PENDING, after.saturating_add(1), limit)
+    }
+
+    pub(super) fn pending_count(&self) -> u64 {
+        self.shared.pending.load(Ordering::Relaxed)
+    }
+
+    pub(super) fn claim(&self, key: &str) -> bool {
+        lock(&self.claimed).insert(key.to_owned())
+    }
+
+    pub(super) fn release(&self, key: &str, settled: bool) {
+        lock(&self.claimed).remove(key);
+        if !settled {
+            self.shared.requeued.notify_one();
+        }
+    }
+
+    pub(super) fn claimed(&self) -> usize {
+        lock(&self.claimed).len()
+    }
+
+    pub(super) async fn insert(&self, entry: Entry) -> Result<Inserted, OutboxError> {
+        let (reply, answer) = Reply::new(&self.shared.path);
+        let write = Write::Insert(Box::new(entry), reply);
+        self.shared.ask(Job::Write(write), answer).await
+    }
+
+    pub(super) async fn complete(&self, seq: u64) -> Result<bool, OutboxError> {
+        self.change(Change::Complete { seq }).await
+    }
+
+    pub(super) async fn record_failure(
+        &self,
+        seq: u64,
+        attempts: u32,
+        failure: String,
+    ) -> Result<bool, OutboxError> {
+        self.change(Change::Failed {
+            seq,
+            attempts,
+            failure,
+        })
+        .await
+    }
+
+    pub(super) async fn replace(&self, seq: u64, entry: Entry) -> Result<bool, OutboxError> {
+        let entry = Box::new(entry);
+        self.change(Change::Replace { seq, entry }).await
+    }
+
+    pub(super) async fn quarantine(&self, seq: u64, failure: String) -> Result<bool, OutboxError> {
+        self.change(Change::Quarantine { seq, failure }).await
+    }
+
+    pub(super) async fn requeue(&self, key: &str) -> Result<bool, OutboxError> {
+        let requeued = self.change(Change::Requeue { key: key.into() }).await?;
+        if requeued {
+            self.shared.requeued.notify_one();
+        }
+        Ok(requeued)
+    }
+
+    pub(super) async fn discard(&self, key: &str) -> Result<bool, OutboxError> {
+        self.change(Change::Discard { key: key.into() }).await
+    }
+
+    pub(super) fn is_writable(&self) -> bool {
+        self.shared.writable.load(Ordering::Acquire)
+    }
+
+    /// Reopens the database if it needs it, then commits a small write.
+    pub(super) async fn recover(&self) -> bool {
+        let (done, answer) = oneshot::channel();
+        if self.shared.jobs.send(Job::Recover(done)).is_err() {
+            return false;
+        }
+        answer.await.unwrap_or(false)
+    }
+
+    pub(super) fn requeued(&self) -> Arc<Notify> {
+        self.shared.requeued.clone()
+    }
+
+    async fn change(&self, change: Change) -> Result<bool, OutboxError> {
+        let (reply, answer) = Reply::new(&self.shared.path);
+        let write = Write::Change(change, reply);
+        self.shared.ask(Job::Write(write), answer).await
+    }
+
+    fn read(
+        &self,
+        table: TableDefinition<'_, u64, &[u8]>,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<Entry>, OutboxError> {
+        let path = &self.shared.path;
+        let io = |error: redb::Error| OutboxError::io(path, error);
+        let read = self
+            .shared
+            .database()
+            .ok_or_else(|| OutboxError::io(path, "reopening after a failed commit"))?
+            .begin_read()
+            .map_err(|error| io(error.into()))?;
+        let quarantine = table.name() == QUARANTINED.name();
+        let table = read.open_table(table).map_err(|error| io(error.into()))?;
+        let mut entries = Vec::new();
+        for row in table.range(from..).map_err(|error| io(error.into()))? {
+            if entries.len() >= limit {
+                break;
+            }
+            let (seq, bytes) = row.map_err(|error| io(error.into()))?;
+            let seq = seq.value();
+            match Entry::decode(seq, bytes.value()) {
+                Some(entry) => entries.push(entry),
+                None if quarantine => entries.push(Entry::damaged(seq)),
+                // Skipped here, and moved out of the way for good: the
+                // writer reports it once moved.
+                None => {
+                    let (reply, _) = Reply::new(path);
+                    let write = Write::Change(Change::Damaged { seq }, reply);
+                    let _ = self.shared.jobs.send(Job::Write(write));
+                }
+            }
+        }
+        Ok(entries)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use redb::Database;
+
+    use super::{schema::META, *};
+    use crate::outbox::Outbox;
+
+    /// A file as a pre-release version of the outbox wrote it: format 1,
+    /// one record of that version's own encoding.
+    fn pre_release_file(path: &Path) {
+        let database = Database::create(path).unwrap();
+        let write = database.begin_write().unwrap();
+        {
+            write.open_table(META).unwrap().insert("format", 1).unwrap();
+            let mut pending = write.open_table(PENDING).unwrap();
+            pending
+                .insert(1, b"\x01\x02\x00\x00\x00k1\x00".as_slice())
+                .unwrap();
+        }
+        write.commit().unwrap();
+    }
+
+    fn scratch(name: &str) -> PathBuf {
+        let directory = std::env::temp_dir().join(format!(
+            "terminal-retry-format-{name}-{}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&directory);
+        std::fs::create_dir_all(&directory).unwrap();
+        directory
+    }
+
+    #[tokio::test]
+    async fn a_file_of_the_pre_release_format_is_refused_naming_it_and_left_as_it_was() {
+        let directory = scratch("pre-release");
+        let path = directory.join("requests.redb");
+        pre_release_file(&path);
+        let before = std::fs::read(&path).unwrap();
+
+        let error = Outbox::open(&path).unwrap_err();
+        assert!(error.is_invalid(), "{error}");
+        let message = error.to_string();
+        assert!(message.contains(&path.display().to_string()), "{message}");
+        assert!(message.contains("format 1"), "{message}");
+        assert!(message.contains("pre-release"), "{message}");
+        assert_eq!(std::fs::read(&path).unwrap(), before, "left as it was");
+        std::fs::remove_dir_all(&directory).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_file_of_a_later_format_is_refused_naming_it_and_left_as_it_was() {
+        let directory = scratch("later");
+        let path = directory.join("requests.redb");
+        {
+            let database = Database::create(&path).unwrap();
+            let write = database.begin_write().unwrap();
+            write.open_table(META).unwrap().insert("format", 9).unwrap();
+            write.commit().unwrap();
+        }
+        let before = std::fs::read(&path).unwrap();
+
+        let error = Outbox::open(&path).unwrap_err();
+        assert!(error.is_invalid(), "{error}");
+        let message = error.to_string();
+        assert!(message.contains(&path.display().to_string()), "{message}");
+        assert!(message.contains("format 9"), "{message}");
+        assert!(message.contains("move it away"), "{message}");
+        assert_eq!(std::fs::read(&path).unwrap(), before);
+        std::fs::remove_dir_all(&directory).unwrap();
+    }
+}
