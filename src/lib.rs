@@ -175,16 +175,21 @@ mod response;
 #[cfg_attr(not(feature = "test-server"), allow(unreachable_pub))]
 mod task_route;
 
+// Connecting to PostgreSQL from a URL, as libpq does: TLS by sslmode,
+// bounded waits. The shared outbox's and the idempotency store's.
+#[cfg(feature = "postgres")]
+mod postgres;
+
 #[cfg(feature = "client")]
 pub mod client;
+#[cfg(feature = "idempotency")]
+pub mod idempotency;
 #[cfg(feature = "outbox")]
 pub mod outbox;
 #[cfg(feature = "test-server")]
 pub mod test_server;
 #[cfg(feature = "webhooks")]
 pub mod webhooks;
-#[cfg(feature = "idempotency")]
-pub mod idempotency;
 
 pub use budget::RetryBudget;
 pub use classify::{classify_status, Classify, ClassifyFn, DefaultClassifier, Outcome};
