@@ -175,6 +175,11 @@ mod response;
 #[cfg_attr(not(feature = "test-server"), allow(unreachable_pub))]
 mod task_route;
 
+// Connecting to PostgreSQL from a URL, as libpq does: TLS by sslmode,
+// bounded waits. The shared outbox's and the idempotency store's.
+#[cfg(feature = "postgres")]
+mod postgres;
+
 #[cfg(feature = "client")]
 pub mod client;
 #[cfg(feature = "idempotency")]

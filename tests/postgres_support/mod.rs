@@ -7,19 +7,26 @@
 //! running at once (or several runs against one `DATABASE_URL`) never see
 //! each other's records. A test that restarts the server has it to itself
 //! ([`postgres_alone`]): the others wait, and are not cut off mid-run.
+//!
+//! For the tests of TLS, a second throwaway server ([`postgres_tls`]),
+//! started with `ssl=on` and a certificate from a test CA made here. For
+//! the tests of a database that stops answering, a TCP proxy to the server
+//! that can be frozen ([`Postgres::freezing_proxy`]).
 
 #![allow(dead_code)] // Each test file uses its own share of them.
 
 use std::{
-    net::{Ipv4Addr, TcpListener},
+    net::{Ipv4Addr, SocketAddr, TcpListener},
     ops::Deref,
     os::unix::{fs::PermissionsExt, process::CommandExt},
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    sync::OnceLock,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, OnceLock,
+    },
+    time::Duration,
 };
-
-use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -27,7 +34,17 @@ use hyper_util::{
     client::legacy::{connect::HttpConnector, Client},
     rt::TokioExecutor,
 };
-use tokio::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose,
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{tcp::OwnedReadHalf, tcp::OwnedWriteHalf, TcpStream},
+    sync::{watch, RwLock, RwLockReadGuard, RwLockWriteGuard},
+    task::{JoinHandle, JoinSet},
+};
 use tower_terminal_retry::outbox::Outbox;
 
 use crate::outbox_support::wait_every;
@@ -74,6 +91,9 @@ struct Local {
     /// Whether the binaries run as the `postgres` user (we are root, which
     /// PostgreSQL refuses to run as).
     as_postgres: bool,
+    /// Whether it runs with `ssl=on`, its certificate and key in
+    /// `server.crt` and `server.key` of the directory.
+    tls: bool,
 }
 
 /// Taken to read by each test while it uses the server, to write by one
@@ -150,20 +170,140 @@ fn server() -> Option<&'static Postgres> {
         if let Ok(url) = std::env::var("DATABASE_URL") {
             return Some(Postgres { url, local: None });
         }
-        if find_on_path("initdb").is_none() || find_on_path("pg_ctl").is_none() {
+        if !installed() {
             return None;
         }
-        Some(Local::start())
+        let local = Local::start("postgres", None);
+        let url = format!("postgresql://postgres@127.0.0.1:{}/{DATABASE}", local.port);
+        Some(Postgres {
+            url,
+            local: Some(local),
+        })
     });
     if server.is_none() {
-        let under_ci = std::env::var("CI").is_ok_and(|value| value == "true");
-        assert!(
-            !under_ci,
-            "no PostgreSQL installed (initdb and pg_ctl not on PATH) and DATABASE_URL not set"
-        );
-        println!("skipped: no PostgreSQL installed (initdb, pg_ctl) and DATABASE_URL not set");
+        skipped("no PostgreSQL installed (initdb, pg_ctl) and DATABASE_URL not set");
     }
     server.as_ref()
+}
+
+/// Whether PostgreSQL's binaries are on `PATH`.
+fn installed() -> bool {
+    find_on_path("initdb").is_some() && find_on_path("pg_ctl").is_some()
+}
+
+/// Says on one line why a test is skipped; under CI (`CI=true`), panics
+/// instead.
+fn skipped(why: &str) {
+    let under_ci = std::env::var("CI").is_ok_and(|value| value == "true");
+    assert!(!under_ci, "{why}");
+    println!("skipped: {why}");
+}
+
+/// A throwaway server of its own started with `ssl=on`, its certificate
+/// issued by a test CA to `localhost` and `127.0.0.1`, and taking TCP
+/// connections over TLS only (`hostssl` in its `pg_hba.conf`): a client
+/// that does not use TLS is refused. Shared by the tests of the binary,
+/// none of which restarts it.
+pub struct TlsPostgres {
+    local: Local,
+    ca: PathBuf,
+    other_ca: PathBuf,
+}
+
+/// The TLS server of this binary, started on first use. `None` (after one
+/// line saying so) where no PostgreSQL is installed (a server named by
+/// `DATABASE_URL` is not ours to configure); under CI that panics instead.
+pub fn postgres_tls() -> Option<&'static TlsPostgres> {
+    static SERVER: OnceLock<Option<TlsPostgres>> = OnceLock::new();
+    let server = SERVER.get_or_init(|| {
+        if !installed() {
+            return None;
+        }
+        let certificates = TestCa::issue(&["localhost", "127.0.0.1"]);
+        let local = Local::start("postgres-tls", Some(&certificates));
+        Some(TlsPostgres {
+            ca: local.directory.join("ca.pem"),
+            other_ca: local.directory.join("other-ca.pem"),
+            local,
+        })
+    });
+    if server.is_none() {
+        skipped("no PostgreSQL installed (initdb, pg_ctl) to start a server with TLS");
+    }
+    server.as_ref()
+}
+
+impl TlsPostgres {
+    /// A URL of the server by `host` (`localhost` or `127.0.0.1`, the names
+    /// its certificate carries, or any other name with
+    /// `hostaddr=127.0.0.1` among the `parameters`), with `parameters`
+    /// (`key=value&...`, maybe empty) as its query.
+    pub fn url(&self, host: &str, parameters: &str) -> String {
+        let port = self.local.port;
+        let query = if parameters.is_empty() { "" } else { "?" };
+        format!("postgresql://postgres@{host}:{port}/{DATABASE}{query}{parameters}")
+    }
+
+    /// The test CA's certificate, a PEM file: it issued the server's.
+    pub fn ca_file(&self) -> &str {
+        self.ca.to_str().unwrap()
+    }
+
+    /// Another CA's certificate, a PEM file: it issued nothing the server
+    /// shows.
+    pub fn other_ca_file(&self) -> &str {
+        self.other_ca.to_str().unwrap()
+    }
+}
+
+/// A test CA's certificate, a server certificate it issued and its key,
+/// and another CA's certificate, all PEM.
+struct TestCa {
+    ca: String,
+    server_certificate: String,
+    server_key: String,
+    other_ca: String,
+}
+
+impl TestCa {
+    /// Certificates for a server known by `names` (host names or IP
+    /// addresses).
+    fn issue(names: &[&str]) -> TestCa {
+        let ca_key = KeyPair::generate().unwrap();
+        let ca = authority("terminal-retry test CA")
+            .self_signed(&ca_key)
+            .unwrap();
+        let other_key = KeyPair::generate().unwrap();
+        let other_ca = authority("another CA").self_signed(&other_key).unwrap();
+        let server_key = KeyPair::generate().unwrap();
+        let mut server = CertificateParams::new(
+            names
+                .iter()
+                .map(|name| (*name).to_owned())
+                .collect::<Vec<_>>(),
+        )
+        .unwrap();
+        server
+            .distinguished_name
+            .push(DnType::CommonName, "terminal-retry test server");
+        server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let server = server.signed_by(&server_key, &ca, &ca_key).unwrap();
+        TestCa {
+            ca: ca.pem(),
+            server_certificate: server.pem(),
+            server_key: server_key.serialize_pem(),
+            other_ca: other_ca.pem(),
+        }
+    }
+}
+
+/// A CA's parameters, named `name`.
+fn authority(name: &str) -> CertificateParams {
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    params
 }
 
 impl Postgres {
@@ -191,15 +331,185 @@ impl Postgres {
         tokio::spawn(connection);
         client
     }
+
+    /// The connection string with `parameters` (`key=value&...`) added to
+    /// its query.
+    pub fn url_with(&self, parameters: &str) -> String {
+        let separator = if self.url.contains('?') { '&' } else { '?' };
+        format!("{}{separator}{parameters}", self.url)
+    }
+
+    /// A [`FreezingProxy`] to this server, started on the current runtime;
+    /// its [`url`](FreezingProxy::url) connects through it.
+    pub async fn freezing_proxy(&self) -> FreezingProxy {
+        let config: tokio_postgres::Config = self.url.parse().unwrap();
+        let host = match config.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
+            _ => panic!("a proxy goes to a server on TCP"),
+        };
+        let port = config.get_ports().first().copied().unwrap_or(5432);
+        let server = tokio::net::lookup_host((host.as_str(), port))
+            .await
+            .unwrap()
+            .next()
+            .unwrap();
+        let encode = |text: &[u8]| {
+            utf8_percent_encode(std::str::from_utf8(text).unwrap(), NON_ALPHANUMERIC).to_string()
+        };
+        let user = config.get_user().unwrap_or("postgres");
+        let password = config
+            .get_password()
+            .map_or(String::new(), |password| format!(":{}", encode(password)));
+        let database = config.get_dbname().unwrap_or(user);
+        FreezingProxy::start(server, |address| {
+            format!(
+                "postgresql://{}{password}@{address}/{}",
+                encode(user.as_bytes()),
+                encode(database.as_bytes())
+            )
+        })
+        .await
+    }
+}
+
+/// A TCP proxy on a loopback port to a server, which a test can freeze:
+/// while frozen it forwards nothing, in either direction, and closes
+/// nothing, as a network that stopped delivering does (or a server stopped
+/// by `SIGSTOP`). The connections through it stay open and resume once it
+/// thaws, with no byte lost; connections made while frozen are accepted,
+/// and forward nothing until it thaws. Stopped, with every connection
+/// through it cut, when dropped.
+///
+/// ```ignore
+/// let proxy = postgres.freezing_proxy().await;
+/// let outbox = Outbox::connect(proxy.url(), &queue).await.unwrap();
+/// proxy.freeze();
+/// // ... the database no longer answers the outbox ...
+/// proxy.thaw();
+/// ```
+pub struct FreezingProxy {
+    address: SocketAddr,
+    url: String,
+    frozen: Arc<watch::Sender<bool>>,
+    connections: Arc<AtomicUsize>,
+    accepting: JoinHandle<()>,
+}
+
+impl FreezingProxy {
+    /// A proxy to `server`, forwarding, listening on a free loopback port;
+    /// `url` makes its [`url`](FreezingProxy::url) from its address.
+    pub async fn start(
+        server: SocketAddr,
+        url: impl FnOnce(SocketAddr) -> String,
+    ) -> FreezingProxy {
+        let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .await
+            .unwrap();
+        let address = listener.local_addr().unwrap();
+        let frozen = Arc::new(watch::Sender::new(false));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let accepting = tokio::spawn({
+            let frozen = frozen.clone();
+            let connections = connections.clone();
+            async move {
+                // Owned here: aborting this task cuts every connection.
+                let mut forwarding = JoinSet::new();
+                while let Ok((client, _)) = listener.accept().await {
+                    connections.fetch_add(1, Ordering::SeqCst);
+                    let Ok(upstream) = TcpStream::connect(server).await else {
+                        continue;
+                    };
+                    let (client_read, client_write) = client.into_split();
+                    let (server_read, server_write) = upstream.into_split();
+                    forwarding.spawn(forward(client_read, server_write, frozen.subscribe()));
+                    forwarding.spawn(forward(server_read, client_write, frozen.subscribe()));
+                }
+            }
+        });
+        FreezingProxy {
+            address,
+            url: url(address),
+            frozen,
+            connections,
+            accepting,
+        }
+    }
+
+    /// The proxy's address, on loopback.
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+
+    /// The server's connection string, through the proxy: its user,
+    /// password and database, without the parameters of its query.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Stops forwarding, in both directions, at once: a byte read from one
+    /// side and not yet written to the other is held until [`thaw`](Self::thaw).
+    pub fn freeze(&self) {
+        self.frozen.send_replace(true);
+    }
+
+    /// Forwards again, what was held first.
+    pub fn thaw(&self) {
+        self.frozen.send_replace(false);
+    }
+
+    /// Whether the proxy is frozen.
+    pub fn is_frozen(&self) -> bool {
+        *self.frozen.borrow()
+    }
+
+    /// How many connections the proxy accepted so far.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for FreezingProxy {
+    fn drop(&mut self) {
+        self.accepting.abort();
+    }
+}
+
+/// Copies `from` to `to` while not `frozen`; passes the end of `from` on
+/// as the end of `to`.
+async fn forward(
+    mut from: OwnedReadHalf,
+    mut to: OwnedWriteHalf,
+    mut frozen: watch::Receiver<bool>,
+) {
+    let mut buffer = vec![0; 16 * 1024];
+    loop {
+        if frozen.wait_for(|frozen| !frozen).await.is_err() {
+            return;
+        }
+        let read = match from.read(&mut buffer).await {
+            Ok(0) | Err(_) => break,
+            Ok(read) => read,
+        };
+        // Frozen while reading: what was read waits.
+        if frozen.wait_for(|frozen| !frozen).await.is_err() {
+            return;
+        }
+        if to.write_all(&buffer[..read]).await.is_err() {
+            return;
+        }
+    }
+    let _ = to.shutdown().await;
 }
 
 impl Local {
-    /// Creates a cluster in a fresh directory and starts it on a free
-    /// loopback port, with a watchdog that stops it and removes the
-    /// directory once this process is gone, however it ended.
-    fn start() -> Postgres {
+    /// Creates a cluster in a fresh directory named after `name` and starts
+    /// it on a free loopback port, with a watchdog that stops it and removes
+    /// the directory once this process is gone, however it ended. With
+    /// `tls`, the server runs with `ssl=on` and takes TCP connections over
+    /// TLS only.
+    fn start(name: &str, tls: Option<&TestCa>) -> Local {
         let directory =
-            std::env::temp_dir().join(format!("terminal-retry-postgres-{}", std::process::id()));
+            std::env::temp_dir().join(format!("terminal-retry-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&directory);
         std::fs::create_dir_all(&directory).unwrap();
         // Private: it holds the server's socket, which trusts whoever connects.
@@ -208,8 +518,21 @@ impl Local {
             directory,
             port: free_port(),
             as_postgres: is_root(),
+            tls: tls.is_some(),
         };
         local.watch();
+        if let Some(tls) = tls {
+            let write = |name: &str, text: &str, mode: u32| {
+                let path = local.directory.join(name);
+                std::fs::write(&path, text).unwrap();
+                // PostgreSQL refuses a key others may read.
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            };
+            write("ca.pem", &tls.ca, 0o644);
+            write("other-ca.pem", &tls.other_ca, 0o644);
+            write("server.crt", &tls.server_certificate, 0o644);
+            write("server.key", &tls.server_key, 0o600);
+        }
         if local.as_postgres {
             let status = Command::new("chown")
                 .args(["-R", "postgres:"])
@@ -227,18 +550,16 @@ impl Local {
                 .arg("-D")
                 .arg(&data),
         );
-        // Trust, on loopback TCP and the socket in the private directory only.
+        // Trust, on loopback TCP (over TLS only, for a TLS server) and the
+        // socket in the private directory only.
+        let tcp = if local.tls { "hostssl" } else { "host" };
         std::fs::write(
             data.join("pg_hba.conf"),
-            "local all all trust\nhost all all 127.0.0.1/32 trust\n",
+            format!("local all all trust\n{tcp} all all 127.0.0.1/32 trust\n"),
         )
         .unwrap();
         local.pg_ctl_start();
-        let url = format!("postgresql://postgres@127.0.0.1:{}/{DATABASE}", local.port);
-        Postgres {
-            url,
-            local: Some(local),
-        }
+        local
     }
 
     fn data(&self) -> PathBuf {
@@ -248,11 +569,18 @@ impl Local {
     /// Starts the server and waits until it takes connections. A test
     /// server need not survive a power cut: no fsync.
     fn pg_ctl_start(&self) {
-        let options = format!(
+        let mut options = format!(
             "-p {} -c listen_addresses=127.0.0.1 -k {} -c fsync=off -c full_page_writes=off",
             self.port,
             self.directory.display()
         );
+        if self.tls {
+            let directory = self.directory.display();
+            options.push_str(&format!(
+                " -c ssl=on -c ssl_cert_file={directory}/server.crt \
+                 -c ssl_key_file={directory}/server.key"
+            ));
+        }
         let log = self.directory.join("server.log");
         self.pg_ctl(&["start", "-w", "-o", &options, "-l", log.to_str().unwrap()]);
     }

@@ -144,11 +144,45 @@ impl Outbox {
     /// starts the store's tasks (its writer, its listener, the lease
     /// renewal) on the current tokio runtime.
     ///
+    /// # Settings
+    ///
+    /// Read from `url`'s parameters, under libpq's names where libpq has
+    /// them; every connection of the store uses them.
+    ///
+    /// - `sslmode`: `disable` (never TLS); `prefer`, the default as in
+    ///   libpq (TLS if the server offers it, the certificate unchecked);
+    ///   `require` (TLS or no connection, the certificate unchecked);
+    ///   `verify-ca` (and the certificate chains to a trusted root);
+    ///   `verify-full` (and it names the host connected to). Given
+    ///   `sslrootcert`, `prefer` and `require` check the chain as
+    ///   `verify-ca` does. TLS is rustls, on ring.
+    /// - `sslrootcert`: the roots to trust, a PEM file; or `system`, the
+    ///   platform's trust store, which then asks for `verify-full`.
+    ///   `verify-ca` and `verify-full` without it trust the platform's roots.
+    /// - `connect_timeout`: the seconds connecting, the TLS handshake and
+    ///   the login may take together; 10 by default (and for `0`).
+    /// - `statement_timeout` and `lock_timeout`: how long each statement may
+    ///   run, and wait for a lock, set on the session (PostgreSQL's
+    ///   durations: `5s`, `500ms`, `0` for no limit); `5s` and `2s` by
+    ///   default. A session setting in `options` (`-c lock_timeout=...`) is
+    ///   kept instead; setting one both ways is an error.
+    ///
+    /// A database on another machine, checked against a private CA:
+    ///
+    /// ```text
+    /// postgres://sender:PASSWORD@db.internal/app?sslmode=verify-full&sslrootcert=/etc/ssl/db-ca.pem
+    /// ```
+    ///
     /// # Errors
     ///
-    /// The URL cannot be parsed, the database cannot be reached, or its
-    /// schema was written by a later version of this crate; or there is no
-    /// tokio runtime.
+    /// The URL cannot be parsed, names a parameter libpq does not know, or
+    /// a value that is not one ([`OutboxError::is_invalid`]); the roots
+    /// cannot be read; the database cannot be reached, TLS fails or is
+    /// refused (the error says so: a certificate not trusted, a host name
+    /// mismatch, no TLS offered where `sslmode` requires it), or there is
+    /// no connection and login within `connect_timeout`; its schema was
+    /// written by a later version of this crate; or there is no tokio
+    /// runtime. No error shows the password.
     #[cfg(feature = "postgres")]
     pub async fn connect(url: &str, queue: &str) -> Result<Outbox, OutboxError> {
         let store = postgres::PostgresStore::connect(url, queue).await?;

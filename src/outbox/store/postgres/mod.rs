@@ -87,8 +87,7 @@ use tokio::{
     task::JoinHandle,
 };
 use tokio_postgres::{
-    types::ToSql, AsyncMessage, Client, Config, NoTls, Row, SimpleQueryMessage, Statement,
-    Transaction,
+    types::ToSql, AsyncMessage, Client, Row, SimpleQueryMessage, Statement, Transaction,
 };
 
 use super::Inserted;
@@ -99,6 +98,7 @@ use crate::{
         record::{damaged_key, Tag},
         Entry, OutboxError,
     },
+    postgres::{ConnectError, Target},
     sync::lock,
 };
 
@@ -112,8 +112,6 @@ const SCHEMA_LOCK: i64 = 0x7472_7920_6f75_7462;
 const CHANNEL_PREFIX: &str = "terminal_retry_outbox_";
 /// The most writes batched into one statement.
 const MAX_BATCH: usize = 1024;
-/// How long a connection attempt may take, unless the URL says.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The longest wait for the answer to a statement: longer than the
 /// server's own `statement_timeout`, for a connection that answers nothing.
 const ANSWER_BOUND: Duration = Duration::from_secs(10);
@@ -176,7 +174,7 @@ pub(super) struct PostgresStore {
 
 /// What the store and its tasks share.
 struct Shared {
-    config: Config,
+    target: Target,
     /// A pseudo path: server, database and queue, no password.
     path: PathBuf,
     queue: String,
@@ -244,17 +242,12 @@ impl PostgresStore {
         let unparsed = Path::new("postgres");
         let runtime = Handle::try_current()
             .map_err(|_| OutboxError::refused(unparsed, "no tokio runtime to run the store on"))?;
-        let mut config: Config = url.parse().map_err(|error| {
-            OutboxError::invalid(unparsed, format!("not a database URL: {error}"))
-        })?;
-        if config.get_connect_timeout().is_none() {
-            config.connect_timeout(CONNECT_TIMEOUT);
-        }
-        let path = pseudo_path(&config, queue);
-        let mut client = open(&config, &path).await?;
+        let target = Target::parse(url).map_err(|error| connect_error(unparsed, error))?;
+        let path = pseudo_path(&target, queue);
+        let mut client = open(&target, &path).await?;
         create_schema(&mut client, &path).await?;
         let shared = Arc::new(Shared {
-            config,
+            target,
             path,
             queue: queue.to_owned(),
             channel: channel(queue),
@@ -681,7 +674,7 @@ impl PostgresStore {
     /// The records of the queue in `state`, oldest first, read on a thread
     /// with its own runtime and connection.
     fn list_apart(&self, state: &'static str, cap: usize) -> Result<Vec<Entry>, OutboxError> {
-        let config = self.shared.config.clone();
+        let target = self.shared.target.clone();
         let path = self.shared.path.clone();
         let queue = self.shared.queue.clone();
         let read = move || -> Result<Vec<Entry>, OutboxError> {
@@ -690,7 +683,7 @@ impl PostgresStore {
                 .build()
                 .map_err(|error| OutboxError::io(&path, error))?;
             runtime.block_on(async {
-                let client = open(&config, &path).await?;
+                let client = open(&target, &path).await?;
                 let rows = client
                     .query(
                         &format!(
@@ -729,7 +722,7 @@ impl Shared {
             return Ok(open.clone());
         }
         *client = None;
-        match open(&self.config, &self.path).await {
+        match open(&self.target, &self.path).await {
             Ok(opened) => {
                 let opened = Arc::new(Connection::new(opened, ANSWER_BOUND));
                 *client = Some(opened.clone());
@@ -1085,8 +1078,8 @@ async fn listen(shared: Arc<Shared>) {
     }
 }
 
-async fn listen_once(shared: &Shared) -> Result<(), tokio_postgres::Error> {
-    let (client, mut connection) = shared.config.connect(NoTls).await?;
+async fn listen_once(shared: &Shared) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let (client, mut connection) = shared.target.connect_undriven().await?;
     let statement = format!("LISTEN {}", shared.channel);
     let listen = client.batch_execute(&statement);
     tokio::pin!(listen);
@@ -1104,7 +1097,7 @@ async fn listen_once(shared: &Shared) -> Result<(), tokio_postgres::Error> {
                 // replay interval (see `Shared::scanned`).
                 Some(Ok(AsyncMessage::Notification(_))) => shared.notified(),
                 Some(Ok(_)) => {}
-                Some(Err(error)) => return Err(error),
+                Some(Err(error)) => return Err(error.into()),
                 None => return Ok(()),
             },
         }
@@ -1322,17 +1315,20 @@ impl Connection {
 }
 
 /// Connects, with the connection driven on the current runtime.
-async fn open(config: &Config, path: &Path) -> Result<Client, OutboxError> {
-    let (client, connection) = config
-        .connect(NoTls)
+async fn open(target: &Target, path: &Path) -> Result<Client, OutboxError> {
+    target
+        .connect()
         .await
-        .map_err(|error| OutboxError::io(path, error))?;
-    tokio::spawn(async move {
-        if let Err(error) = connection.await {
-            tracing::debug!(error = %error, "an outbox connection ended");
-        }
-    });
-    Ok(client)
+        .map_err(|error| connect_error(path, error))
+}
+
+/// A connection string that cannot be used makes an invalid outbox; a
+/// failed connection, one that cannot be read or written.
+fn connect_error(path: &Path, error: ConnectError) -> OutboxError {
+    match error {
+        ConnectError::Invalid(_) => OutboxError::invalid(path, error.to_string()),
+        error => OutboxError::io(path, error),
+    }
 }
 
 /// Creates the schema if it is missing, under an advisory lock.
@@ -1453,19 +1449,8 @@ fn channel(queue: &str) -> String {
 
 /// A pseudo path naming the server, the database and the queue: what
 /// events and errors show. The password stays out.
-fn pseudo_path(config: &Config, queue: &str) -> PathBuf {
-    let host = match config.get_hosts().first() {
-        Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
-        #[cfg(unix)]
-        Some(tokio_postgres::config::Host::Unix(socket)) => socket.display().to_string(),
-        None => "localhost".to_owned(),
-    };
-    let port = config.get_ports().first().copied().unwrap_or(5432);
-    let user = config.get_user().unwrap_or_default();
-    let database = config.get_dbname().unwrap_or(user);
-    PathBuf::from(format!(
-        "postgres://{user}@{host}:{port}/{database}?queue={queue}"
-    ))
+fn pseudo_path(target: &Target, queue: &str) -> PathBuf {
+    PathBuf::from(format!("{target}?queue={queue}"))
 }
 
 /// A sequence number as PostgreSQL's bigint.
@@ -1488,10 +1473,8 @@ mod tests {
 
     #[test]
     fn the_pseudo_path_names_server_database_and_queue_never_the_password() {
-        let config: Config = "postgres://sender:hunter2@127.0.0.1:5544/billing"
-            .parse()
-            .unwrap();
-        let path = pseudo_path(&config, "webhooks");
+        let target = Target::parse("postgres://sender:hunter2@127.0.0.1:5544/billing").unwrap();
+        let path = pseudo_path(&target, "webhooks");
         assert_eq!(
             path,
             Path::new("postgres://sender@127.0.0.1:5544/billing?queue=webhooks")
