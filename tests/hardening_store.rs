@@ -506,41 +506,68 @@ async fn a_file_removed_while_open_fails_the_next_insert_not_silently() {
     assert!(!file.exists(), "not created again");
 }
 
-/// A record as the first version of the outbox encoded it (record format
-/// 1): `headers` headers, each with a name of its own and an empty value;
-/// `attempts` attempts so far.
+/// A record as the outbox encodes it (record format 2: a version byte,
+/// then postcard): `headers` headers, each with a name of its own and an
+/// empty value; `attempts` attempts so far.
 fn record(key: &str, base: &str, headers: u32, attempts: u32) -> Vec<u8> {
-    fn put(out: &mut Vec<u8>, bytes: &[u8]) {
-        out.extend_from_slice(&u32::try_from(bytes.len()).unwrap().to_le_bytes());
-        out.extend_from_slice(bytes);
+    #[derive(serde::Serialize)]
+    struct Record<'a> {
+        key: &'a str,
+        quarantined: bool,
+        method: &'a str,
+        uri: String,
+        headers: Vec<Header>,
+        #[serde(with = "bytes_as_bytes")]
+        body: &'a [u8],
+        idempotency_key: String,
+        tag: Option<&'a str>,
+        stored_at_ms: u64,
+        attempts: u32,
+        last_failure: Option<&'a str>,
     }
-    let mut out = vec![1];
-    put(&mut out, key.as_bytes());
-    out.push(0);
-    put(&mut out, b"POST");
-    put(&mut out, format!("{base}/hook/{key}").as_bytes());
-    out.extend_from_slice(&headers.to_le_bytes());
-    for index in 0..headers {
-        put(&mut out, format!("x{index}").as_bytes());
-        put(&mut out, b"");
+    #[derive(serde::Serialize)]
+    struct Header {
+        name: String,
+        #[serde(with = "bytes_as_bytes")]
+        value: &'static [u8],
     }
-    put(&mut out, b"{}");
-    put(&mut out, format!("idem-{key}").as_bytes());
-    out.extend_from_slice(&1_700_000_000_000u64.to_le_bytes());
-    out.extend_from_slice(&attempts.to_le_bytes());
-    out.push(0);
-    out
+    mod bytes_as_bytes {
+        pub(super) fn serialize<S: serde::Serializer>(
+            bytes: &&[u8],
+            serializer: S,
+        ) -> Result<S::Ok, S::Error> {
+            serializer.serialize_bytes(bytes)
+        }
+    }
+    let record = Record {
+        key,
+        quarantined: false,
+        method: "POST",
+        uri: format!("{base}/hook/{key}"),
+        headers: (0..headers)
+            .map(|index| Header {
+                name: format!("x{index}"),
+                value: b"",
+            })
+            .collect(),
+        body: b"{}",
+        idempotency_key: format!("idem-{key}"),
+        tag: None,
+        stored_at_ms: 1_700_000_000_000,
+        attempts,
+        last_failure: None,
+    };
+    postcard::to_extend(&record, vec![2]).unwrap()
 }
 
-/// Plants `records` (sequence number, key, bytes) in the outbox at `file`,
-/// as the first version of the outbox wrote them (file format 1): opening
-/// it migrates what it can read.
+/// Plants `records` (sequence number, key, bytes) in the outbox at `file`
+/// (file format 2), as if the outbox had written them.
 async fn plant(file: &Path, records: &[(u64, &str, Vec<u8>)]) {
     created(file).await;
     let database = Database::create(file).unwrap();
     let write = database.begin_write().unwrap();
     {
-        write.open_table(META).unwrap().insert("format", 1).unwrap();
+        write.open_table(META).unwrap().insert("format", 2).unwrap();
         let mut pending = write.open_table(PENDING).unwrap();
         let mut keys = write.open_table(KEYS).unwrap();
         for (seq, key, bytes) in records {
