@@ -488,3 +488,109 @@ async fn notifications_name_no_queue_and_carry_nothing() {
     assert_eq!(heard_on, channel);
     assert_eq!(payload, "");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_that_freezes_does_not_hold_deliveries_up() {
+    let Some(postgres) = postgres().await else {
+        return;
+    };
+    let proxy = postgres.freezing_proxy().await;
+    let queue = postgres.queue("frozen");
+    let server = TestServer::start(|_| Reply::status(200)).await.unwrap();
+    let store_wait = Duration::from_millis(300);
+    let outbox = Outbox::connect(proxy.url(), &queue).await.unwrap();
+    let dispatcher = Dispatcher::builder(outbox, http_client())
+        .origin(&server.url("/").parse().unwrap())
+        .store_wait(store_wait)
+        .build()
+        .unwrap();
+    let mut before = dispatcher.send("before", post(server.url("/r"), "r"));
+    assert_eq!(before.stored().await, Durability::Stored);
+    assert_eq!(before.await, Delivery::Delivered);
+
+    // The database stops answering, without closing anything.
+    proxy.freeze();
+    let started = Instant::now();
+    for n in 0..3 {
+        let mut dispatch = dispatcher.send(format!("frozen-{n}"), post(server.url("/r"), "r"));
+        match dispatch.stored().await {
+            Durability::NotStored(error) => {
+                assert!(
+                    error.to_string().contains("did not answer within"),
+                    "{error}"
+                )
+            }
+            other => panic!("stored while the database is frozen: {other:?}"),
+        }
+        assert_eq!(dispatch.await, Delivery::Delivered);
+    }
+    assert!(
+        started.elapsed() < store_wait * 3 + Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(server.requests().len(), 4);
+
+    // Once it answers again, requests are stored again.
+    proxy.thaw();
+    let mut stored = false;
+    for n in 0..50 {
+        let mut dispatch = dispatcher.send(format!("thawed-{n}"), post(server.url("/r"), "r"));
+        let durability = dispatch.stored().await;
+        assert_eq!(dispatch.await, Delivery::Delivered);
+        if durability == Durability::Stored {
+            stored = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(stored, "never stored again after the thaw");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_notifications_costs_at_most_a_scan_per_replay_interval() {
+    let Some(postgres) = postgres().await else {
+        return;
+    };
+    let proxy = postgres.freezing_proxy().await;
+    let queue = postgres.queue("flood");
+    let outbox = Outbox::connect(proxy.url(), &queue).await.unwrap();
+    let dispatcher = Dispatcher::builder(outbox, http_client())
+        .any_origin()
+        .build()
+        .unwrap();
+    // Idle: the replay found nothing stored and waits.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(queue.as_bytes());
+    let hex: String = digest[..16]
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect();
+    let channel = format!("terminal_retry_outbox_{hex}");
+    let flooder = postgres.client().await;
+    let before = proxy.bytes_to_server();
+    // 20,000 notifications, distinct (PostgreSQL folds equal ones in one
+    // transaction), in 20 transactions over about two seconds.
+    for round in 0..20 {
+        flooder
+            .execute(
+                "SELECT pg_notify($1, $2 || n::text) FROM generate_series(1, 1000) AS n",
+                &[&channel, &round.to_string()],
+            )
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let flood_cost = proxy.bytes_to_server() - before;
+    // One scan is a statement of about a hundred bytes; the poll (every
+    // 5 s at most) may add one. A scan per wake costs several kilobytes
+    // here (5.9 kB measured with the deafness taken out).
+    assert!(
+        flood_cost < 1_500,
+        "the flood cost {flood_cost} bytes of statements"
+    );
+    drop(dispatcher);
+}

@@ -392,6 +392,8 @@ pub struct FreezingProxy {
     url: String,
     frozen: Arc<watch::Sender<bool>>,
     connections: Arc<AtomicUsize>,
+    /// Bytes forwarded from the clients to the server.
+    sent: Arc<AtomicUsize>,
     accepting: JoinHandle<()>,
 }
 
@@ -408,9 +410,11 @@ impl FreezingProxy {
         let address = listener.local_addr().unwrap();
         let frozen = Arc::new(watch::Sender::new(false));
         let connections = Arc::new(AtomicUsize::new(0));
+        let sent = Arc::new(AtomicUsize::new(0));
         let accepting = tokio::spawn({
             let frozen = frozen.clone();
             let connections = connections.clone();
+            let sent = sent.clone();
             async move {
                 // Owned here: aborting this task cuts every connection.
                 let mut forwarding = JoinSet::new();
@@ -421,8 +425,19 @@ impl FreezingProxy {
                     };
                     let (client_read, client_write) = client.into_split();
                     let (server_read, server_write) = upstream.into_split();
-                    forwarding.spawn(forward(client_read, server_write, frozen.subscribe()));
-                    forwarding.spawn(forward(server_read, client_write, frozen.subscribe()));
+                    let (to_server, to_client) = (Some(sent.clone()), None);
+                    forwarding.spawn(forward(
+                        client_read,
+                        server_write,
+                        frozen.subscribe(),
+                        to_server,
+                    ));
+                    forwarding.spawn(forward(
+                        server_read,
+                        client_write,
+                        frozen.subscribe(),
+                        to_client,
+                    ));
                 }
             }
         });
@@ -431,6 +446,7 @@ impl FreezingProxy {
             url: url(address),
             frozen,
             connections,
+            sent,
             accepting,
         }
     }
@@ -462,6 +478,12 @@ impl FreezingProxy {
         *self.frozen.borrow()
     }
 
+    /// How many bytes the clients sent the server through the proxy so
+    /// far: what their statements cost.
+    pub fn bytes_to_server(&self) -> usize {
+        self.sent.load(Ordering::SeqCst)
+    }
+
     /// How many connections the proxy accepted so far.
     pub fn connections(&self) -> usize {
         self.connections.load(Ordering::SeqCst)
@@ -474,12 +496,13 @@ impl Drop for FreezingProxy {
     }
 }
 
-/// Copies `from` to `to` while not `frozen`; passes the end of `from` on
-/// as the end of `to`.
+/// Copies `from` to `to` while not `frozen`, counting the bytes in
+/// `counted`, if given; passes the end of `from` on as the end of `to`.
 async fn forward(
     mut from: OwnedReadHalf,
     mut to: OwnedWriteHalf,
     mut frozen: watch::Receiver<bool>,
+    counted: Option<Arc<AtomicUsize>>,
 ) {
     let mut buffer = vec![0; 16 * 1024];
     loop {
@@ -496,6 +519,9 @@ async fn forward(
         }
         if to.write_all(&buffer[..read]).await.is_err() {
             return;
+        }
+        if let Some(counted) = &counted {
+            counted.fetch_add(read, Ordering::SeqCst);
         }
     }
     let _ = to.shutdown().await;
