@@ -61,7 +61,7 @@ fn main() {
     );
     let mut bare = answer_200();
     let mut floor = Retry::new(NeverRetry, answer_200());
-    let mut layer = TerminalRetryLayer::new().layer(answer_200());
+    let mut layer = TerminalRetryLayer::default().layer(answer_200());
     let mut layer_all = layer_all_options().layer(answer_200());
     for (fresh, request) in [(false, "template clone"), (true, "fresh request")] {
         in_memory(

@@ -106,7 +106,7 @@ fn main() {
             .expect("a dispatcher");
         Arc::new(Contenders {
             base: server.base(),
-            layered: TerminalRetryLayer::new().layer(client),
+            layered: TerminalRetryLayer::default().layer(client),
             dispatcher,
             directory: directory.clone(),
             next_key: Arc::new(AtomicU64::new(0)),

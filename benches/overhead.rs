@@ -15,6 +15,7 @@ use http::{HeaderValue, Response, StatusCode};
 use tower::{retry::Retry, Layer};
 use tower_terminal_retry::{
     classify_status, parse_retry_after, Classify, DefaultClassifier, Recovery, TerminalRetryLayer,
+    TerminalRetryPolicy,
 };
 
 use common::{answer_200, call_now, callback_request, layer_all_options, side_by_side, NeverRetry};
@@ -43,7 +44,7 @@ fn happy_path(c: &mut Criterion) {
             BatchSize::SmallInput,
         )
     });
-    let mut layer = TerminalRetryLayer::new().layer(answer_200());
+    let mut layer = TerminalRetryLayer::default().layer(answer_200());
     group.bench_function("layer_default", |b| {
         b.iter_batched(
             || request.clone(),
@@ -114,8 +115,7 @@ fn config() -> Criterion {
 /// one atomic.
 fn layer_with_recovery() -> tower_terminal_retry::TerminalRetry<common::Answer200> {
     let recovery = Recovery::new(50_000).expect("a rate");
-    TerminalRetryLayer::new()
-        .with_recovery(recovery)
+    TerminalRetryLayer::new(TerminalRetryPolicy::default().with_recovery(recovery))
         .layer(answer_200())
 }
 
@@ -126,7 +126,7 @@ fn happy_path_side_by_side() {
     let template = callback_request("http://127.0.0.1:8080");
     let mut bare = answer_200();
     let mut floor = Retry::new(NeverRetry, answer_200());
-    let mut layer = TerminalRetryLayer::new().layer(answer_200());
+    let mut layer = TerminalRetryLayer::default().layer(answer_200());
     let mut layer_all = layer_all_options().layer(answer_200());
     let mut layer_recovery = layer_with_recovery();
     side_by_side(

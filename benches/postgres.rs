@@ -170,7 +170,7 @@ fn main() {
             .expect("a postgres outbox");
         Arc::new(Contenders {
             base: server.base(),
-            layered: TerminalRetryLayer::new().layer(client.clone()),
+            layered: TerminalRetryLayer::default().layer(client.clone()),
             redb: Dispatcher::builder(redb, client.clone())
                 .build()
                 .expect("a dispatcher"),

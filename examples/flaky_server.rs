@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use tower::{ServiceBuilder, ServiceExt};
 use tower_terminal_retry::{
     test_server::{Reply, TestServer},
-    Schedule, TerminalRetryLayer,
+    Schedule, TerminalRetryLayer, TerminalRetryPolicy,
 };
 
 #[tokio::main]
@@ -53,11 +53,11 @@ async fn main() -> Result<(), tower::BoxError> {
         Schedule::exponential(Duration::from_millis(250), 2.0, 5, Duration::from_secs(4))?;
     let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
     let service = ServiceBuilder::new()
-        .layer(
-            TerminalRetryLayer::new()
+        .layer(TerminalRetryLayer::new(
+            TerminalRetryPolicy::default()
                 .with_schedule(schedule)
                 .with_attempt_header(http::HeaderName::from_static("x-retry-attempt")),
-        )
+        ))
         .timeout(Duration::from_secs(2))
         .service(client);
 

@@ -35,7 +35,7 @@ use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use tower::{Layer, ServiceExt};
 use tower_terminal_retry::{
     outbox::{Delivery, Dispatcher, Outbox},
-    Recovery, Schedule, TerminalRetryLayer,
+    Recovery, Schedule, TerminalRetryLayer, TerminalRetryPolicy,
 };
 
 use common::{
@@ -99,7 +99,9 @@ async fn run(concurrency: usize) {
     let _ = client.request(callback_request(&base)).await;
     let recovery = Recovery::new(1_000).expect("a rate");
     let dispatcher = Dispatcher::builder(Outbox::open(&file).expect("an outbox"), client.clone())
-        .layer(TerminalRetryLayer::new().with_schedule(Schedule::new([]).expect("no retry")))
+        .layer(TerminalRetryLayer::new(
+            TerminalRetryPolicy::default().with_schedule(Schedule::new([]).expect("no retry")),
+        ))
         .recovery(Some(recovery.clone()))
         .replay_concurrency(concurrency)
         // A loopback server takes the whole backlog at once; the default rate
@@ -151,9 +153,9 @@ async fn run(concurrency: usize) {
         server.set_status(200);
         let answered_before = server.answered();
         let back = Instant::now();
-        let heartbeat = TerminalRetryLayer::new()
-            .with_recovery(recovery.clone())
-            .layer(client.clone());
+        let heartbeat =
+            TerminalRetryLayer::new(TerminalRetryPolicy::default().with_recovery(recovery.clone()))
+                .layer(client.clone());
         let _ = heartbeat.oneshot(callback_request(&base)).await;
         let mut peak_rate = 0.0f64;
         let mut last = (Instant::now(), server.answered());

@@ -50,7 +50,7 @@ use http::Request;
 use http_body_util::Full;
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 use tower::{Layer, ServiceBuilder, ServiceExt};
-use tower_terminal_retry::{Jitter, Recovery, Schedule, TerminalRetryLayer};
+use tower_terminal_retry::{Jitter, Recovery, Schedule, TerminalRetryLayer, TerminalRetryPolicy};
 use tracing_subscriber::layer::SubscriberExt;
 
 use common::{
@@ -187,13 +187,13 @@ async fn run(
             result.map(drop)
         })
         .layer({
-            let layer = TerminalRetryLayer::new()
+            let policy = TerminalRetryPolicy::default()
                 .with_schedule(schedule())
                 .with_jitter(jitter);
-            match &recovery {
-                Some(recovery) => layer.with_recovery(recovery.clone()),
-                None => layer,
-            }
+            TerminalRetryLayer::new(match &recovery {
+                Some(recovery) => policy.with_recovery(recovery.clone()),
+                None => policy,
+            })
         })
         .concurrency_limit(IN_FLIGHT)
         .map_request(move |request: Request<Full<Bytes>>| {
@@ -228,10 +228,12 @@ async fn run(
     }
     if let (true, Some(recovery)) = (heartbeat, &recovery) {
         // One attempt each, through a layer holding the same recovery.
-        let beat = TerminalRetryLayer::new()
-            .with_schedule(Schedule::new([]).expect("no retry"))
-            .with_recovery(recovery.clone())
-            .layer(client.clone());
+        let beat = TerminalRetryLayer::new(
+            TerminalRetryPolicy::default()
+                .with_schedule(Schedule::new([]).expect("no retry"))
+                .with_recovery(recovery.clone()),
+        )
+        .layer(client.clone());
         let (base, heartbeats) = (base.clone(), heartbeats.clone());
         tokio::spawn(async move {
             let mut every = tokio::time::interval(HEARTBEAT);

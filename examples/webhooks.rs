@@ -34,7 +34,7 @@ use tower::ServiceBuilder;
 use tower_terminal_retry::{
     outbox::{Delivery, Dispatcher, Durability, Outbox},
     test_server::{Reply, TestServer},
-    Schedule, TerminalRetryLayer,
+    Schedule, TerminalRetryLayer, TerminalRetryPolicy,
 };
 
 const EVENTS: usize = 10;
@@ -139,8 +139,10 @@ fn sender(file: &std::path::Path) -> Result<Dispatcher<Stack>, Box<dyn std::erro
     let stack = ServiceBuilder::new()
         .timeout(Duration::from_secs(5))
         .service(client);
-    let layer =
-        TerminalRetryLayer::new().with_schedule(Schedule::new([Duration::from_millis(100); 2])?);
+    let layer = TerminalRetryLayer::new(
+        TerminalRetryPolicy::default()
+            .with_schedule(Schedule::new([Duration::from_millis(100); 2])?),
+    );
     let dispatcher = Dispatcher::builder(Outbox::open(file)?, stack)
         .layer(layer)
         .replay_interval(Duration::from_secs(1))

@@ -11,11 +11,11 @@
 //!
 //! ```
 //! use std::time::Duration;
-//! use tower_terminal_retry::{RetryBudget, TerminalRetryLayer};
+//! use tower_terminal_retry::{TerminalRetryPolicy, RetryBudget, TerminalRetryLayer};
 //!
 //! // Retries may add 20% to the calls of the last 10 s, and 1 per second anyway.
 //! let budget = RetryBudget::new(Duration::from_secs(10), 1, 0.2)?;
-//! let layer = TerminalRetryLayer::new().with_budget(budget);
+//! let layer = TerminalRetryLayer::new(TerminalRetryPolicy::default().with_budget(budget));
 //! # let _ = layer;
 //! # Ok::<(), tower_terminal_retry::ConfigError>(())
 //! ```

@@ -12,14 +12,16 @@
 //! use std::{convert::Infallible, time::Duration};
 //! use http::{Request, Response};
 //! use tower::{service_fn, Layer, ServiceExt};
-//! use tower_terminal_retry::{Jitter, Schedule, TerminalRetryLayer};
+//! use tower_terminal_retry::{Jitter, Schedule, TerminalRetryLayer, TerminalRetryPolicy};
 //!
 //! # #[tokio::main(flavor = "current_thread", start_paused = true)]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! // Full jitter with its random draw pinned at one half: 8 s becomes 4 s.
-//! let layer = TerminalRetryLayer::new()
-//!     .with_schedule(Schedule::new([Duration::from_secs(8)])?)
-//!     .with_jitter(Jitter::full().with_random(|| 0.5));
+//! let layer = TerminalRetryLayer::new(
+//!     TerminalRetryPolicy::default()
+//!         .with_schedule(Schedule::new([Duration::from_secs(8)])?)
+//!         .with_jitter(Jitter::full().with_random(|| 0.5)),
+//! );
 //! let down = service_fn(|_: Request<()>| async {
 //!     Ok::<_, Infallible>(Response::builder().status(502).body(()).unwrap())
 //! });

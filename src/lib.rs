@@ -41,19 +41,19 @@
 //!
 //! [`DefaultClassifier`] is the rule above; a special case goes in a
 //! [`ClassifyFn`] over it, given to
-//! [`TerminalRetryLayer::with_classifier`]:
+//! [`TerminalRetryPolicy::with_classifier`]:
 //!
 //! ```
 //! use http::{Response, StatusCode};
-//! use tower_terminal_retry::{Classify, ClassifyFn, DefaultClassifier, Outcome, TerminalRetryLayer};
+//! use tower_terminal_retry::{TerminalRetryPolicy, Classify, ClassifyFn, DefaultClassifier, Outcome, TerminalRetryLayer};
 //!
 //! // This server answers 409 when a report was already accepted: a success.
-//! let layer = TerminalRetryLayer::new().with_classifier(ClassifyFn(
+//! let layer = TerminalRetryLayer::new(TerminalRetryPolicy::default().with_classifier(ClassifyFn(
 //!     |result: &Result<Response<()>, std::io::Error>| match result {
 //!         Ok(response) if response.status() == StatusCode::CONFLICT => Outcome::Success,
 //!         other => DefaultClassifier.classify(other),
 //!     },
-//! ));
+//! )));
 //! # let _ = layer;
 //! ```
 //!
@@ -61,17 +61,18 @@
 //!
 //! A retry parked in backoff waits its whole delay even when the server came
 //! back a moment after it fell asleep. Give the layers that talk to a server
-//! one [`Recovery`] ([`TerminalRetryLayer::with_recovery`]), and the first
+//! one [`Recovery`] ([`TerminalRetryPolicy::with_recovery`]), and the first
 //! success through any of them releases the retries waiting on a schedule
 //! delay for the same scheme, host and port, oldest first, at a bounded rate.
 //! A wait the server asked for with `Retry-After` is never cut short.
 //!
 //! ```
-//! use tower_terminal_retry::{Recovery, TerminalRetryLayer};
+//! use tower_terminal_retry::{TerminalRetryPolicy, Recovery, TerminalRetryLayer};
 //!
 //! let recovery = Recovery::new(1_000)?; // at most 1,000 releases a second
-//! let reports = TerminalRetryLayer::new().with_recovery(recovery.clone());
-//! let heartbeats = TerminalRetryLayer::new().with_recovery(recovery.clone());
+//! let policy = TerminalRetryPolicy::default().with_recovery(recovery);
+//! let reports = TerminalRetryLayer::new(policy.clone());
+//! let heartbeats = TerminalRetryLayer::new(policy);
 //! # let _ = (reports, heartbeats);
 //! # Ok::<(), tower_terminal_retry::ConfigError>(())
 //! ```
@@ -131,7 +132,7 @@
 //! });
 //!
 //! let start = tokio::time::Instant::now();
-//! let service = TerminalRetryLayer::new().layer(flaky);
+//! let service = TerminalRetryLayer::default().layer(flaky);
 //! let request = Request::post("/api/daemon/tasks/t1/complete").body(Full::from("{}"))?;
 //! let response = service.oneshot(request).await?;
 //!
@@ -156,6 +157,7 @@
 mod budget;
 mod classify;
 mod error;
+mod future;
 mod jitter;
 mod layer;
 mod origin;
@@ -194,9 +196,10 @@ pub mod webhooks;
 pub use budget::RetryBudget;
 pub use classify::{classify_status, Classify, ClassifyFn, DefaultClassifier, Outcome};
 pub use error::ConfigError;
+pub use future::Backoff;
 pub use jitter::Jitter;
 pub use layer::{TerminalRetry, TerminalRetryLayer};
-pub use policy::{Backoff, TerminalRetryPolicy};
+pub use policy::TerminalRetryPolicy;
 pub use recovery::Recovery;
 pub use retry_after::{parse_retry_after, RetryAfter};
 pub use schedule::Schedule;

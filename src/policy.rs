@@ -24,15 +24,13 @@
 //! use http::{Request, Response, StatusCode};
 //! use http_body_util::Full;
 //! use tower::{retry::RetryLayer, service_fn, ServiceBuilder, ServiceExt};
-//! use tower_terminal_retry::{Schedule, TerminalRetryLayer};
+//! use tower_terminal_retry::{Schedule, TerminalRetryPolicy};
 //!
 //! # #[tokio::main(flavor = "current_thread", start_paused = true)]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! // Configured through the layer; its policy is tower's `Policy`.
-//! let policy = TerminalRetryLayer::new()
-//!     .with_schedule(Schedule::new([Duration::from_secs(1)])?)
-//!     .policy()
-//!     .clone();
+//! // One place for every setting; the policy is tower's `Policy`.
+//! let policy = TerminalRetryPolicy::default()
+//!     .with_schedule(Schedule::new([Duration::from_secs(1)])?);
 //! let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
 //! let counted = calls.clone();
 //! let service = ServiceBuilder::new()
@@ -50,32 +48,26 @@
 //! # }
 //! ```
 
-use std::{
-    any::type_name,
-    fmt,
-    future::Future,
-    pin::Pin,
-    sync::Arc,
-    task::{ready, Context, Poll},
-    time::SystemTime,
-};
+use std::{any::type_name, fmt, sync::Arc, time::SystemTime};
 
 use http::{HeaderName, HeaderValue, Request, Response};
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 use tower::retry::Policy;
 
 use crate::{
     budget::RetryBudget,
     classify::{Classify, DefaultClassifier, Outcome},
+    future::Backoff,
     jitter::Jitter,
-    recovery::{Parked, Recovery, Woken},
+    recovery::Recovery,
     retry_after::RetryAfter,
     schedule::Schedule,
 };
 
-/// The retry policy of terminal callbacks, a [`tower::retry::Policy`]: made
-/// and configured by [`TerminalRetryLayer`](crate::TerminalRetryLayer), see
-/// the [crate docs](crate).
+/// The retry policy of terminal callbacks, a [`tower::retry::Policy`]: each
+/// setting is made here, once, and the policy handed to
+/// [`TerminalRetryLayer::new`](crate::TerminalRetryLayer::new) (or to
+/// tower's own `RetryLayer`); see the [crate docs](crate).
 ///
 /// It is a `Policy<Request<B>, Response<RB>, E>` for every `B: Clone` and
 /// every classifier of `Result<Response<RB>, E>`; the error must be `Debug`,
@@ -143,13 +135,16 @@ impl<C> TerminalRetryPolicy<C> {
         self
     }
 
-    /// Uses `schedule` for the delays between attempts.
-    pub(crate) fn with_schedule(self, schedule: Schedule) -> Self {
+    /// Uses `schedule` for the delays between attempts (by default 4, 8, 16,
+    /// 32 and 64 s).
+    pub fn with_schedule(self, schedule: Schedule) -> Self {
         self.configure(|config| config.schedule = schedule)
     }
 
-    /// Uses `classifier` to sort results into success, transient and permanent.
-    pub(crate) fn with_classifier<D>(self, classifier: D) -> TerminalRetryPolicy<D> {
+    /// Uses `classifier` to sort results into success, transient and
+    /// permanent (by default [`DefaultClassifier`]; a closure goes in a
+    /// [`ClassifyFn`](crate::ClassifyFn)).
+    pub fn with_classifier<D>(self, classifier: D) -> TerminalRetryPolicy<D> {
         let config = &*self.config;
         TerminalRetryPolicy {
             config: Arc::new(Config {
@@ -167,24 +162,25 @@ impl<C> TerminalRetryPolicy<C> {
 
     /// Sets how the server's `Retry-After` is honoured (by default up to five
     /// minutes).
-    pub(crate) fn with_retry_after(self, retry_after: RetryAfter) -> Self {
+    pub fn with_retry_after(self, retry_after: RetryAfter) -> Self {
         self.configure(|config| config.retry_after = retry_after)
     }
 
     /// Randomises the schedule's delays (off by default).
-    pub(crate) fn with_jitter(self, jitter: Jitter) -> Self {
+    pub fn with_jitter(self, jitter: Jitter) -> Self {
         self.configure(|config| config.jitter = jitter)
     }
 
-    /// Limits retries with `budget`, shared by every clone of this policy.
-    pub(crate) fn with_budget(self, budget: RetryBudget) -> Self {
+    /// Limits retries with `budget`, shared by every clone of this policy
+    /// (and of the layers made of it).
+    pub fn with_budget(self, budget: RetryBudget) -> Self {
         self.configure(|config| config.budget = Some(budget))
     }
 
     /// Numbers retried requests in the header `name`: the second attempt
     /// carries `name: 2`, the third `name: 3`, and so on. The first attempt
     /// goes out as the caller built it.
-    pub(crate) fn with_attempt_header(self, name: HeaderName) -> Self {
+    pub fn with_attempt_header(self, name: HeaderName) -> Self {
         self.configure(|config| config.attempt_header = Some(name))
     }
 
@@ -193,7 +189,7 @@ impl<C> TerminalRetryPolicy<C> {
     /// reported to `recovery`, and every wait on a schedule delay (not one
     /// set by `Retry-After`) can be released by it. Off by default: the
     /// schedule stays exact.
-    pub(crate) fn with_recovery(self, recovery: Recovery) -> Self {
+    pub fn with_recovery(self, recovery: Recovery) -> Self {
         self.configure(|config| config.recovery = Some(recovery))
     }
 
@@ -202,16 +198,14 @@ impl<C> TerminalRetryPolicy<C> {
         &self.config.schedule
     }
 
-    /// The classifier, shared: the outbox's replay classifies its single
-    /// attempts with it.
-    #[cfg(feature = "outbox")]
-    pub(crate) fn classifier(&self) -> Arc<C> {
-        self.config.classifier.clone()
+    /// The classifier in use: what a sender that makes single attempts of
+    /// its own (the outbox's replay) classifies them with.
+    pub fn classifier(&self) -> &C {
+        &self.config.classifier
     }
 
     /// How the server's `Retry-After` is honoured.
-    #[cfg(feature = "outbox")]
-    pub(crate) fn retry_after(&self) -> RetryAfter {
+    pub fn retry_after(&self) -> RetryAfter {
         self.config.retry_after
     }
 }
@@ -316,84 +310,16 @@ where
         );
         let deadline = Instant::now() + delay;
         // The server's own Retry-After is never cut short.
-        let wait = match (&config.recovery, retry_after) {
-            (Some(recovery), None) => Wait::Parked {
-                parked: recovery.park(request.uri(), deadline),
-            },
-            _ => Wait::Sleep {
-                sleep: tokio::time::sleep_until(deadline),
-            },
-        };
-        Some(Backoff { wait, attempt })
+        Some(match (&config.recovery, retry_after) {
+            (Some(recovery), None) => {
+                Backoff::parked(recovery.park(request.uri(), deadline), attempt)
+            }
+            _ => Backoff::sleep(deadline, attempt),
+        })
     }
 
     fn clone_request(&mut self, request: &Request<B>) -> Option<Request<B>> {
         Some(request.clone())
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// The wait before a retry, as [`TerminalRetryPolicy`] returns it: the
-    /// schedule's delay (jittered if asked), or the server's `Retry-After`.
-    /// With a [`Recovery`], a schedule delay ends early once the server
-    /// answers again.
-    pub struct Backoff {
-        #[pin]
-        wait: Wait,
-        // The attempt that failed, for the release event.
-        attempt: u32,
-    }
-}
-
-pin_project_lite::pin_project! {
-    #[project = WaitProjection]
-    enum Wait {
-        Sleep { #[pin] sleep: Sleep },
-        Parked { #[pin] parked: Parked },
-    }
-}
-
-impl Backoff {
-    /// When the wait ends, unless a [`Recovery`] releases it earlier.
-    pub fn deadline(&self) -> Instant {
-        match &self.wait {
-            Wait::Sleep { sleep } => sleep.deadline(),
-            Wait::Parked { parked } => parked.deadline(),
-        }
-    }
-}
-
-impl fmt::Debug for Backoff {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Backoff")
-            .field("deadline", &self.deadline())
-            .field("releasable", &matches!(self.wait, Wait::Parked { .. }))
-            .field("attempt", &self.attempt)
-            .finish()
-    }
-}
-
-impl Future for Backoff {
-    type Output = ();
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let this = self.project();
-        match this.wait.project() {
-            WaitProjection::Sleep { sleep } => sleep.poll(cx),
-            WaitProjection::Parked { parked } => {
-                let deadline = parked.deadline();
-                if ready!(parked.poll(cx)) == Woken::Released {
-                    tracing::debug!(
-                        attempt = *this.attempt,
-                        early_ms = deadline
-                            .saturating_duration_since(Instant::now())
-                            .as_millis() as u64,
-                        "retry released early: a request to the same server succeeded"
-                    );
-                }
-                Poll::Ready(())
-            }
-        }
     }
 }
 

@@ -25,7 +25,7 @@
 //! use http::{Request, Response, StatusCode};
 //! use http_body_util::Full;
 //! use tower::{service_fn, Layer, ServiceExt};
-//! use tower_terminal_retry::{Recovery, TerminalRetryLayer};
+//! use tower_terminal_retry::{TerminalRetryPolicy, Recovery, TerminalRetryLayer};
 //!
 //! # #[tokio::main(flavor = "current_thread", start_paused = true)]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -39,7 +39,7 @@
 //!     })
 //! };
 //! let recovery = Recovery::new(100)?;
-//! let layer = TerminalRetryLayer::new().with_recovery(recovery.clone());
+//! let layer = TerminalRetryLayer::new(TerminalRetryPolicy::default().with_recovery(recovery.clone()));
 //!
 //! // A report fails at once and parks for 4 s.
 //! let start = tokio::time::Instant::now();

@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use tower::{Layer, ServiceExt};
 use tower_terminal_retry::{
     test_server::{Reply, TestServer},
-    Jitter, Recovery, TerminalRetryLayer,
+    Jitter, Recovery, TerminalRetryLayer, TerminalRetryPolicy,
 };
 use tracing::{
     field::{Field, Visit},
@@ -103,7 +103,7 @@ async fn each_retry_emits_an_event_with_attempt_delay_outcome_and_status_or_erro
     let capture = Capture::default();
     let _guard = capture.install();
     let mock = Mock::scripted([Reply::status(502), Reply::Close]);
-    let response = TerminalRetryLayer::new()
+    let response = TerminalRetryLayer::default()
         .layer(mock.clone())
         .oneshot(request())
         .await
@@ -139,7 +139,9 @@ async fn each_retry_emits_an_event_with_attempt_delay_outcome_and_status_or_erro
 async fn retry_events_carry_the_delay_actually_slept() {
     let capture = Capture::default();
     let _guard = capture.install();
-    let layer = TerminalRetryLayer::new().with_jitter(Jitter::full().with_random(|| 0.5));
+    let layer = TerminalRetryLayer::new(
+        TerminalRetryPolicy::default().with_jitter(Jitter::full().with_random(|| 0.5)),
+    );
     let mock = Mock::scripted([Reply::retry_after(429, "7"), Reply::status(503)]);
     let start = Instant::now();
     layer.layer(mock.clone()).oneshot(request()).await.unwrap();
@@ -158,7 +160,8 @@ async fn retry_events_carry_the_delay_actually_slept() {
 async fn an_exhausted_schedule_emits_one_warn_event() {
     let capture = Capture::default();
     let _guard = capture.install();
-    let layer = TerminalRetryLayer::new().with_schedule(schedule(&[1, 1]));
+    let layer =
+        TerminalRetryLayer::new(TerminalRetryPolicy::default().with_schedule(schedule(&[1, 1])));
     let mock = Mock::new(|_, _| Reply::status(503));
     layer.layer(mock.clone()).oneshot(request()).await.unwrap();
 
@@ -190,7 +193,7 @@ async fn successes_and_permanent_rejections_neither_retry_nor_warn() {
     let _guard = capture.install();
     for status in [200, 404] {
         let mock = Mock::new(move |_, _| Reply::status(status));
-        TerminalRetryLayer::new()
+        TerminalRetryLayer::default()
             .layer(mock.clone())
             .oneshot(request())
             .await
@@ -233,9 +236,11 @@ async fn header_values_never_appear_in_events_or_debug_output() {
     ])
     .await
     .unwrap();
-    let layer = TerminalRetryLayer::new()
-        .with_schedule(schedule(&[1, 1, 1]))
-        .with_attempt_header(HeaderName::from_static("x-retry-attempt"));
+    let layer = TerminalRetryLayer::new(
+        TerminalRetryPolicy::default()
+            .with_schedule(schedule(&[1, 1, 1]))
+            .with_attempt_header(HeaderName::from_static("x-retry-attempt")),
+    );
     let service = layer.layer(client());
     let response = service
         .clone()
@@ -278,7 +283,8 @@ async fn a_retry_released_early_says_so_at_debug() {
     let recovery = Recovery::new(10).unwrap();
     // The first attempt meets a 502; every later one a 200.
     let mock = Mock::scripted([Reply::status(502)]);
-    let layer = TerminalRetryLayer::new().with_recovery(recovery.clone());
+    let layer =
+        TerminalRetryLayer::new(TerminalRetryPolicy::default().with_recovery(recovery.clone()));
     let parked = tokio::spawn(layer.layer(mock.clone()).oneshot(request()));
     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     assert_eq!(recovery.waiting(), 1);
@@ -380,7 +386,7 @@ async fn a_replay_that_panics_is_started_again_and_still_delivers() {
     use std::time::Duration;
     use tower_terminal_retry::{
         outbox::{Delivery, Dispatcher, Outbox},
-        Classify, DefaultClassifier, Outcome, Schedule,
+        Classify, DefaultClassifier, Outcome, Schedule, TerminalRetryPolicy,
     };
 
     /// Answers classified so far; the second (the replay's first) panics.
@@ -403,9 +409,11 @@ async fn a_replay_that_panics_is_started_again_and_still_delivers() {
     let directory = std::env::temp_dir().join(format!("events-panic-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&directory);
     let server = TestServer::scripted([Reply::status(502)]).await.unwrap();
-    let layer = TerminalRetryLayer::new()
-        .with_schedule(Schedule::new([]).unwrap())
-        .with_classifier(PanicsOnce);
+    let layer = TerminalRetryLayer::new(
+        TerminalRetryPolicy::default()
+            .with_schedule(Schedule::new([]).unwrap())
+            .with_classifier(PanicsOnce),
+    );
     let outbox = Outbox::open(directory.join("requests.redb")).unwrap();
     let dispatcher = Dispatcher::builder(outbox, client())
         .layer(layer)

@@ -21,7 +21,7 @@ use tower::{Layer, ServiceBuilder, ServiceExt};
 use tower_terminal_retry::{
     classify_status,
     test_server::{Reply, TestServer},
-    Classify, DefaultClassifier, Outcome, Schedule, TerminalRetryLayer,
+    Classify, DefaultClassifier, Outcome, Schedule, TerminalRetryLayer, TerminalRetryPolicy,
 };
 
 use support::{client, post, Attempts};
@@ -95,8 +95,7 @@ async fn test_post_json_with_retry_transient_then_success() {
         }
     })
     .await;
-    let response = TerminalRetryLayer::new()
-        .with_schedule(nanos(3))
+    let response = TerminalRetryLayer::new(TerminalRetryPolicy::default().with_schedule(nanos(3)))
         .layer(client())
         .oneshot(post(server.url("/x"), "{}"))
         .await
@@ -127,11 +126,11 @@ async fn test_post_json_with_retry_transient_exhausts() {
     })
     .await;
     let schedule = nanos(2);
-    let result = TerminalRetryLayer::new()
-        .with_schedule(schedule.clone())
-        .layer(client())
-        .oneshot(post(server.url("/x"), "{}"))
-        .await;
+    let result =
+        TerminalRetryLayer::new(TerminalRetryPolicy::default().with_schedule(schedule.clone()))
+            .layer(client())
+            .oneshot(post(server.url("/x"), "{}"))
+            .await;
     let response = result.expect("the last response, unchanged");
     assert_ne!(
         classify_status(response.status()),
@@ -157,8 +156,7 @@ async fn test_post_json_with_retry_transient_exhausts() {
 #[tokio::test(start_paused = true)]
 async fn test_post_json_with_retry_permanent_bails_immediately() {
     let (server, calls) = counting_server(|_| Reply::status(400)).await;
-    let response = TerminalRetryLayer::new()
-        .with_schedule(nanos(3))
+    let response = TerminalRetryLayer::new(TerminalRetryPolicy::default().with_schedule(nanos(3)))
         .layer(client())
         .oneshot(post(server.url("/x"), "{}"))
         .await
@@ -181,10 +179,10 @@ async fn test_post_json_with_retry_ctx_cancel_stops_retries() {
     let (server, calls) = counting_server(|_| Reply::status(502)).await;
     let attempts = Attempts::new();
     let service = ServiceBuilder::new()
-        .layer(
-            TerminalRetryLayer::new()
+        .layer(TerminalRetryLayer::new(
+            TerminalRetryPolicy::default()
                 .with_schedule(Schedule::new(vec![Duration::from_secs(1); 3]).unwrap()),
-        )
+        ))
         .layer(attempts.clone())
         .service(client());
 
@@ -236,5 +234,5 @@ fn test_default_terminal_retry_schedule_matches_agreed_plan() {
         );
     }
     // The layer and the policy start from that plan.
-    assert_eq!(TerminalRetryLayer::new().policy().schedule(), &default);
+    assert_eq!(TerminalRetryLayer::default().policy().schedule(), &default);
 }

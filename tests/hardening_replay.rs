@@ -34,7 +34,7 @@ use tower_terminal_retry::{
         DEFAULT_REPLAY_RATE,
     },
     test_server::{Reply, TestServer},
-    ConfigError, RetryAfter, TerminalRetryLayer,
+    ConfigError, RetryAfter, TerminalRetryLayer, TerminalRetryPolicy,
 };
 
 use outbox_support::{as_child, child_command, Scratch};
@@ -42,7 +42,12 @@ use support::HttpClient;
 
 /// A layer that makes one attempt: what is not delivered at once is queued.
 fn one_attempt() -> TerminalRetryLayer {
-    TerminalRetryLayer::new().with_schedule(support::schedule(&[]))
+    TerminalRetryLayer::new(one_attempt_policy())
+}
+
+/// The policy of [`one_attempt`], for a layer with more settings.
+fn one_attempt_policy() -> TerminalRetryPolicy {
+    TerminalRetryPolicy::default().with_schedule(support::schedule(&[]))
 }
 
 /// A dispatcher on a fresh outbox at `file`, over the loopback client, one
@@ -329,8 +334,10 @@ async fn a_probe_told_to_retry_after_two_seconds_waits_that_long_before_the_next
 
 #[tokio::test(start_paused = true)]
 async fn a_retry_after_past_the_layers_cap_waits_for_the_cap_only() {
-    let capped =
-        one_attempt().with_retry_after(RetryAfter::honor_up_to(Duration::from_secs(5)).unwrap());
+    let capped = TerminalRetryLayer::new(
+        one_attempt_policy()
+            .with_retry_after(RetryAfter::honor_up_to(Duration::from_secs(5)).unwrap()),
+    );
     let outage = Duration::from_secs(40);
     let times = attempts_told_to_retry_after("retry-after-cap", "3600", capped, outage).await;
     assert!(times.len() >= 4, "not an hour between probes: {times:?}");

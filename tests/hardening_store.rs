@@ -35,7 +35,7 @@ use tokio::{
 use tower_terminal_retry::{
     outbox::{Delivery, Dispatcher, Durability, Outbox, OutboxError},
     test_server::{Reply, TestServer},
-    Schedule, TerminalRetryLayer,
+    Schedule, TerminalRetryLayer, TerminalRetryPolicy,
 };
 
 use outbox_support::{as_child, child_command, Scratch};
@@ -66,7 +66,9 @@ fn client() -> HttpClient {
 fn dispatcher(outbox: Outbox) -> Dispatcher<HttpClient> {
     let schedule = Schedule::new([Duration::from_millis(50)]).unwrap();
     Dispatcher::builder(outbox, client())
-        .layer(TerminalRetryLayer::new().with_schedule(schedule))
+        .layer(TerminalRetryLayer::new(
+            TerminalRetryPolicy::default().with_schedule(schedule),
+        ))
         .replay_interval(Duration::from_millis(200))
         .build()
         .unwrap()

@@ -18,7 +18,7 @@ use tokio::{task::JoinSet, time::Instant};
 use tower::{timeout::error::Elapsed, BoxError, Layer, ServiceBuilder, ServiceExt};
 use tower_terminal_retry::{
     classify_status, test_server::Reply, Jitter, Outcome, RetryAfter, RetryBudget, Schedule,
-    TerminalRetryLayer,
+    TerminalRetryLayer, TerminalRetryPolicy,
 };
 
 use support::{
@@ -42,7 +42,7 @@ async fn call(
 
 /// A 2-delay schedule: transient results take 3 attempts, others 1.
 fn short_layer() -> TerminalRetryLayer {
-    TerminalRetryLayer::new().with_schedule(schedule(&[1, 1]))
+    TerminalRetryLayer::new(TerminalRetryPolicy::default().with_schedule(schedule(&[1, 1])))
 }
 
 #[tokio::test(start_paused = true)]
@@ -147,7 +147,7 @@ async fn transient_then_success_takes_exactly_the_attempts_needed() {
                 Reply::text(200, "accepted")
             }
         });
-        let (result, elapsed) = call(&TerminalRetryLayer::new(), &mock, request()).await;
+        let (result, elapsed) = call(&TerminalRetryLayer::default(), &mock, request()).await;
         let response = result.unwrap();
         assert_eq!(response.status(), StatusCode::OK);
         assert_eq!(text(response).await, "accepted");
@@ -168,7 +168,7 @@ async fn transient_to_the_end_returns_the_last_response_unchanged() {
         }
         reply
     });
-    let (result, elapsed) = call(&TerminalRetryLayer::new(), &mock, request()).await;
+    let (result, elapsed) = call(&TerminalRetryLayer::default(), &mock, request()).await;
     let response = result.unwrap();
     assert_eq!(mock.attempts().count(), Schedule::default().max_attempts());
     assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
@@ -179,7 +179,9 @@ async fn transient_to_the_end_returns_the_last_response_unchanged() {
 
 #[tokio::test(start_paused = true)]
 async fn an_empty_schedule_makes_one_attempt() {
-    let layer = TerminalRetryLayer::new().with_schedule(Schedule::new([]).unwrap());
+    let layer = TerminalRetryLayer::new(
+        TerminalRetryPolicy::default().with_schedule(Schedule::new([]).unwrap()),
+    );
     let mock = Mock::new(|_, _| Reply::status(503));
     let (result, elapsed) = call(&layer, &mock, request()).await;
     assert_eq!(result.unwrap().status(), StatusCode::SERVICE_UNAVAILABLE);
@@ -191,7 +193,7 @@ async fn an_empty_schedule_makes_one_attempt() {
 async fn default_layer_attempts_start_on_the_agreed_plan() {
     let mock = Mock::new(|_, _| Reply::status(502));
     let start = Instant::now();
-    let result = TerminalRetryLayer::new()
+    let result = TerminalRetryLayer::default()
         .layer(mock.clone())
         .oneshot(request())
         .await;
@@ -213,7 +215,7 @@ async fn second_attempt_after(layer: &TerminalRetryLayer, reply: Reply) -> Durat
 
 #[tokio::test(start_paused = true)]
 async fn retry_after_seconds_replace_the_schedule_on_429_and_503() {
-    let layer = TerminalRetryLayer::new();
+    let layer = TerminalRetryLayer::default();
     // (status, Retry-After, expected delay in s); the schedule says 4 s.
     let cases = [
         (429, "1", 1),
@@ -261,7 +263,7 @@ async fn retry_after_seconds_replace_the_schedule_on_429_and_503() {
 
 #[tokio::test(start_paused = true)]
 async fn retry_after_dates_replace_the_schedule_on_429_and_503() {
-    let layer = TerminalRetryLayer::new();
+    let layer = TerminalRetryLayer::default();
     for (status, ahead) in [(429, 2), (503, 2), (429, 30), (503, 30)] {
         let date = date_in(ahead);
         let sent = SystemTime::now();
@@ -281,21 +283,27 @@ async fn retry_after_dates_replace_the_schedule_on_429_and_503() {
 
 #[tokio::test(start_paused = true)]
 async fn retry_after_cap_is_configurable_and_can_be_turned_off() {
-    let patient = TerminalRetryLayer::new()
-        .with_retry_after(RetryAfter::honor_up_to(Duration::from_secs(30)).unwrap());
+    let patient = TerminalRetryLayer::new(
+        TerminalRetryPolicy::default()
+            .with_retry_after(RetryAfter::honor_up_to(Duration::from_secs(30)).unwrap()),
+    );
     for (value, expected) in [("600", 30), ("30", 30), ("12", 12), ("2", 2)] {
         let offset = second_attempt_after(&patient, Reply::retry_after(429, value)).await;
         assert_eq!(offset, Duration::from_secs(expected), "Retry-After {value}");
     }
     // A cap shorter than the schedule's entry clamps the server's delay only.
-    let hasty = TerminalRetryLayer::new()
-        .with_retry_after(RetryAfter::honor_up_to(Duration::from_secs(2)).unwrap());
+    let hasty = TerminalRetryLayer::new(
+        TerminalRetryPolicy::default()
+            .with_retry_after(RetryAfter::honor_up_to(Duration::from_secs(2)).unwrap()),
+    );
     let offset = second_attempt_after(&hasty, Reply::retry_after(503, "10")).await;
     assert_eq!(offset, Duration::from_secs(2));
     let offset = second_attempt_after(&hasty, Reply::status(503)).await;
     assert_eq!(offset, Duration::from_secs(4));
 
-    let deaf = TerminalRetryLayer::new().with_retry_after(RetryAfter::ignore());
+    let deaf = TerminalRetryLayer::new(
+        TerminalRetryPolicy::default().with_retry_after(RetryAfter::ignore()),
+    );
     let offset = second_attempt_after(&deaf, Reply::retry_after(429, "1")).await;
     assert_eq!(offset, Duration::from_secs(4));
 }
@@ -309,7 +317,7 @@ async fn retry_after_replaces_only_its_own_retry_and_never_adds_attempts() {
         Reply::status(200),
     ]);
     let start = Instant::now();
-    call(&TerminalRetryLayer::new(), &mock, request())
+    call(&TerminalRetryLayer::default(), &mock, request())
         .await
         .0
         .unwrap();
@@ -318,7 +326,7 @@ async fn retry_after_replaces_only_its_own_retry_and_never_adds_attempts() {
     // A server that always asks to come back soon still gets six attempts.
     let mock = Mock::new(|_, _| Reply::retry_after(503, "1"));
     let start = Instant::now();
-    let (result, _) = call(&TerminalRetryLayer::new(), &mock, request()).await;
+    let (result, _) = call(&TerminalRetryLayer::default(), &mock, request()).await;
     assert_eq!(result.unwrap().status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(mock.attempts().offsets(start), secs(&[0, 1, 2, 3, 4, 5]));
 }
@@ -335,7 +343,7 @@ fn sequence(values: Vec<f64>) -> (Jitter, Arc<AtomicUsize>) {
 async fn full_jitter_with_an_injected_source_gives_exact_delays() {
     // Delays 4, 8, 16, 32, 64 s scaled by 0, 0.25, 0.5, 0.75, 1.
     let (jitter, drawn) = sequence(vec![0.0, 0.25, 0.5, 0.75, 1.0]);
-    let layer = TerminalRetryLayer::new().with_jitter(jitter);
+    let layer = TerminalRetryLayer::new(TerminalRetryPolicy::default().with_jitter(jitter));
     let mock = Mock::new(|_, _| Reply::status(502));
     let start = Instant::now();
     call(&layer, &mock, request()).await.0.unwrap();
@@ -346,7 +354,9 @@ async fn full_jitter_with_an_injected_source_gives_exact_delays() {
 
 #[tokio::test(start_paused = true)]
 async fn equal_jitter_keeps_at_least_half_of_each_delay() {
-    let layer = TerminalRetryLayer::new().with_jitter(Jitter::equal().with_random(|| 0.5));
+    let layer = TerminalRetryLayer::new(
+        TerminalRetryPolicy::default().with_jitter(Jitter::equal().with_random(|| 0.5)),
+    );
     let mock = Mock::new(|_, _| Reply::status(503));
     let start = Instant::now();
     call(&layer, &mock, request()).await.0.unwrap();
@@ -356,7 +366,9 @@ async fn equal_jitter_keeps_at_least_half_of_each_delay() {
 
 #[tokio::test(start_paused = true)]
 async fn jitter_leaves_the_servers_retry_after_alone() {
-    let layer = TerminalRetryLayer::new().with_jitter(Jitter::full().with_random(|| 0.0));
+    let layer = TerminalRetryLayer::new(
+        TerminalRetryPolicy::default().with_jitter(Jitter::full().with_random(|| 0.0)),
+    );
     let mock = Mock::scripted([Reply::retry_after(429, "10"), Reply::status(502)]);
     let start = Instant::now();
     call(&layer, &mock, request()).await.0.unwrap();
@@ -368,7 +380,7 @@ async fn a_retry_budget_is_shared_by_every_clone_of_a_layer() {
     // Every call deposits one token, a retry costs two: one call alone can
     // never retry, two calls' deposits pay for one retry.
     let budget = RetryBudget::new(Duration::from_secs(60), 0, 0.5).unwrap();
-    let layer = TerminalRetryLayer::new().with_budget(budget);
+    let layer = TerminalRetryLayer::new(TerminalRetryPolicy::default().with_budget(budget));
     let (first, second) = (layer.clone(), layer.clone());
 
     // A call through the first clone succeeds and deposits its token.
@@ -403,7 +415,7 @@ async fn a_retry_budget_is_shared_by_every_clone_of_a_layer() {
 #[tokio::test(start_paused = true)]
 async fn a_spent_budget_returns_the_last_error_at_once() {
     let budget = RetryBudget::new(Duration::from_secs(1), 0, 0.0).unwrap();
-    let layer = TerminalRetryLayer::new().with_budget(budget);
+    let layer = TerminalRetryLayer::new(TerminalRetryPolicy::default().with_budget(budget));
     let mock = Mock::new(|_, _| Reply::Close);
     let (result, elapsed) = call(&layer, &mock, request()).await;
     assert_eq!(
@@ -419,7 +431,7 @@ async fn a_spent_budget_returns_the_last_error_at_once() {
 #[tokio::test(start_paused = true)]
 async fn the_attempt_header_is_off_by_default() {
     let mock = Mock::new(|_, _| Reply::status(502));
-    call(&TerminalRetryLayer::new(), &mock, request())
+    call(&TerminalRetryLayer::default(), &mock, request())
         .await
         .0
         .unwrap();
@@ -433,7 +445,8 @@ async fn the_attempt_header_is_off_by_default() {
 
 #[tokio::test(start_paused = true)]
 async fn the_attempt_header_numbers_retried_attempts() {
-    let layer = TerminalRetryLayer::new().with_attempt_header(ATTEMPT_HEADER);
+    let layer =
+        TerminalRetryLayer::new(TerminalRetryPolicy::default().with_attempt_header(ATTEMPT_HEADER));
     let mock = Mock::new(|_, _| Reply::status(502));
     call(&layer, &mock, request()).await.0.unwrap();
     let seen = mock.seen();
@@ -454,7 +467,7 @@ async fn the_attempt_header_numbers_retried_attempts() {
 async fn dropping_the_call_during_a_sleep_stops_it() {
     let mock = Mock::new(|_, _| Reply::status(502));
     let mut call = Box::pin(
-        TerminalRetryLayer::new()
+        TerminalRetryLayer::default()
             .layer(mock.clone())
             .oneshot(request()),
     );
@@ -482,7 +495,7 @@ async fn dropping_the_call_during_an_attempt_drops_that_attempt() {
     let mock = Mock::scripted([Reply::status(502), Reply::Hang]);
     let start = Instant::now();
     let mut call = Box::pin(
-        TerminalRetryLayer::new()
+        TerminalRetryLayer::default()
             .layer(mock.clone())
             .oneshot(request()),
     );
@@ -515,7 +528,7 @@ async fn two_hundred_concurrent_calls_keep_their_own_attempt_counts() {
             Reply::text(200, format!("call {call}"))
         }
     });
-    let layer = TerminalRetryLayer::new();
+    let layer = TerminalRetryLayer::default();
     let mut calls = JoinSet::new();
     for i in 0..CALLS {
         let service = layer.clone().layer(mock.clone());
@@ -570,7 +583,7 @@ async fn every_attempt_sends_the_same_request_and_the_same_body_bytes() {
     let expected = request.clone();
 
     let mock = Mock::new(|_, _| Reply::status(502));
-    call(&TerminalRetryLayer::new(), &mock, request)
+    call(&TerminalRetryLayer::default(), &mock, request)
         .await
         .0
         .unwrap();

@@ -16,7 +16,7 @@ use tokio::{sync::watch, task::JoinSet, time::Instant};
 use tower::{timeout::error::Elapsed, BoxError, Layer, ServiceBuilder, ServiceExt};
 use tower_terminal_retry::{
     test_server::{Reply, TestServer},
-    TerminalRetryLayer,
+    TerminalRetryLayer, TerminalRetryPolicy,
 };
 
 use support::{
@@ -44,7 +44,7 @@ async fn exchange(
 ) {
     let server = TestServer::scripted(replies).await.unwrap();
     let start = Instant::now();
-    let result = TerminalRetryLayer::new()
+    let result = TerminalRetryLayer::default()
         .layer(client())
         .oneshot(post(server.url("/api/daemon/tasks/t1/complete"), "{}"))
         .await;
@@ -182,7 +182,7 @@ async fn connections_closed_to_the_end_return_the_last_error() {
 async fn a_refused_connection_is_retried_then_returned() {
     let attempts = Attempts::new();
     let service = ServiceBuilder::new()
-        .layer(TerminalRetryLayer::new())
+        .layer(TerminalRetryLayer::default())
         .layer(attempts.clone())
         .service(client());
     let start = Instant::now();
@@ -201,7 +201,7 @@ async fn a_hanging_server_is_cut_by_a_per_attempt_timeout_inside_the_layer() {
     let server = TestServer::start(|_| Reply::Hang).await.unwrap();
     let attempts = Attempts::new();
     let service = ServiceBuilder::new()
-        .layer(TerminalRetryLayer::new())
+        .layer(TerminalRetryLayer::default())
         .timeout(Duration::from_secs(10))
         .layer(attempts.clone())
         .service(client());
@@ -242,7 +242,7 @@ async fn two_hundred_concurrent_calls_keep_their_own_attempt_counts() {
     .await
     .unwrap();
 
-    let (layer, client) = (TerminalRetryLayer::new(), client());
+    let (layer, client) = (TerminalRetryLayer::default(), client());
     let mut calls = JoinSet::new();
     for i in 0..CALLS {
         let service = layer.clone().layer(client.clone());
@@ -291,7 +291,7 @@ async fn every_attempt_sends_the_same_method_uri_headers_and_body() {
         .unwrap();
     let request = detailed_request(server.url("/api/daemon/tasks/t1/complete?lease=9"));
     let expected = request.clone();
-    let response = TerminalRetryLayer::new()
+    let response = TerminalRetryLayer::default()
         .layer(client())
         .oneshot(request)
         .await
@@ -329,12 +329,12 @@ async fn the_attempt_header_reaches_the_server_only_when_asked_for() {
     let server = TestServer::scripted(vec![Reply::status(503); 6])
         .await
         .unwrap();
-    let response = TerminalRetryLayer::new()
-        .with_attempt_header(name.clone())
-        .layer(client())
-        .oneshot(post(server.url("/cb"), "{}"))
-        .await
-        .unwrap();
+    let response =
+        TerminalRetryLayer::new(TerminalRetryPolicy::default().with_attempt_header(name.clone()))
+            .layer(client())
+            .oneshot(post(server.url("/cb"), "{}"))
+            .await
+            .unwrap();
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
     let values: Vec<Option<HeaderValue>> = server
         .requests()
@@ -352,7 +352,7 @@ async fn dropping_the_call_during_a_sleep_sends_nothing_more() {
     let server = TestServer::start(|_| Reply::status(502)).await.unwrap();
     let attempts = Attempts::new();
     let service = ServiceBuilder::new()
-        .layer(TerminalRetryLayer::new())
+        .layer(TerminalRetryLayer::default())
         .layer(attempts.clone())
         .service(client());
     let mut call = Box::pin(service.oneshot(post(server.url("/cb"), "{}")));
@@ -388,7 +388,7 @@ async fn dropping_the_call_during_a_hung_attempt_sends_nothing_more() {
     .unwrap();
     let attempts = Attempts::new();
     let service = ServiceBuilder::new()
-        .layer(TerminalRetryLayer::new())
+        .layer(TerminalRetryLayer::default())
         .layer(attempts.clone())
         .service(client());
     let start = Instant::now();

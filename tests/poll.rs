@@ -15,7 +15,7 @@ use std::{
 use http::{Request, Response, StatusCode, Uri};
 use tokio_test::{assert_pending, assert_ready, assert_ready_ok, task};
 use tower::{retry::Policy, service_fn, Layer, ServiceExt};
-use tower_terminal_retry::{Recovery, TerminalRetryLayer};
+use tower_terminal_retry::{Recovery, TerminalRetryLayer, TerminalRetryPolicy};
 
 /// A service answering `first` to its first call and 200 after, counting
 /// its calls; each answer is ready at once.
@@ -45,7 +45,7 @@ fn request(uri: &str) -> Request<()> {
 #[tokio::test(start_paused = true)]
 async fn a_first_success_is_ready_on_the_first_poll() {
     let calls = Arc::new(AtomicUsize::new(0));
-    let service = TerminalRetryLayer::new().layer(answering(StatusCode::OK, &calls));
+    let service = TerminalRetryLayer::default().layer(answering(StatusCode::OK, &calls));
     let mut call = task::spawn(service.oneshot(request("http://a.test/r")));
     let response = assert_ready_ok!(call.poll());
     assert_eq!(response.status(), StatusCode::OK);
@@ -55,7 +55,7 @@ async fn a_first_success_is_ready_on_the_first_poll() {
 #[tokio::test(start_paused = true)]
 async fn a_waiting_retry_is_pending_and_woken_by_its_timer_only() {
     let calls = Arc::new(AtomicUsize::new(0));
-    let service = TerminalRetryLayer::new().layer(answering(StatusCode::BAD_GATEWAY, &calls));
+    let service = TerminalRetryLayer::default().layer(answering(StatusCode::BAD_GATEWAY, &calls));
     let mut call = task::spawn(service.oneshot(request("http://a.test/r")));
     assert_pending!(call.poll());
     assert_eq!(calls.load(Ordering::SeqCst), 1);
@@ -74,9 +74,9 @@ async fn a_waiting_retry_is_pending_and_woken_by_its_timer_only() {
 async fn a_parked_retry_is_woken_by_a_success_to_its_own_origin_not_anothers() {
     let recovery = Recovery::new(1_000).unwrap();
     let calls = Arc::new(AtomicUsize::new(0));
-    let service = TerminalRetryLayer::new()
-        .with_recovery(recovery.clone())
-        .layer(answering(StatusCode::SERVICE_UNAVAILABLE, &calls));
+    let service =
+        TerminalRetryLayer::new(TerminalRetryPolicy::default().with_recovery(recovery.clone()))
+            .layer(answering(StatusCode::SERVICE_UNAVAILABLE, &calls));
     let mut call = task::spawn(service.oneshot(request("http://a.test/r")));
     assert_pending!(call.poll());
     assert_eq!(recovery.waiting(), 1);
@@ -97,7 +97,7 @@ async fn a_parked_retry_is_woken_by_a_success_to_its_own_origin_not_anothers() {
 
 #[tokio::test(start_paused = true)]
 async fn the_policys_backoff_future_is_pending_until_its_delay_then_ready() {
-    let mut policy = TerminalRetryLayer::new().policy().clone();
+    let mut policy = TerminalRetryLayer::default().policy().clone();
     let mut request = request("http://a.test/r");
     let mut result: Result<Response<()>, Infallible> =
         Ok(Response::builder().status(502).body(()).unwrap());

@@ -8,7 +8,7 @@ use proptest::{collection::vec, prelude::*};
 use tower::retry::Policy;
 use tower_terminal_retry::{
     classify_status, parse_retry_after, Classify, DefaultClassifier, Outcome, Schedule,
-    TerminalRetryLayer,
+    TerminalRetryPolicy,
 };
 
 /// The cap on a server-given delay that `RetryAfter::default()` documents:
@@ -125,11 +125,10 @@ proptest! {
 
         let schedule = Schedule::new(delays.iter().copied().map(Duration::from_millis)).unwrap();
         let attempt_header = HeaderName::from_static("x-retry-attempt");
-        let mut layer = TerminalRetryLayer::new().with_schedule(schedule.clone());
+        let mut policy = TerminalRetryPolicy::default().with_schedule(schedule.clone());
         if numbered {
-            layer = layer.with_attempt_header(attempt_header.clone());
+            policy = policy.with_attempt_header(attempt_header.clone());
         }
-        let mut policy = layer.policy().clone();
         let mut response = Response::builder().status(code).body(()).unwrap();
         for (name, bytes) in &extra {
             let name = HeaderName::from_bytes(name.as_bytes()).unwrap();

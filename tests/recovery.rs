@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use tower::{service_fn, Layer, ServiceExt};
 use tower_terminal_retry::{
     test_server::{Reply, TestServer},
-    ConfigError, Jitter, Recovery, Schedule, TerminalRetryLayer,
+    ConfigError, Jitter, Recovery, Schedule, TerminalRetryLayer, TerminalRetryPolicy,
 };
 
 type Body = Full<Bytes>;
@@ -114,7 +114,12 @@ async fn settle() {
 }
 
 fn layer(recovery: &Recovery) -> TerminalRetryLayer {
-    TerminalRetryLayer::new().with_recovery(recovery.clone())
+    TerminalRetryLayer::new(policy(recovery))
+}
+
+/// The policy of [`layer`], for a layer with more settings.
+fn policy(recovery: &Recovery) -> TerminalRetryPolicy {
+    TerminalRetryPolicy::default().with_recovery(recovery.clone())
 }
 
 #[test]
@@ -184,8 +189,7 @@ async fn releases_are_rate_bounded_oldest_first_and_a_deadline_can_come_first() 
     // Five calls parked in order, 100 ms apart; the last one waits 1.6 s only.
     for (index, delay) in [10, 10, 10, 10, 2].into_iter().enumerate() {
         let schedule = Schedule::new([Duration::from_millis(delay * 100 + 800)]).unwrap();
-        let service = layer(&recovery)
-            .with_schedule(schedule)
+        let service = TerminalRetryLayer::new(policy(&recovery).with_schedule(schedule))
             .layer(hosts.service());
         let url = format!("http://a.test/call-{index}");
         calls.push(tokio::spawn(service.oneshot(post(&url))));
@@ -233,8 +237,7 @@ async fn a_retry_after_wait_is_never_cut_short() {
 async fn a_released_retry_is_an_attempt_of_the_schedule() {
     let hosts = Hosts::default();
     let recovery = Recovery::new(1_000).unwrap();
-    let service = layer(&recovery)
-        .with_attempt_header(ATTEMPT)
+    let service = TerminalRetryLayer::new(policy(&recovery).with_attempt_header(ATTEMPT))
         .layer(hosts.service());
     let origin = Instant::now();
     let call = tokio::spawn(service.clone().oneshot(post("http://a.test/report")));
@@ -289,10 +292,11 @@ async fn jittered_waits_are_the_same_with_the_signal_and_without() {
         let hosts = Hosts::default();
         // A fixed random source: both runs draw the same jitter.
         let jitter = Jitter::full().with_random(|| 0.37);
-        let mut layer = TerminalRetryLayer::new().with_jitter(jitter);
+        let mut policy = TerminalRetryPolicy::default().with_jitter(jitter);
         if let Some(recovery) = recovery {
-            layer = layer.with_recovery(recovery);
+            policy = policy.with_recovery(recovery);
         }
+        let layer = TerminalRetryLayer::new(policy);
         let origin = Instant::now();
         let _ = layer
             .layer(hosts.service())
@@ -369,15 +373,17 @@ async fn on_loopback_a_success_on_one_server_releases_its_calls_only() {
     }
     // Server one answers 503 once more, then 200 to this heartbeat's retry.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let heartbeat = TerminalRetryLayer::new()
-        .with_schedule(Schedule::new([Duration::from_millis(100)]).unwrap())
-        .with_recovery(recovery.clone())
-        .layer(service_fn({
-            let client =
-                hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                    .build_http::<Body>();
-            move |request| client.request(request)
-        }));
+    let heartbeat = TerminalRetryLayer::new(
+        TerminalRetryPolicy::default()
+            .with_schedule(Schedule::new([Duration::from_millis(100)]).unwrap())
+            .with_recovery(recovery.clone()),
+    )
+    .layer(service_fn({
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http::<Body>();
+        move |request| client.request(request)
+    }));
     let answered = heartbeat.oneshot(post(&one.url("/hb"))).await.unwrap();
     assert_eq!(answered.status(), StatusCode::OK);
 

@@ -59,7 +59,7 @@ pub fn loopback() -> (LoopbackServer, Runtime) {
 pub fn hyper_rows(server: &LoopbackServer, runtime: &Runtime) {
     let request = callback_request(&server.base());
     let client = runtime.block_on(async { hyper_client() });
-    let layered = TerminalRetryLayer::new().layer(client.clone());
+    let layered = TerminalRetryLayer::default().layer(client.clone());
     row(
         "loopback (client + server): hyper-util bare",
         per_call(|| {

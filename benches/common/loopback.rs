@@ -58,7 +58,7 @@ impl Contenders {
             move || send_hyper(service.clone(), request.clone())
         });
         contenders.add("hyper_layer", |_| {
-            let service = TerminalRetryLayer::new().layer(client);
+            let service = TerminalRetryLayer::default().layer(client);
             move || send_hyper(service.clone(), request.clone())
         });
         contenders

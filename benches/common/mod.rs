@@ -33,7 +33,7 @@ use hyper_util::{
 use tower::{retry::Policy, Service, ServiceExt};
 use tower_terminal_retry::{
     test_server::{Reply, TestServer},
-    Jitter, RetryBudget, TerminalRetryLayer,
+    Jitter, RetryBudget, TerminalRetryLayer, TerminalRetryPolicy,
 };
 
 /// The path of the callback, as the daemon of the original sends it.
@@ -124,10 +124,12 @@ impl<B: Clone, Res, E> Policy<Request<B>, Res, E> for NeverRetry {
 /// attempt header.
 pub fn layer_all_options() -> TerminalRetryLayer {
     let budget = RetryBudget::new(Duration::from_secs(10), 10, 0.2).expect("a valid budget");
-    TerminalRetryLayer::new()
-        .with_jitter(Jitter::full())
-        .with_budget(budget)
-        .with_attempt_header(HeaderName::from_static("x-retry-attempt"))
+    TerminalRetryLayer::new(
+        TerminalRetryPolicy::default()
+            .with_jitter(Jitter::full())
+            .with_budget(budget)
+            .with_attempt_header(HeaderName::from_static("x-retry-attempt")),
+    )
 }
 
 /// Makes one call to a service that answers at once, on this thread: readiness,

@@ -24,7 +24,7 @@ use super::{
     task_client::TaskClient,
     transport::{Connector, Credentials, Transport},
 };
-use crate::{Recovery, RetryAfter, Schedule, TerminalRetryLayer};
+use crate::{Recovery, RetryAfter, Schedule, TerminalRetryLayer, TerminalRetryPolicy};
 
 /// The default per-attempt timeout.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -276,9 +276,10 @@ impl TaskClientBuilder {
             .service(client);
         // The timeout sits inside the retry layer: a hung attempt is a
         // transient failure, retried like a 502.
-        let layer = TerminalRetryLayer::new()
+        let policy = TerminalRetryPolicy::default()
             .with_schedule(self.schedule.clone())
             .with_retry_after(self.retry_after);
+        let layer = TerminalRetryLayer::new(policy.clone());
         #[cfg(feature = "outbox")]
         let dispatcher = match &self.outbox.path {
             Some(path) => Some(durable::dispatcher(
@@ -295,7 +296,7 @@ impl TaskClientBuilder {
             None => None,
         };
         let layer = match &self.recovery {
-            Some(recovery) => layer.with_recovery(recovery.clone()),
+            Some(recovery) => TerminalRetryLayer::new(policy.with_recovery(recovery.clone())),
             None => layer,
         };
         let terminal = layer.layer(single.clone());

@@ -69,7 +69,7 @@ impl<S> Dispatcher<S> {
         DispatcherBuilder {
             outbox,
             service,
-            layer: TerminalRetryLayer::new(),
+            layer: TerminalRetryLayer::default(),
             settings: Settings {
                 recovery: Some(Recovery::default()),
                 fallback: None,
@@ -281,11 +281,13 @@ impl<S, C> DispatcherBuilder<S, C> {
         }
         let runtime = tokio::runtime::Handle::try_current()
             .map_err(|_| invalid("a dispatcher must be built inside a tokio runtime"))?;
-        let retry_after = self.layer.policy().retry_after();
-        // The replay classifies its single attempts with the layer's own.
-        let classifier = self.layer.policy().classifier();
+        // The replay classifies its single attempts with the layer's own
+        // classifier, and honours its `Retry-After` rule.
+        let policy = self.layer.policy().clone();
         let layer = match &self.settings.recovery {
-            Some(recovery) => self.layer.with_recovery(recovery.clone()),
+            Some(recovery) => {
+                TerminalRetryLayer::new(policy.clone().with_recovery(recovery.clone()))
+            }
             None => self.layer,
         };
         let counted: fn(Request<Full<Bytes>>) -> Request<Full<Bytes>> = count_attempt;
@@ -297,9 +299,8 @@ impl<S, C> DispatcherBuilder<S, C> {
             outbox: self.outbox,
             attempt: self.service,
             retrying,
-            classifier,
+            policy,
             settings: self.settings,
-            retry_after,
             quiet_until: Mutex::new(None),
             unremoved: Mutex::new(Default::default()),
             wake: wake.clone(),

@@ -24,7 +24,7 @@ use crate::{
     origin::{is_origin, origin_key},
     response::{body_start, clean, redirect_note},
     sync::lock,
-    Recovery, RetryAfter, TerminalRetry,
+    Recovery, TerminalRetry, TerminalRetryPolicy,
 };
 
 /// How long reading a refusal's body may take.
@@ -149,11 +149,11 @@ pub(super) struct Shared<S, C> {
     pub(super) attempt: S,
     /// The foreground's attempts, retried.
     pub(super) retrying: Retrying<S, C>,
-    /// The layer's classifier, for the replay's single attempt.
-    pub(super) classifier: Arc<C>,
+    /// The layer's policy: its classifier sorts the replay's single
+    /// attempts, its `Retry-After` rule says how long a server may ask to be
+    /// left alone.
+    pub(super) policy: TerminalRetryPolicy<C>,
     pub(super) settings: Settings,
-    /// How long a server may ask to be left alone: the layer's rule.
-    pub(super) retry_after: RetryAfter,
     /// No replay starts before this: the server asked for a pause
     /// (`Retry-After` on a 429 or 503).
     pub(super) quiet_until: Mutex<Option<Instant>>,
@@ -371,13 +371,14 @@ where
         let result = service.oneshot(request).await;
         let outcome = slot
             .get()
-            .unwrap_or_else(|| self.classifier.classify(&result));
+            .unwrap_or_else(|| self.policy.classifier().classify(&result));
         match result {
             Ok(response) => {
                 let status = response.status();
-                let pause = self
-                    .retry_after
-                    .delay(status, response.headers(), SystemTime::now());
+                let pause =
+                    self.policy
+                        .retry_after()
+                        .delay(status, response.headers(), SystemTime::now());
                 let mut failure = String::new();
                 if outcome != Outcome::Success {
                     failure = format!("{method} {path} returned {}", status.as_u16());
@@ -596,7 +597,9 @@ mod tests {
         })
         .await
         .unwrap();
-        let once = TerminalRetryLayer::new().with_schedule(Schedule::new([]).unwrap());
+        let once = TerminalRetryLayer::new(
+            TerminalRetryPolicy::default().with_schedule(Schedule::new([]).unwrap()),
+        );
         let fail_url = server.url("/hooks/fail");
         let dispatcher = Dispatcher::builder(scratch.outbox(), client())
             .layer(once)
@@ -673,9 +676,11 @@ mod tests {
                 .await
                 .unwrap();
         let once = Schedule::new([]).unwrap();
-        let layer = TerminalRetryLayer::new()
-            .with_schedule(once)
-            .with_classifier(ConflictIsSuccess);
+        let layer = TerminalRetryLayer::new(
+            TerminalRetryPolicy::default()
+                .with_schedule(once)
+                .with_classifier(ConflictIsSuccess),
+        );
         let dispatcher = Dispatcher::builder(scratch.outbox(), client())
             .layer(layer)
             .build()

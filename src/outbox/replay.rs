@@ -452,7 +452,7 @@ fn age(at: std::time::SystemTime) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::super::{Delivery, Dispatcher, Outbox};
-    use crate::{sync::lock, TerminalRetryLayer};
+    use crate::{sync::lock, TerminalRetryLayer, TerminalRetryPolicy};
     use bytes::Bytes;
     use http::Request;
     use http_body_util::Full;
@@ -472,7 +472,9 @@ mod tests {
         let outbox = Outbox::open(directory.join("requests.redb")).unwrap();
         let server = TestServer::scripted([Reply::status(502)]).await.unwrap();
         let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-        let once = TerminalRetryLayer::new().with_schedule(crate::Schedule::new([]).unwrap());
+        let once = TerminalRetryLayer::new(
+            TerminalRetryPolicy::default().with_schedule(crate::Schedule::new([]).unwrap()),
+        );
         let dispatcher = Dispatcher::builder(outbox, client)
             .layer(once)
             .build()

@@ -21,7 +21,7 @@
 //! let server = TestServer::scripted([Reply::status(502), Reply::status(502), Reply::Close]).await?;
 //!
 //! let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-//! let service = TerminalRetryLayer::new().layer(client);
+//! let service = TerminalRetryLayer::default().layer(client);
 //! let request = http::Request::post(server.url("/callback")).body(Full::from("{}"))?;
 //! let response = service.oneshot(request).await?;
 //!

@@ -1,0 +1,99 @@
+//! The policy's backoff future: the wait before a retry, as
+//! [`TerminalRetryPolicy`](crate::TerminalRetryPolicy) returns it to tower's
+//! `Retry` (tower keeps its futures apart from its policies too).
+
+use std::{
+    fmt,
+    future::Future,
+    pin::Pin,
+    task::{ready, Context, Poll},
+};
+
+use tokio::time::{Instant, Sleep};
+
+#[cfg(doc)]
+use crate::recovery::Recovery;
+use crate::recovery::{Parked, Woken};
+
+pin_project_lite::pin_project! {
+    /// The wait before a retry, as [`TerminalRetryPolicy`] returns it: the
+    /// schedule's delay (jittered if asked), or the server's `Retry-After`.
+    /// With a [`Recovery`], a schedule delay ends early once the server
+    /// answers again.
+    pub struct Backoff {
+        #[pin]
+        wait: Wait,
+        // The attempt that failed, for the release event.
+        attempt: u32,
+    }
+}
+
+pin_project_lite::pin_project! {
+    #[project = WaitProjection]
+    enum Wait {
+        Sleep { #[pin] sleep: Sleep },
+        Parked { #[pin] parked: Parked },
+    }
+}
+
+impl Backoff {
+    /// A wait until `deadline`, after the failed `attempt`.
+    pub(crate) fn sleep(deadline: Instant, attempt: u32) -> Backoff {
+        Backoff {
+            wait: Wait::Sleep {
+                sleep: tokio::time::sleep_until(deadline),
+            },
+            attempt,
+        }
+    }
+
+    /// A wait that a [`Recovery`] may end early, after the failed `attempt`.
+    pub(crate) fn parked(parked: Parked, attempt: u32) -> Backoff {
+        Backoff {
+            wait: Wait::Parked { parked },
+            attempt,
+        }
+    }
+
+    /// When the wait ends, unless a [`Recovery`] releases it earlier.
+    pub fn deadline(&self) -> Instant {
+        match &self.wait {
+            Wait::Sleep { sleep } => sleep.deadline(),
+            Wait::Parked { parked } => parked.deadline(),
+        }
+    }
+}
+
+impl fmt::Debug for Backoff {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Backoff")
+            .field("deadline", &self.deadline())
+            .field("releasable", &matches!(self.wait, Wait::Parked { .. }))
+            .field("attempt", &self.attempt)
+            .finish()
+    }
+}
+
+impl Future for Backoff {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.project();
+        match this.wait.project() {
+            WaitProjection::Sleep { sleep } => sleep.poll(cx),
+            WaitProjection::Parked { parked } => {
+                let deadline = parked.deadline();
+                if ready!(parked.poll(cx)) == Woken::Released {
+                    tracing::debug!(
+                        attempt = *this.attempt,
+                        early_ms = deadline
+                            .saturating_duration_since(Instant::now())
+                            .as_millis() as u64,
+                        "retry released early: a request to the same server succeeded"
+                    );
+                }
+                Poll::Ready(())
+            }
+        }
+    }
+}
