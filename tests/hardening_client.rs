@@ -292,6 +292,195 @@ async fn the_concurrency_limit_bounds_requests_in_flight_across_routes() {
     assert_eq!(server.max_in_flight(|_| true), 8);
 }
 
+/// A server that sends its headers at once and then trickles the body holds
+/// a turn under the limit until the body ends: never more connections open
+/// at once than the limit, whichever route, success or error.
+///
+/// Real time, as the server is a real socket: 24 exchanges of 0.3 s, four at
+/// a time, take about 2 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickling_server_gets_no_more_connections_than_the_limit() {
+    const LIMIT: usize = 4;
+    let server = TricklingServer::start().await;
+    let client = TaskClient::builder(server.url())
+        .concurrency_limit(LIMIT)
+        .terminal_schedule(schedule(&[]))
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let reports: Vec<_> = (0..12)
+        .map(|n| client.report_task_result(&format!("t{n}"), TaskResult::completed("done")))
+        .collect();
+    // `start` is answered 409: its error body is read under the limit too.
+    let starts: Vec<_> = (0..12)
+        .map(|n| {
+            let client = client.clone();
+            tokio::spawn(async move { client.start_task(&format!("s{n}")).await })
+        })
+        .collect();
+    for report in reports {
+        assert_eq!(report.await, ReportOutcome::Completed);
+    }
+    for start in starts {
+        let error = start.await.unwrap().expect_err("a 409");
+        assert_eq!(error.status(), Some(StatusCode::CONFLICT));
+        assert!(
+            error.to_string().ends_with(TricklingServer::BODY),
+            "{error}"
+        );
+    }
+    assert_eq!(server.exchanges(), 24);
+    assert_eq!(
+        server.most_open(),
+        LIMIT,
+        "never more than the limit at once"
+    );
+}
+
+/// A loopback HTTP/1.1 server that answers each request (`409` to `start`,
+/// `200` to the rest) with its headers at once and then [`BODY`](Self::BODY)
+/// one byte every [`TRICKLE`](Self::TRICKLE), on a connection of its own
+/// (`Connection: close`).
+///
+/// It counts the connections it has open: from accept until it sends the
+/// body's last byte. Past that byte the client may rightly take its next
+/// turn, and connect again before this socket is closed.
+struct TricklingServer {
+    addr: std::net::SocketAddr,
+    counts: std::sync::Arc<OpenCounts>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Default)]
+struct OpenCounts {
+    open: std::sync::atomic::AtomicUsize,
+    most: std::sync::atomic::AtomicUsize,
+    exchanges: std::sync::atomic::AtomicUsize,
+}
+
+/// One connection counted open while it lives.
+struct Open(std::sync::Arc<OpenCounts>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0
+            .open
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl TricklingServer {
+    const BODY: &str = "ok";
+    const TRICKLE: Duration = Duration::from_millis(150);
+    /// The most a request may be, head and body.
+    const MAX_REQUEST: usize = 64 * 1024;
+
+    async fn start() -> TricklingServer {
+        use std::sync::atomic::Ordering::SeqCst;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let counts = std::sync::Arc::new(OpenCounts::default());
+        let accepted = counts.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let open = accepted.open.fetch_add(1, SeqCst) + 1;
+                accepted.most.fetch_max(open, SeqCst);
+                tokio::spawn(TricklingServer::serve(stream, Open(accepted.clone())));
+            }
+        });
+        TricklingServer {
+            addr,
+            counts,
+            accept,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn most_open(&self) -> usize {
+        self.counts.most.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn exchanges(&self) -> usize {
+        self.counts
+            .exchanges
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    async fn serve(mut stream: tokio::net::TcpStream, open: Open) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let Some(head) = TricklingServer::read_request(&mut stream).await else {
+            return;
+        };
+        let status = if head.contains("/start ") {
+            "409 Conflict"
+        } else {
+            "200 OK"
+        };
+        let response = format!(
+            "HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+            TricklingServer::BODY.len()
+        );
+        if stream.write_all(response.as_bytes()).await.is_err() {
+            return;
+        }
+        let body = TricklingServer::BODY.as_bytes();
+        for (at, byte) in body.iter().enumerate() {
+            tokio::time::sleep(TricklingServer::TRICKLE).await;
+            if at + 1 == body.len() {
+                open.0
+                    .exchanges
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                drop(open);
+                let _ = stream.write_all(&[*byte]).await;
+                break;
+            }
+            if stream.write_all(&[*byte]).await.is_err() {
+                return;
+            }
+        }
+        let _ = stream.shutdown().await;
+        // Read to the end, so that closing resets nothing the client reads.
+        let mut rest = [0; 64];
+        while matches!(stream.read(&mut rest).await, Ok(1..)) {}
+    }
+
+    /// The request's head, once the request is read whole (its body by its
+    /// `content-length`); `None` for one that breaks off or is too long.
+    async fn read_request(stream: &mut tokio::net::TcpStream) -> Option<String> {
+        use tokio::io::AsyncReadExt;
+        let mut request = Vec::new();
+        let mut chunk = [0; 4096];
+        loop {
+            if let Some(end) = request.windows(4).position(|window| window == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&request[..end]).to_ascii_lowercase();
+                let length: usize = head
+                    .lines()
+                    .find_map(|line| line.strip_prefix("content-length:"))
+                    .map_or(Some(0), |value| value.trim().parse().ok())?;
+                if request.len() >= end + 4 + length {
+                    return Some(head);
+                }
+            }
+            if request.len() > TricklingServer::MAX_REQUEST {
+                return None;
+            }
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return None,
+                Ok(read) => request.extend_from_slice(&chunk[..read]),
+            }
+        }
+    }
+}
+
+impl Drop for TricklingServer {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn the_attempt_timeout_starts_when_the_attempt_is_sent_not_while_it_waits() {
     let server = server_with(&["t1", "t2", "t3"]).await;

@@ -21,6 +21,7 @@ use tower_http::{
 use super::durable::{self, OutboxSettings};
 use super::{
     error::Error,
+    limit::ExchangeLimit,
     task_client::TaskClient,
     transport::{Connector, Credentials, Transport},
 };
@@ -132,9 +133,12 @@ impl TaskClientBuilder {
     }
 
     /// At most `limit` requests of this client are in flight at once, across
-    /// every route, its clones, and the outbox's replay (by default 64). The others wait their turn: ten
-    /// thousand reports at once open no more connections than this. Zero is
-    /// a configuration error.
+    /// every route, its clones, and the outbox's replay (by default 64). The
+    /// others wait their turn: ten thousand reports at once open no more
+    /// connections than this. A request holds its turn for the whole
+    /// exchange, until its response body has been read or dropped, so that a
+    /// server trickling its bodies cannot draw more connections either. Zero
+    /// is a configuration error.
     pub fn concurrency_limit(mut self, limit: usize) -> TaskClientBuilder {
         self.concurrency_limit = limit;
         self
@@ -259,7 +263,8 @@ impl TaskClientBuilder {
         // The token is added to every attempt to the client's own origin,
         // stored reports' replays too (the outbox never writes it), and
         // marked sensitive on the way. The limit sits outside the timeout,
-        // so that waiting for a turn does not count against an attempt.
+        // so that waiting for a turn does not count against an attempt; the
+        // response body holds the turn until it is read or dropped.
         let single = ServiceBuilder::new()
             .layer(SetRequestHeaderLayer::if_not_present(
                 AUTHORIZATION,
@@ -271,7 +276,7 @@ impl TaskClientBuilder {
             .layer(SetSensitiveRequestHeadersLayer::from_shared(Arc::new([
                 AUTHORIZATION,
             ])))
-            .concurrency_limit(self.concurrency_limit)
+            .layer_fn(|attempt| ExchangeLimit::new(attempt, self.concurrency_limit))
             .timeout(self.timeout)
             .service(client);
         // The timeout sits inside the retry layer: a hung attempt is a
