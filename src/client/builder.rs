@@ -92,8 +92,8 @@ impl TaskClientBuilder {
     /// Sends `Authorization: Bearer <token>` with every request to the base
     /// URL's own scheme, host and port, and to no other. The header is marked
     /// sensitive, and the token appears in no `Debug` output, error or event:
-    /// a server that echoes it back in an error body sees it replaced by
-    /// `[redacted]`.
+    /// a server that echoes it back in an error body, in any ASCII case,
+    /// percent-encoded or not, sees it replaced by `[redacted]`.
     pub fn token(mut self, token: impl Into<String>) -> TaskClientBuilder {
         self.token = Some(token.into());
         self

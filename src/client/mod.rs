@@ -48,7 +48,8 @@
 //! set the base URL to the final URL). Text taken from the server's answers
 //! (error bodies) is cleaned before it goes into an [`Error`], an event, a
 //! fallback report or the outbox: the client's token is replaced by
-//! `[redacted]`, control characters are escaped, and it is cut to 4 KiB.
+//! `[redacted]` (in any ASCII case, percent-encoded or not), control
+//! characters are escaped, and it is cut to 4 KiB.
 //!
 //! ```
 //! use std::time::Duration;
