@@ -546,20 +546,32 @@ fn a_zero_concurrency_limit_is_a_configuration_error() {
     assert!(error.is_config(), "{error}");
 }
 
+/// A password, even one holding the URL's reserved characters, or a query
+/// (`?token=...`) appears in no error and no `Debug` of the builder.
 #[test]
-fn a_base_url_with_a_password_is_refused_without_showing_it() {
+fn a_base_url_with_a_password_or_a_query_is_refused_without_showing_it() {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
     let _entered = runtime.enter();
-    for url in [
-        "http://daemon:hunter2-pw@127.0.0.1:8080",
-        "http://daemon:hunter2-pw@127.0.0.1:99999/x",
+    for (url, secret) in [
+        ("http://daemon:hunter2-pw@127.0.0.1:8080", "hunter2-pw"),
+        ("http://daemon:hunter2-pw@127.0.0.1:99999/x", "hunter2-pw"),
+        ("http://daemon:pw#hunter2@127.0.0.1:8080/api", "hunter2"),
+        ("http://daemon:pw/hunter2@127.0.0.1:8080/api", "hunter2"),
+        ("http://daemon:pw?hunter2@127.0.0.1:8080/api", "hunter2"),
+        ("http://daemon:pw@hunter2@127.0.0.1:8080/api", "hunter2"),
+        ("http://127.0.0.1:8080/api?token=hunter2", "hunter2"),
+        ("http://127.0.0.1:8080/api#hunter2", "hunter2"),
     ] {
-        let error = TaskClient::builder(url).build().expect_err("refused");
+        let builder = TaskClient::builder(url);
+        let debug = format!("{builder:?}");
+        assert!(!debug.contains(secret), "{debug}");
+        let error = builder.build().expect_err(url);
         assert!(error.is_config());
         let shown = format!("{error} {error:?}");
-        assert!(!shown.contains("hunter2-pw"), "{shown}");
+        assert!(!shown.contains(secret), "{shown}");
+        assert!(shown.contains("[redacted]"), "{shown}");
     }
     for url in [
         "http://127.0.0.1:99999",

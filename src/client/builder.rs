@@ -227,8 +227,9 @@ impl TaskClientBuilder {
     ///
     /// A base URL that is not an absolute `http` URL (or `https` with the
     /// `rustls` feature) with a host and a port from 1 to 65535, or that has
-    /// user info (credentials: use [`token`](TaskClientBuilder::token); the
-    /// error does not show them), a query or a fragment; a token or version
+    /// user info (credentials: use [`token`](TaskClientBuilder::token)), a
+    /// query or a fragment (the error shows none of them, nor does `Debug`);
+    /// a token or version
     /// a header cannot carry; a zero timeout or concurrency limit; no tokio
     /// runtime; with `rustls`, a trust store that cannot be loaded; with an
     /// outbox, a file that cannot be opened (held by another live client,
@@ -416,7 +417,7 @@ impl fmt::Debug for TaskClientBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut debug = f.debug_struct("TaskClientBuilder");
         debug
-            .field("base_url", &without_credentials(&self.base_url))
+            .field("base_url", &shown_url(&self.base_url))
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("client_version", &self.client_version)
             .field("terminal_schedule", &self.schedule.delays())
@@ -435,7 +436,7 @@ const MAX_BASE_URL: usize = 2048;
 
 /// `scheme://authority/prefix`, without a trailing slash, from the base URL.
 fn base_url(base_url: &str) -> Result<String, Error> {
-    let shown = without_credentials(base_url);
+    let shown = shown_url(base_url);
     let invalid = |reason: &str| Error::config(format!("base URL {shown:?} {reason}"), None);
     if base_url.len() > MAX_BASE_URL {
         return Err(invalid("is longer than 2048 bytes"));
@@ -480,20 +481,32 @@ fn base_url(base_url: &str) -> Result<String, Error> {
     Ok(format!("{scheme}://{authority}{prefix}"))
 }
 
-/// `url` as it can be shown: user info, if any, replaced by `[redacted]`.
-fn without_credentials(url: &str) -> String {
-    let after_scheme = url.find("://").map_or(0, |at| at + 3);
-    let authority_end = url[after_scheme..]
-        .find(['/', '?', '#'])
-        .map_or(url.len(), |at| after_scheme + at);
-    match url[after_scheme..authority_end].rfind('@') {
-        Some(at) => format!(
-            "{}{}{}",
-            &url[..after_scheme],
-            crate::response::REDACTED,
-            &url[after_scheme + at..]
-        ),
-        None => url.to_owned(),
+/// `url` as it can be shown in an error or `Debug`: its user info, as far as
+/// the last `@` (a password may hold `/`, `?`, `#` or `@`), and its query or
+/// fragment (`?token=...`) replaced by `[redacted]`. Where a `?` or `#`
+/// comes before that `@`, nothing tells a password from a query: all but
+/// the scheme is redacted.
+fn shown_url(url: &str) -> String {
+    use crate::response::REDACTED;
+    let is_scheme = |scheme: &str| {
+        scheme
+            .bytes()
+            .all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'+' | b'-' | b'.'))
+    };
+    let after_scheme = url
+        .find("://")
+        .filter(|&at| is_scheme(&url[..at]))
+        .map_or(0, |at| at + 3);
+    let (scheme, rest) = url.split_at(after_scheme);
+    let query = rest.find(['?', '#']);
+    let (user_info, rest) = match rest.rfind('@') {
+        Some(at) if query.is_some_and(|query| query < at) => return format!("{scheme}{REDACTED}"),
+        Some(at) => (REDACTED, &rest[at..]),
+        None => ("", rest),
+    };
+    match rest.find(['?', '#']) {
+        Some(at) => format!("{scheme}{user_info}{}{REDACTED}", &rest[..=at]),
+        None => format!("{scheme}{user_info}{rest}"),
     }
 }
 
@@ -562,6 +575,22 @@ mod tests {
         }
         let builder = TaskClientBuilder::new("http://u:pa55word@127.0.0.1".into());
         assert!(!format!("{builder:?}").contains("pa55word"));
+    }
+
+    #[test]
+    fn user_info_and_queries_are_never_shown() {
+        for (url, shown) in [
+            ("http://h:80/api", "http://h:80/api"),
+            ("http://u:p/w@x@h:80/api", "http://[redacted]@h:80/api"),
+            ("http://u:p#w/?@h:80/api", "http://[redacted]"),
+            ("http://h:80/api?token=t#f", "http://h:80/api?[redacted]"),
+            ("http://h/api#t", "http://h/api#[redacted]"),
+            ("http://u:p@h/a?token=t", "http://[redacted]@h/a?[redacted]"),
+            ("http://h/api?mail=a@b&token=t", "http://[redacted]"),
+            ("u:p://w@h", "[redacted]@h"),
+        ] {
+            assert_eq!(shown_url(url), shown, "{url}");
+        }
     }
 
     #[test]
