@@ -177,14 +177,14 @@ mod task_route;
 
 #[cfg(feature = "client")]
 pub mod client;
+#[cfg(feature = "idempotency")]
+pub mod idempotency;
 #[cfg(feature = "outbox")]
 pub mod outbox;
 #[cfg(feature = "test-server")]
 pub mod test_server;
 #[cfg(feature = "webhooks")]
 pub mod webhooks;
-#[cfg(feature = "idempotency")]
-pub mod idempotency;
 
 pub use budget::RetryBudget;
 pub use classify::{classify_status, Classify, ClassifyFn, DefaultClassifier, Outcome};
