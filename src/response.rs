@@ -108,25 +108,41 @@ fn redact(text: &str, secrets: &[&str]) -> String {
     if secrets.is_empty() {
         return text.to_owned();
     }
+    // The bytes a secret can start with, however written: the rest of the
+    // text is copied without a search.
+    let mut starts = [false; 256];
+    starts[usize::from(b'%')] = true;
+    for secret in &secrets {
+        let first = secret[0];
+        starts[usize::from(first.to_ascii_lowercase())] = true;
+        starts[usize::from(first.to_ascii_uppercase())] = true;
+        starts[usize::from(b'+')] |= first == b' ';
+    }
     let text = text.as_bytes();
+    let mut ends = Ends::default();
     let mut redacted = Vec::with_capacity(text.len());
+    // `text` before `copied` is in `redacted`, as it is or redacted.
+    let mut copied = 0;
     let mut at = 0;
-    while at < text.len() {
+    while let Some(skip) = text[at..]
+        .iter()
+        .position(|&byte| starts[usize::from(byte)])
+    {
+        at += skip;
         let found = secrets
             .iter()
-            .filter_map(|secret| secret_at(text, at, secret))
+            .filter_map(|secret| ends.secret_at(text, at, secret))
             .max();
         match found {
             Some(end) => {
+                redacted.extend_from_slice(&text[copied..at]);
                 redacted.extend_from_slice(REDACTED.as_bytes());
-                at = end;
+                (at, copied) = (end, end);
             }
-            None => {
-                redacted.push(text[at]);
-                at += 1;
-            }
+            None => at += 1,
         }
     }
+    redacted.extend_from_slice(&text[copied..]);
     // A match starts and ends on character boundaries (a secret is UTF-8,
     // and an escape is ASCII), so this is UTF-8 whole; lossy all the same,
     // never a panic.
@@ -134,60 +150,65 @@ fn redact(text: &str, secrets: &[&str]) -> String {
         .unwrap_or_else(|error| String::from_utf8_lossy(error.as_bytes()).into_owned())
 }
 
-/// Where `secret`, written as [`redact`] says, ends if it starts at `start`
-/// of `text`, the longest way; the end of the text if the text ends inside
-/// it, past [`MIN_SECRET_TAIL`] of its bytes.
-fn secret_at(text: &[u8], start: usize, secret: &[u8]) -> Option<usize> {
-    // Most places start no secret: spare them the search.
-    let first = text[start];
-    if !(first.eq_ignore_ascii_case(&secret[0]) || first == b'%' || first == b'+') {
-        return None;
-    }
-    // Where the secret's bytes read so far can end: few positions, as a
-    // byte is written in at most a handful of ways.
-    let mut ends = vec![start];
-    for (read, &byte) in secret.iter().enumerate() {
-        let mut next = Vec::new();
-        for &end in &ends {
-            for (decoded, after) in written_bytes(text, end) {
-                if decoded.eq_ignore_ascii_case(&byte) && !next.contains(&after) {
-                    next.push(after);
-                }
-            }
-        }
-        if next.is_empty() {
-            let cut_short =
-                read >= MIN_SECRET_TAIL && ends.iter().any(|&end| is_cut_escape(&text[end..]));
-            return cut_short.then_some(text.len());
-        }
-        ends = next;
-    }
-    ends.into_iter().max()
+/// Where the bytes of a secret read so far can end in the text: few places,
+/// as a byte is written in at most a handful of ways. Kept from one search
+/// to the next, to spare an allocation at each place of the text.
+#[derive(Default)]
+struct Ends {
+    read: Vec<usize>,
+    next: Vec<usize>,
 }
 
-/// The ways a byte can be written at `at` of `text`: each as the byte it
-/// stands for and where it ends. The byte itself; `+` for a space too; and a
-/// percent-escape, `%2F`, and the escape of its `%` (`%252F`) as often as
-/// it is escaped again.
-fn written_bytes(text: &[u8], at: usize) -> Vec<(u8, usize)> {
+impl Ends {
+    /// Where `secret`, written as [`redact`] says, ends if it starts at
+    /// `start` of `text`, the longest way; the end of the text if the text
+    /// ends inside it, past [`MIN_SECRET_TAIL`] of its bytes.
+    fn secret_at(&mut self, text: &[u8], start: usize, secret: &[u8]) -> Option<usize> {
+        let Ends { read, next } = self;
+        read.clear();
+        read.push(start);
+        for (count, &byte) in secret.iter().enumerate() {
+            next.clear();
+            for &end in read.iter() {
+                each_written_byte(text, end, |decoded, after| {
+                    if decoded.eq_ignore_ascii_case(&byte) && !next.contains(&after) {
+                        next.push(after);
+                    }
+                });
+            }
+            if next.is_empty() {
+                let cut_short =
+                    count >= MIN_SECRET_TAIL && read.iter().any(|&end| is_cut_escape(&text[end..]));
+                return cut_short.then_some(text.len());
+            }
+            std::mem::swap(read, next);
+        }
+        read.iter().copied().max()
+    }
+}
+
+/// Each way a byte can be written at `at` of `text`, handed to `way` as the
+/// byte it stands for and where it ends: the byte itself; `+` for a space
+/// too; and a percent-escape, `%2F`, and the escape of its `%` (`%252F`) as
+/// often as it is escaped again.
+fn each_written_byte(text: &[u8], at: usize, mut way: impl FnMut(u8, usize)) {
     let Some(&byte) = text.get(at) else {
-        return Vec::new();
+        return;
     };
-    let mut ways = vec![(byte, at + 1)];
+    way(byte, at + 1);
     if byte == b'+' {
-        ways.push((b' ', at + 1));
+        way(b' ', at + 1);
     }
     if byte == b'%' {
         let mut at = at + 1;
         while let Some(decoded) = text.get(at..at + 2).and_then(hex_byte) {
             at += 2;
-            ways.push((decoded, at));
+            way(decoded, at);
             if decoded != b'%' {
                 break;
             }
         }
     }
-    ways
 }
 
 /// Two hex digits of either case, `2F` or `2f`, as the byte they stand for.
