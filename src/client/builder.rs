@@ -21,6 +21,7 @@ use tower_http::{
 use super::durable::{self, OutboxSettings};
 use super::{
     error::Error,
+    limit::ExchangeLimit,
     task_client::TaskClient,
     transport::{Connector, Credentials, Transport},
 };
@@ -91,8 +92,8 @@ impl TaskClientBuilder {
     /// Sends `Authorization: Bearer <token>` with every request to the base
     /// URL's own scheme, host and port, and to no other. The header is marked
     /// sensitive, and the token appears in no `Debug` output, error or event:
-    /// a server that echoes it back in an error body sees it replaced by
-    /// `[redacted]`.
+    /// a server that echoes it back in an error body, in any ASCII case,
+    /// percent-encoded or not, sees it replaced by `[redacted]`.
     pub fn token(mut self, token: impl Into<String>) -> TaskClientBuilder {
         self.token = Some(token.into());
         self
@@ -132,9 +133,12 @@ impl TaskClientBuilder {
     }
 
     /// At most `limit` requests of this client are in flight at once, across
-    /// every route, its clones, and the outbox's replay (by default 64). The others wait their turn: ten
-    /// thousand reports at once open no more connections than this. Zero is
-    /// a configuration error.
+    /// every route, its clones, and the outbox's replay (by default 64). The
+    /// others wait their turn: ten thousand reports at once open no more
+    /// connections than this. A request holds its turn for the whole
+    /// exchange, until its response body has been read or dropped, so that a
+    /// server trickling its bodies cannot draw more connections either. Zero
+    /// is a configuration error.
     pub fn concurrency_limit(mut self, limit: usize) -> TaskClientBuilder {
         self.concurrency_limit = limit;
         self
@@ -223,8 +227,9 @@ impl TaskClientBuilder {
     ///
     /// A base URL that is not an absolute `http` URL (or `https` with the
     /// `rustls` feature) with a host and a port from 1 to 65535, or that has
-    /// user info (credentials: use [`token`](TaskClientBuilder::token); the
-    /// error does not show them), a query or a fragment; a token or version
+    /// user info (credentials: use [`token`](TaskClientBuilder::token)), a
+    /// query or a fragment (the error shows none of them, nor does `Debug`);
+    /// a token or version
     /// a header cannot carry; a zero timeout or concurrency limit; no tokio
     /// runtime; with `rustls`, a trust store that cannot be loaded; with an
     /// outbox, a file that cannot be opened (held by another live client,
@@ -259,7 +264,8 @@ impl TaskClientBuilder {
         // The token is added to every attempt to the client's own origin,
         // stored reports' replays too (the outbox never writes it), and
         // marked sensitive on the way. The limit sits outside the timeout,
-        // so that waiting for a turn does not count against an attempt.
+        // so that waiting for a turn does not count against an attempt; the
+        // response body holds the turn until it is read or dropped.
         let single = ServiceBuilder::new()
             .layer(SetRequestHeaderLayer::if_not_present(
                 AUTHORIZATION,
@@ -271,7 +277,7 @@ impl TaskClientBuilder {
             .layer(SetSensitiveRequestHeadersLayer::from_shared(Arc::new([
                 AUTHORIZATION,
             ])))
-            .concurrency_limit(self.concurrency_limit)
+            .layer_fn(|attempt| ExchangeLimit::new(attempt, self.concurrency_limit))
             .timeout(self.timeout)
             .service(client);
         // The timeout sits inside the retry layer: a hung attempt is a
@@ -412,7 +418,7 @@ impl fmt::Debug for TaskClientBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut debug = f.debug_struct("TaskClientBuilder");
         debug
-            .field("base_url", &without_credentials(&self.base_url))
+            .field("base_url", &shown_url(&self.base_url))
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("client_version", &self.client_version)
             .field("terminal_schedule", &self.schedule.delays())
@@ -431,7 +437,7 @@ const MAX_BASE_URL: usize = 2048;
 
 /// `scheme://authority/prefix`, without a trailing slash, from the base URL.
 fn base_url(base_url: &str) -> Result<String, Error> {
-    let shown = without_credentials(base_url);
+    let shown = shown_url(base_url);
     let invalid = |reason: &str| Error::config(format!("base URL {shown:?} {reason}"), None);
     if base_url.len() > MAX_BASE_URL {
         return Err(invalid("is longer than 2048 bytes"));
@@ -476,20 +482,32 @@ fn base_url(base_url: &str) -> Result<String, Error> {
     Ok(format!("{scheme}://{authority}{prefix}"))
 }
 
-/// `url` as it can be shown: user info, if any, replaced by `[redacted]`.
-fn without_credentials(url: &str) -> String {
-    let after_scheme = url.find("://").map_or(0, |at| at + 3);
-    let authority_end = url[after_scheme..]
-        .find(['/', '?', '#'])
-        .map_or(url.len(), |at| after_scheme + at);
-    match url[after_scheme..authority_end].rfind('@') {
-        Some(at) => format!(
-            "{}{}{}",
-            &url[..after_scheme],
-            crate::response::REDACTED,
-            &url[after_scheme + at..]
-        ),
-        None => url.to_owned(),
+/// `url` as it can be shown in an error or `Debug`: its user info, as far as
+/// the last `@` (a password may hold `/`, `?`, `#` or `@`), and its query or
+/// fragment (`?token=...`) replaced by `[redacted]`. Where a `?` or `#`
+/// comes before that `@`, nothing tells a password from a query: all but
+/// the scheme is redacted.
+fn shown_url(url: &str) -> String {
+    use crate::response::REDACTED;
+    let is_scheme = |scheme: &str| {
+        scheme
+            .bytes()
+            .all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'+' | b'-' | b'.'))
+    };
+    let after_scheme = url
+        .find("://")
+        .filter(|&at| is_scheme(&url[..at]))
+        .map_or(0, |at| at + 3);
+    let (scheme, rest) = url.split_at(after_scheme);
+    let query = rest.find(['?', '#']);
+    let (user_info, rest) = match rest.rfind('@') {
+        Some(at) if query.is_some_and(|query| query < at) => return format!("{scheme}{REDACTED}"),
+        Some(at) => (REDACTED, &rest[at..]),
+        None => ("", rest),
+    };
+    match rest.find(['?', '#']) {
+        Some(at) => format!("{scheme}{user_info}{}{REDACTED}", &rest[..=at]),
+        None => format!("{scheme}{user_info}{rest}"),
     }
 }
 
@@ -558,6 +576,22 @@ mod tests {
         }
         let builder = TaskClientBuilder::new("http://u:pa55word@127.0.0.1".into());
         assert!(!format!("{builder:?}").contains("pa55word"));
+    }
+
+    #[test]
+    fn user_info_and_queries_are_never_shown() {
+        for (url, shown) in [
+            ("http://h:80/api", "http://h:80/api"),
+            ("http://u:p/w@x@h:80/api", "http://[redacted]@h:80/api"),
+            ("http://u:p#w/?@h:80/api", "http://[redacted]"),
+            ("http://h:80/api?token=t#f", "http://h:80/api?[redacted]"),
+            ("http://h/api#t", "http://h/api#[redacted]"),
+            ("http://u:p@h/a?token=t", "http://[redacted]@h/a?[redacted]"),
+            ("http://h/api?mail=a@b&token=t", "http://[redacted]"),
+            ("u:p://w@h", "[redacted]@h"),
+        ] {
+            assert_eq!(shown_url(url), shown, "{url}");
+        }
     }
 
     #[test]

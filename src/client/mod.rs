@@ -42,12 +42,14 @@
 //!
 //! At most [`concurrency_limit`](TaskClientBuilder::concurrency_limit)
 //! requests are in flight at once (by default 64), across every route and
-//! the outbox's replay. Only a 2xx answer is a
+//! the outbox's replay, each until its response body has been read or
+//! dropped. Only a 2xx answer is a
 //! success: a redirect is not followed (the error names where it points,
 //! set the base URL to the final URL). Text taken from the server's answers
 //! (error bodies) is cleaned before it goes into an [`Error`], an event, a
 //! fallback report or the outbox: the client's token is replaced by
-//! `[redacted]`, control characters are escaped, and it is cut to 4 KiB.
+//! `[redacted]` (in any ASCII case, percent-encoded or not), control
+//! characters are escaped, and it is cut to 4 KiB.
 //!
 //! ```
 //! use std::time::Duration;
@@ -85,13 +87,14 @@ mod delivery;
 mod durable;
 mod error;
 mod in_flight;
+mod limit;
 mod report;
 mod route;
 mod task_client;
 mod transport;
 
 // The layers, each using only those before it: the data (body, report,
-// error, route), one call (transport), the reports in flight and their
+// error, route), one call (limit, transport), the reports in flight and their
 // delivery (in_flight, durable, delivery), the client, its builder.
 pub use body::UsageEntry;
 pub use builder::TaskClientBuilder;

@@ -8,13 +8,17 @@ use http::{HeaderMap, HeaderValue, Method, Request, Response};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use tower::{limit::ConcurrencyLimit, timeout::Timeout, BoxError, Service, ServiceExt};
+use tower::{timeout::Timeout, BoxError, Service, ServiceExt};
 use tower_http::{
     sensitive_headers::SetSensitiveRequestHeaders,
     set_header::{MakeHeaderValue, SetRequestHeader},
 };
 
-use super::{error::Error, route::Action};
+use super::{
+    error::Error,
+    limit::{ExchangeLimit, PermitBody},
+    route::Action,
+};
 use crate::{
     classify::{Classify, DefaultClassifier, Outcome},
     Recovery, Schedule, TerminalRetry,
@@ -30,11 +34,15 @@ pub(super) type Connector = HttpConnector;
 pub(super) type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
 
 /// One attempt: hyper-util's client under a timeout, waiting its turn under
-/// the concurrency limit, with the token for the client's own origin.
+/// the concurrency limit (held by the response body), with the token for the
+/// client's own origin.
 pub(super) type Attempt = SetRequestHeader<
-    SetSensitiveRequestHeaders<ConcurrencyLimit<Timeout<Client<Connector, Full<Bytes>>>>>,
+    SetSensitiveRequestHeaders<ExchangeLimit<Timeout<Client<Connector, Full<Bytes>>>>>,
     Credentials,
 >;
+
+/// The body of an attempt's response, holding its turn under the limit.
+type ResponseBody = PermitBody<Incoming>;
 
 /// The `Authorization` value, for requests to the client's own origin only:
 /// a stored report, or a redirect target, elsewhere never gets the token.
@@ -122,7 +130,8 @@ impl Transport {
         body: Bytes,
     ) -> Result<(), Error>
     where
-        S: Service<Request<Full<Bytes>>, Response = Response<Incoming>, Error = BoxError> + Clone,
+        S: Service<Request<Full<Bytes>>, Response = Response<ResponseBody>, Error = BoxError>
+            + Clone,
     {
         super::route::check_task_id(task_id)?;
         let path = route.path(task_id);
