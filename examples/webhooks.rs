@@ -13,6 +13,11 @@
 //! the receiver is up, delivers every one, each with the `Idempotency-Key` it
 //! was stored with, so that the receiver can tell a replay from a new event.
 //!
+//! Every attempt is signed (Standard Webhooks: `webhook-id`, the idempotency
+//! key; `webhook-timestamp`, the attempt's time; `webhook-signature`), and the
+//! receiver verifies each one before it answers: the summary counts those it
+//! refused.
+//!
 //! With `--postgres`, the outbox is a queue in the database `DATABASE_URL`
 //! names, shared by two sender processes at once. The first stores ten
 //! events and its network hangs, so it holds their claims, renewing its
@@ -33,7 +38,8 @@ use hyper_util::{
 use tower::ServiceBuilder;
 use tower_terminal_retry::{
     outbox::{Delivery, Dispatcher, Durability, Outbox},
-    test_server::{Reply, TestServer},
+    test_server::{RecordedRequest, Reply, TestServer},
+    webhooks::{Key, Sign, SignLayer, VerifyLayer},
     Schedule, TerminalRetryLayer, TerminalRetryPolicy,
 };
 
@@ -43,8 +49,12 @@ const EVENTS: usize = 10;
 const LEASE: Duration = Duration::from_secs(2);
 const REPLAY_INTERVAL: Duration = Duration::from_secs(1);
 
-/// One attempt: hyper-util's client under a timeout.
-type Stack = tower::timeout::Timeout<Client<HttpConnector, Full<Bytes>>>;
+/// The secret the senders sign with and the receiver verifies with (a real
+/// one comes from the configuration: never in the code).
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+/// One attempt: signed, then hyper-util's client under a timeout.
+type Stack = Sign<tower::timeout::Timeout<Client<HttpConnector, Full<Bytes>>>>;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let arguments: Vec<String> = std::env::args().skip(1).collect();
@@ -62,14 +72,18 @@ fn on_redb() -> Result<(), Box<dyn std::error::Error>> {
     std::fs::create_dir_all(&directory)?;
     let file = directory.join("webhooks.redb");
 
-    // The receiver runs beside both senders; it answers 503 until it is up.
+    // The receiver runs beside both senders; it verifies each attempt, and
+    // answers 503 until it is up.
     let receiver_runtime = tokio::runtime::Runtime::new()?;
     let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let refused = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let verifying = Verifying::new(refused.clone())?;
     let receiver = receiver_runtime.block_on(TestServer::start({
         let up = up.clone();
-        move |_| match up.load(std::sync::atomic::Ordering::SeqCst) {
-            true => Reply::status(204),
-            false => Reply::status(503),
+        move |request| match verifying.refusal(request) {
+            Some(refusal) => refusal,
+            None if up.load(std::sync::atomic::Ordering::SeqCst) => Reply::status(204),
+            None => Reply::status(503),
         }
     }))?;
     let url = receiver.url("/hooks/orders");
@@ -122,23 +136,22 @@ fn on_redb() -> Result<(), Box<dyn std::error::Error>> {
     // What the receiver saw: every event, each with one key across all its
     // attempts, the first sender's and the second's.
     println!(
-        "\nsummary: events={EVENTS} received={} attempts={} one_key_per_event={}",
+        "\nsummary: events={EVENTS} received={} attempts={} one_key_per_event={} refused_signatures={}",
         distinct_bodies(&receiver),
         receiver.requests().len(),
-        one_key_per_event(&receiver)
+        one_key_per_event(&receiver),
+        refused.load(std::sync::atomic::Ordering::SeqCst)
     );
     std::fs::remove_dir_all(&directory)?;
     Ok(())
 }
 
-/// A sender over its own stack: hyper-util's client under a per-attempt
-/// timeout; the dispatcher adds the terminal layer (short retries here) and
-/// replays, probing every second at most while the receiver is down.
+/// A sender over its own stack: each attempt signed, then hyper-util's
+/// client under a per-attempt timeout; the dispatcher adds the terminal
+/// layer (short retries here) and replays, probing every second at most
+/// while the receiver is down.
 fn sender(file: &std::path::Path) -> Result<Dispatcher<Stack>, Box<dyn std::error::Error>> {
-    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let stack = ServiceBuilder::new()
-        .timeout(Duration::from_secs(5))
-        .service(client);
+    let stack = signed_stack()?;
     let layer = TerminalRetryLayer::new(
         TerminalRetryPolicy::default()
             .with_schedule(Schedule::new([Duration::from_millis(100); 2])?),
@@ -148,6 +161,45 @@ fn sender(file: &std::path::Path) -> Result<Dispatcher<Stack>, Box<dyn std::erro
         .replay_interval(Duration::from_secs(1))
         .build()?;
     Ok(dispatcher)
+}
+
+/// What each attempt goes through: the signing layer (inside the retry
+/// layer the dispatcher adds, so that each attempt is signed with its own
+/// time), then hyper-util's client under a per-attempt timeout.
+fn signed_stack() -> Result<Stack, Box<dyn std::error::Error>> {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    Ok(ServiceBuilder::new()
+        .layer(SignLayer::new([SECRET.parse::<Key>()?])?)
+        .timeout(Duration::from_secs(5))
+        .service(client))
+}
+
+/// The receiver's check: each request verified as `VerifyLayer` does it,
+/// before the receiver answers; refusals counted.
+struct Verifying {
+    verifier: VerifyLayer,
+    refused: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Verifying {
+    fn new(
+        refused: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    ) -> Result<Verifying, Box<dyn std::error::Error>> {
+        let verifier = VerifyLayer::new([SECRET.parse::<Key>()?])?;
+        Ok(Verifying { verifier, refused })
+    }
+
+    /// The answer to a request that does not verify; `None` if it does.
+    fn refusal(&self, request: &RecordedRequest) -> Option<Reply> {
+        let refusal = self
+            .verifier
+            .verify(&request.headers, &request.body)
+            .err()?;
+        self.refused
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        println!("receiver: refused: {refusal}");
+        Some(Reply::status(refusal.status().as_u16()))
+    }
 }
 
 fn event(url: &str, order: usize) -> Result<Request<Bytes>, http::Error> {
@@ -170,7 +222,13 @@ fn database_url() -> Result<String, Box<dyn std::error::Error>> {
 fn on_postgres() -> Result<(), Box<dyn std::error::Error>> {
     database_url()?;
     let runtime = tokio::runtime::Runtime::new()?;
-    let receiver = runtime.block_on(TestServer::start(|_| Reply::status(204)))?;
+    let refused = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let verifying = Verifying::new(refused.clone())?;
+    let receiver = runtime.block_on(TestServer::start(move |request| {
+        verifying
+            .refusal(request)
+            .unwrap_or_else(|| Reply::status(204))
+    }))?;
     let url = receiver.url("/hooks/orders");
     let queue = format!("webhooks-example-{}", std::process::id());
 
@@ -204,13 +262,15 @@ fn on_postgres() -> Result<(), Box<dyn std::error::Error>> {
         .unwrap_or_default();
     println!(
         "\nsummary: events={EVENTS} received={} lost={} attempts_before_kill={attempts_before_kill} \
-         takeover_ms={} lease_ms={} replay_interval_ms={} one_key_per_event={} sender_2_ok={}",
+         takeover_ms={} lease_ms={} replay_interval_ms={} one_key_per_event={} refused_signatures={} \
+         sender_2_ok={}",
         distinct_bodies(&receiver),
         EVENTS - distinct_bodies(&receiver),
         takeover.as_millis(),
         LEASE.as_millis(),
         REPLAY_INTERVAL.as_millis(),
         one_key_per_event(&receiver),
+        refused.load(std::sync::atomic::Ordering::SeqCst),
         status.success(),
     );
     if !delivered {
@@ -285,12 +345,8 @@ fn postgres_sender(
             tokio::time::sleep(Duration::from_secs(60)).await;
             return Ok(());
         }
-        let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-        let stack = ServiceBuilder::new()
-            .timeout(Duration::from_secs(5))
-            .service(client);
         // On a shared queue, a dispatcher is told where its requests may go.
-        let dispatcher = Dispatcher::builder(outbox, stack)
+        let dispatcher = Dispatcher::builder(outbox, signed_stack()?)
             .origin(&receiver.parse()?)
             .lease(LEASE)
             .replay_interval(REPLAY_INTERVAL)

@@ -9,7 +9,9 @@
 //! success; 5xx, 408 and 429 are transient; every other status (any other 4xx,
 //! and 1xx and 3xx: a redirect is not followed, the request did not reach its
 //! handler) is permanent; and any error of the inner service (refused or reset
-//! connection, an elapsed per-attempt timeout) is transient. Its status rule is
+//! connection, an elapsed per-attempt timeout) is transient, but for the one
+//! the crate's signing layer returns for a request it cannot sign and never
+//! sent (feature `webhooks`), which is permanent. Its status rule is
 //! [`classify_status`], usable on its own.
 //!
 //! A closure wrapped in [`ClassifyFn`] is a classifier too, so a special case
@@ -93,20 +95,53 @@ impl<F> std::fmt::Debug for ClassifyFn<F> {
 }
 
 /// The terminal-callback rule: statuses by [`classify_status`], every inner
-/// service error transient.
+/// service error transient, but for a request the crate refused to send.
+///
+/// That one exception: with the `webhooks` feature, a `webhooks::SignError`
+/// (a request that cannot be signed, refused unsent by the signing layer)
+/// is permanent, whether it is the error itself or boxed in a
+/// `tower::BoxError` (at any depth of its sources), as the signing layer
+/// and tower's own layers box errors. Looking inside the error takes
+/// `E: 'static`, which every error a tower service returns is.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DefaultClassifier;
 
-impl<B, E> Classify<Response<B>, E> for DefaultClassifier {
+impl<B, E: 'static> Classify<Response<B>, E> for DefaultClassifier {
     fn classify(&self, result: &Result<Response<B>, E>) -> Outcome {
         match result {
             Ok(response) => classify_status(response.status()),
+            Err(error) if refused_unsent(error) => Outcome::Permanent,
             // The inner service failed before a status came back: a refused or
             // reset connection, a TLS or I/O error, an elapsed timeout. None of
             // them says the server rejected the request.
             Err(_) => Outcome::Transient,
         }
     }
+}
+
+/// Whether `error` is the crate's own refusal of a request it will never
+/// send, which a replay cannot cure.
+#[cfg(feature = "webhooks")]
+fn refused_unsent<E: 'static>(error: &E) -> bool {
+    use crate::webhooks::SignError;
+    let error = error as &dyn std::any::Any;
+    if let Some(boxed) = error.downcast_ref::<Box<dyn std::error::Error + Send + Sync>>() {
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&**boxed);
+        while let Some(error) = cause {
+            if error.is::<SignError>() {
+                return true;
+            }
+            cause = error.source();
+        }
+        return false;
+    }
+    error.is::<SignError>()
+}
+
+/// Without the `webhooks` feature the crate refuses no request unsent.
+#[cfg(not(feature = "webhooks"))]
+fn refused_unsent<E>(_error: &E) -> bool {
+    false
 }
 
 /// Classifies a response status: 2xx is [`Outcome::Success`]; 5xx (and any

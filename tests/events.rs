@@ -395,7 +395,7 @@ async fn a_replay_that_panics_is_started_again_and_still_delivers() {
     #[derive(Debug, Clone, Copy)]
     struct PanicsOnce;
 
-    impl<B, E> Classify<http::Response<B>, E> for PanicsOnce {
+    impl<B, E: 'static> Classify<http::Response<B>, E> for PanicsOnce {
         fn classify(&self, result: &Result<http::Response<B>, E>) -> Outcome {
             if CLASSIFIED.fetch_add(1, Ordering::SeqCst) == 1 {
                 panic!("a classifier bug");

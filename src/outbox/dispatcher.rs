@@ -658,7 +658,7 @@ mod tests {
     #[derive(Debug, Clone, Copy, Default)]
     struct ConflictIsSuccess;
 
-    impl<B, E> Classify<Response<B>, E> for ConflictIsSuccess {
+    impl<B, E: 'static> Classify<Response<B>, E> for ConflictIsSuccess {
         fn classify(&self, result: &Result<Response<B>, E>) -> Outcome {
             CLASSIFIED.fetch_add(1, Ordering::SeqCst);
             match result {
