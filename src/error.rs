@@ -2,6 +2,12 @@
 
 use std::{error::Error, fmt, time::Duration};
 
+/// The longest delay a schedule, or a cap on delays, may hold: 24 hours.
+pub(crate) const MAX_DELAY: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// The most delays (retries) a schedule may hold: 64.
+pub(crate) const MAX_RETRIES: usize = 64;
+
 /// A configuration the crate refuses, reported when it is built so that no
 /// request ever meets it.
 #[derive(Debug, Clone, PartialEq)]
@@ -29,8 +35,9 @@ pub enum ConfigError {
     },
     /// A [`Recovery`](crate::Recovery) release rate of zero a second.
     InvalidReleaseRate,
-    /// An outbox's replay setting is out of range, or no runtime can run it.
-    InvalidReplay {
+    /// A setting out of range (a zero interval, rate or lease, contradictory
+    /// settings), or no runtime to run what it starts.
+    InvalidSetting {
         /// Which setting, and what it must be.
         reason: &'static str,
     },
@@ -42,19 +49,19 @@ impl fmt::Display for ConfigError {
             ConfigError::TooManyRetries { count } => write!(
                 f,
                 "retry schedule has {count} delays or more, at most {} are allowed",
-                crate::schedule::MAX_RETRIES
+                MAX_RETRIES
             ),
             ConfigError::DelayTooLong { delay } => write!(
                 f,
                 "retry delay of {delay:?} is longer than the maximum of {:?}",
-                crate::schedule::MAX_DELAY
+                MAX_DELAY
             ),
             ConfigError::InvalidFactor { factor } => write!(
                 f,
                 "exponential backoff factor {factor} is not a finite number of at least 1"
             ),
             ConfigError::InvalidBudget { reason } => write!(f, "invalid retry budget: {reason}"),
-            ConfigError::InvalidReplay { reason } => write!(f, "invalid outbox replay: {reason}"),
+            ConfigError::InvalidSetting { reason } => write!(f, "invalid setting: {reason}"),
             ConfigError::InvalidReleaseRate => {
                 f.write_str("the early-release rate must be at least one retry a second")
             }

@@ -23,13 +23,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use crate::error::ConfigError;
-
-/// The longest delay a schedule, or a cap on delays, may hold: 24 hours.
-pub(crate) const MAX_DELAY: Duration = Duration::from_secs(24 * 60 * 60);
-
-/// The most delays (retries) a schedule may hold: 64.
-pub(crate) const MAX_RETRIES: usize = 64;
+use crate::error::{ConfigError, MAX_DELAY, MAX_RETRIES};
 
 /// The default delays: 4 s, 8 s, 16 s, 32 s, 64 s.
 const DEFAULT_DELAYS: [Duration; 5] = [

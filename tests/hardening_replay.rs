@@ -280,7 +280,7 @@ async fn a_replay_rate_of_zero_is_refused() {
         .build()
         .unwrap_err();
     assert!(
-        matches!(error, ConfigError::InvalidReplay { .. }),
+        matches!(error, ConfigError::InvalidSetting { .. }),
         "{error}"
     );
     assert!(error.to_string().contains("rate"), "{error}");

@@ -402,7 +402,7 @@ async fn a_zero_lease_is_a_configuration_error() {
         .build()
         .unwrap_err();
     assert!(
-        matches!(error, ConfigError::InvalidReplay { .. }),
+        matches!(error, ConfigError::InvalidSetting { .. }),
         "{error:?}"
     );
 }

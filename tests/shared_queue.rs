@@ -87,7 +87,7 @@ async fn a_dispatcher_on_a_shared_queue_must_be_told_where_its_requests_may_go()
     let error = Dispatcher::builder(outbox.clone(), http_client())
         .build()
         .unwrap_err();
-    assert!(matches!(error, ConfigError::InvalidReplay { .. }));
+    assert!(matches!(error, ConfigError::InvalidSetting { .. }));
     let message = error.to_string();
     assert!(
         message.contains("`origin`") && message.contains("`any_origin`"),

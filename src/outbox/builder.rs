@@ -248,7 +248,7 @@ impl<S, C> DispatcherBuilder<S, C> {
         E: Into<BoxError> + fmt::Debug + Send + 'static,
         C: Classify<Response<RB>, E> + Send + Sync + 'static,
     {
-        let invalid = |reason| crate::ConfigError::InvalidReplay { reason };
+        let invalid = |reason| crate::ConfigError::InvalidSetting { reason };
         if self.settings.replay_interval.is_zero() {
             return Err(invalid("the replay interval must not be zero"));
         }
