@@ -32,6 +32,15 @@ pub(crate) fn is_origin(uri: &Uri, key: &str) -> bool {
         && key_port.parse() == Ok(port)
 }
 
+/// Whether `uri` holds credentials: user information before its host
+/// (`http://user:password@host/`). The one check of it: a client's base
+/// URL, a request handed to the outbox and one enqueued are refused alike.
+#[cfg(any(feature = "client", feature = "outbox"))]
+pub(crate) fn has_user_info(uri: &Uri) -> bool {
+    uri.authority()
+        .is_some_and(|authority| authority.as_str().contains('@'))
+}
+
 /// Scheme, host and port (the scheme's default if none is given).
 fn parts(uri: &Uri) -> Option<(&str, &str, u16)> {
     let host = uri.host()?;

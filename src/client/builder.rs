@@ -25,7 +25,9 @@ use super::{
     task_client::TaskClient,
     transport::{Connector, Credentials, Transport},
 };
-use crate::{Recovery, RetryAfter, Schedule, TerminalRetryLayer, TerminalRetryPolicy};
+use crate::{
+    origin::has_user_info, Recovery, RetryAfter, Schedule, TerminalRetryLayer, TerminalRetryPolicy,
+};
 
 /// The default per-attempt timeout.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -454,7 +456,7 @@ fn base_url(base_url: &str) -> Result<String, Error> {
         "https" => return Err(invalid("needs the `rustls` feature for https")),
         _ => return Err(invalid("is neither http nor https")),
     }
-    if authority.as_str().contains('@') {
+    if has_user_info(&uri) {
         return Err(invalid(
             "carries credentials (user info): pass a token with `token()` instead",
         ));

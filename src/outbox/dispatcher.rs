@@ -21,7 +21,7 @@ use super::{
 };
 use crate::{
     classify::{Classify, DefaultClassifier, Outcome, OutcomeSlot},
-    origin::{is_origin, origin_key},
+    origin::{has_user_info, is_origin, origin_key},
     response::{body_start, clean, redirect_note},
     sync::lock,
     Recovery, TerminalRetry, TerminalRetryPolicy,
@@ -261,10 +261,7 @@ impl<S, C> Shared<S, C> {
             true => "a URI without a host",
             false => target.as_str(),
         };
-        if uri
-            .authority()
-            .is_some_and(|authority| authority.as_str().contains('@'))
-        {
+        if has_user_info(uri) {
             return Some(format!(
                 "not sent: the URI to {target} holds credentials (user information before the \
                  host); put them in a header the sending service adds"

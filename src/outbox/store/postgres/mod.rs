@@ -92,7 +92,7 @@ use tokio_postgres::{
 
 use super::Inserted;
 use crate::{
-    origin::origin_key,
+    origin::{has_user_info, origin_key},
     outbox::{
         builder::DEFAULT_LEASE,
         record::{damaged_key, Tag},
@@ -286,11 +286,7 @@ impl PostgresStore {
         request: Request<Bytes>,
     ) -> Result<(), OutboxError> {
         let path = &self.shared.path;
-        if request
-            .uri()
-            .authority()
-            .is_some_and(|authority| authority.as_str().contains('@'))
-        {
+        if has_user_info(request.uri()) {
             return Err(OutboxError::refused(
                 path,
                 "its URI holds credentials (user information before the host); put them in a \
