@@ -5,6 +5,9 @@ use std::time::Duration;
 
 use tokio::time::{sleep_until, Instant};
 
+/// tokio's timer resolution.
+const TIMER_TICK: Duration = Duration::from_millis(1);
+
 /// Spaces the replay's requests evenly: at most one per `gap`, so at most the
 /// replay rate start in any one second.
 pub(super) struct Pace {
@@ -22,7 +25,12 @@ impl Pace {
 
     /// Waits for the next start.
     pub(super) async fn wait(&mut self) {
-        sleep_until(self.next).await;
+        // A start due within the timer's tick goes now, and a sleep ends a
+        // tick early: the timer rounds a sleep up to its next tick, which
+        // would cap any rate near one start a millisecond.
+        if self.next > Instant::now() + TIMER_TICK {
+            sleep_until(self.next - TIMER_TICK).await;
+        }
         let now = Instant::now();
         // Late by less than a gap: keep to the grid, so that timer delays do
         // not add up; idle longer: from now, with no burst to catch up.
@@ -31,5 +39,41 @@ impl Pace {
             false => now,
         };
         self.next = from + self.gap;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rate_above_the_timers_tick_is_kept_not_capped_at_a_start_a_millisecond() {
+        let mut pace = Pace::new(1_000_000);
+        let start = Instant::now();
+        for _ in 0..10_000 {
+            pace.wait().await;
+        }
+        // 10,000 starts at a million a second: 10 ms, not 10 s.
+        assert!(
+            start.elapsed() <= Duration::from_millis(11),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_rate_spaces_its_starts() {
+        let mut pace = Pace::new(100);
+        let start = Instant::now();
+        for _ in 0..11 {
+            pace.wait().await;
+        }
+        // The first at once, then one every 10 ms, each at most a timer
+        // tick early.
+        let elapsed = start.elapsed();
+        assert!(
+            elapsed >= Duration::from_millis(99) && elapsed <= Duration::from_millis(100),
+            "{elapsed:?}"
+        );
     }
 }
