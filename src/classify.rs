@@ -8,8 +8,10 @@
 //! [`DefaultClassifier`] is the rule of the terminal callbacks: only a 2xx is a
 //! success; 5xx, 408 and 429 are transient; every other status (any other 4xx,
 //! and 1xx and 3xx: a redirect is not followed, the request did not reach its
-//! handler) is permanent; and any error of the inner service (refused or reset
-//! connection, an elapsed per-attempt timeout) is transient. Its status rule is
+//! handler) is permanent, except a `409 Conflict` with `Retry-After`, transient
+//! (an idempotent server's "the first request with this key still runs, ask
+//! again"); and any error of the inner service (refused or reset connection, an
+//! elapsed per-attempt timeout) is transient. Its status rule is
 //! [`classify_status`], usable on its own.
 //!
 //! A closure wrapped in [`ClassifyFn`] is a classifier too, so a special case
@@ -33,7 +35,7 @@
 //! assert_eq!(classifier.classify(&refused), Outcome::Transient);
 //! ```
 
-use http::{Response, StatusCode};
+use http::{header::RETRY_AFTER, Response, StatusCode};
 
 /// How one attempt ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -92,14 +94,33 @@ impl<F> std::fmt::Debug for ClassifyFn<F> {
     }
 }
 
-/// The terminal-callback rule: statuses by [`classify_status`], every inner
-/// service error transient.
+/// The terminal-callback rule: statuses by [`classify_status`], except a `409
+/// Conflict` with a `Retry-After` header, transient (a server's idempotency
+/// layer says so when the first request with the same key still runs); every
+/// inner service error transient.
+///
+/// ```
+/// use http::Response;
+/// use tower_terminal_retry::{Classify, DefaultClassifier, Outcome};
+///
+/// let running = Response::builder().status(409).header("retry-after", "1").body(()).unwrap();
+/// let superseded = Response::builder().status(409).body(()).unwrap();
+/// let classify = |response| DefaultClassifier.classify(&Ok::<_, std::io::Error>(response));
+/// assert_eq!(classify(running), Outcome::Transient);
+/// assert_eq!(classify(superseded), Outcome::Permanent);
+/// ```
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DefaultClassifier;
 
 impl<B, E> Classify<Response<B>, E> for DefaultClassifier {
     fn classify(&self, result: &Result<Response<B>, E>) -> Outcome {
         match result {
+            Ok(response)
+                if response.status() == StatusCode::CONFLICT
+                    && response.headers().contains_key(RETRY_AFTER) =>
+            {
+                Outcome::Transient
+            }
             Ok(response) => classify_status(response.status()),
             // The inner service failed before a status came back: a refused or
             // reset connection, a TLS or I/O error, an elapsed timeout. None of

@@ -8,11 +8,12 @@
 //!
 //! - only a 2xx status is a success; 5xx, 408 and 429 are transient; every
 //!   other status (4xx, and 1xx and 3xx: redirects are not followed) is
-//!   permanent; every error of the inner service (refused or reset
-//!   connection, an elapsed per-attempt timeout) is transient
-//!   ([`DefaultClassifier`]);
+//!   permanent, but for a 409 with `Retry-After` (an idempotent server's
+//!   "the first request with this key still runs"), transient; every error
+//!   of the inner service (refused or reset connection, an elapsed
+//!   per-attempt timeout) is transient ([`DefaultClassifier`]);
 //! - the default [`Schedule`] waits 4, 8, 16, 32 and 64 s: six attempts over
-//!   124 s at most; a 429 or 503 with `Retry-After` sets its own delay
+//!   124 s at most; a 429, 503 or 409 with `Retry-After` sets its own delay
 //!   ([`RetryAfter`]);
 //! - jitter ([`Jitter`]), a retry budget ([`RetryBudget`]) and an attempt
 //!   header are there when asked for, off by default;
@@ -177,14 +178,14 @@ mod task_route;
 
 #[cfg(feature = "client")]
 pub mod client;
+#[cfg(feature = "idempotency")]
+pub mod idempotency;
 #[cfg(feature = "outbox")]
 pub mod outbox;
 #[cfg(feature = "test-server")]
 pub mod test_server;
 #[cfg(feature = "webhooks")]
 pub mod webhooks;
-#[cfg(feature = "idempotency")]
-pub mod idempotency;
 
 pub use budget::RetryBudget;
 pub use classify::{classify_status, Classify, ClassifyFn, DefaultClassifier, Outcome};
