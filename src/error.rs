@@ -34,6 +34,12 @@ pub enum ConfigError {
         /// Which setting, and what it must be.
         reason: &'static str,
     },
+    /// A setting of the idempotency layer or of one of its stores is out of
+    /// range.
+    InvalidIdempotency {
+        /// Which setting, and what it must be.
+        reason: &'static str,
+    },
 }
 
 impl fmt::Display for ConfigError {
@@ -55,6 +61,9 @@ impl fmt::Display for ConfigError {
             ),
             ConfigError::InvalidBudget { reason } => write!(f, "invalid retry budget: {reason}"),
             ConfigError::InvalidReplay { reason } => write!(f, "invalid outbox replay: {reason}"),
+            ConfigError::InvalidIdempotency { reason } => {
+                write!(f, "invalid idempotency setting: {reason}")
+            }
             ConfigError::InvalidReleaseRate => {
                 f.write_str("the early-release rate must be at least one retry a second")
             }
