@@ -36,6 +36,8 @@ use tower_terminal_retry::{
 
 type Body = Full<Bytes>;
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+/// What a handler answers to its n-th call.
+type Answer<B> = dyn Fn(usize) -> BoxFuture<Result<Response<B>, Failed>> + Send + Sync;
 
 const KEY: &str = "8e03978e-40d5-43e8-bc93-6894a57f9324";
 
@@ -46,7 +48,7 @@ struct Failed;
 /// A handler that counts its calls and answers with `answer(call number)`.
 struct Handler<B = Body> {
     calls: Arc<AtomicUsize>,
-    answer: Arc<dyn Fn(usize) -> BoxFuture<Result<Response<B>, Failed>> + Send + Sync>,
+    answer: Arc<Answer<B>>,
 }
 
 impl<B> Clone for Handler<B> {

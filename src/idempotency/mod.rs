@@ -71,7 +71,7 @@
 //!   a time from the front of an expiry index.
 //! - `PostgresStore` (features `idempotency` and `postgres`): one table
 //!   shared by replicas behind a load balancer, a running request's claim
-//!   held as a lease.
+//!   held as a lease; its docs list what it stores.
 //! - Your own: implement [`Store`].
 //!
 //! # The sender's side
@@ -126,6 +126,9 @@ mod store;
 
 pub use future::{ResponseFuture, IDEMPOTENT_REPLAYED};
 pub use layer::{Idempotency, IdempotencyLayer};
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use store::PostgresStore;
 pub use store::{
     Begin, Claim, Fingerprint, KeptResponse, MemoryStore, Store, StoreError, StoreFuture,
 };

@@ -13,6 +13,8 @@ mod memory;
 mod postgres;
 
 pub use memory::MemoryStore;
+#[cfg(feature = "postgres")]
+pub use postgres::PostgresStore;
 
 use std::{fmt, future::Future, pin::Pin, time::Duration};
 
@@ -233,11 +235,10 @@ impl fmt::Debug for KeptResponse {
     }
 }
 
-/// A store that could not answer. The layer answers the request itself
-/// then, without calling the handler: `503 Service Unavailable` with
-/// `Retry-After` for [`Full`](StoreError::Full) and
-/// [`Unavailable`](StoreError::Unavailable), `500 Internal Server Error`
-/// for [`Damaged`](StoreError::Damaged).
+/// A store that could not answer, or be made. The layer answers the
+/// request itself then, without calling the handler: `500 Internal Server
+/// Error` for [`Damaged`](StoreError::Damaged), else `503 Service
+/// Unavailable` with `Retry-After`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum StoreError {
@@ -254,6 +255,12 @@ pub enum StoreError {
         /// What is wrong with it.
         reason: String,
     },
+    /// The store's own configuration is refused (a table name, a URL),
+    /// when it is made: never from an operation.
+    Invalid {
+        /// What is wrong, and what is taken.
+        reason: String,
+    },
 }
 
 impl fmt::Display for StoreError {
@@ -267,6 +274,12 @@ impl fmt::Display for StoreError {
             }
             StoreError::Damaged { reason } => {
                 write!(f, "the idempotency store holds a damaged record: {reason}")
+            }
+            StoreError::Invalid { reason } => {
+                write!(
+                    f,
+                    "the idempotency store's configuration is refused: {reason}"
+                )
             }
         }
     }
