@@ -558,6 +558,99 @@ async fn a_request_dropped_mid_handler_frees_its_key() {
     assert_eq!(body(retry).await, "call 2");
 }
 
+/// The memory store, answering each operation after `delay`: a store over
+/// a network, whose operation, once sent (on its first poll), is done
+/// whether or not its answer is awaited.
+#[derive(Debug, Clone)]
+struct Slow {
+    inner: MemoryStore,
+    delay: Duration,
+}
+
+impl Slow {
+    fn remote<T: Send + 'static>(
+        &self,
+        operation: impl FnOnce(MemoryStore) -> StoreFuture<T> + Send + 'static,
+    ) -> StoreFuture<T> {
+        let (inner, delay) = (self.inner.clone(), self.delay);
+        Box::pin(async move {
+            let sent = tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                operation(inner).await
+            });
+            sent.await.expect("the store's task")
+        })
+    }
+}
+
+impl Store for Slow {
+    fn begin(
+        &self,
+        key: &str,
+        fingerprint: Fingerprint,
+        retention: Duration,
+    ) -> StoreFuture<Begin> {
+        let key = key.to_owned();
+        self.remote(move |inner| inner.begin(&key, fingerprint, retention))
+    }
+
+    fn finish(
+        &self,
+        claim: &Claim,
+        response: Option<KeptResponse>,
+        retention: Duration,
+    ) -> StoreFuture<()> {
+        let claim = claim.clone();
+        self.remote(move |inner| inner.finish(&claim, response, retention))
+    }
+
+    fn release(&self, claim: &Claim) -> StoreFuture<()> {
+        let claim = claim.clone();
+        self.remote(move |inner| inner.release(&claim))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_dropped_while_its_key_is_claimed_frees_the_key_once_claimed() {
+    let memory = MemoryStore::new();
+    let slow = Slow {
+        inner: memory.clone(),
+        delay: Duration::from_secs(1),
+    };
+    let handler = answering(201);
+    let service = IdempotencyLayer::new(slow).layer(handler.clone());
+    // Gone while the store claims the key: the handler never runs, and the
+    // claim that comes after is freed, not left to a lease.
+    let gone = tokio::time::timeout(Duration::from_millis(500), send(&service, order())).await;
+    assert!(gone.is_err());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(handler.calls(), 0);
+    assert!(memory.is_empty(), "the late claim is freed");
+    let retry = send(&service, order()).await;
+    assert_eq!(body(retry).await, "call 1");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_dropped_while_its_response_is_kept_still_keeps_it() {
+    let memory = MemoryStore::new();
+    let slow = Slow {
+        inner: memory.clone(),
+        delay: Duration::from_secs(1),
+    };
+    let handler = answering(201);
+    let service = IdempotencyLayer::new(slow).layer(handler.clone());
+    // Claimed at 1 s, handled at once, kept at 2 s: gone at 1.5 s.
+    let gone = tokio::time::timeout(Duration::from_millis(1500), send(&service, order())).await;
+    assert!(gone.is_err());
+    assert_eq!(handler.calls(), 1);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The handler's response was kept all the same: a repeat is a replay.
+    let repeat = send(&service, order()).await;
+    assert!(replayed(&repeat));
+    assert_eq!(body(repeat).await, "call 1");
+    assert_eq!(handler.calls(), 1);
+}
+
 #[tokio::test]
 async fn a_flood_of_keys_evicts_the_oldest_and_counts_them() {
     let handler = answering(200);

@@ -1,6 +1,6 @@
 //! A request's way through the layer: the store's answer, the handler, its
-//! response read and kept (or the key freed), and the claim's guard that
-//! frees the key of a request dropped on the way.
+//! response read and kept (or the key freed), and the guards that finish
+//! the store's work, or free the key, for a request dropped on the way.
 
 use std::{
     fmt,
@@ -52,7 +52,7 @@ pin_project! {
         Answered { response: Option<Response<B>> },
         /// Waiting for the store to claim the key, or say what holds it.
         Beginning {
-            begin: StoreFuture<Begin>,
+            begin: Beginning,
             fingerprint: Fingerprint,
             call: Option<(S, Req)>,
         },
@@ -69,10 +69,9 @@ pin_project! {
             parts: Option<Parts>,
             guard: Option<ClaimGuard>,
         },
-        /// The store keeps the response, or frees the key; then `outcome`
-        /// goes to the client.
+        /// The store keeps the response, or frees the key (the guard holds
+        /// that work); then `outcome` goes to the client.
         Settling {
-            settle: StoreFuture<()>,
             outcome: Option<Result<Response<B>, S::Error>>,
             guard: Option<ClaimGuard>,
         },
@@ -106,6 +105,10 @@ impl<S: Service<Req>, B: Body> ResponseFuture<S, B> {
         request: Req,
         settings: Arc<Settings>,
     ) -> Self {
+        let begin = Beginning {
+            begin: Some(begin),
+            store: settings.store.clone(),
+        };
         ResponseFuture {
             state: State::Beginning {
                 begin,
@@ -135,11 +138,12 @@ where
                     begin,
                     fingerprint,
                     call,
-                } => match ready!(begin.as_mut().poll(cx)) {
+                } => match ready!(begin.poll(cx)) {
                     Ok(Begin::Claimed(claim)) => {
                         let guard = ClaimGuard {
                             store: this.settings.store.clone(),
                             claim: Some(claim),
+                            settle: None,
                         };
                         let (mut inner, request) = call.take().expect(POLLED_AFTER_COMPLETION);
                         State::Running {
@@ -180,16 +184,13 @@ where
                             );
                             let reason = "the response body failed before its end";
                             let response = refusal(StatusCode::INTERNAL_SERVER_ERROR, reason);
-                            State::settling(guard.release(), Ok(response), guard)
+                            State::settling(Settle::Release, Ok(response), guard)
                         }
                     }
                 }
-                StateProj::Settling {
-                    settle,
-                    outcome,
-                    guard,
-                } => {
-                    let settled = ready!(settle.as_mut().poll(cx));
+                StateProj::Settling { outcome, guard } => {
+                    let settling = guard.as_mut().expect(POLLED_AFTER_COMPLETION);
+                    let settled = ready!(settling.poll_settle(cx));
                     let guard = guard.take().expect(POLLED_AFTER_COMPLETION);
                     match settled {
                         Ok(()) => guard.disarm(),
@@ -216,12 +217,12 @@ impl<S: Service<Req>, B: Body> State<S, B> {
     }
 
     fn settling(
-        settle: StoreFuture<()>,
+        settle: Settle,
         outcome: Result<Response<B>, S::Error>,
-        guard: ClaimGuard,
+        mut guard: ClaimGuard,
     ) -> Self {
+        guard.start(settle);
         State::Settling {
-            settle,
             outcome: Some(outcome),
             guard: Some(guard),
         }
@@ -243,7 +244,7 @@ where
     let response = match result {
         Ok(response) if classify_status(response.status()) != Outcome::Transient => response,
         // An error, 5xx, 408 or 429: the sender's retry must run it again.
-        transient => return State::settling(guard.release(), transient, guard),
+        transient => return State::settling(Settle::Release, transient, guard),
     };
     let limit = u64::try_from(settings.max_body).unwrap_or(u64::MAX);
     let fits = response
@@ -252,7 +253,7 @@ where
         .upper()
         .is_some_and(|upper| upper <= limit);
     if !fits {
-        let not_kept = guard.finish(None, settings);
+        let not_kept = Settle::Finish(None, settings.retention);
         return State::settling(not_kept, Ok(response), guard);
     }
     let (parts, body) = response.into_parts();
@@ -272,7 +273,7 @@ where
 {
     let kept = KeptResponse::new(parts.status, &parts.headers, body.clone());
     let within = body.len() <= settings.max_body && kept.header_bytes() <= MAX_KEPT_HEADER_BYTES;
-    let finish = guard.finish(within.then_some(kept), settings);
+    let finish = Settle::Finish(within.then_some(kept), settings.retention);
     let response = Response::from_parts(parts, B::from(body));
     State::settling(finish, Ok(response), guard)
 }
@@ -351,30 +352,79 @@ pub(crate) fn refusal<B: From<Bytes>>(status: StatusCode, reason: &'static str) 
     response
 }
 
-/// A claim held while its request runs: dropped before the request settled
-/// (the client went away, the server dropped the future), it frees the key
-/// on the current runtime, so that no key is held for ever by a request no
-/// one awaits.
+/// The store's answer to a first request, on its way. Dropped before it
+/// came (the request went away meanwhile), it is awaited on the current
+/// runtime, and a claim it brings is freed at once: a key claimed for a
+/// request no one awaits is never left to its lease.
+struct Beginning {
+    /// `None` once answered.
+    begin: Option<StoreFuture<Begin>>,
+    store: Arc<dyn Store>,
+}
+
+impl Beginning {
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<Begin, StoreError>> {
+        let begin = self.begin.as_mut().expect(POLLED_AFTER_COMPLETION);
+        let begun = ready!(begin.as_mut().poll(cx));
+        self.begin = None;
+        Poll::Ready(begun)
+    }
+}
+
+impl Drop for Beginning {
+    fn drop(&mut self) {
+        let Some(begin) = self.begin.take() else {
+            return;
+        };
+        let store = self.store.clone();
+        spawn(async move {
+            if let Ok(Begin::Claimed(claim)) = begin.await {
+                store.release(&claim).await?;
+            }
+            Ok(())
+        });
+    }
+}
+
+/// What settles a claim.
+enum Settle {
+    /// Keep the response (`None`: final, but not kept) for the retention.
+    Finish(Option<KeptResponse>, std::time::Duration),
+    /// Free the key.
+    Release,
+}
+
+/// A claim held while its request runs, and then the store's work that
+/// settles it. Dropped before the request settled (the client went away,
+/// the server dropped the future), it frees the key on the current runtime
+/// if the handler had not answered, or lets the settling work finish, so
+/// that a response the handler made is still kept: no key is held for ever
+/// by a request no one awaits.
 struct ClaimGuard {
     store: Arc<dyn Store>,
     /// `None` once settled.
     claim: Option<Claim>,
+    /// The store's work under way, once the handler answered.
+    settle: Option<StoreFuture<()>>,
 }
 
 impl ClaimGuard {
-    fn claim(&self) -> &Claim {
-        self.claim
+    fn start(&mut self, settle: Settle) {
+        let claim = self
+            .claim
             .as_ref()
-            .expect("a guard holds its claim until settled")
+            .expect("a guard holds its claim until settled");
+        self.settle = Some(match settle {
+            Settle::Finish(response, retention) => self.store.finish(claim, response, retention),
+            Settle::Release => self.store.release(claim),
+        });
     }
 
-    fn finish(&self, response: Option<KeptResponse>, settings: &Settings) -> StoreFuture<()> {
-        self.store
-            .finish(self.claim(), response, settings.retention)
-    }
-
-    fn release(&self) -> StoreFuture<()> {
-        self.store.release(self.claim())
+    fn poll_settle(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), StoreError>> {
+        let settle = self.settle.as_mut().expect(POLLED_AFTER_COMPLETION);
+        let settled = ready!(settle.as_mut().poll(cx));
+        self.settle = None;
+        Poll::Ready(settled)
     }
 
     /// The store settled the claim: nothing left to free.
@@ -388,19 +438,35 @@ impl Drop for ClaimGuard {
         let Some(claim) = self.claim.take() else {
             return;
         };
-        let release = self.store.release(&claim);
-        // Without a runtime, the store's lease frees the key (the memory
-        // store frees it at once, when asked).
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
-                if let Err(error) = release.await {
-                    tracing::warn!(
-                        error = %error,
-                        "the key of a dropped request could not be freed; its lease frees it"
-                    );
-                }
-            });
+        match self.settle.take() {
+            // Asked now: a store that frees at once (the memory store) does
+            // it with or without a runtime to run the rest.
+            None => spawn(self.store.release(&claim)),
+            Some(settle) => {
+                let store = self.store.clone();
+                spawn(async move {
+                    if settle.await.is_err() {
+                        store.release(&claim).await?;
+                    }
+                    Ok(())
+                });
+            }
         }
+    }
+}
+
+/// Runs what a dropped request left to the store on the current runtime.
+/// Without one, a PostgreSQL claim is freed by its lease.
+fn spawn(work: impl Future<Output = Result<(), StoreError>> + Send + 'static) {
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn(async move {
+            if let Err(error) = work.await {
+                tracing::warn!(
+                    error = %error,
+                    "the key of a dropped request could not be freed; its lease frees it"
+                );
+            }
+        });
     }
 }
 

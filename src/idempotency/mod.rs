@@ -43,12 +43,16 @@
 //! - **Expiry:** a finished key is kept for its
 //!   [`retention`](IdempotencyLayer::retention) (24 hours by default); a
 //!   repeat after it runs the handler again.
-//! - **Cancellation:** a request dropped mid-handler (its connection
-//!   closed, the server shut down) frees its key, from a drop guard: the
-//!   next repeat runs the handler. A handler that is cancelled after its
-//!   effect but before it returns therefore runs twice: commit the effect
-//!   last. On PostgreSQL, a claim is a lease: a replica killed mid-request
-//!   frees its keys when their lease runs out.
+//! - **Cancellation:** a request dropped on its way (its connection
+//!   closed, the server shut down) never leaves its key held: dropped while
+//!   the store claims the key, the claim is freed as soon as it comes;
+//!   dropped mid-handler, the key is freed, and the next repeat runs the
+//!   handler (a handler cancelled after its effect but before it returns
+//!   therefore runs twice: commit the effect last); dropped once the
+//!   handler answered, its response is still kept. That work goes on in
+//!   tasks of the current tokio runtime. On PostgreSQL, a claim is a lease
+//!   too: a replica killed mid-request frees its keys when their lease runs
+//!   out.
 //!
 //! # Requests and responses
 //!
