@@ -313,14 +313,12 @@ async fn a_statement_held_up_past_its_bound_answers_503_and_runs_nothing() {
     let service = IdempotencyLayer::new(store).layer(handler.clone());
     send(&service, order("k")).await;
 
-    // Another session locks the row: the claim waits for it.
+    // Another session locks the table (a migration, say): every statement
+    // of the store waits for it.
     let mut locker = postgres.client().await;
     let transaction = locker.transaction().await.unwrap();
     transaction
-        .execute(
-            &format!("SELECT 1 FROM \"{table}\" WHERE key = 'k' FOR UPDATE"),
-            &[],
-        )
+        .batch_execute(&format!("LOCK TABLE \"{table}\" IN ACCESS EXCLUSIVE MODE"))
         .await
         .unwrap();
     let started = tokio::time::Instant::now();

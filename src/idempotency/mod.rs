@@ -54,6 +54,14 @@
 //!   too: a replica killed mid-request frees its keys when their lease runs
 //!   out.
 //!
+//! # Whose keys
+//!
+//! A store's keys are one namespace: a client that sends another's key with
+//! the same request (method, path, body) gets the other's kept response.
+//! Where several clients reach one endpoint, put the layer behind their
+//! authentication and keep their keys apart (a store per client, or keys
+//! the clients cannot guess, as the outbox's random ones are).
+//!
 //! # Requests and responses
 //!
 //! The layer serves `http::Request<http_body_util::Full<Bytes>>`: a body
@@ -102,7 +110,7 @@
 //! let handler = service_fn(move |_request: Request<Full<Bytes>>| {
 //!     let n = paid.fetch_add(1, Ordering::SeqCst) + 1;
 //!     async move {
-//!         let body = Full::from(format!(r#"{{"payment":{n}}}"#));
+//!         let body = Full::<Bytes>::from(format!(r#"{{"payment":{n}}}"#));
 //!         Ok::<_, Infallible>(Response::builder().status(201).body(body).unwrap())
 //!     }
 //! });
@@ -111,7 +119,7 @@
 //! let pay = || {
 //!     Request::post("/payments")
 //!         .header("idempotency-key", "8e03978e-40d5-43e8-bc93-6894a57f9324")
-//!         .body(Full::from(r#"{"amount":42}"#))
+//!         .body(Full::<Bytes>::from(r#"{"amount":42}"#))
 //! };
 //! let first = service.clone().oneshot(pay()?).await?;
 //! let repeat = service.clone().oneshot(pay()?).await?;

@@ -48,10 +48,11 @@ pub struct MemoryStore {
 }
 
 struct Inner {
-    entries: HashMap<Box<str>, Entry>,
+    /// The keys, shared with the expiry index and the claims.
+    entries: HashMap<Arc<str>, Entry>,
     /// Finished entries by the end of their retention, then their serial
     /// number: the front expires, and is evicted, first.
-    expiry: BTreeMap<(Instant, u64), Box<str>>,
+    expiry: BTreeMap<(Instant, u64), Arc<str>>,
     bytes: usize,
     max_entries: usize,
     max_bytes: usize,
@@ -168,7 +169,8 @@ impl MemoryStore {
             state: State::Running { token },
             bytes,
         };
-        inner.entries.insert(key.into(), entry);
+        let key: Arc<str> = key.into();
+        inner.entries.insert(key.clone(), entry);
         Ok(Begin::Claimed(Claim::new(key, token)))
     }
 
@@ -192,7 +194,7 @@ impl MemoryStore {
         inner.serial += 1;
         let expires = (now + retention, inner.serial);
         inner.bytes += kept_bytes;
-        inner.expiry.insert(expires, claim.key().into());
+        inner.expiry.insert(expires, claim.shared_key().clone());
         if let Some(entry) = inner.entries.get_mut(claim.key()) {
             entry.state = State::Finished { response, expires };
             entry.bytes = key_bytes + kept_bytes;

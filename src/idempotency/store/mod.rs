@@ -16,7 +16,7 @@ pub use memory::MemoryStore;
 #[cfg(feature = "postgres")]
 pub use postgres::PostgresStore;
 
-use std::{fmt, future::Future, pin::Pin, time::Duration};
+use std::{fmt, future::Future, pin::Pin, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, StatusCode};
@@ -88,13 +88,13 @@ pub enum Begin {
 /// this claim from any later one of the same key.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Claim {
-    key: String,
+    key: Arc<str>,
     token: u64,
 }
 
 impl Claim {
     /// The claim of `key` that a store numbered `token`.
-    pub fn new(key: impl Into<String>, token: u64) -> Claim {
+    pub fn new(key: impl Into<Arc<str>>, token: u64) -> Claim {
         Claim {
             key: key.into(),
             token,
@@ -103,6 +103,11 @@ impl Claim {
 
     /// The key claimed.
     pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// The key, shared.
+    pub(crate) fn shared_key(&self) -> &Arc<str> {
         &self.key
     }
 

@@ -38,6 +38,9 @@ const MAX_TABLE_LEN: usize = 48;
 const MAX_STORED_HEADERS: usize = 64;
 /// How many times a claim is tried while the key changes hands under it.
 const CLAIM_TRIES: usize = 3;
+/// The connections of a store: concurrent commits on different connections
+/// share the server's WAL flushes, where one connection runs them in turn.
+const CONNECTIONS: usize = 4;
 /// The advisory lock the schema is created under: a constant of this
 /// crate's own.
 const SCHEMA_LOCK: i64 = 0x7472_7920_6964_656d;
@@ -93,10 +96,12 @@ const SCHEMA_LOCK: i64 = 0x7472_7920_6964_656d;
 ///
 /// # Claims and leases
 ///
-/// A first request claims its key with one `INSERT .. ON CONFLICT DO
-/// UPDATE` that takes the row only if it is absent, finished and expired,
-/// or running with its lease run out; it writes this store's id, the
-/// claim's number and `lease_until = now() + lease`. While the request
+/// A request reads its key's row first: a repeat is answered from that one
+/// read, which commits nothing. A key with no row, or a free one, is
+/// claimed with one `INSERT .. ON CONFLICT DO UPDATE` that takes the row
+/// only if it is absent, finished and expired, or running with its lease
+/// run out; it writes this store's id, the claim's number and
+/// `lease_until = now() + lease`. While the request
 /// runs, this store renews the leases of the keys it holds every third of
 /// the lease (30 s by default, [`lease`](PostgresStore::lease)). Finishing
 /// and freeing name the holder and the claim's number: a replica whose
@@ -119,9 +124,11 @@ const SCHEMA_LOCK: i64 = 0x7472_7920_6964_656d;
 ///
 /// # Connections
 ///
-/// One connection, on which concurrent statements pipeline, prepared once;
-/// a lost connection fails the operations under way (the layer answers
-/// `503`) and the next one connects again.
+/// Four connections, taken in turn, each opened when first needed, its
+/// statements prepared once: concurrent first requests commit on different
+/// connections, so that their commits share the server's flushes. A lost
+/// connection fails the operations under way on it (the layer answers
+/// `503`) and the next operation that needs it connects again.
 #[derive(Clone)]
 pub struct PostgresStore {
     shared: Arc<Shared>,
@@ -139,7 +146,9 @@ struct Shared {
     claims: AtomicU64,
     lease_ms: AtomicU64,
     timeout_ms: AtomicU64,
-    connection: Mutex<Option<Arc<Connection>>>,
+    connections: Vec<Mutex<Option<Arc<Connection>>>>,
+    /// The connection the next operation takes.
+    turn: AtomicU64,
     /// Taken while connecting, so that one task connects at a time.
     connecting: tokio::sync::Mutex<()>,
     /// The keys claimed here, and their claims' numbers: their leases are
@@ -183,7 +192,8 @@ impl PostgresStore {
             claims: AtomicU64::new(0),
             lease_ms: AtomicU64::new(millis(DEFAULT_LEASE)),
             timeout_ms: AtomicU64::new(millis(DEFAULT_TIMEOUT)),
-            connection: Mutex::new(None),
+            connections: (0..CONNECTIONS).map(|_| Mutex::new(None)).collect(),
+            turn: AtomicU64::new(0),
             connecting: tokio::sync::Mutex::new(()),
             held: Mutex::new(HashMap::new()),
             upkeep: Mutex::new(None),
@@ -233,8 +243,10 @@ impl PostgresStore {
         self.shared
             .timeout_ms
             .store(millis(timeout), Ordering::Relaxed);
-        // The server's bound is set per connection: the next one takes it.
-        lock(&self.shared.connection).take();
+        // The server's bound is set per connection: new ones take it.
+        for connection in &self.shared.connections {
+            lock(connection).take();
+        }
         Ok(self)
     }
 }
@@ -274,25 +286,20 @@ impl Shared {
         }
     }
 
-    /// The current connection, or a new one if it was lost.
+    /// The next connection in turn, opened if it is not (or was lost).
     async fn connection(&self) -> Result<Arc<Connection>, StoreError> {
-        if let Some(connection) = self.current() {
+        let turn = self.turn.fetch_add(1, Ordering::Relaxed) as usize;
+        let slot = &self.connections[turn % CONNECTIONS];
+        if let Some(connection) = open_in(slot) {
             return Ok(connection);
         }
         let _connecting = self.connecting.lock().await;
-        if let Some(connection) = self.current() {
+        if let Some(connection) = open_in(slot) {
             return Ok(connection);
         }
         let connection = Arc::new(self.bounded(self.prepare()).await?);
-        *lock(&self.connection) = Some(connection.clone());
+        *lock(slot) = Some(connection.clone());
         Ok(connection)
-    }
-
-    fn current(&self) -> Option<Arc<Connection>> {
-        lock(&self.connection)
-            .as_ref()
-            .filter(|connection| !connection.client.is_closed())
-            .cloned()
     }
 
     /// Connects, bounds statements on the server, and prepares them.
@@ -414,6 +421,16 @@ impl Shared {
         let retention = i64::try_from(millis(retention)).unwrap_or(i64::MAX);
         let fingerprint_bytes: &[u8] = fingerprint.as_bytes();
         for _ in 0..CLAIM_TRIES {
+            let row = self
+                .bounded(connection.client.query_opt(&connection.read, &[&key]))
+                .await?;
+            match row {
+                Some(row) if !row.try_get::<_, bool>("free").map_err(damaged)? => {
+                    return found(&row)
+                }
+                // No row, or one free to take: claim it.
+                _ => {}
+            }
             let claimed = self
                 .bounded(connection.client.query_opt(
                     &connection.claim,
@@ -431,16 +448,8 @@ impl Shared {
                 lock(&self.held).insert(key.to_owned(), claim);
                 return Ok(Begin::Claimed(Claim::new(key, claim)));
             }
-            let row = self
-                .bounded(connection.client.query_opt(&connection.read, &[&key]))
-                .await?;
-            match row {
-                // Freed, or its lease or retention ran out, since the
-                // claim was tried: try again.
-                None => continue,
-                Some(row) if row.try_get::<_, bool>("free").map_err(damaged)? => continue,
-                Some(row) => return found(&row),
-            }
+            // Another request claimed it between the read and the claim:
+            // read again.
         }
         Err(StoreError::Unavailable {
             reason: "the key changed hands during every try to claim it".into(),
@@ -549,6 +558,14 @@ impl Shared {
         }
         Ok(())
     }
+}
+
+/// The connection in `slot`, if it is open.
+fn open_in(slot: &Mutex<Option<Arc<Connection>>>) -> Option<Arc<Connection>> {
+    lock(slot)
+        .as_ref()
+        .filter(|connection| !connection.client.is_closed())
+        .cloned()
 }
 
 /// Renews the leases held every third of the lease, and deletes expired
