@@ -12,6 +12,7 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashSet},
     convert::Infallible,
     fmt,
+    future::Future,
     io::{BufRead, BufReader},
     net::SocketAddr,
     path::Path,
@@ -130,21 +131,7 @@ impl Receiver {
             seen: Mutex::new(HashSet::new()),
             counts: counts.clone(),
         });
-        let accept = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let _ = stream.set_nodelay(true);
-                let front = front.clone();
-                tokio::spawn(async move {
-                    let service = service_fn(move |request| front.clone().answer(request));
-                    let _ = auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        });
+        let accept = serve(listener, move |request| front.clone().answer(request));
         Receiver {
             addr,
             effects,
@@ -157,6 +144,44 @@ impl Receiver {
     pub fn url(&self) -> String {
         format!("http://{}/events", self.addr)
     }
+}
+
+/// Serves HTTP/1.1 and HTTP/2 on `listener`, each request answered by
+/// `answer`; an error closes the connection without a reply. Stops when the
+/// task is aborted.
+pub fn serve<F, Fut, E>(listener: TcpListener, answer: F) -> JoinHandle<()>
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<Response<Full<Bytes>>, E>> + Send + 'static,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    tokio::spawn(async move {
+        let mut connections = tokio::task::JoinSet::new();
+        loop {
+            let stream = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(_) => continue,
+                },
+                Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            };
+            let _ = stream.set_nodelay(true);
+            let answer = answer.clone();
+            connections.spawn(async move {
+                let service = service_fn(answer);
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    })
+}
+
+/// `request` with its body read whole: what `IdempotencyLayer` serves.
+pub async fn buffered(request: Request<Incoming>) -> Result<Request<Full<Bytes>>, hyper::Error> {
+    let (parts, body) = request.into_parts();
+    let body = body.collect().await?.to_bytes();
+    Ok(Request::from_parts(parts, Full::new(body)))
 }
 
 /// The load balancer in front of the replicas, and the network's faults.
@@ -189,15 +214,13 @@ where
         request: Request<Incoming>,
     ) -> Result<Response<Full<Bytes>>, ReplyLost> {
         let attempt = self.counts.attempts.fetch_add(1, Ordering::SeqCst);
-        let (parts, body) = request.into_parts();
-        let body = body.collect().await.map_err(|_| ReplyLost)?.to_bytes();
-        let key = parts
-            .headers
+        let request = buffered(request).await.map_err(|_| ReplyLost)?;
+        let key = request
+            .headers()
             .get(IDEMPOTENCY_KEY)
             .map(|key| key.as_bytes().to_vec());
         let first = key.is_some_and(|key| self.seen.lock().unwrap().insert(key));
         let replica = self.turn.fetch_add(1, Ordering::SeqCst) % self.replicas.len();
-        let request = Request::from_parts(parts, Full::new(body));
         let response = match self.replicas[replica].clone().oneshot(request).await {
             Ok(response) => response,
             Err(never) => match never {},
