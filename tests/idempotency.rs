@@ -573,7 +573,7 @@ impl Slow {
         operation: impl FnOnce(MemoryStore) -> StoreFuture<T> + Send + 'static,
     ) -> StoreFuture<T> {
         let (inner, delay) = (self.inner.clone(), self.delay);
-        Box::pin(async move {
+        StoreFuture::new(async move {
             let sent = tokio::spawn(async move {
                 tokio::time::sleep(delay).await;
                 operation(inner).await
@@ -707,17 +707,17 @@ struct Failing(StoreError);
 impl Store for Failing {
     fn begin(&self, _: &str, _: Fingerprint, _: Duration) -> StoreFuture<Begin> {
         let error = self.0.clone();
-        Box::pin(async move { Err(error) })
+        StoreFuture::ready(Err(error))
     }
 
     fn finish(&self, _: &Claim, _: Option<KeptResponse>, _: Duration) -> StoreFuture<()> {
         let error = self.0.clone();
-        Box::pin(async move { Err(error) })
+        StoreFuture::ready(Err(error))
     }
 
     fn release(&self, _: &Claim) -> StoreFuture<()> {
         let error = self.0.clone();
-        Box::pin(async move { Err(error) })
+        StoreFuture::ready(Err(error))
     }
 }
 

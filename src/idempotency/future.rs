@@ -365,7 +365,7 @@ struct Beginning {
 impl Beginning {
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<Begin, StoreError>> {
         let begin = self.begin.as_mut().expect(POLLED_AFTER_COMPLETION);
-        let begun = ready!(begin.as_mut().poll(cx));
+        let begun = ready!(Pin::new(begin).poll(cx));
         self.begin = None;
         Poll::Ready(begun)
     }
@@ -422,7 +422,7 @@ impl ClaimGuard {
 
     fn poll_settle(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), StoreError>> {
         let settle = self.settle.as_mut().expect(POLLED_AFTER_COMPLETION);
-        let settled = ready!(settle.as_mut().poll(cx));
+        let settled = ready!(Pin::new(settle).poll(cx));
         self.settle = None;
         Poll::Ready(settled)
     }

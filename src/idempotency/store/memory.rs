@@ -72,7 +72,8 @@ enum State {
         token: u64,
     },
     Finished {
-        response: Option<KeptResponse>,
+        /// Boxed: an entry stays small in the map, whatever it keeps.
+        response: Option<Box<KeptResponse>>,
         /// The entry's place in the expiry index.
         expires: (Instant, u64),
     },
@@ -147,7 +148,7 @@ impl MemoryStore {
             }),
             State::Finished { response, expires } if expires.0 > now => Some(Begin::Finished {
                 fingerprint: entry.fingerprint,
-                response: response.clone(),
+                response: response.as_deref().cloned(),
             }),
             // Expired, and not yet purged: absent.
             State::Finished { .. } => None,
@@ -196,7 +197,10 @@ impl MemoryStore {
         inner.bytes += kept_bytes;
         inner.expiry.insert(expires, claim.shared_key().clone());
         if let Some(entry) = inner.entries.get_mut(claim.key()) {
-            entry.state = State::Finished { response, expires };
+            entry.state = State::Finished {
+                response: response.map(Box::new),
+                expires,
+            };
             entry.bytes = key_bytes + kept_bytes;
         }
     }
@@ -303,7 +307,7 @@ impl Store for MemoryStore {
         fingerprint: Fingerprint,
         _retention: Duration,
     ) -> StoreFuture<Begin> {
-        Box::pin(std::future::ready(self.begin_now(key, fingerprint)))
+        StoreFuture::ready(self.begin_now(key, fingerprint))
     }
 
     fn finish(
@@ -313,12 +317,12 @@ impl Store for MemoryStore {
         retention: Duration,
     ) -> StoreFuture<()> {
         self.finish_now(claim, response, retention);
-        Box::pin(std::future::ready(Ok(())))
+        StoreFuture::ready(Ok(()))
     }
 
     fn release(&self, claim: &Claim) -> StoreFuture<()> {
         self.release_now(claim);
-        Box::pin(std::future::ready(Ok(())))
+        StoreFuture::ready(Ok(()))
     }
 }
 

@@ -16,14 +16,70 @@ pub use memory::MemoryStore;
 #[cfg(feature = "postgres")]
 pub use postgres::PostgresStore;
 
-use std::{fmt, future::Future, pin::Pin, sync::Arc, time::Duration};
+use std::{
+    fmt,
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
 
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, StatusCode};
 
-/// What a store's operation returns: a boxed future, so that the layer holds
-/// any store behind one pointer.
-pub type StoreFuture<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'static>>;
+/// What a store's operation returns: its answer at once
+/// ([`StoreFuture::ready`]: no allocation, for a store in memory), or a
+/// future ([`StoreFuture::new`], boxed), so that the layer holds any store
+/// behind one pointer.
+pub struct StoreFuture<T>(Answer<T>);
+
+enum Answer<T> {
+    /// `None` once taken.
+    Ready(Option<Result<T, StoreError>>),
+    Pending(Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'static>>),
+}
+
+impl<T> StoreFuture<T> {
+    /// An answer known now.
+    pub fn ready(answer: Result<T, StoreError>) -> StoreFuture<T> {
+        StoreFuture(Answer::Ready(Some(answer)))
+    }
+
+    /// An answer to wait for.
+    pub fn new(
+        future: impl Future<Output = Result<T, StoreError>> + Send + 'static,
+    ) -> StoreFuture<T> {
+        StoreFuture(Answer::Pending(Box::pin(future)))
+    }
+}
+
+// Neither variant is pinned in place: the answer is moved out, the future
+// is boxed.
+impl<T> Unpin for StoreFuture<T> {}
+
+impl<T> Future for StoreFuture<T> {
+    type Output = Result<T, StoreError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut self.0 {
+            Answer::Ready(answer) => {
+                Poll::Ready(answer.take().expect("StoreFuture polled after completion"))
+            }
+            Answer::Pending(future) => future.as_mut().poll(cx),
+        }
+    }
+}
+
+impl<T> fmt::Debug for StoreFuture<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match &self.0 {
+            Answer::Ready(_) => "ready",
+            Answer::Pending(_) => "pending",
+        };
+        f.debug_tuple("StoreFuture").field(&state).finish()
+    }
+}
 
 /// The seam between [`IdempotencyLayer`](super::IdempotencyLayer) and where
 /// it keeps its keys: [`MemoryStore`], `PostgresStore` (feature
@@ -187,11 +243,9 @@ impl KeptResponse {
     /// taken from `headers`.
     pub fn new(status: StatusCode, headers: &HeaderMap, body: Bytes) -> KeptResponse {
         let mut kept = HeaderMap::new();
-        for name in &KEPT_HEADERS {
-            for value in headers.get_all(name) {
-                if !value.is_sensitive() {
-                    kept.append(name.clone(), value.clone());
-                }
+        for (name, value) in headers {
+            if KEPT_HEADERS.contains(name) && !value.is_sensitive() {
+                kept.append(name.clone(), value.clone());
             }
         }
         KeptResponse {

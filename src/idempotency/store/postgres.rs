@@ -733,7 +733,7 @@ impl Store for PostgresStore {
         retention: Duration,
     ) -> StoreFuture<Begin> {
         let (shared, key) = (self.shared.clone(), key.to_owned());
-        Box::pin(async move { shared.begin(&key, fingerprint, retention).await })
+        StoreFuture::new(async move { shared.begin(&key, fingerprint, retention).await })
     }
 
     fn finish(
@@ -743,12 +743,12 @@ impl Store for PostgresStore {
         retention: Duration,
     ) -> StoreFuture<()> {
         let (shared, claim) = (self.shared.clone(), claim.clone());
-        Box::pin(async move { shared.finish(&claim, response, retention).await })
+        StoreFuture::new(async move { shared.finish(&claim, response, retention).await })
     }
 
     fn release(&self, claim: &Claim) -> StoreFuture<()> {
         let (shared, claim) = (self.shared.clone(), claim.clone());
-        Box::pin(async move { shared.release(&claim).await })
+        StoreFuture::new(async move { shared.release(&claim).await })
     }
 }
 
