@@ -32,6 +32,7 @@
 //! | bad configuration | [`ConfigError`] | none |
 //! | the task-callback client | [`client`](client/index.html): [`TaskClient`](client/struct.TaskClient.html) | `client` (`rustls` adds HTTPS) |
 //! | the durable outbox, for any tower service | [`outbox`](outbox/index.html): [`Outbox`](outbox/struct.Outbox.html), [`Dispatcher`](outbox/struct.Dispatcher.html) | `outbox` (a redb file); `postgres` (a queue shared by many senders); with `client`, the durable task client |
+//! | the receiving end: an `Idempotency-Key` layer for servers | [`idempotency`](idempotency/index.html): [`IdempotencyLayer`](idempotency/struct.IdempotencyLayer.html), [`MemoryStore`](idempotency/struct.MemoryStore.html) | `idempotency` (with `postgres`, a store shared by replicas) |
 //! | loopback test servers with scripted faults | [`test_server`](test_server/index.html): [`TestServer`](test_server/struct.TestServer.html), [`TaskServer`](test_server/struct.TaskServer.html) | `test-server` |
 //!
 //! With no feature, the crate is the layer alone: tower, http, tokio's timer,
