@@ -8,28 +8,41 @@ use std::{
     pin::Pin,
     sync::Arc,
     task::{ready, Context, Poll},
+    time::Duration,
 };
 
 use bytes::Bytes;
 use http::{
     header::{CONTENT_TYPE, RETRY_AFTER},
     response::Parts,
-    HeaderName, HeaderValue, Response, StatusCode,
+    HeaderName, HeaderValue, Request, Response, StatusCode,
 };
 use http_body::Body;
-use http_body_util::{combinators::Collect, BodyExt};
+use http_body_util::{combinators::Collect, BodyExt, Full};
 use pin_project_lite::pin_project;
 use tower::Service;
 
 use super::{
-    layer::{Req, Settings},
-    store::MAX_KEPT_HEADER_BYTES,
-    Begin, Claim, Fingerprint, KeptResponse, Store, StoreError, StoreFuture,
+    store::MAX_KEPT_HEADER_BYTES, Begin, Claim, Fingerprint, KeptResponse, Store, StoreError,
+    StoreFuture,
 };
 use crate::{classify_status, Outcome};
 
 /// The header that marks a replayed response: `idempotent-replayed: true`.
 pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+
+/// The requests the layer serves: what a body-buffering layer in front
+/// (such as the signature check of the `webhooks` feature) hands on.
+pub(crate) type Req = Request<Full<Bytes>>;
+
+/// What the layer's services, and each request's way, share.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) retention: Duration,
+    pub(crate) max_body: usize,
+    pub(crate) require_key: bool,
+}
 
 /// What the layer's `409` and `503` ask the client to wait, in seconds.
 const RETRY_AFTER_SECS: HeaderValue = HeaderValue::from_static("1");
@@ -389,7 +402,7 @@ impl Drop for Beginning {
 /// What settles a claim.
 enum Settle {
     /// Keep the response (`None`: final, but not kept) for the retention.
-    Finish(Option<KeptResponse>, std::time::Duration),
+    Finish(Option<KeptResponse>, Duration),
     /// Free the key.
     Release,
 }

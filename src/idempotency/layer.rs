@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 use tower::{Layer, Service};
 
 use super::{
-    future::{refusal, ResponseFuture},
+    future::{refusal, Req, ResponseFuture, Settings},
     Fingerprint, Store,
 };
 use crate::ConfigError;
@@ -24,7 +24,7 @@ use crate::ConfigError;
 /// The request header that carries the key (the IETF httpapi draft's name).
 const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 /// The longest key taken, in bytes.
-pub(crate) const MAX_KEY_LEN: usize = 255;
+const MAX_KEY_LEN: usize = 255;
 /// The default retention: Stripe's 24 hours.
 const DEFAULT_RETENTION: Duration = Duration::from_secs(24 * 3600);
 /// The longest retention taken.
@@ -32,25 +32,12 @@ const MAX_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
 /// The default largest response body kept: 1 MiB.
 const DEFAULT_MAX_BODY: usize = 1024 * 1024;
 
-/// The requests the layer serves: what a body-buffering layer in front
-/// (such as the signature check of the `webhooks` feature) hands on.
-pub(crate) type Req = Request<Full<Bytes>>;
-
 /// A tower layer for servers that runs each request with an
 /// `Idempotency-Key` once, and answers its repeats with the response it
 /// kept: see the [module docs](super).
 #[derive(Debug, Clone)]
 pub struct IdempotencyLayer {
     settings: Settings,
-}
-
-/// What the layer's services share.
-#[derive(Debug, Clone)]
-pub(crate) struct Settings {
-    pub(crate) store: Arc<dyn Store>,
-    pub(crate) retention: Duration,
-    pub(crate) max_body: usize,
-    pub(crate) require_key: bool,
 }
 
 impl IdempotencyLayer {
