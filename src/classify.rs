@@ -8,10 +8,12 @@
 //! [`DefaultClassifier`] is the rule of the terminal callbacks: only a 2xx is a
 //! success; 5xx, 408 and 429 are transient; every other status (any other 4xx,
 //! and 1xx and 3xx: a redirect is not followed, the request did not reach its
-//! handler) is permanent; and any error of the inner service (refused or reset
-//! connection, an elapsed per-attempt timeout) is transient, but for the one
-//! the crate's signing layer returns for a request it cannot sign and never
-//! sent (feature `webhooks`), which is permanent. Its status rule is
+//! handler) is permanent, except a `409 Conflict` with `Retry-After`, transient
+//! (an idempotent server's "the first request with this key still runs, ask
+//! again"); and any error of the inner service (refused or reset connection, an
+//! elapsed per-attempt timeout) is transient, but for the one the crate's
+//! signing layer returns for a request it cannot sign and never sent (feature
+//! `webhooks`), which is permanent. Its status rule is
 //! [`classify_status`], usable on its own.
 //!
 //! A closure wrapped in [`ClassifyFn`] is a classifier too, so a special case
@@ -35,7 +37,7 @@
 //! assert_eq!(classifier.classify(&refused), Outcome::Transient);
 //! ```
 
-use http::{Response, StatusCode};
+use http::{header::RETRY_AFTER, Response, StatusCode};
 
 /// How one attempt ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -94,8 +96,11 @@ impl<F> std::fmt::Debug for ClassifyFn<F> {
     }
 }
 
-/// The terminal-callback rule: statuses by [`classify_status`], every inner
-/// service error transient, but for a request the crate refused to send.
+/// The terminal-callback rule: statuses by [`classify_status`], except a `409
+/// Conflict` with a `Retry-After` header, transient (a server's idempotency
+/// layer says so when the first request with the same key still runs); every
+/// inner service error transient, but for a request the crate refused to
+/// send.
 ///
 /// That one exception: with the `webhooks` feature, a `webhooks::SignError`
 /// (a request that cannot be signed, refused unsent by the signing layer)
@@ -103,12 +108,29 @@ impl<F> std::fmt::Debug for ClassifyFn<F> {
 /// `tower::BoxError` (at any depth of its sources), as the signing layer
 /// and tower's own layers box errors. Looking inside the error takes
 /// `E: 'static`, which every error a tower service returns is.
+///
+/// ```
+/// use http::Response;
+/// use tower_terminal_retry::{Classify, DefaultClassifier, Outcome};
+///
+/// let running = Response::builder().status(409).header("retry-after", "1").body(()).unwrap();
+/// let superseded = Response::builder().status(409).body(()).unwrap();
+/// let classify = |response| DefaultClassifier.classify(&Ok::<_, std::io::Error>(response));
+/// assert_eq!(classify(running), Outcome::Transient);
+/// assert_eq!(classify(superseded), Outcome::Permanent);
+/// ```
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DefaultClassifier;
 
 impl<B, E: 'static> Classify<Response<B>, E> for DefaultClassifier {
     fn classify(&self, result: &Result<Response<B>, E>) -> Outcome {
         match result {
+            Ok(response)
+                if response.status() == StatusCode::CONFLICT
+                    && response.headers().contains_key(RETRY_AFTER) =>
+            {
+                Outcome::Transient
+            }
             Ok(response) => classify_status(response.status()),
             Err(error) if refused_unsent(error) => Outcome::Permanent,
             // The inner service failed before a status came back: a refused or

@@ -8,11 +8,13 @@
 //!
 //! - only a 2xx status is a success; 5xx, 408 and 429 are transient; every
 //!   other status (4xx, and 1xx and 3xx: redirects are not followed) is
-//!   permanent; every error of the inner service (refused or reset
-//!   connection, an elapsed per-attempt timeout) is transient, but for a
-//!   request the crate's signing layer refused unsent ([`DefaultClassifier`]);
+//!   permanent, but for a 409 with `Retry-After` (an idempotent server's
+//!   "the first request with this key still runs"), transient; every error
+//!   of the inner service (refused or reset connection, an elapsed
+//!   per-attempt timeout) is transient, but for a request the crate's
+//!   signing layer refused unsent ([`DefaultClassifier`]);
 //! - the default [`Schedule`] waits 4, 8, 16, 32 and 64 s: six attempts over
-//!   124 s at most; a 429 or 503 with `Retry-After` sets its own delay
+//!   124 s at most; a 429, 503 or 409 with `Retry-After` sets its own delay
 //!   ([`RetryAfter`]);
 //! - jitter ([`Jitter`]), a retry budget ([`RetryBudget`]) and an attempt
 //!   header are there when asked for, off by default;
@@ -32,6 +34,7 @@
 //! | the task-callback client | [`client`](client/index.html): [`TaskClient`](client/struct.TaskClient.html) | `client` (`rustls` adds HTTPS) |
 //! | the durable outbox, for any tower service | [`outbox`](outbox/index.html): [`Outbox`](outbox/struct.Outbox.html), [`Dispatcher`](outbox/struct.Dispatcher.html) | `outbox` (a redb file); `postgres` (a queue shared by many senders); with `client`, the durable task client |
 //! | signed webhooks (Standard Webhooks), for senders and receivers | [`webhooks`](webhooks/index.html): [`SignLayer`](webhooks/struct.SignLayer.html), [`VerifyLayer`](webhooks/struct.VerifyLayer.html), [`Key`](webhooks/struct.Key.html) | `webhooks` |
+//! | the receiving end: an `Idempotency-Key` layer for servers | [`idempotency`](idempotency/index.html): [`IdempotencyLayer`](idempotency/struct.IdempotencyLayer.html), [`MemoryStore`](idempotency/struct.MemoryStore.html) | `idempotency` (with `postgres`, a store shared by replicas) |
 //! | loopback test servers with scripted faults | [`test_server`](test_server/index.html): [`TestServer`](test_server/struct.TestServer.html), [`TaskServer`](test_server/struct.TaskServer.html) | `test-server` |
 //!
 //! With no feature, the crate is the layer alone: tower, http, tokio's timer,

@@ -12,7 +12,7 @@
 //! 2. ends the call when the schedule is exhausted (a `warn` event) or the
 //!    retry budget, if any, is spent (also `warn`);
 //! 3. otherwise waits the schedule's next delay, jittered if asked, or the
-//!    server's `Retry-After` on a 429 or 503, then replays an exact clone of the
+//!    server's `Retry-After` on a 429, 503 or 409, then replays an exact clone of the
 //!    request (an `info` event per retry).
 //!
 //! Each call has its own attempt count: tower clones the policy per call.

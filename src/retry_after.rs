@@ -1,7 +1,7 @@
-//! Honouring the server's `Retry-After` on 429 and 503.
+//! Honouring the server's `Retry-After` on 429, 503 and 409.
 //!
-//! When a 429 (Too Many Requests) or 503 (Service Unavailable) carries a
-//! `Retry-After` header, the server's delay replaces the schedule's delay for
+//! When a 429 (Too Many Requests), 503 (Service Unavailable) or 409 (Conflict:
+//! an idempotent server's "still running") carries a `Retry-After` header, the server's delay replaces the schedule's delay for
 //! that retry, shorter or longer, but never longer than a cap (by default
 //! five minutes). The number of attempts does not change.
 //!
@@ -45,7 +45,7 @@ pub struct RetryAfter {
 }
 
 impl RetryAfter {
-    /// Honour `Retry-After` on 429 and 503, clamping the delay to `cap`.
+    /// Honour `Retry-After` on 429, 503 and 409, clamping the delay to `cap`.
     ///
     /// # Errors
     ///
@@ -71,7 +71,12 @@ impl RetryAfter {
         now: SystemTime,
     ) -> Option<Duration> {
         let cap = self.cap?;
-        if status != StatusCode::TOO_MANY_REQUESTS && status != StatusCode::SERVICE_UNAVAILABLE {
+        let honoured = [
+            StatusCode::TOO_MANY_REQUESTS,
+            StatusCode::SERVICE_UNAVAILABLE,
+            StatusCode::CONFLICT,
+        ];
+        if !honoured.contains(&status) {
             return None;
         }
         let delay = parse_retry_after(headers.get(RETRY_AFTER)?, now)?;
@@ -174,7 +179,7 @@ mod tests {
     }
 
     #[test]
-    fn only_429_and_503_are_honoured_and_clamped() {
+    fn only_429_503_and_409_are_honoured_and_clamped() {
         let mut headers = HeaderMap::new();
         headers.insert(RETRY_AFTER, HeaderValue::from_static("600"));
         let now = at(0);
@@ -185,6 +190,10 @@ mod tests {
         );
         assert_eq!(
             policy.delay(StatusCode::SERVICE_UNAVAILABLE, &headers, now),
+            Some(DEFAULT_CAP)
+        );
+        assert_eq!(
+            policy.delay(StatusCode::CONFLICT, &headers, now),
             Some(DEFAULT_CAP)
         );
         for status in [StatusCode::BAD_GATEWAY, StatusCode::INTERNAL_SERVER_ERROR] {

@@ -261,6 +261,19 @@ async fn retry_after_seconds_replace_the_schedule_on_429_and_503() {
     }
 }
 
+/// An idempotent server's "the first request with this key still runs":
+/// a 409 with `Retry-After` is waited out and asked again; a 409 without it
+/// stays a permanent refusal (the table above).
+#[tokio::test(start_paused = true)]
+async fn a_409_with_retry_after_is_transient_and_waits_what_it_asks() {
+    let layer = TerminalRetryLayer::default();
+    let offset = second_attempt_after(&layer, Reply::retry_after(409, "2")).await;
+    assert_eq!(offset, Duration::from_secs(2));
+    // A value that cannot be read still says "ask again": the schedule's 4 s.
+    let offset = second_attempt_after(&layer, Reply::retry_after(409, "soon")).await;
+    assert_eq!(offset, Duration::from_secs(4));
+}
+
 #[tokio::test(start_paused = true)]
 async fn retry_after_dates_replace_the_schedule_on_429_and_503() {
     let layer = TerminalRetryLayer::default();

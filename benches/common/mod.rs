@@ -7,6 +7,7 @@
 
 pub mod allocation_table;
 pub mod counting_alloc;
+pub mod database;
 pub mod loopback;
 
 use std::{
