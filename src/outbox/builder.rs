@@ -30,9 +30,6 @@ const DEFAULT_REPLAY_CONCURRENCY: usize = 16;
 /// Without a rate, 600 stored reports went out as 561 requests within one
 /// second; at 100 a second they take six.
 pub const DEFAULT_REPLAY_RATE: u32 = 100;
-/// The default time a claim of a record in a shared outbox holds, renewed
-/// while its attempt runs.
-pub(super) const DEFAULT_LEASE: Duration = Duration::from_secs(30);
 /// How long a foreground delivery waits for each write to the store before
 /// it goes on without it, unless set.
 const DEFAULT_STORE_WAIT: Duration = Duration::from_secs(3);
@@ -43,8 +40,9 @@ pub struct DispatcherBuilder<S, C = DefaultClassifier> {
     service: S,
     layer: TerminalRetryLayer<C>,
     settings: Settings,
-    /// How long a claim holds, in an outbox shared by processes.
-    lease: Duration,
+    /// How long a claim holds, in an outbox shared by processes: unless
+    /// set, as long as the store holds one by default.
+    lease: Option<Duration>,
 }
 
 impl<S, C: fmt::Debug> fmt::Debug for DispatcherBuilder<S, C> {
@@ -81,7 +79,7 @@ impl<S> Dispatcher<S> {
                 store_wait: DEFAULT_STORE_WAIT,
                 secrets: Vec::new(),
             },
-            lease: DEFAULT_LEASE,
+            lease: None,
         }
     }
 }
@@ -162,7 +160,7 @@ impl<S, C> DispatcherBuilder<S, C> {
     /// process and needs no lease. `0` is an error of
     /// [`build`](DispatcherBuilder::build).
     pub fn lease(mut self, lease: Duration) -> Self {
-        self.lease = lease;
+        self.lease = Some(lease);
         self
     }
 
@@ -258,7 +256,7 @@ impl<S, C> DispatcherBuilder<S, C> {
         if self.settings.replay_rate == 0 {
             return Err(invalid("the replay rate must be at least one a second"));
         }
-        if self.lease.is_zero() {
+        if self.lease.is_some_and(|lease| lease.is_zero()) {
             return Err(invalid("the lease must not be zero"));
         }
         if self.settings.store_wait.is_zero() {

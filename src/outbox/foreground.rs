@@ -75,7 +75,7 @@ where
         let mut insert = {
             let outbox = self.outbox.clone();
             let entry = entry.clone();
-            Box::pin(async move { outbox.insert(&entry).await })
+            Box::pin(async move { outbox.insert(entry).await })
         };
         let wait = self.settings.store_wait;
         let mut late = None;

@@ -7,12 +7,11 @@
 //! written (and recover). Each answers what it did, typed: an insert says
 //! [`Inserted`], a change whether its record was there.
 //!
-//! Behind it, a [`Backend`] enum, not a trait object: the stores are this
-//! crate's own, known when it is compiled, so a `match` dispatches them
-//! with no boxed futures, and the async methods stay plain `async fn`s. A
-//! new store (a database shared by several processes, holding claims as
-//! leases) is a new variant and a module here; the dispatcher does not
-//! change.
+//! Behind it, a [`Store`]: a trait each backend implements in its module
+//! (`redb`, one file; `postgres`, a queue shared by processes), owning its
+//! own defaults. The dispatcher never names a backend: a new store is a
+//! new module and an implementation of the trait. Its futures are boxed, as
+//! a trait object's must be: one allocation per write, next to a commit.
 //!
 //! ```
 //! use tower_terminal_retry::outbox::Outbox;
@@ -39,7 +38,9 @@ mod redb;
 pub(super) use claim::Claim;
 
 use std::{
+    future::Future,
     path::{Path, PathBuf},
+    pin::Pin,
     sync::Arc,
     time::Duration,
 };
@@ -82,16 +83,85 @@ pub const LIST_CAP: usize = 10_000;
 /// current record format when it is opened, in one transaction.
 #[derive(Clone)]
 pub struct Outbox {
-    backend: Arc<Backend>,
+    store: Arc<dyn Store>,
 }
 
-/// The stores an outbox can keep its requests in.
-enum Backend {
-    /// One redb file, claims held in memory.
-    Redb(redb::RedbStore),
-    /// A queue in a PostgreSQL database, claims held as leases.
+/// A future a [`Store`] returns: boxed, as the futures of a trait object
+/// are.
+type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A store's answer to come.
+type Answer<'a, T> = BoxFuture<'a, Result<T, OutboxError>>;
+
+/// What a store does for the dispatcher and for [`Outbox`]'s own methods,
+/// documented there; each backend implements it in its module.
+trait Store: Send + Sync {
+    /// The file, or a pseudo path naming where the store is.
+    fn path(&self) -> &Path;
+
+    /// The pending records, oldest first, at most `cap`.
+    fn pending(&self, cap: usize) -> Result<Vec<Entry>, OutboxError>;
+
+    /// The quarantined records, oldest first, at most `cap`.
+    fn quarantined(&self, cap: usize) -> Result<Vec<Entry>, OutboxError>;
+
+    /// Up to `limit` records after `after`, quarantined or pending.
+    fn page(&self, quarantined: bool, after: u64, limit: usize) -> Answer<'_, Vec<Entry>>;
+
+    fn pending_count(&self) -> u64;
+
+    fn requeue<'a>(&'a self, key: &'a str) -> Answer<'a, bool>;
+
+    fn discard<'a>(&'a self, key: &'a str) -> Answer<'a, bool>;
+
+    /// Whether other processes share the store (see [`Outbox::is_shared`]).
+    fn is_shared(&self) -> bool;
+
+    /// How long a claim holds (`None`: the store's own default), and the
+    /// replay interval: a store whose claims are leases needs them.
+    fn hold_for(&self, lease: Option<Duration>, replay_interval: Duration);
+
+    /// Claims `key`: whether it was free.
+    fn claim<'a>(&'a self, key: &'a str) -> BoxFuture<'a, bool>;
+
+    /// Claims `key`, about to be inserted: whether it was free.
+    fn claim_new(&self, key: &str) -> bool;
+
+    fn release(&self, key: &str, settled: bool);
+
+    fn claimed(&self) -> usize;
+
+    fn insert(&self, entry: Entry) -> Answer<'_, Inserted>;
+
+    fn pending_after<'a>(
+        &'a self,
+        after: u64,
+        limit: usize,
+        origins: &'a [String],
+    ) -> Answer<'a, Vec<Entry>>;
+
+    fn get(&self, seq: u64) -> Answer<'_, Option<Entry>>;
+
+    fn complete(&self, seq: u64) -> Answer<'_, bool>;
+
+    fn record_failure(&self, seq: u64, attempts: u32, failure: String) -> Answer<'_, bool>;
+
+    fn replace(&self, seq: u64, entry: Entry) -> Answer<'_, bool>;
+
+    fn quarantine(&self, seq: u64, failure: String) -> Answer<'_, bool>;
+
+    fn is_writable(&self) -> bool;
+
+    fn recover(&self) -> BoxFuture<'_, bool>;
+
+    fn requeued(&self) -> Arc<Notify>;
+
+    /// The store on PostgreSQL, for what only it does
+    /// ([`Outbox::enqueue`]).
     #[cfg(feature = "postgres")]
-    Postgres(postgres::PostgresStore),
+    fn as_postgres(&self) -> Option<&postgres::PostgresStore> {
+        None
+    }
 }
 
 /// What an insert did.
@@ -131,7 +201,7 @@ impl Outbox {
     pub fn open(path: impl Into<PathBuf>) -> Result<Outbox, OutboxError> {
         let store = redb::RedbStore::open(path.into())?;
         Ok(Outbox {
-            backend: Arc::new(Backend::Redb(store)),
+            store: Arc::new(store),
         })
     }
 
@@ -187,7 +257,7 @@ impl Outbox {
     pub async fn connect(url: &str, queue: &str) -> Result<Outbox, OutboxError> {
         let store = postgres::PostgresStore::connect(url, queue).await?;
         Ok(Outbox {
-            backend: Arc::new(Backend::Postgres(store)),
+            store: Arc::new(store),
         })
     }
 
@@ -214,47 +284,34 @@ impl Outbox {
         key: &str,
         request: http::Request<bytes::Bytes>,
     ) -> Result<(), OutboxError> {
-        match &*self.backend {
-            Backend::Postgres(store) => store.enqueue(transaction, key, request).await,
-            Backend::Redb(store) => Err(OutboxError::refused(
-                store.path(),
+        match self.store.as_postgres() {
+            Some(store) => store.enqueue(transaction, key, request).await,
+            None => Err(OutboxError::refused(
+                self.path(),
                 "enqueue needs an outbox on PostgreSQL",
             )),
         }
     }
 
-    /// How long a claim of this outbox's records holds: set by the
-    /// dispatcher it is built into, with its replay interval, which paces
-    /// the polling that finds records whose holder died.
-    // A file is held by one process: it needs neither.
-    #[cfg_attr(not(feature = "postgres"), allow(unused_variables))]
-    pub(super) fn hold_for(&self, lease: Duration, replay_interval: Duration) {
-        match &*self.backend {
-            Backend::Redb(_) => {}
-            #[cfg(feature = "postgres")]
-            Backend::Postgres(store) => store.hold_for(lease, replay_interval),
-        }
+    /// How long a claim of this outbox's records holds (`None`: the
+    /// store's default): set by the dispatcher it is built into, with its
+    /// replay interval, which paces the polling that finds records whose
+    /// holder died.
+    pub(super) fn hold_for(&self, lease: Option<Duration>, replay_interval: Duration) {
+        self.store.hold_for(lease, replay_interval);
     }
 
     /// Whether other processes share this outbox (one on PostgreSQL): its
     /// dispatchers must be told where their requests may go, and leave
     /// alone the records of the others.
     pub(super) fn is_shared(&self) -> bool {
-        match &*self.backend {
-            Backend::Redb(_) => false,
-            #[cfg(feature = "postgres")]
-            Backend::Postgres(_) => true,
-        }
+        self.store.is_shared()
     }
 
     /// The file, as an absolute path; for PostgreSQL, a pseudo path naming
     /// the server, the database and the queue (never the password).
     pub fn path(&self) -> &Path {
-        match &*self.backend {
-            Backend::Redb(store) => store.path(),
-            #[cfg(feature = "postgres")]
-            Backend::Postgres(store) => store.path(),
-        }
+        self.store.path()
     }
 
     /// The pending records, oldest first, with their bodies: at most
@@ -265,11 +322,7 @@ impl Outbox {
     ///
     /// The file cannot be read.
     pub fn pending(&self) -> Result<Vec<Entry>, OutboxError> {
-        match &*self.backend {
-            Backend::Redb(store) => store.page(false, 0, LIST_CAP),
-            #[cfg(feature = "postgres")]
-            Backend::Postgres(store) => store.pending(LIST_CAP),
-        }
+        self.store.pending(LIST_CAP)
     }
 
     /// The quarantined records: refused for good by the server, kept, not
@@ -281,11 +334,7 @@ impl Outbox {
     ///
     /// The file cannot be read.
     pub fn quarantined(&self) -> Result<Vec<Entry>, OutboxError> {
-        match &*self.backend {
-            Backend::Redb(store) => store.page(true, 0, LIST_CAP),
-            #[cfg(feature = "postgres")]
-            Backend::Postgres(store) => store.quarantined(LIST_CAP),
-        }
+        self.store.quarantined(LIST_CAP)
     }
 
     /// One page of the records, pending or quarantined, oldest first (see
@@ -299,21 +348,13 @@ impl Outbox {
     /// The store cannot be read.
     pub async fn list(&self, listing: &Listing) -> Result<Page, OutboxError> {
         let (after, limit) = listing.range();
-        let entries = match &*self.backend {
-            Backend::Redb(store) => store.page(listing.quarantined, after, limit)?,
-            #[cfg(feature = "postgres")]
-            Backend::Postgres(store) => store.page(listing.quarantined, after, limit).await?,
-        };
+        let entries = self.store.page(listing.quarantined, after, limit).await?;
         Ok(Page::of(entries, limit, listing.bodies))
     }
 
     /// How many records are pending, as of the last commit.
     pub fn pending_count(&self) -> u64 {
-        match &*self.backend {
-            Backend::Redb(store) => store.pending_count(),
-            #[cfg(feature = "postgres")]
-            Backend::Postgres(store) => store.pending_count(),
-        }
+        self.store.pending_count()
     }
 
     /// Moves the quarantined record under `key` back to pending, to be
@@ -323,11 +364,7 @@ impl Outbox {
     ///
     /// The write could not be committed.
     pub async fn requeue(&self, key: &str) -> Result<bool, OutboxError> {
-        match &*self.backend {
-            Backend::Redb(store) => store.requeue(key).await,
-            #[cfg(feature = "postgres")]
-            Backend::Postgres(store) => store.requeue(key).await,
-        }
+        self.store.requeue(key).await
     }
 
     /// Deletes the record under `key`, pending or quarantined, for good.
@@ -337,20 +374,12 @@ impl Outbox {
     ///
     /// The write could not be committed.
     pub async fn discard(&self, key: &str) -> Result<bool, OutboxError> {
-        match &*self.backend {
-            Backend::Redb(store) => store.discard(key).await,
-            #[cfg(feature = "postgres")]
-            Backend::Postgres(store) => store.discard(key).await,
-        }
+        self.store.discard(key).await
     }
 
     /// Claims `key` for this sender: `None` while another holds it.
     pub(super) async fn claim(&self, key: &str) -> Option<Claim> {
-        let fresh = match &*self.backend {
-            Backend::Redb(store) => store.claim(key),
-            #[cfg(feature = "postgres")]
-            Backend::Postgres(store) => store.claim(key).await,
-        };
+        let fresh = self.store.claim(key).await;
         fresh.then(|| Claim::new(self.clone(), key))
     }
 
@@ -359,84 +388,50 @@ impl Outbox {
     /// insert that must follow stores the record leased here, or answers
     /// [`Inserted::Taken`] if a record is stored under the key.
     pub(super) fn claim_new(&self, key: &str) -> Option<Claim> {
-        let fresh = match &*self.backend {
-            Backend::Redb(store) => store.claim(key),
-            #[cfg(feature = "postgres")]
-            Backend::Postgres(store) => store.claim_new(key),
-        };
+        let fresh = self.store.claim_new(key);
         fresh.then(|| Claim::new(self.clone(), key))
     }
 
     /// Releases `key`; a record left unsettled wakes the replay.
     fn release(&self, key: &str, settled: bool) {
-        match &*self.backend {
-            Backend::Redb(store) => store.release(key, settled),
-            #[cfg(feature = "postgres")]
-            Backend::Postgres(store) => store.release(key, settled),
-        }
+        self.store.release(key, settled)
     }
 
     /// How many keys are claimed, for the dispatcher's `Debug`.
     pub(super) fn claimed(&self) -> usize {
-        match &*self.backend {
-            Backend::Redb(store) => store.claimed(),
-            #[cfg(feature = "postgres")]
-            Backend::Postgres(store) => store.claimed(),
-        }
+        self.store.claimed()
     }
 
     /// Stores `entry` under its key, unless one is stored under it already.
-    pub(super) async fn insert(&self, entry: &Entry) -> Result<Inserted, OutboxError> {
-        match &*self.backend {
-            Backend::Redb(store) => store.insert(entry.clone()).await,
-            #[cfg(feature = "postgres")]
-            Backend::Postgres(store) => store.insert(entry.clone()).await,
-        }
+    pub(super) async fn insert(&self, entry: Entry) -> Result<Inserted, OutboxError> {
+        self.store.insert(entry).await
     }
 
     /// Up to `limit` pending records after sequence number `after`, oldest
     /// first; on a shared outbox, only those for `origins` (all, if empty),
     /// the records of other dispatchers left out. Async, as every read the
     /// dispatcher makes, for a store across the network.
-    #[cfg_attr(not(feature = "postgres"), allow(unused_variables))]
     pub(super) async fn pending_after(
         &self,
         after: u64,
         limit: usize,
         origins: &[String],
     ) -> Result<Vec<Entry>, OutboxError> {
-        match &*self.backend {
-            Backend::Redb(store) => store.pending_after(after, limit),
-            #[cfg(feature = "postgres")]
-            Backend::Postgres(store) => store.pending_after(after, limit, origins).await,
-        }
+        self.store.pending_after(after, limit, origins).await
     }
 
     /// The pending record stored as `seq`, if it still is: read again by a
     /// replay after it claimed the record, so that one delivered or changed
     /// meanwhile is not sent again.
     pub(super) async fn get(&self, seq: u64) -> Result<Option<Entry>, OutboxError> {
-        // The listing leaves out leased records, this one's own claim too.
-        #[cfg(feature = "postgres")]
-        if let Backend::Postgres(store) = &*self.backend {
-            return store.get(seq).await;
-        }
-        Ok(self
-            .pending_after(seq.saturating_sub(1), 1, &[])
-            .await?
-            .into_iter()
-            .find(|entry| entry.seq == seq))
+        self.store.get(seq).await
     }
 
     /// Removes the record `seq`, delivered or superseded. Need not be
     /// flushed at once: a lost removal only replays a request the server
     /// takes as a no-op.
     pub(super) async fn complete(&self, seq: u64) -> Result<bool, OutboxError> {
-        match &*self.backend {
-            Backend::Redb(store) => store.complete(seq).await,
-            #[cfg(feature = "postgres")]
-            Backend::Postgres(store) => store.complete(seq).await,
-        }
+        self.store.complete(seq).await
     }
 
     /// Counts `attempts` failed attempts of the record `seq`, the last
@@ -447,60 +442,36 @@ impl Outbox {
         attempts: u32,
         failure: String,
     ) -> Result<bool, OutboxError> {
-        match &*self.backend {
-            Backend::Redb(store) => store.record_failure(seq, attempts, failure).await,
-            #[cfg(feature = "postgres")]
-            Backend::Postgres(store) => store.record_failure(seq, attempts, failure).await,
-        }
+        self.store.record_failure(seq, attempts, failure).await
     }
 
     /// Retires the record `seq` and stores `entry` in its place: same key
     /// and position.
     pub(super) async fn replace(&self, seq: u64, entry: Entry) -> Result<bool, OutboxError> {
-        match &*self.backend {
-            Backend::Redb(store) => store.replace(seq, entry).await,
-            #[cfg(feature = "postgres")]
-            Backend::Postgres(store) => store.replace(seq, entry).await,
-        }
+        self.store.replace(seq, entry).await
     }
 
     /// Moves the record `seq` to quarantine, refused with `failure`.
     pub(super) async fn quarantine(&self, seq: u64, failure: String) -> Result<bool, OutboxError> {
-        match &*self.backend {
-            Backend::Redb(store) => store.quarantine(seq, failure).await,
-            #[cfg(feature = "postgres")]
-            Backend::Postgres(store) => store.quarantine(seq, failure).await,
-        }
+        self.store.quarantine(seq, failure).await
     }
 
     /// Whether the last commit succeeded: while it did not, nothing that
     /// needs recording (a delivery) should be attempted.
     pub(super) fn is_writable(&self) -> bool {
-        match &*self.backend {
-            Backend::Redb(store) => store.is_writable(),
-            #[cfg(feature = "postgres")]
-            Backend::Postgres(store) => store.is_writable(),
-        }
+        self.store.is_writable()
     }
 
     /// Tries now to make the store writable again, if it is not; whether it
     /// is.
     pub(super) async fn recover(&self) -> bool {
-        match &*self.backend {
-            Backend::Redb(store) => store.recover().await,
-            #[cfg(feature = "postgres")]
-            Backend::Postgres(store) => store.recover().await,
-        }
+        self.store.recover().await
     }
 
     /// What wakes the replay: a record became pending again, or was left
     /// unsettled by its sender.
     pub(super) fn requeued(&self) -> Arc<Notify> {
-        match &*self.backend {
-            Backend::Redb(store) => store.requeued(),
-            #[cfg(feature = "postgres")]
-            Backend::Postgres(store) => store.requeued(),
-        }
+        self.store.requeued()
     }
 }
 

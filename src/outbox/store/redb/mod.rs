@@ -1,6 +1,7 @@
 //! The redb store: one file, written by one thread that commits every write
 //! waiting in one transaction (group commit). Claims live in memory: one
-//! process holds the file.
+//! process holds the file. [`RedbStore`] implements [`Store`] for the
+//! outbox.
 //!
 //! By file: `file_safety` (the Unix checks on the file), `schema` (its
 //! tables and format), `writer` (the commits, and their recovery).
@@ -11,11 +12,13 @@ mod writer;
 
 use std::{
     collections::HashSet,
+    future::ready,
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex,
     },
+    time::Duration,
 };
 
 use redb::{ReadableDatabase, TableDefinition, TableHandle};
@@ -25,7 +28,7 @@ use file_safety::open_file;
 use schema::{count_pending, last_seq, open_database_caught, PENDING, QUARANTINED};
 use writer::{write_loop, Change, Job, Reply, Shared, Write};
 
-use super::Inserted;
+use super::{Answer, BoxFuture, Inserted, Store};
 use crate::{
     outbox::{Entry, OutboxError},
     sync::lock,
@@ -70,113 +73,6 @@ impl RedbStore {
         })
     }
 
-    pub(super) fn path(&self) -> &Path {
-        &self.shared.path
-    }
-
-    /// Up to `limit` records after `after`, quarantined or pending.
-    pub(super) fn page(
-        &self,
-        quarantined: bool,
-        after: u64,
-        limit: usize,
-    ) -> Result<Vec<Entry>, OutboxError> {
-        let table = match quarantined {
-            true => QUARANTINED,
-            false => PENDING,
-        };
-        self.read(table, after.saturating_add(1), limit)
-    }
-
-    pub(super) fn pending_after(
-        &self,
-        after: u64,
-        limit: usize,
-    ) -> Result<Vec<Entry>, OutboxError> {
-        self.read(PENDING, after.saturating_add(1), limit)
-    }
-
-    pub(super) fn pending_count(&self) -> u64 {
-        self.shared.pending.load(Ordering::Relaxed)
-    }
-
-    pub(super) fn claim(&self, key: &str) -> bool {
-        lock(&self.claimed).insert(key.to_owned())
-    }
-
-    pub(super) fn release(&self, key: &str, settled: bool) {
-        lock(&self.claimed).remove(key);
-        if !settled {
-            self.shared.requeued.notify_one();
-        }
-    }
-
-    pub(super) fn claimed(&self) -> usize {
-        lock(&self.claimed).len()
-    }
-
-    pub(super) async fn insert(&self, entry: Entry) -> Result<Inserted, OutboxError> {
-        let (reply, answer) = Reply::new(&self.shared.path);
-        let write = Write::Insert(Box::new(entry), reply);
-        self.shared.ask(Job::Write(write), answer).await
-    }
-
-    pub(super) async fn complete(&self, seq: u64) -> Result<bool, OutboxError> {
-        self.change(Change::Complete { seq }).await
-    }
-
-    pub(super) async fn record_failure(
-        &self,
-        seq: u64,
-        attempts: u32,
-        failure: String,
-    ) -> Result<bool, OutboxError> {
-        self.change(Change::Failed {
-            seq,
-            attempts,
-            failure,
-        })
-        .await
-    }
-
-    pub(super) async fn replace(&self, seq: u64, entry: Entry) -> Result<bool, OutboxError> {
-        let entry = Box::new(entry);
-        self.change(Change::Replace { seq, entry }).await
-    }
-
-    pub(super) async fn quarantine(&self, seq: u64, failure: String) -> Result<bool, OutboxError> {
-        self.change(Change::Quarantine { seq, failure }).await
-    }
-
-    pub(super) async fn requeue(&self, key: &str) -> Result<bool, OutboxError> {
-        let requeued = self.change(Change::Requeue { key: key.into() }).await?;
-        if requeued {
-            self.shared.requeued.notify_one();
-        }
-        Ok(requeued)
-    }
-
-    pub(super) async fn discard(&self, key: &str) -> Result<bool, OutboxError> {
-        self.change(Change::Discard { key: key.into() }).await
-    }
-
-    pub(super) fn is_writable(&self) -> bool {
-        self.shared.writable.load(Ordering::Acquire)
-    }
-
-    /// Reopens the database if it needs it, then commits a small write.
-    pub(super) async fn recover(&self) -> bool {
-        let (done, answer) = oneshot::channel();
-        if self.shared.jobs.send(Job::Recover(done)).is_err() {
-            return false;
-        }
-        answer.await.unwrap_or(false)
-    }
-
-    pub(super) fn requeued(&self) -> Arc<Notify> {
-        self.shared.requeued.clone()
-    }
-
     async fn change(&self, change: Change) -> Result<bool, OutboxError> {
         let (reply, answer) = Reply::new(&self.shared.path);
         let write = Write::Change(change, reply);
@@ -219,6 +115,139 @@ impl RedbStore {
             }
         }
         Ok(entries)
+    }
+}
+
+impl Store for RedbStore {
+    fn path(&self) -> &Path {
+        &self.shared.path
+    }
+
+    fn pending(&self, cap: usize) -> Result<Vec<Entry>, OutboxError> {
+        self.read(PENDING, 1, cap)
+    }
+
+    fn quarantined(&self, cap: usize) -> Result<Vec<Entry>, OutboxError> {
+        self.read(QUARANTINED, 1, cap)
+    }
+
+    fn page(&self, quarantined: bool, after: u64, limit: usize) -> Answer<'_, Vec<Entry>> {
+        let table = match quarantined {
+            true => QUARANTINED,
+            false => PENDING,
+        };
+        Box::pin(ready(self.read(table, after.saturating_add(1), limit)))
+    }
+
+    fn pending_count(&self) -> u64 {
+        self.shared.pending.load(Ordering::Relaxed)
+    }
+
+    fn requeue<'a>(&'a self, key: &'a str) -> Answer<'a, bool> {
+        Box::pin(async move {
+            let requeued = self.change(Change::Requeue { key: key.into() }).await?;
+            if requeued {
+                self.shared.requeued.notify_one();
+            }
+            Ok(requeued)
+        })
+    }
+
+    fn discard<'a>(&'a self, key: &'a str) -> Answer<'a, bool> {
+        Box::pin(self.change(Change::Discard { key: key.into() }))
+    }
+
+    /// A file is held by one process.
+    fn is_shared(&self) -> bool {
+        false
+    }
+
+    /// Claims are held in memory: they need no lease, nor a poll.
+    fn hold_for(&self, _: Option<Duration>, _: Duration) {}
+
+    fn claim<'a>(&'a self, key: &'a str) -> BoxFuture<'a, bool> {
+        Box::pin(ready(self.claim_new(key)))
+    }
+
+    fn claim_new(&self, key: &str) -> bool {
+        lock(&self.claimed).insert(key.to_owned())
+    }
+
+    fn release(&self, key: &str, settled: bool) {
+        lock(&self.claimed).remove(key);
+        if !settled {
+            self.shared.requeued.notify_one();
+        }
+    }
+
+    fn claimed(&self) -> usize {
+        lock(&self.claimed).len()
+    }
+
+    fn insert(&self, entry: Entry) -> Answer<'_, Inserted> {
+        Box::pin(async move {
+            let (reply, answer) = Reply::new(&self.shared.path);
+            let write = Write::Insert(Box::new(entry), reply);
+            self.shared.ask(Job::Write(write), answer).await
+        })
+    }
+
+    /// Every pending record: one process holds the file, and sends to
+    /// whichever origins its dispatcher allows.
+    fn pending_after<'a>(
+        &'a self,
+        after: u64,
+        limit: usize,
+        _: &'a [String],
+    ) -> Answer<'a, Vec<Entry>> {
+        Box::pin(ready(self.read(PENDING, after.saturating_add(1), limit)))
+    }
+
+    fn get(&self, seq: u64) -> Answer<'_, Option<Entry>> {
+        let found = self
+            .read(PENDING, seq, 1)
+            .map(|entries| entries.into_iter().find(|entry| entry.seq == seq));
+        Box::pin(ready(found))
+    }
+
+    fn complete(&self, seq: u64) -> Answer<'_, bool> {
+        Box::pin(self.change(Change::Complete { seq }))
+    }
+
+    fn record_failure(&self, seq: u64, attempts: u32, failure: String) -> Answer<'_, bool> {
+        Box::pin(self.change(Change::Failed {
+            seq,
+            attempts,
+            failure,
+        }))
+    }
+
+    fn replace(&self, seq: u64, entry: Entry) -> Answer<'_, bool> {
+        let entry = Box::new(entry);
+        Box::pin(self.change(Change::Replace { seq, entry }))
+    }
+
+    fn quarantine(&self, seq: u64, failure: String) -> Answer<'_, bool> {
+        Box::pin(self.change(Change::Quarantine { seq, failure }))
+    }
+
+    fn is_writable(&self) -> bool {
+        self.shared.writable.load(Ordering::Acquire)
+    }
+
+    /// Reopens the database if it needs it, then commits a small write.
+    fn recover(&self) -> BoxFuture<'_, bool> {
+        Box::pin(async move {
+            let (done, answer) = oneshot::channel();
+            if self.shared.jobs.send(Job::Recover(done)).is_err() {
+                return false;
+            }
+            answer.await.unwrap_or(false)
+        })
+    }
+
+    fn requeued(&self) -> Arc<Notify> {
+        self.shared.requeued.clone()
     }
 }
 

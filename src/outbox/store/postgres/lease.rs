@@ -1,0 +1,174 @@
+//! Claims held as leases: taken by one `UPDATE`, renewed while held,
+//! cleared on release; every later write fenced by the claim's generation.
+//!
+//! - A claim is one `UPDATE ... WHERE queue = $1 AND key = $2 AND state =
+//!   'pending' AND (lease_until IS NULL OR lease_until < now())` through the
+//!   unique index: it sets the holder, the lease and the next generation,
+//!   and returns them. PostgreSQL's row lock makes two claims of one record
+//!   at once take turns; the second sees the new lease and takes nothing.
+//! - Every later write to the record (removal, failure count, replacement by
+//!   a fallback, quarantine, release) carries `AND generation = $g AND
+//!   holder = $h`: a holder whose lease ran out and was taken over changes
+//!   nothing. A lease is renewed every third of its length while held, and
+//!   cleared when its claim is released.
+//! - A record the dispatcher stores itself is stored leased to it, at
+//!   generation 1 (see `writer`): its foreground claims the key in process
+//!   only, no statement before the insert, which answers `Taken` if a
+//!   record is stored under the key (leased or not). The replay's claims
+//!   are the `UPDATE` above: what it sends is stored, maybe held by
+//!   another.
+
+use std::{
+    sync::{atomic::Ordering, Arc},
+    time::Duration,
+};
+
+use tokio_postgres::types::ToSql;
+
+use super::{rows::as_seq, Shared};
+use crate::{outbox::OutboxError, sync::lock};
+
+/// How long a claim holds until a dispatcher says
+/// ([`DispatcherBuilder::lease`](crate::outbox::DispatcherBuilder::lease)).
+pub(super) const DEFAULT_LEASE: Duration = Duration::from_secs(30);
+
+/// The longest time between two polls of the queue.
+pub(super) const LONGEST_POLL: Duration = Duration::from_secs(5);
+
+/// Writes to a record only while this claim of it is current: `$3` the
+/// generation (`NULL` for a record not claimed here: then only while no one
+/// holds it), `$4` the holder.
+const FENCE: &str = "((generation = $3::bigint AND holder = $4::text) \
+    OR ($3::bigint IS NULL AND (lease_until IS NULL OR lease_until < now())))";
+
+/// What a claim found in the table.
+pub(super) enum Lease {
+    /// Leased here now, as this generation.
+    Taken { seq: u64, generation: i64 },
+    /// No record under the key: the insert that follows leases it.
+    Absent,
+    /// Leased by another holder, or quarantined.
+    Unavailable,
+}
+
+impl Shared {
+    pub(super) fn lease_seconds(&self) -> f64 {
+        Duration::from_millis(self.lease_ms.load(Ordering::Relaxed)).as_secs_f64()
+    }
+
+    pub(super) fn generation(&self, seq: u64) -> Option<i64> {
+        lock(&self.held).get(&seq).copied()
+    }
+
+    /// Leases the pending record under `key` here, if no one holds it.
+    pub(super) async fn take_lease(&self, key: &str) -> Result<Lease, OutboxError> {
+        let client = self.client().await?;
+        // The outer select sees the table as it was before the update: a
+        // row under the key that was not taken is held by another, or
+        // quarantined.
+        let rows = client
+            .query(
+                "WITH taken AS (
+                     UPDATE terminal_retry_outbox
+                     SET holder = $3, lease_until = now() + $4 * interval '1 second',
+                         generation = generation + 1
+                     WHERE queue = $1 AND key = $2 AND state = 'pending'
+                       AND (lease_until IS NULL OR lease_until < now())
+                     RETURNING seq, generation)
+                 SELECT seq, generation FROM taken
+                 UNION ALL
+                 SELECT NULL, NULL FROM terminal_retry_outbox
+                 WHERE queue = $1 AND key = $2 AND NOT EXISTS (SELECT 1 FROM taken)",
+                &[&self.queue, &key, &self.holder, &self.lease_seconds()],
+            )
+            .await
+            .map_err(|error| self.failed(error))?;
+        Ok(match rows.first() {
+            None => Lease::Absent,
+            Some(row) => match (row.get::<_, Option<i64>>(0), row.get(1)) {
+                (Some(seq), Some(generation)) => Lease::Taken {
+                    seq: seq as u64,
+                    generation,
+                },
+                _ => Lease::Unavailable,
+            },
+        })
+    }
+
+    /// Runs `update` (setting parameters from `$5` on) on the record `seq`
+    /// while this store's claim of it is current; whether it was.
+    pub(super) async fn fenced(
+        &self,
+        update: &str,
+        seq: u64,
+        rest: &[&(dyn ToSql + Sync)],
+    ) -> Result<bool, OutboxError> {
+        let client = self.client().await?;
+        let statement =
+            format!("{update} WHERE seq = $1 AND queue = $2 AND state = 'pending' AND {FENCE}");
+        let generation = self.generation(seq);
+        let seq = as_seq(seq);
+        let mut parameters: Vec<&(dyn ToSql + Sync)> =
+            vec![&seq, &self.queue, &generation, &self.holder];
+        parameters.extend_from_slice(rest);
+        let changed = client
+            .execute(&statement, &parameters)
+            .await
+            .map_err(|error| self.failed(error))?;
+        self.writable.store(true, Ordering::Release);
+        Ok(changed > 0)
+    }
+
+    /// Clears this store's lease of `seq`, if it is still current.
+    pub(super) async fn release(&self, seq: u64, generation: i64) -> Result<(), OutboxError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "UPDATE terminal_retry_outbox SET holder = NULL, lease_until = NULL
+                 WHERE queue = $1 AND seq = $2 AND generation = $3 AND holder = $4",
+                &[&self.queue, &as_seq(seq), &generation, &self.holder],
+            )
+            .await
+            .map_err(|error| self.failed(error))?;
+        Ok(())
+    }
+
+    /// Extends the leases held here.
+    async fn renew(&self) -> Result<(), OutboxError> {
+        let held: Vec<i64> = lock(&self.held).keys().map(|&seq| as_seq(seq)).collect();
+        if held.is_empty() {
+            return Ok(());
+        }
+        let client = self.client().await?;
+        client
+            .execute(
+                "UPDATE terminal_retry_outbox SET lease_until = now() + $3 * interval '1 second'
+                 WHERE queue = $1 AND holder = $2 AND seq = ANY($4)",
+                &[&self.queue, &self.holder, &self.lease_seconds(), &held],
+            )
+            .await
+            .map_err(|error| self.failed(error))?;
+        Ok(())
+    }
+}
+
+/// Renews the leases held here every third of the lease, and wakes the
+/// replay at least every replay interval (capped at a few seconds): it then
+/// finds the records whose holder died.
+pub(super) async fn upkeep(shared: Arc<Shared>) {
+    let mut last_poll = tokio::time::Instant::now();
+    loop {
+        let lease = Duration::from_millis(shared.lease_ms.load(Ordering::Relaxed));
+        let poll = Duration::from_millis(shared.replay_interval_ms.load(Ordering::Relaxed))
+            .min(LONGEST_POLL);
+        let tick = (lease / 3).min(poll).max(Duration::from_millis(10));
+        tokio::time::sleep(tick).await;
+        if let Err(error) = shared.renew().await {
+            tracing::warn!(error = %error, "the outbox's leases could not be renewed");
+        }
+        if last_poll.elapsed() >= poll {
+            last_poll = tokio::time::Instant::now();
+            shared.requeued.notify_one();
+        }
+    }
+}
