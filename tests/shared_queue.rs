@@ -25,18 +25,19 @@ use postgres_support::{connect, http_client, postgres, wait_for, HttpClient, Pos
 /// The credential each application's service adds to its attempts.
 const TOKEN: &str = "Bearer application-token";
 
+/// A request's way through a client that adds a credential.
+type AddToken = fn(Request<Full<Bytes>>) -> Request<Full<Bytes>>;
+
 /// A client that adds `TOKEN` to every attempt, as a service holding a
 /// credential does.
-fn with_token(
-    client: HttpClient,
-) -> MapRequest<HttpClient, fn(Request<Full<Bytes>>) -> Request<Full<Bytes>>> {
+fn with_token(client: HttpClient) -> MapRequest<HttpClient, AddToken> {
     fn add(mut request: Request<Full<Bytes>>) -> Request<Full<Bytes>> {
         request
             .headers_mut()
             .insert(http::header::AUTHORIZATION, HeaderValue::from_static(TOKEN));
         request
     }
-    MapRequest::new(client, add as fn(_) -> _)
+    MapRequest::new(client, add as AddToken)
 }
 
 fn post(url: String, body: &str) -> Request<Bytes> {
