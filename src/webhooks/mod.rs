@@ -76,6 +76,7 @@
 //! message), `sign` (the sender's layer), `verify` (the receiver's layer)
 //! and `verify_future` (its future: the body read, then the inner call).
 
+mod check;
 mod key;
 mod sign;
 mod verify;
@@ -88,9 +89,10 @@ use std::{
 
 use http::HeaderName;
 
+pub use check::Refusal;
 pub use key::{Key, KeyError};
 pub use sign::{Sign, SignError, SignFuture, SignLayer};
-pub use verify::{Refusal, Verify, VerifyLayer};
+pub use verify::{Verify, VerifyLayer};
 pub use verify_future::VerifyFuture;
 
 /// The `webhook-id` of a request whose signature was verified: a request

@@ -15,7 +15,7 @@ use http_body::Body;
 use http_body_util::{combinators::Collect, Full, Limited};
 use tower::{BoxError, Service};
 
-use super::verify::{Claim, Refusal, Verifier};
+use super::check::{Claim, Refusal, Verifier};
 
 pin_project_lite::pin_project! {
     /// The response future of [`Verify`](super::Verify).
