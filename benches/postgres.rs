@@ -229,6 +229,7 @@ async fn commit_to_first_attempt(url: &str) {
             .expect("a request");
         dispatcher
             .outbox()
+            .unwrap()
             .enqueue(&transaction, &format!("latency-{sample}"), request)
             .await
             .expect("enqueued");

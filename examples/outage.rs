@@ -423,8 +423,11 @@ impl Daemon {
 }
 
 /// Reports stored and not yet delivered.
-fn client_pending(client: &TaskClient) -> Result<usize, tower_terminal_retry::client::Error> {
-    Ok(client.pending_reports()?.len())
+fn client_pending(client: &TaskClient) -> Result<usize, tower_terminal_retry::outbox::OutboxError> {
+    Ok(client
+        .outbox()
+        .map_or(Ok(Vec::new()), |outbox| outbox.pending())?
+        .len())
 }
 
 /// Every agent starts: `start` for each task.

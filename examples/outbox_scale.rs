@@ -114,7 +114,7 @@ async fn run(concurrency: usize) {
 
     // Warm: delivered at once, removed; memory and file settle.
     fill(&dispatcher, &base, &next, Delivery::Delivered).await;
-    while dispatcher.outbox().pending_count() > 0 {
+    while dispatcher.outbox().unwrap().pending_count() > 0 {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     out("file_after_100k_delivered_MB", megabytes(&file));
@@ -127,7 +127,7 @@ async fn run(concurrency: usize) {
         fill(&dispatcher, &base, &next, Delivery::Queued).await;
         let filled_in = filling.elapsed();
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let pending = dispatcher.outbox().pending_count();
+        let pending = dispatcher.outbox().unwrap().pending_count();
         let rss_pending = rss_bytes();
         out(
             &format!("round_{round}_pending_reports"),
@@ -159,7 +159,9 @@ async fn run(concurrency: usize) {
         let _ = heartbeat.oneshot(callback_request(&base)).await;
         let mut peak_rate = 0.0f64;
         let mut last = (Instant::now(), server.answered());
-        while dispatcher.outbox().pending_count() > 0 && back.elapsed() < Duration::from_secs(120) {
+        while dispatcher.outbox().unwrap().pending_count() > 0
+            && back.elapsed() < Duration::from_secs(120)
+        {
             tokio::time::sleep(Duration::from_millis(100)).await;
             let now = (Instant::now(), server.answered());
             let rate = (now.1 - last.1) as f64 / (now.0 - last.0).as_secs_f64();

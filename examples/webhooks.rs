@@ -116,19 +116,19 @@ fn on_redb() -> Result<(), Box<dyn std::error::Error>> {
         .build()?;
     second.block_on(async {
         let dispatcher = sender(&file)?;
-        let pending = dispatcher.outbox().pending()?;
+        let pending = dispatcher.outbox().unwrap().pending()?;
         println!("sender 2: finds {} events pending", pending.len());
         up.store(true, std::sync::atomic::Ordering::SeqCst);
         println!("sender 2: the receiver is up");
         for _ in 0..200 {
-            if dispatcher.outbox().pending()?.is_empty() {
+            if dispatcher.outbox().unwrap().pending()?.is_empty() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         println!(
             "sender 2: {} events left in the outbox",
-            dispatcher.outbox().pending()?.len()
+            dispatcher.outbox().unwrap().pending()?.len()
         );
         Ok::<_, Box<dyn std::error::Error>>(())
     })?;
@@ -353,10 +353,10 @@ fn postgres_sender(
             .build()?;
         println!(
             "sender 2: {} events on the queue, held by sender 1: ready",
-            dispatcher.outbox().pending_count()
+            dispatcher.outbox().unwrap().pending_count()
         );
         for _ in 0..600 {
-            if dispatcher.outbox().pending_count() == 0 {
+            if dispatcher.outbox().unwrap().pending_count() == 0 {
                 println!("sender 2: delivered them; the queue is empty");
                 return Ok(());
             }

@@ -198,11 +198,11 @@ pub fn classify_status(status: StatusCode) -> Outcome {
 /// a caller that acts on the outcome itself (the outbox): put one in the
 /// request's extensions, and every clone the retry layer makes shares it, so
 /// each answer is classified once, by the layer's own classifier.
-#[cfg(feature = "outbox")]
+#[cfg(any(feature = "client", feature = "outbox"))]
 #[derive(Debug, Clone, Default)]
 pub(crate) struct OutcomeSlot(std::sync::Arc<std::sync::atomic::AtomicU8>);
 
-#[cfg(feature = "outbox")]
+#[cfg(any(feature = "client", feature = "outbox"))]
 impl OutcomeSlot {
     /// Records the outcome of the latest attempt.
     pub(crate) fn set(&self, outcome: Outcome) {

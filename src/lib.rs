@@ -190,7 +190,9 @@ mod postgres;
 pub mod client;
 #[cfg(feature = "idempotency")]
 pub mod idempotency;
-#[cfg(feature = "outbox")]
+// With `client` alone, the dispatcher without a store; the stores with
+// `outbox`.
+#[cfg(any(feature = "client", feature = "outbox"))]
 pub mod outbox;
 #[cfg(feature = "test-server")]
 pub mod test_server;

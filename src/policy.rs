@@ -257,7 +257,7 @@ where
             }
         }
         let outcome = config.classifier.classify(result);
-        #[cfg(feature = "outbox")]
+        #[cfg(any(feature = "client", feature = "outbox"))]
         if let Some(slot) = request.extensions().get::<crate::classify::OutcomeSlot>() {
             slot.set(outcome);
         }

@@ -335,7 +335,7 @@ async fn the_outbox_reports_each_step_of_a_stored_report() {
     let quarantined = client.report_task_result("t2", TaskResult::failed("boom"));
     assert_eq!(quarantined.await, ReportOutcome::Quarantined);
     for _ in 0..100 {
-        if client.pending_reports().unwrap().is_empty() {
+        if client.outbox().unwrap().pending().unwrap().is_empty() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -425,13 +425,15 @@ async fn a_replay_that_panics_is_started_again_and_still_delivers() {
         .unwrap();
     assert_eq!(dispatcher.send("h1", request).await, Delivery::Queued);
     for _ in 0..600 {
-        if server.requests().len() >= 3 && dispatcher.outbox().pending().unwrap().is_empty() {
+        if server.requests().len() >= 3
+            && dispatcher.outbox().unwrap().pending().unwrap().is_empty()
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(
-        dispatcher.outbox().pending().unwrap().is_empty(),
+        dispatcher.outbox().unwrap().pending().unwrap().is_empty(),
         "still stored"
     );
     let restarted: Vec<Captured> = capture

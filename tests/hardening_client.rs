@@ -702,13 +702,13 @@ mod with_outbox {
         })
         .await;
         for _ in 0..30 {
-            if !second.quarantined_reports().unwrap().is_empty() {
+            if !second.outbox().unwrap().quarantined().unwrap().is_empty() {
                 break;
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
-        assert_eq!(second.quarantined_reports().unwrap().len(), 1);
-        assert!(second.pending_reports().unwrap().is_empty());
+        assert_eq!(second.outbox().unwrap().quarantined().unwrap().len(), 1);
+        assert!(second.outbox().unwrap().pending().unwrap().is_empty());
         assert_eq!(
             old.attempts().len(),
             attempts_before,
@@ -737,7 +737,7 @@ mod with_outbox {
             .report_task_result("t1", TaskResult::failed("broke"))
             .await;
         assert_eq!(outcome, ReportOutcome::Quarantined);
-        let quarantined = client.quarantined_reports().unwrap();
+        let quarantined = client.outbox().unwrap().quarantined().unwrap();
         let failure = quarantined[0].last_failure.as_deref().expect("a failure");
         assert!(failure.contains("[redacted]"), "{failure}");
         assert!(!shows_token(failure), "{failure}");
@@ -766,13 +766,13 @@ mod with_outbox {
         assert_eq!(outcome, ReportOutcome::Superseded);
         assert_eq!(terminal_calls(&server, "t1"), (1, 0));
         for _ in 0..100 {
-            if client.pending_reports().unwrap().is_empty() {
+            if client.outbox().unwrap().pending().unwrap().is_empty() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        assert!(client.pending_reports().unwrap().is_empty());
-        assert!(client.quarantined_reports().unwrap().is_empty());
+        assert!(client.outbox().unwrap().pending().unwrap().is_empty());
+        assert!(client.outbox().unwrap().quarantined().unwrap().is_empty());
     }
 
     #[tokio::test(start_paused = true)]
@@ -789,7 +789,7 @@ mod with_outbox {
             Some(tower_terminal_retry::outbox::Durability::Refused)
         );
         assert_eq!(report.await, ReportOutcome::InvalidTaskId);
-        assert!(client.pending_reports().unwrap().is_empty());
+        assert!(client.outbox().unwrap().pending().unwrap().is_empty());
         assert!(server.requests().is_empty());
     }
 
@@ -829,10 +829,12 @@ mod with_outbox {
             .collect();
         drop(reports);
         let stored: Vec<String> = client
-            .pending_reports()
+            .outbox()
+            .unwrap()
+            .pending()
             .unwrap()
             .into_iter()
-            .map(|report| report.task_id)
+            .map(|entry| entry.key)
             .collect();
         let both: Vec<&String> = returned.iter().filter(|id| stored.contains(id)).collect();
         assert!(

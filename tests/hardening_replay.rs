@@ -205,7 +205,7 @@ async fn a_redirect_is_refused_for_good_naming_its_location_and_never_removed_as
 
     let delivery = dispatcher.send("r1", post(server.url("/hooks/r1"))).await;
     assert_eq!(delivery, Delivery::Quarantined);
-    let outbox = dispatcher.outbox();
+    let outbox = dispatcher.outbox().unwrap();
     assert!(outbox.pending().unwrap().is_empty());
     let quarantined = outbox.quarantined().unwrap();
     assert_eq!(quarantined.len(), 1, "kept, not removed as delivered");
@@ -255,7 +255,7 @@ async fn six_hundred_stored_requests_are_replayed_at_the_replay_rate() {
 
     up.store(true, Ordering::SeqCst);
     let before = server.requests().len();
-    let outbox = dispatcher.outbox();
+    let outbox = dispatcher.outbox().unwrap();
     assert!(drained(outbox, Duration::from_secs(60)).await);
     let replayed: Vec<Instant> = server.requests()[before..]
         .iter()
@@ -312,7 +312,7 @@ async fn attempts_told_to_retry_after(
         .map(|request| request.at - start)
         .collect();
     up.store(true, Ordering::SeqCst);
-    let outbox = dispatcher.outbox();
+    let outbox = dispatcher.outbox().unwrap();
     assert!(drained(outbox, Duration::from_secs(400)).await);
     during
 }
@@ -387,7 +387,7 @@ async fn a_record_delivered_in_the_foreground_after_the_replay_read_it_is_not_se
     assert_eq!(foreground.stored().await, Durability::Stored);
     assert_eq!(foreground.await, Delivery::Delivered);
 
-    let outbox = dispatcher.outbox();
+    let outbox = dispatcher.outbox().unwrap();
     assert!(drained(outbox, Duration::from_secs(60)).await);
     tokio::time::sleep(Duration::from_secs(30)).await;
     let sent = paths(&server);
@@ -491,12 +491,12 @@ async fn a_store_that_cannot_record_a_delivery_does_not_have_it_sent_again() {
         .build()
         .unwrap();
     for _ in 0..500 {
-        if dispatcher.outbox().pending().unwrap().is_empty() {
+        if dispatcher.outbox().unwrap().pending().unwrap().is_empty() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert!(dispatcher.outbox().pending().unwrap().is_empty());
+    assert!(dispatcher.outbox().unwrap().pending().unwrap().is_empty());
 }
 
 #[cfg(unix)]
@@ -529,7 +529,7 @@ async fn while_the_store_cannot_be_written_the_replay_waits_then_resumes_once_it
 
     // Back where it was: the store recovers, and the replay goes on.
     std::fs::rename(&away, &file).unwrap();
-    assert!(drained(dispatcher.outbox(), Duration::from_secs(30)).await);
+    assert!(drained(dispatcher.outbox().unwrap(), Duration::from_secs(30)).await);
     tokio::time::sleep(Duration::from_secs(30)).await;
     let mut sent = paths(&server)[before..].to_vec();
     sent.sort();
@@ -579,7 +579,7 @@ async fn attempt_counts_saturate_instead_of_overflowing() {
     let dispatcher = replaying(&scratch.file(), Duration::from_secs(3600));
     let delivery = dispatcher.send("r1", post(server.url("/r/1"))).await;
     assert_eq!(delivery, Delivery::Queued);
-    let failure = first_failure(dispatcher.outbox().pending().unwrap());
+    let failure = first_failure(dispatcher.outbox().unwrap().pending().unwrap());
     drop(dispatcher);
     drop(reopen(&scratch.file()).await);
     set_attempts(&scratch.file(), &failure, u32::MAX);
@@ -594,7 +594,7 @@ async fn attempt_counts_saturate_instead_of_overflowing() {
     let dispatcher = Dispatcher::builder(outbox, support::client())
         .build()
         .unwrap();
-    let outbox = dispatcher.outbox();
+    let outbox = dispatcher.outbox().unwrap();
     assert!(drained(outbox, Duration::from_secs(10)).await);
     assert_eq!(server.requests().len(), before + 1, "delivered once");
     assert!(outbox.quarantined().unwrap().is_empty());
@@ -624,7 +624,7 @@ async fn a_request_stored_for_another_origin_is_quarantined_naming_its_host_and_
         .origin(&origin)
         .build()
         .unwrap();
-    let outbox = dispatcher.outbox();
+    let outbox = dispatcher.outbox().unwrap();
     assert!(one_quarantined(outbox).await);
     assert!(outbox.pending().unwrap().is_empty());
     tokio::time::sleep(Duration::from_secs(120)).await;
@@ -652,8 +652,13 @@ async fn a_request_to_another_origin_is_refused_without_being_stored_or_sent() {
     let host = other.addr().to_string();
     assert!(failure.contains(&host), "{failure}");
     assert!(other.requests().is_empty());
-    assert!(dispatcher.outbox().pending().unwrap().is_empty());
-    assert!(dispatcher.outbox().quarantined().unwrap().is_empty());
+    assert!(dispatcher.outbox().unwrap().pending().unwrap().is_empty());
+    assert!(dispatcher
+        .outbox()
+        .unwrap()
+        .quarantined()
+        .unwrap()
+        .is_empty());
     assert_logged(&capture, |line| {
         line.contains("ERROR") && line.contains(&host)
     });
@@ -677,8 +682,13 @@ async fn a_request_with_credentials_in_its_uri_is_refused_and_the_password_never
     assert!(failure.contains("credentials"), "{failure}");
     assert!(!failure.contains("pa55w0rd"), "{failure}");
     assert!(server.requests().is_empty());
-    assert!(dispatcher.outbox().pending().unwrap().is_empty());
-    assert!(dispatcher.outbox().quarantined().unwrap().is_empty());
+    assert!(dispatcher.outbox().unwrap().pending().unwrap().is_empty());
+    assert!(dispatcher
+        .outbox()
+        .unwrap()
+        .quarantined()
+        .unwrap()
+        .is_empty());
     let lines = capture.lines();
     assert!(!lines.is_empty());
     assert!(
@@ -726,10 +736,10 @@ async fn secrets_in_what_the_server_sends_back_are_redacted_everywhere() {
     // 502: queued, its failure stored.
     let delivery = dispatcher.send("r1", post(server.url("/hooks/r1"))).await;
     assert_eq!(delivery, Delivery::Queued);
-    let stored = first_failure(dispatcher.outbox().pending().unwrap());
+    let stored = first_failure(dispatcher.outbox().unwrap().pending().unwrap());
     assert!(stored.contains("upstream saw [redacted]"), "{stored}");
     // The replay: 422, so the fallback; its redirect quarantines it.
-    let outbox = dispatcher.outbox();
+    let outbox = dispatcher.outbox().unwrap();
     assert!(one_quarantined(outbox).await);
     let told = told.lock().unwrap().clone();
     assert_eq!(told.len(), 1);
@@ -776,7 +786,7 @@ async fn a_conflict_supersedes_the_request_no_fallback_and_the_record_is_retired
         })
         .build()
         .unwrap();
-    let outbox = dispatcher.outbox();
+    let outbox = dispatcher.outbox().unwrap();
 
     // In the foreground.
     let delivery = dispatcher.send("r1", post(server.url("/hooks/r1"))).await;

@@ -166,7 +166,7 @@ async fn run_commands() {
                 }
                 tokio::spawn(dispatch);
             }
-            _ => match dispatcher.outbox().pending() {
+            _ => match dispatcher.outbox().unwrap().pending() {
                 Ok(pending) => println!("{SAYS} pending {}", pending.len()),
                 Err(error) => println!("{SAYS} unreadable {error}"),
             },
@@ -640,7 +640,7 @@ async fn damaged_records_are_quarantined_and_the_records_after_them_still_replay
     .await;
 
     let dispatcher = dispatcher(Outbox::open(&file).unwrap());
-    let outbox = dispatcher.outbox().clone();
+    let outbox = dispatcher.outbox().unwrap().clone();
     assert!(
         eventually(|| {
             let taken = server.taken();
@@ -697,7 +697,7 @@ async fn attempt_counts_saturate_and_a_worn_record_is_still_delivered() {
     plant(&file, &[(1, "worn", worn)]).await;
 
     let dispatcher = dispatcher(Outbox::open(&file).unwrap());
-    let outbox = dispatcher.outbox().clone();
+    let outbox = dispatcher.outbox().unwrap().clone();
     let saturated = || {
         server.seen() >= 2
             && outbox

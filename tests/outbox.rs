@@ -11,7 +11,7 @@ use std::{path::Path, time::Duration};
 
 use http::StatusCode;
 use tower_terminal_retry::{
-    client::{ReportOutcome, TaskClient, TaskClientBuilder, TaskResult, TerminalAction},
+    client::{ReportOutcome, TaskClient, TaskClientBuilder, TaskResult},
     outbox::Durability,
     test_server::{Action, Attempt, Fault, Handling, TaskServer, TaskState},
     Schedule,
@@ -75,12 +75,12 @@ fn a_stored_report_survives_its_runtime_and_a_new_client_delivers_it() {
         .unwrap();
     second.block_on(async {
         let client = builder(&server, &scratch.file()).build().unwrap();
-        let pending = client.pending_reports().unwrap();
+        let pending = client.outbox().unwrap().pending().unwrap();
         assert_eq!(pending.len(), 1, "readable before any replay");
-        assert_eq!(pending[0].task_id, "t1");
-        assert_eq!(pending[0].action, TerminalAction::Complete);
+        assert_eq!(pending[0].key, "t1");
+        assert_eq!(pending[0].tag.as_deref(), Some("complete"));
         assert!(wait_for_real(|| server.state("t1") == Some(TaskState::Completed)).await);
-        assert!(wait_for_real(|| client.pending_reports().unwrap().is_empty()).await);
+        assert!(wait_for_real(|| client.outbox().unwrap().pending().unwrap().is_empty()).await);
     });
     assert_eq!(
         server.attempts_of("t1", Action::Fail),
@@ -93,7 +93,7 @@ fn a_stored_report_survives_its_runtime_and_a_new_client_delivers_it() {
 /// Waits on tokio's clock, 5 s at most, until `client` has nothing stored.
 async fn drained(client: &TaskClient) -> bool {
     wait_for(Duration::from_secs(5), || {
-        client.pending_reports().unwrap().is_empty()
+        client.outbox().unwrap().pending().unwrap().is_empty()
     })
     .await
 }
@@ -121,10 +121,10 @@ async fn a_completion_that_outlives_the_schedule_is_queued_then_delivered() {
         .report_task_result("t1", TaskResult::completed("done"))
         .await;
     assert_eq!(outcome, ReportOutcome::Queued);
-    let pending = client.pending_reports().unwrap();
+    let pending = client.outbox().unwrap().pending().unwrap();
     assert_eq!(pending.len(), 1);
-    assert_eq!(pending[0].task_id, "t1");
-    assert_eq!(pending[0].action, TerminalAction::Complete);
+    assert_eq!(pending[0].key, "t1");
+    assert_eq!(pending[0].tag.as_deref(), Some("complete"));
     assert_eq!(pending[0].attempts, 3);
     let failure = pending[0].last_failure.as_deref().unwrap();
     assert!(failure.contains("502"), "{failure}");
@@ -164,11 +164,11 @@ async fn a_refused_completion_falls_back_to_a_fail_stored_before_it_is_sent() {
     let result = TaskResult::completed("done").session_id("s-1");
     let outcome = client.report_task_result("t1", result).await;
     assert_eq!(outcome, ReportOutcome::Queued);
-    let pending = client.pending_reports().unwrap();
+    let pending = client.outbox().unwrap().pending().unwrap();
     assert_eq!(pending.len(), 1);
     assert_eq!(
-        pending[0].action,
-        TerminalAction::Fail,
+        pending[0].tag.as_deref(),
+        Some("fail"),
         "the fallback is stored"
     );
     assert_eq!(server.attempts_of("t1", Action::Complete), 1);
@@ -206,10 +206,10 @@ async fn a_refused_fail_is_quarantined_until_requeued_or_discarded() {
             .await;
         assert_eq!(outcome, ReportOutcome::Quarantined);
     }
-    let quarantined = client.quarantined_reports().unwrap();
+    let quarantined = client.outbox().unwrap().quarantined().unwrap();
     let ids: Vec<&str> = quarantined
         .iter()
-        .map(|report| report.task_id.as_str())
+        .map(|report| report.key.as_str())
         .collect();
     assert_eq!(ids, ["t1", "t2"]);
     assert!(quarantined[0]
@@ -217,7 +217,7 @@ async fn a_refused_fail_is_quarantined_until_requeued_or_discarded() {
         .as_deref()
         .unwrap()
         .contains("422"));
-    assert!(client.pending_reports().unwrap().is_empty());
+    assert!(client.outbox().unwrap().pending().unwrap().is_empty());
     // Kept, not retried.
     tokio::time::sleep(Duration::from_secs(300)).await;
     assert_eq!(server.attempts_of("t1", Action::Fail), 1);
@@ -227,9 +227,9 @@ async fn a_refused_fail_is_quarantined_until_requeued_or_discarded() {
         .await;
     assert_eq!(again, ReportOutcome::AlreadyStored);
 
-    assert!(client.requeue_report("t1").await.unwrap());
+    assert!(client.outbox().unwrap().requeue("t1").await.unwrap());
     assert!(
-        !client.requeue_report("t1").await.unwrap(),
+        !client.outbox().unwrap().requeue("t1").await.unwrap(),
         "not quarantined now"
     );
     assert!(
@@ -237,9 +237,9 @@ async fn a_refused_fail_is_quarantined_until_requeued_or_discarded() {
             == Some(TaskState::Failed))
         .await
     );
-    assert!(client.discard_report("t2").await.unwrap());
-    assert!(!client.discard_report("t2").await.unwrap());
-    assert!(client.quarantined_reports().unwrap().is_empty());
+    assert!(client.outbox().unwrap().discard("t2").await.unwrap());
+    assert!(!client.outbox().unwrap().discard("t2").await.unwrap());
+    assert!(client.outbox().unwrap().quarantined().unwrap().is_empty());
     assert!(drained(&client).await);
     assert_eq!(server.state("t2"), Some(TaskState::Queued));
 }
@@ -564,7 +564,7 @@ async fn delivered_reports_leave_the_file_and_it_stops_growing() {
             assert_eq!(report.await, ReportOutcome::Completed);
         }
         // Removed just after delivery, without the caller waiting for it.
-        assert!(wait_for_real(|| client.pending_reports().unwrap().is_empty()).await);
+        assert!(wait_for_real(|| client.outbox().unwrap().pending().unwrap().is_empty()).await);
         sizes.push(std::fs::metadata(scratch.file()).unwrap().len());
     }
     // 5,000 reports delivered: the file reuses its pages.

@@ -81,7 +81,7 @@ fn child() {
         if role == "drain" {
             // Waits for the replay to empty the outbox, then exits normally.
             for _ in 0..600 {
-                match client.pending_reports() {
+                match client.outbox().unwrap().pending() {
                     Ok(pending) if pending.is_empty() => {
                         println!("{SAYS} drained");
                         return;
@@ -93,7 +93,10 @@ fn child() {
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            println!("{SAYS} still pending {:?}", client.pending_reports());
+            println!(
+                "{SAYS} still pending {:?}",
+                client.outbox().unwrap().pending()
+            );
         } else if role == "report" {
             // Keeps replaying until killed.
             std::future::pending::<()>().await;

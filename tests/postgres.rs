@@ -140,7 +140,7 @@ async fn the_first_request_per_key_stands_whether_sent_or_enqueued() {
     .await
     .unwrap();
     let dispatcher = builder(connect(&postgres, &queue).await).build().unwrap();
-    let outbox = dispatcher.outbox().clone();
+    let outbox = dispatcher.outbox().unwrap().clone();
     let mut first = dispatcher.send("k", post(&server, "/hooks/k", "first"));
     assert_eq!(first.stored().await, Durability::Stored);
 
@@ -234,7 +234,7 @@ async fn a_refused_request_is_replaced_by_its_fallback_in_the_same_transaction()
     let paths: Vec<&str> = requests.iter().map(|r| r.uri.path()).collect();
     assert_eq!(paths, ["/hooks/refused", "/hooks/fallback"]);
     assert_eq!(requests[1].body, "instead of event");
-    assert!(emptied(dispatcher.outbox(), Duration::from_secs(10)).await);
+    assert!(emptied(dispatcher.outbox().unwrap(), Duration::from_secs(10)).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -255,7 +255,7 @@ async fn a_refused_request_is_quarantined_until_requeued_or_discarded() {
     .await
     .unwrap();
     let dispatcher = builder(connect(&postgres, &queue).await).build().unwrap();
-    let outbox = dispatcher.outbox().clone();
+    let outbox = dispatcher.outbox().unwrap().clone();
     for key in ["requeued", "discarded"] {
         let dispatch = dispatcher.send(key, post(&server, &format!("/hooks/{key}"), "{}"));
         assert_eq!(dispatch.await, Delivery::Quarantined);

@@ -178,7 +178,7 @@ async fn two_applications_on_one_queue_deliver_their_own_and_a_planted_record_is
         "planted".into(),
         post(stranger.url("/steal"), "give me your token"),
     ));
-    enqueue(&postgres, billing_sender.outbox(), requests).await;
+    enqueue(&postgres, billing_sender.outbox().unwrap(), requests).await;
 
     let delivered = wait_for(Duration::from_secs(20), || {
         billing.requests().len() >= 10 && mail.requests().len() >= 10
@@ -207,8 +207,13 @@ async fn two_applications_on_one_queue_deliver_their_own_and_a_planted_record_is
         stranger.requests().is_empty(),
         "the planted record was sent"
     );
-    assert!(billing_sender.outbox().quarantined().unwrap().is_empty());
-    let pending = billing_sender.outbox().pending().unwrap();
+    assert!(billing_sender
+        .outbox()
+        .unwrap()
+        .quarantined()
+        .unwrap()
+        .is_empty());
+    let pending = billing_sender.outbox().unwrap().pending().unwrap();
     let keys: Vec<&str> = pending.iter().map(|entry| entry.key.as_str()).collect();
     assert_eq!(keys, ["planted"]);
     assert_eq!(pending[0].attempts, 0);
@@ -255,7 +260,7 @@ async fn a_table_locked_by_another_session_does_not_hold_deliveries_up() {
     // Once the lock is gone, the inserts that landed late are removed, not
     // replayed: each request reached the server once.
     holding.rollback().await.unwrap();
-    let outbox = dispatcher.outbox().clone();
+    let outbox = dispatcher.outbox().unwrap().clone();
     let mut emptied = false;
     for _ in 0..100 {
         if outbox

@@ -755,7 +755,7 @@ async fn an_outbox_replay_hours_after_the_event_is_signed_afresh_with_the_same_i
         dispatcher.send("order-42-paid", stored).await,
         Delivery::Queued
     );
-    let pending = dispatcher.outbox().pending().unwrap();
+    let pending = dispatcher.outbox().unwrap().pending().unwrap();
     assert_eq!(pending.len(), 1);
     let key_stored = pending[0].idempotency_key.clone();
     drop(dispatcher);
@@ -776,7 +776,7 @@ async fn an_outbox_replay_hours_after_the_event_is_signed_afresh_with_the_same_i
     }
     let dispatcher = sender(reopened.expect("the first sender let go of the file"));
     let drained = wait_every(Duration::from_millis(20), Duration::from_secs(10), || {
-        dispatcher.outbox().pending().unwrap().is_empty()
+        dispatcher.outbox().unwrap().pending().unwrap().is_empty()
     })
     .await;
     assert!(drained, "the replay delivered the event");

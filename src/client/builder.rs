@@ -17,7 +17,6 @@ use tower_http::{
     sensitive_headers::SetSensitiveRequestHeadersLayer, set_header::SetRequestHeaderLayer,
 };
 
-#[cfg(feature = "outbox")]
 use super::durable::{self, OutboxSettings};
 use super::{
     error::Error,
@@ -48,7 +47,6 @@ pub struct TaskClientBuilder {
     timeout: Duration,
     concurrency_limit: usize,
     recovery: Option<Recovery>,
-    #[cfg(feature = "outbox")]
     outbox: OutboxSettings,
     #[cfg(feature = "rustls")]
     roots: Roots,
@@ -84,7 +82,6 @@ impl TaskClientBuilder {
             timeout: DEFAULT_TIMEOUT,
             concurrency_limit: DEFAULT_CONCURRENCY_LIMIT,
             recovery: Some(Recovery::default()),
-            #[cfg(feature = "outbox")]
             outbox: OutboxSettings::default(),
             #[cfg(feature = "rustls")]
             roots: Roots::Webpki,
@@ -288,21 +285,16 @@ impl TaskClientBuilder {
             .with_schedule(self.schedule.clone())
             .with_retry_after(self.retry_after);
         let layer = TerminalRetryLayer::new(policy.clone());
-        #[cfg(feature = "outbox")]
-        let dispatcher = match &self.outbox.path {
-            Some(path) => Some(durable::dispatcher(
-                path,
-                &self.outbox,
-                durable::Sending {
-                    attempt: single.clone(),
-                    layer: layer.clone(),
-                    recovery: self.recovery.clone(),
-                    base: &base,
-                    token: self.token.as_deref(),
-                },
-            )?),
-            None => None,
-        };
+        let dispatcher = durable::dispatcher(
+            &self.outbox,
+            durable::Sending {
+                attempt: single.clone(),
+                layer: layer.clone(),
+                recovery: self.recovery.clone(),
+                base: &base,
+                token: self.token.as_deref(),
+            },
+        )?;
         let layer = match &self.recovery {
             Some(recovery) => TerminalRetryLayer::new(policy.with_recovery(recovery.clone())),
             None => layer,
@@ -320,12 +312,7 @@ impl TaskClientBuilder {
             single,
             terminal,
         };
-        Ok(TaskClient::new(
-            transport,
-            #[cfg(feature = "outbox")]
-            dispatcher,
-            runtime,
-        ))
+        Ok(TaskClient::new(transport, dispatcher, runtime))
     }
 
     fn headers(&self) -> Result<HeaderMap, Error> {

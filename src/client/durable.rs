@@ -1,8 +1,11 @@
-//! Terminal reports kept in an outbox until the server takes them, through
-//! the outbox's public API: each report is a request tagged with its route,
-//! handed to a [`Dispatcher`].
+//! Terminal reports as requests of the outbox's public API: each report is a
+//! request tagged with its route, handed to the client's [`Dispatcher`],
+//! which sends it, falls back and settles it (and, with an outbox, stores it
+//! first and replays it).
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+#[cfg(feature = "outbox")]
+use std::path::PathBuf;
+use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http::{Request, StatusCode, Uri};
@@ -12,12 +15,12 @@ use super::{
     body::{self, Completion},
     error::Error,
     in_flight::StoreState,
-    report::{Report, ReportOutcome, StoredReport, TaskResult, TerminalAction},
+    report::{Report, ReportOutcome, TaskResult},
     route::Action,
     transport::{Attempt, Transport},
 };
 use crate::{
-    outbox::{Delivery, Dispatcher, Durability, Entry, Outbox, Tag},
+    outbox::{Delivery, Dispatch, Dispatcher, Durability, Entry, Tag},
     Recovery, TerminalRetryLayer,
 };
 
@@ -26,6 +29,7 @@ use crate::{
 /// left unset keeps the dispatcher's default.
 #[derive(Debug, Default)]
 pub(super) struct OutboxSettings {
+    #[cfg(feature = "outbox")]
     pub(super) path: Option<PathBuf>,
     pub(super) replay_interval: Option<Duration>,
     pub(super) replay_concurrency: Option<usize>,
@@ -44,9 +48,9 @@ pub(super) struct Sending<'a> {
     pub(super) token: Option<&'a str>,
 }
 
-/// Opens the outbox at `path` and starts its replay worker.
+/// The client's dispatcher: over the outbox at the settings' path if one is
+/// set (its replay worker started), in memory otherwise.
 pub(super) fn dispatcher(
-    path: &std::path::Path,
     settings: &OutboxSettings,
     sending: Sending<'_>,
 ) -> Result<Dispatcher<Attempt>, Error> {
@@ -56,9 +60,18 @@ pub(super) fn dispatcher(
         .map_err(|error: http::uri::InvalidUri| {
             Error::config("the base URL is not a URL", Some(error.into()))
         })?;
-    let outbox = Outbox::open(path).map_err(Error::outbox)?;
     let base = sending.base.to_owned();
-    let mut builder = Dispatcher::builder(outbox, sending.attempt)
+    #[cfg(feature = "outbox")]
+    let builder = match &settings.path {
+        Some(path) => {
+            let outbox = crate::outbox::Outbox::open(path).map_err(Error::outbox)?;
+            Dispatcher::builder(outbox, sending.attempt)
+        }
+        None => Dispatcher::in_memory(sending.attempt),
+    };
+    #[cfg(not(feature = "outbox"))]
+    let builder = Dispatcher::in_memory(sending.attempt);
+    let mut builder = builder
         .layer(sending.layer)
         .recovery(sending.recovery)
         .origin(&origin)
@@ -86,7 +99,7 @@ pub(super) fn dispatcher(
 /// with reason `agent_error`, to the task's `fail` route below `base`; none
 /// for a refused fail report.
 fn fallback(base: &str, entry: &Entry, failure: &str) -> Option<Request<Bytes>> {
-    if terminal_action(entry)? != TerminalAction::Complete {
+    if entry.tag.as_deref() != Some(Action::Complete.as_str()) {
         return None;
     }
     let completion: Completion = serde_json::from_slice(&entry.body).ok()?;
@@ -96,40 +109,14 @@ fn fallback(base: &str, entry: &Entry, failure: &str) -> Option<Request<Bytes>> 
         .parse()
         .ok()?;
     *request.body_mut() = body::json(&failure);
-    request.extensions_mut().insert(tag(TerminalAction::Fail));
+    request.extensions_mut().insert(tag(Action::Fail));
     Some(request)
 }
 
-/// The route a stored report goes to, from its tag; none for a record the
-/// client did not store.
-fn terminal_action(entry: &Entry) -> Option<TerminalAction> {
-    let tag = entry.tag.as_deref()?;
-    [TerminalAction::Complete, TerminalAction::Fail]
-        .into_iter()
-        .find(|action| route(*action).as_str() == tag)
-}
-
-fn route(action: TerminalAction) -> Action {
-    match action {
-        TerminalAction::Complete => Action::Complete,
-        TerminalAction::Fail => Action::Fail,
-    }
-}
-
-/// The tag a report to `action` is stored with: the route's name.
-fn tag(action: TerminalAction) -> Tag {
-    Tag::new(route(action).as_str())
-}
-
-/// The report kept in `entry`; none for a record the client did not store.
-pub(super) fn stored_report(entry: &Entry) -> Option<StoredReport> {
-    Some(StoredReport {
-        task_id: entry.key.clone(),
-        action: terminal_action(entry)?,
-        attempts: entry.attempts,
-        stored_at: entry.stored_at,
-        last_failure: entry.last_failure.clone(),
-    })
+/// The tag a report to `route` is stored with: the route's name, `complete`
+/// or `fail`.
+fn tag(route: Action) -> Tag {
+    Tag::new(route.as_str())
 }
 
 /// Tells a report's future, and `shutdown`, whether the report is stored.
@@ -204,12 +191,12 @@ pub(super) async fn deliver(
     result: &TaskResult,
     signal: StoredSignal,
 ) -> ReportOutcome {
-    let (action, body) = match &result.report {
-        Report::Completed(completion) => (TerminalAction::Complete, body::json(completion)),
-        Report::Failed(failure) => (TerminalAction::Fail, body::json(failure)),
+    let (route, body) = match &result.report {
+        Report::Completed(completion) => (Action::Complete, body::json(completion)),
+        Report::Failed(failure) => (Action::Fail, body::json(failure)),
     };
-    let completed = action == TerminalAction::Complete;
-    let mut request = match transport.request(&route(action).path(task_id), body) {
+    let completed = route == Action::Complete;
+    let mut request = match transport.request(&route.path(task_id), body) {
         Ok(request) => request,
         Err(error) => {
             tracing::error!(task_id, error = %error, "terminal report cannot be made");
@@ -217,14 +204,16 @@ pub(super) async fn deliver(
             return ReportOutcome::NotDelivered;
         }
     };
-    request.extensions_mut().insert(tag(action));
+    request.extensions_mut().insert(tag(route));
     if !signal.store.hand_over() {
         // `shutdown` took it first, and returns it.
         return ReportOutcome::Abandoned;
     }
-    let mut dispatch = dispatcher.send(task_id, request);
-    signal.tell(dispatch.stored().await);
-    match dispatch.await {
+    let mut dispatch = AbortUnstored(dispatcher.send(task_id, request), false);
+    let durability = dispatch.0.stored().await;
+    dispatch.1 = durability == Durability::InMemory;
+    signal.tell(durability);
+    match (&mut dispatch.0).await {
         Delivery::Delivered if completed => ReportOutcome::Completed,
         Delivery::Delivered => ReportOutcome::Failed,
         Delivery::FallbackDelivered => ReportOutcome::FellBackToFail,
@@ -250,14 +239,28 @@ pub(super) async fn deliver(
             tracing::error!(
                 task_id,
                 failure,
-                "complete task failed after retries and could not be stored; leaving the task \
-                 running rather than falling back to fail"
+                "complete task failed after retries and is not stored; leaving the task running \
+                 rather than falling back to fail"
             );
             ReportOutcome::LeftRunning
         }
-        Delivery::Undelivered { failure, .. } => {
+        Delivery::Undelivered { failure, .. } | Delivery::FallbackUndelivered { failure, .. } => {
             tracing::error!(task_id, failure, "terminal report not delivered nor stored");
             ReportOutcome::NotDelivered
+        }
+    }
+}
+
+/// A report handed to the dispatcher; its delivery is stopped with the
+/// client's (by `shutdown`) when it lives in memory only (the flag):
+/// `shutdown` returns such a report, which must then not reach the server
+/// behind the caller's back. A stored one is left to the replay.
+struct AbortUnstored(Dispatch, bool);
+
+impl Drop for AbortUnstored {
+    fn drop(&mut self) {
+        if self.1 {
+            self.0.abort();
         }
     }
 }

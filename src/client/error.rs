@@ -222,21 +222,3 @@ impl StdError for Error {
         }
     }
 }
-
-/// Renders an error with its chain of sources, `outer: inner: innermost`, for
-/// log events and messages sent to the server.
-pub(super) struct Chain<'a>(pub(super) &'a (dyn StdError + 'static));
-
-impl fmt::Display for Chain<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut source = self.0.source();
-        // Source chains are short; the bound keeps a cyclic one from spinning.
-        for _ in 0..16 {
-            let Some(error) = source else { break };
-            write!(f, ": {error}")?;
-            source = error.source();
-        }
-        Ok(())
-    }
-}

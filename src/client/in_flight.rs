@@ -43,8 +43,7 @@ struct Pending {
     abort: Option<AbortHandle>,
     /// Where a durable report stands with the outbox: once stored, it is not
     /// undelivered.
-    #[cfg(feature = "outbox")]
-    store: Option<Arc<StoreState>>,
+    store: Arc<StoreState>,
 }
 
 impl Default for Registry {
@@ -85,7 +84,7 @@ impl InFlight {
         &self,
         runtime: &Handle,
         report: UndeliveredReport,
-        #[cfg(feature = "outbox")] store: Option<Arc<StoreState>>,
+        store: Arc<StoreState>,
         delivery: F,
     ) -> JoinHandle<ReportOutcome>
     where
@@ -98,7 +97,6 @@ impl InFlight {
             let pending = Pending {
                 report,
                 abort: None,
-                #[cfg(feature = "outbox")]
                 store,
             };
             reports.insert(id, pending);
@@ -158,11 +156,7 @@ impl InFlight {
 impl Pending {
     /// Whether the report stays in the outbox for the replay.
     async fn stays_stored(&self) -> bool {
-        #[cfg(feature = "outbox")]
-        if let Some(store) = &self.store {
-            return store.stays_stored().await;
-        }
-        false
+        self.store.stays_stored().await
     }
 
     /// The report, unless it stays stored for the replay.
@@ -185,12 +179,10 @@ impl Pending {
     }
 }
 
-#[cfg(feature = "outbox")]
 pub(super) use store_state::StoreState;
 
 /// Where a durable report stands with the outbox, shared by its delivery,
 /// its future and `shutdown`.
-#[cfg(feature = "outbox")]
 mod store_state {
     use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -289,16 +281,10 @@ mod tests {
             task_id: "t1".into(),
             result: TaskResult::completed("done"),
         };
-        let delivery = in_flight.spawn(
-            &Handle::current(),
-            report,
-            #[cfg(feature = "outbox")]
-            None,
-            async {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                panic!("the delivery broke")
-            },
-        );
+        let delivery = in_flight.spawn(&Handle::current(), report, Arc::default(), async {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            panic!("the delivery broke")
+        });
         assert_eq!(in_flight.len(), 1);
 
         let start = tokio::time::Instant::now();

@@ -83,7 +83,6 @@
 mod body;
 mod builder;
 mod delivery;
-#[cfg(feature = "outbox")]
 mod durable;
 mod error;
 mod in_flight;
@@ -101,6 +100,4 @@ pub use builder::TaskClientBuilder;
 pub use delivery::ReportFuture;
 pub use error::Error;
 pub use report::{ReportOutcome, TaskResult, UndeliveredReport};
-#[cfg(feature = "outbox")]
-pub use report::{StoredReport, TerminalAction};
 pub use task_client::TaskClient;

@@ -1,6 +1,5 @@
 //! The data of terminal reports: what a daemon reports when an agent
-//! finishes, how a report ended, and what is left of one undelivered or
-//! stored.
+//! finishes, how a report ended, and what is left of one undelivered.
 
 use super::body::{Completion, Failure};
 
@@ -121,7 +120,8 @@ pub enum ReportOutcome {
     Queued,
     /// With an outbox: the server refused the report for good with nothing
     /// left to fall back to (a refused `fail`). It is kept, not retried, and
-    /// listed by `TaskClient::quarantined_reports`.
+    /// listed by the outbox's [`quarantined`](crate::outbox::Outbox::quarantined)
+    /// ([`TaskClient::outbox`](super::TaskClient::outbox)).
     Quarantined,
     /// With an outbox: a report for this task is still stored. It stands (as
     /// on the server, the first terminal report wins); this one was neither
@@ -159,34 +159,4 @@ pub struct UndeliveredReport {
     pub task_id: String,
     /// The result it carried.
     pub result: TaskResult,
-}
-
-/// A terminal report kept in the outbox: listed by
-/// [`TaskClient::pending_reports`](super::TaskClient::pending_reports) and
-/// [`TaskClient::quarantined_reports`](super::TaskClient::quarantined_reports).
-#[cfg(feature = "outbox")]
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct StoredReport {
-    /// The task it is about.
-    pub task_id: String,
-    /// The route it goes to: `complete`, or `fail` (reported so, or the
-    /// fallback of a completion refused for good).
-    pub action: TerminalAction,
-    /// Attempts made so far, across restarts.
-    pub attempts: u32,
-    /// When it was first stored.
-    pub stored_at: std::time::SystemTime,
-    /// How the last attempt failed, if one did.
-    pub last_failure: Option<String>,
-}
-
-/// The route of a stored terminal report.
-#[cfg(feature = "outbox")]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum TerminalAction {
-    /// `POST .../complete`: the task completed.
-    Complete,
-    /// `POST .../fail`: the task failed.
-    Fail,
 }

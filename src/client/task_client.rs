@@ -4,6 +4,7 @@ use std::{fmt, sync::Arc, time::Duration};
 
 use tokio::runtime::Handle;
 
+use super::transport::Attempt;
 use super::{
     body::{self, Progress, Session, Usage, UsageEntry},
     delivery::{Destination, ReportFuture},
@@ -13,10 +14,7 @@ use super::{
     route::{check_task_id, Action},
     transport::Transport,
 };
-#[cfg(feature = "outbox")]
-use super::{durable, report::StoredReport, transport::Attempt};
-#[cfg(feature = "outbox")]
-use crate::outbox::{Dispatcher, Entry, Outbox, OutboxError};
+use crate::outbox::{Dispatcher, Outbox};
 
 /// Sends a daemon's task callbacks: see the [module docs](super).
 ///
@@ -29,9 +27,9 @@ pub struct TaskClient {
 
 struct Inner {
     transport: Arc<Transport>,
-    /// Where terminal reports are made durable, if anywhere.
-    #[cfg(feature = "outbox")]
-    dispatcher: Option<Dispatcher<Attempt>>,
+    /// The one path of terminal reports: sends, falls back, settles; with
+    /// an outbox, stores and replays.
+    dispatcher: Dispatcher<Attempt>,
     /// Where terminal reports are delivered.
     runtime: Handle,
     reports: InFlight,
@@ -41,13 +39,12 @@ impl TaskClient {
     /// A client over `transport`, delivering its reports on `runtime`.
     pub(super) fn new(
         transport: Transport,
-        #[cfg(feature = "outbox")] dispatcher: Option<Dispatcher<Attempt>>,
+        dispatcher: Dispatcher<Attempt>,
         runtime: Handle,
     ) -> TaskClient {
         TaskClient {
             inner: Arc::new(Inner {
                 transport: Arc::new(transport),
-                #[cfg(feature = "outbox")]
                 dispatcher,
                 runtime,
                 reports: InFlight::default(),
@@ -176,8 +173,7 @@ impl TaskClient {
             transport: &inner.transport,
             reports: &inner.reports,
             runtime: &inner.runtime,
-            #[cfg(feature = "outbox")]
-            dispatcher: inner.dispatcher.as_ref(),
+            dispatcher: &inner.dispatcher,
         };
         ReportFuture::start(destination, task_id, result)
     }
@@ -197,78 +193,19 @@ impl TaskClient {
     }
 }
 
-#[cfg(feature = "outbox")]
 impl TaskClient {
-    /// The terminal reports stored and not yet delivered, oldest first:
-    /// readable right after [`build`](super::TaskClientBuilder::build),
-    /// before any replay, so that a daemon can skip its orphan handling for
-    /// tasks whose result is already safe. Empty without an outbox.
-    ///
-    /// # Errors
-    ///
-    /// The outbox cannot be read.
-    pub fn pending_reports(&self) -> Result<Vec<StoredReport>, Error> {
-        self.stored(Outbox::pending)
-    }
-
-    /// The terminal reports the server refused for good with nothing left to
-    /// fall back to (a refused `fail`): kept, not retried, until
-    /// [`requeue_report`](TaskClient::requeue_report) or
-    /// [`discard_report`](TaskClient::discard_report). Empty without an
-    /// outbox.
-    ///
-    /// # Errors
-    ///
-    /// The outbox cannot be read.
-    pub fn quarantined_reports(&self) -> Result<Vec<StoredReport>, Error> {
-        self.stored(Outbox::quarantined)
-    }
-
-    /// Puts the quarantined report of `task_id` back among the pending ones,
-    /// to be delivered again (within the replay interval). `false` when
-    /// none is quarantined, or without an outbox.
-    ///
-    /// # Errors
-    ///
-    /// The outbox cannot be written.
-    pub async fn requeue_report(&self, task_id: &str) -> Result<bool, Error> {
-        match &self.inner.dispatcher {
-            Some(dispatcher) => dispatcher
-                .outbox()
-                .requeue(task_id)
-                .await
-                .map_err(Error::outbox),
-            None => Ok(false),
-        }
-    }
-
-    /// Deletes the stored report of `task_id`, pending or quarantined, for
-    /// good. `false` when there is none, or without an outbox.
-    ///
-    /// # Errors
-    ///
-    /// The outbox cannot be written.
-    pub async fn discard_report(&self, task_id: &str) -> Result<bool, Error> {
-        match &self.inner.dispatcher {
-            Some(dispatcher) => dispatcher
-                .outbox()
-                .discard(task_id)
-                .await
-                .map_err(Error::outbox),
-            None => Ok(false),
-        }
-    }
-
-    /// The client's reports in one of the outbox's lists.
-    fn stored(
-        &self,
-        list: impl Fn(&Outbox) -> Result<Vec<Entry>, OutboxError>,
-    ) -> Result<Vec<StoredReport>, Error> {
-        let Some(dispatcher) = &self.inner.dispatcher else {
-            return Ok(Vec::new());
-        };
-        let entries = list(dispatcher.outbox()).map_err(Error::outbox)?;
-        Ok(entries.iter().filter_map(durable::stored_report).collect())
+    /// The outbox its terminal reports are kept in, if it has one
+    /// ([`TaskClientBuilder::outbox`](super::TaskClientBuilder::outbox)):
+    /// what is stored and not yet delivered ([`Outbox::pending`], readable
+    /// right after [`build`](super::TaskClientBuilder::build), before any
+    /// replay, so that a daemon can skip its orphan handling for tasks whose
+    /// result is already safe), what the server refused for good
+    /// ([`Outbox::quarantined`]), and [`Outbox::requeue`] or
+    /// [`Outbox::discard`]. A report's [`Entry::key`](crate::outbox::Entry::key)
+    /// is its task id, its [`Entry::tag`](crate::outbox::Entry::tag) its
+    /// route, `complete` or `fail`.
+    pub fn outbox(&self) -> Option<&Outbox> {
+        self.inner.dispatcher.outbox()
     }
 }
 

@@ -10,6 +10,7 @@ use std::{
 use bytes::Bytes;
 use http::{Request, Response, StatusCode, Uri};
 use http_body_util::Full;
+use tokio::sync::Notify;
 use tower::{util::MapRequest, BoxError, Layer, Service};
 
 use super::{
@@ -36,7 +37,7 @@ const DEFAULT_STORE_WAIT: Duration = Duration::from_secs(3);
 
 /// Configures a [`Dispatcher`]; made by [`Dispatcher::builder`].
 pub struct DispatcherBuilder<S, C = DefaultClassifier> {
-    outbox: Outbox,
+    outbox: Option<Outbox>,
     service: S,
     layer: TerminalRetryLayer<C>,
     settings: Settings,
@@ -64,6 +65,23 @@ impl<S> Dispatcher<S> {
     /// there, and whatever adds the credentials: sensitive headers are never
     /// stored, so a replay after a restart gets them from the service).
     pub fn builder(outbox: Outbox, service: S) -> DispatcherBuilder<S> {
+        DispatcherBuilder::new(Some(outbox), service)
+    }
+
+    /// Starts configuring a dispatcher without a store: each request is
+    /// sent through `service` in process only, with the same rules as one
+    /// stored (the layer's retries, the fallback, `409`, the origins and
+    /// redaction), and ends [`Undelivered`](super::Delivery::Undelivered)
+    /// where a stored one would be queued; its
+    /// [`stored`](super::Dispatch::stored) says
+    /// [`InMemory`](super::Durability::InMemory). It has no replay worker.
+    pub fn in_memory(service: S) -> DispatcherBuilder<S> {
+        DispatcherBuilder::new(None, service)
+    }
+}
+
+impl<S> DispatcherBuilder<S> {
+    fn new(outbox: Option<Outbox>, service: S) -> DispatcherBuilder<S> {
         DispatcherBuilder {
             outbox,
             service,
@@ -270,8 +288,8 @@ impl<S, C> DispatcherBuilder<S, C> {
                 "`any_origin` and `origin` contradict each other: call one of them",
             ));
         }
-        if self.outbox.is_shared() && self.settings.origins.is_empty() && !self.settings.any_origin
-        {
+        let shared = self.outbox.as_ref().is_some_and(Outbox::is_shared);
+        if shared && self.settings.origins.is_empty() && !self.settings.any_origin {
             return Err(invalid(
                 "a dispatcher on a shared outbox must be told where its requests may go: call \
                  `origin` once for each origin, or `any_origin`",
@@ -290,9 +308,14 @@ impl<S, C> DispatcherBuilder<S, C> {
         };
         let counted: fn(Request<Full<Bytes>>) -> Request<Full<Bytes>> = count_attempt;
         let retrying = layer.layer(MapRequest::new(self.service.clone(), counted));
-        self.outbox
-            .hold_for(self.lease, self.settings.replay_interval);
-        let wake = self.outbox.requeued();
+        if let Some(outbox) = &self.outbox {
+            outbox.hold_for(self.lease, self.settings.replay_interval);
+        }
+        let wake = match &self.outbox {
+            Some(outbox) => outbox.requeued(),
+            None => Arc::new(Notify::new()),
+        };
+        let replays = self.outbox.is_some();
         let shared = Arc::new(Shared {
             outbox: self.outbox,
             attempt: self.service,
@@ -303,8 +326,11 @@ impl<S, C> DispatcherBuilder<S, C> {
             unremoved: Mutex::new(Default::default()),
             wake: wake.clone(),
         });
-        let rate = shared.settings.replay_rate;
-        runtime.spawn(supervise(Arc::downgrade(&shared), wake, rate));
+        // Without a store there is nothing to replay.
+        if replays {
+            let rate = shared.settings.replay_rate;
+            runtime.spawn(supervise(Arc::downgrade(&shared), wake, rate));
+        }
         Ok(Dispatcher { shared })
     }
 }

@@ -45,6 +45,27 @@ pub enum Delivery {
         /// The last failure.
         failure: String,
     },
+    /// The server refused the request for good; the fallback sent instead
+    /// was not delivered, and is not stored (the dispatcher has no store, or
+    /// its store could not take it): the caller must keep it. `transient`
+    /// says whether a replay of the fallback may succeed.
+    FallbackUndelivered {
+        /// Whether the fallback's last failure was transient.
+        transient: bool,
+        /// The fallback's last failure.
+        failure: String,
+    },
+}
+
+impl Delivery {
+    /// Not delivered nor stored: the request, or the fallback sent in its
+    /// place.
+    pub(super) fn undelivered(fell_back: bool, transient: bool, failure: String) -> Delivery {
+        match fell_back {
+            true => Delivery::FallbackUndelivered { transient, failure },
+            false => Delivery::Undelivered { transient, failure },
+        }
+    }
 }
 
 /// Whether a request handed to the [`Dispatcher`](super::Dispatcher) is safe
@@ -64,6 +85,10 @@ pub enum Durability {
     /// credentials, goes to another origin than the dispatcher's, or its
     /// [`Tag`](super::Tag) is invalid); [`Delivery::Undelivered`] says why.
     Refused,
+    /// The dispatcher has no store ([`Dispatcher::in_memory`](super::Dispatcher::in_memory)):
+    /// the request is sent in process only, with the same rules (retries,
+    /// fallback, `409`), and lost if the process dies first.
+    InMemory,
 }
 
 /// A request handed to [`Dispatcher::send`](super::Dispatcher::send): await
@@ -90,6 +115,12 @@ impl Dispatch {
     /// for its delivery.
     pub async fn stored(&mut self) -> Durability {
         self.durability.wait().await
+    }
+
+    /// Stops the delivery, as [`JoinHandle::abort`] does: a request stored
+    /// is left to the replay; one not stored is dropped, unsent from then on.
+    pub fn abort(&self) {
+        self.delivery.abort();
     }
 }
 

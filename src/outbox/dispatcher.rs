@@ -22,7 +22,7 @@ use super::{
 use crate::{
     classify::{Classify, DefaultClassifier, Outcome, OutcomeSlot},
     origin::{has_user_info, is_origin, origin_key},
-    response::{body_start, clean, redirect_note},
+    response::{body_start, clean, read_start, redirect_note},
     sync::lock,
     Recovery, TerminalRetry, TerminalRetryPolicy,
 };
@@ -144,7 +144,9 @@ impl Settings {
 
 /// What the dispatcher's handles, deliveries and replay worker share.
 pub(super) struct Shared<S, C> {
-    pub(super) outbox: Outbox,
+    /// Where requests are stored; none for a dispatcher that keeps them in
+    /// memory only.
+    pub(super) outbox: Option<Outbox>,
     /// One attempt: the replay's.
     pub(super) attempt: S,
     /// The foreground's attempts, retried.
@@ -173,9 +175,10 @@ impl<S, C> Drop for Shared<S, C> {
 }
 
 impl<S, C> Dispatcher<S, C> {
-    /// The outbox it stores requests in.
-    pub fn outbox(&self) -> &Outbox {
-        &self.shared.outbox
+    /// The outbox it stores requests in; `None` for one made by
+    /// [`Dispatcher::in_memory`].
+    pub fn outbox(&self) -> Option<&Outbox> {
+        self.shared.outbox.as_ref()
     }
 
     /// Stores `request` under `key`, then delivers it on a task of its own
@@ -222,7 +225,10 @@ impl<S, C> fmt::Debug for Dispatcher<S, C> {
         shared
             .settings
             .debug_fields(f.debug_struct("Dispatcher").field("outbox", &shared.outbox))
-            .field("in_flight", &shared.outbox.claimed())
+            .field(
+                "in_flight",
+                &shared.outbox.as_ref().map_or(0, Outbox::claimed),
+            )
             .finish()
     }
 }
@@ -252,6 +258,14 @@ pub(super) struct Sent {
 }
 
 impl<S, C> Shared<S, C> {
+    /// The store, for what runs only with one: the replay, and the steps of
+    /// a stored request (one with a sequence number).
+    pub(super) fn store(&self) -> &Outbox {
+        self.outbox
+            .as_ref()
+            .expect("only a dispatcher with a store has stored requests and a replay")
+    }
+
     /// Why a request to `uri` must not be sent, if it must not: credentials
     /// in the URI, or another origin than the dispatcher's. Names the host,
     /// never the credentials.
@@ -300,7 +314,7 @@ impl<S, C> Shared<S, C> {
     /// store that cannot be written would otherwise have it sent again and
     /// again), and its removal is tried again once the store can be written.
     pub(super) async fn remove(&self, key: &str, seq: u64) {
-        if let Err(error) = self.outbox.complete(seq).await {
+        if let Err(error) = self.store().complete(seq).await {
             lock(&self.unremoved).insert(seq);
             tracing::error!(
                 key,
@@ -315,7 +329,7 @@ impl<S, C> Shared<S, C> {
     pub(super) async fn remove_again(&self) {
         let unremoved: Vec<u64> = lock(&self.unremoved).iter().copied().collect();
         for seq in unremoved {
-            if self.outbox.complete(seq).await.is_err() {
+            if self.store().complete(seq).await.is_err() {
                 return;
             }
             lock(&self.unremoved).remove(&seq);
@@ -332,7 +346,7 @@ impl<S, C> Shared<S, C> {
         let wait = self.settings.store_wait;
         tokio::time::timeout(wait, write)
             .await
-            .unwrap_or_else(|_| Err(super::OutboxError::unanswered(self.outbox.path(), wait)))
+            .unwrap_or_else(|_| Err(super::OutboxError::unanswered(self.store().path(), wait)))
     }
 
     /// Logs a store write that failed; the delivery goes on: what is on
@@ -377,7 +391,12 @@ where
                         .retry_after()
                         .delay(status, response.headers(), SystemTime::now());
                 let mut failure = String::new();
-                if outcome != Outcome::Success {
+                if outcome == Outcome::Success {
+                    // Read (bounded, never shown), so that the connection
+                    // goes back to the pool and a body that holds a turn
+                    // under a concurrency limit gives it back.
+                    read_start(response.into_body(), BODY_TIMEOUT).await;
+                } else {
                     failure = format!("{method} {path} returned {}", status.as_u16());
                     if let Some(note) = redirect_note(status, response.headers()) {
                         failure = format!("{failure}: {}", clean(&note, &secrets));
@@ -428,7 +447,7 @@ impl<S, C> Shared<S, C> {
                     tracing::info!(
                         key,
                         attempts = entry.attempts.saturating_add(attempts),
-                        pending = self.outbox.pending_count(),
+                        pending = self.store().pending_count(),
                         "stored request delivered from the outbox"
                     );
                 }
@@ -442,15 +461,12 @@ impl<S, C> Shared<S, C> {
                 Some(seq) => {
                     let failure = sent.failure;
                     let written = self
-                        .within_wait(self.outbox.record_failure(seq, attempts, failure))
+                        .within_wait(self.store().record_failure(seq, attempts, failure))
                         .await;
                     Self::recorded(key, written);
                     Step::Queued
                 }
-                None => Step::Done(Delivery::Undelivered {
-                    transient: true,
-                    failure: sent.failure,
-                }),
+                None => Step::Done(Delivery::undelivered(fell_back, true, sent.failure)),
             },
             Outcome::Permanent if sent.status == Some(StatusCode::CONFLICT) => {
                 tracing::warn!(
@@ -478,15 +494,12 @@ impl<S, C> Shared<S, C> {
                              in the outbox, not retried"
                         );
                         let written = self
-                            .within_wait(self.outbox.quarantine(seq, sent.failure))
+                            .within_wait(self.store().quarantine(seq, sent.failure))
                             .await;
                         Self::recorded(key, written);
                         Step::Done(Delivery::Quarantined)
                     }
-                    None => Step::Done(Delivery::Undelivered {
-                        transient: false,
-                        failure: sent.failure,
-                    }),
+                    None => Step::Done(Delivery::undelivered(fell_back, false, sent.failure)),
                 }
             }
         }
@@ -525,7 +538,7 @@ impl<S, C> Shared<S, C> {
             // The fallback is stored before it is sent, in the commit that
             // retires the refused request.
             let written = self
-                .within_wait(self.outbox.replace(seq, next.clone()))
+                .within_wait(self.store().replace(seq, next.clone()))
                 .await;
             Self::recorded(key, written);
         }
@@ -615,7 +628,7 @@ mod tests {
         assert_eq!(kept.await, Delivery::Queued);
         let own = dispatcher.send("own", tagged(server.url("/hooks/complete"), "complete"));
         assert_eq!(own.await, Delivery::Queued);
-        let pending = dispatcher.outbox().pending().unwrap();
+        let pending = dispatcher.outbox().unwrap().pending().unwrap();
         let tags: Vec<(&str, Option<&str>)> = pending
             .iter()
             .map(|entry| (entry.key.as_str(), entry.tag.as_deref()))
@@ -645,7 +658,7 @@ mod tests {
             }
         }
         assert!(server.requests().is_empty());
-        assert!(dispatcher.outbox().pending().unwrap().is_empty());
+        assert!(dispatcher.outbox().unwrap().pending().unwrap().is_empty());
     }
 
     /// Answers classified by [`ConflictIsSuccess`].
@@ -693,13 +706,18 @@ mod tests {
         // A 502: queued. The replay's 409 is a success too: removed.
         assert_eq!(dispatcher.send("r2", post("/r/2")).await, Delivery::Queued);
         for _ in 0..60 {
-            if dispatcher.outbox().pending().unwrap().is_empty() {
+            if dispatcher.outbox().unwrap().pending().unwrap().is_empty() {
                 break;
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
-        assert!(dispatcher.outbox().pending().unwrap().is_empty());
-        assert!(dispatcher.outbox().quarantined().unwrap().is_empty());
+        assert!(dispatcher.outbox().unwrap().pending().unwrap().is_empty());
+        assert!(dispatcher
+            .outbox()
+            .unwrap()
+            .quarantined()
+            .unwrap()
+            .is_empty());
         assert_eq!(server.requests().len(), 3);
         assert_eq!(CLASSIFIED.load(Ordering::SeqCst), 3, "each answer once");
     }

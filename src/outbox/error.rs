@@ -61,6 +61,7 @@ impl OutboxError {
         OutboxError::new(Kind::Refused(reason.into()), path)
     }
 
+    #[cfg(feature = "outbox")]
     pub(super) fn unencodable(path: &Path, error: postcard::Error) -> OutboxError {
         OutboxError::new(Kind::Unencodable(error.to_string()), path)
     }

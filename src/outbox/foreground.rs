@@ -1,10 +1,15 @@
-//! A request's first delivery, in the foreground: refused or stored, then
+//! A request's first delivery, in the foreground: refused, or stored if the
+//! dispatcher has a store, then
 //! sent through the retry layer until it is delivered, refused for good, or
 //! left to the replay.
 
-use std::sync::{
-    atomic::{AtomicU32, Ordering},
-    Arc,
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        Arc,
+    },
 };
 
 use bytes::Bytes;
@@ -13,8 +18,8 @@ use http_body_util::Full;
 
 use super::{
     dispatcher::{AttemptClassifier, AttemptService, Shared, Step},
-    store::Inserted,
-    Delivery, Durability, Entry, OutboxError, Tag,
+    store::{Claim, Inserted},
+    Delivery, Durability, Entry, Outbox, OutboxError, Tag,
 };
 
 /// Counts a foreground call's attempts; carried in the request's extensions,
@@ -63,17 +68,92 @@ where
                 };
             }
         };
+        let mut entry = Entry::new(key, &request, tag);
+        let (claim, seq, late) = match self.outbox.clone() {
+            None => {
+                on_stored(Durability::InMemory);
+                (None, None, None)
+            }
+            Some(outbox) => match self.store_first(&outbox, &mut entry, on_stored).await {
+                Some((claim, seq, late)) => (Some(claim), seq, late),
+                None => return Delivery::AlreadyStored,
+            },
+        };
+        let mut request = entry.keyed(request);
+        let mut fell_back = false;
+        loop {
+            let attempts = Arc::new(AtomicU32::new(0));
+            request
+                .extensions_mut()
+                .insert(AttemptCounter(attempts.clone()));
+            let sent = self.send_through(self.retrying.clone(), request).await;
+            let attempts = attempts.load(Ordering::Relaxed);
+            match self.settle(&entry, seq, sent, attempts, fell_back).await {
+                Step::Retired(delivery, Some(seq)) => {
+                    // The caller need not wait for the removal: the claim,
+                    // held until it is committed, keeps the replay off.
+                    let shared = self.clone();
+                    let key = entry.key.clone();
+                    tokio::spawn(async move {
+                        shared.remove(&key, seq).await;
+                        if let Some(claim) = claim {
+                            claim.settle();
+                        }
+                    });
+                    return delivery;
+                }
+                Step::Retired(delivery, None) => {
+                    if let Some(claim) = claim {
+                        claim.settle();
+                    }
+                    if let Some(insert) = late {
+                        let shared = self.clone();
+                        let key = entry.key.clone();
+                        tokio::spawn(async move {
+                            if let Ok(Inserted::Stored(seq)) = insert.await {
+                                shared.remove(&key, seq).await;
+                            }
+                        });
+                    }
+                    return delivery;
+                }
+                Step::Done(delivery) => {
+                    if let Some(claim) = claim {
+                        claim.settle();
+                    }
+                    return delivery;
+                }
+                Step::Queued => {
+                    drop(claim);
+                    return Delivery::Queued;
+                }
+                Step::FallBack(fallback) => {
+                    fell_back = true;
+                    (request, entry) = *fallback;
+                }
+            }
+        }
+    }
+
+    /// Claims `entry`'s key and stores it in `outbox`, before its first
+    /// attempt: the claim, its sequence number if stored, and the insert if
+    /// it outlived the store wait (should it land after all, a request
+    /// delivered meanwhile is removed again rather than replayed). `None`
+    /// when a request under the key is stored already.
+    async fn store_first(
+        &self,
+        outbox: &Outbox,
+        entry: &mut Entry,
+        on_stored: impl FnOnce(Durability),
+    ) -> Option<(Claim, Option<u64>, Option<LateInsert>)> {
         // The insert below leases the record: no claim in the store first.
-        let Some(claim) = self.outbox.claim_new(&key) else {
+        let Some(claim) = outbox.claim_new(&entry.key) else {
             // Being sent now, so stored (or being stored) already.
             on_stored(Durability::AlreadyStored);
-            return Delivery::AlreadyStored;
+            return None;
         };
-        let mut entry = Entry::new(key, &request, tag);
-        // Kept past the store wait: should it land after all, a request
-        // delivered meanwhile is removed again rather than replayed.
-        let mut insert = {
-            let outbox = self.outbox.clone();
+        let mut insert: LateInsert = {
+            let outbox = outbox.clone();
             let entry = entry.clone();
             Box::pin(async move { outbox.insert(entry).await })
         };
@@ -83,23 +163,23 @@ where
             Ok(inserted) => inserted,
             Err(_) => {
                 late = Some(insert);
-                Err(OutboxError::unanswered(self.outbox.path(), wait))
+                Err(OutboxError::unanswered(outbox.path(), wait))
             }
         };
         let seq = match inserted {
             Ok(Inserted::Stored(seq)) => {
                 tracing::debug!(
                     key = entry.key,
-                    pending = self.outbox.pending_count(),
+                    pending = outbox.pending_count(),
                     "request stored in the outbox"
                 );
                 on_stored(Durability::Stored);
-                entry = entry.stored_as(seq);
+                *entry = entry.clone().stored_as(seq);
                 Some(seq)
             }
             Ok(Inserted::Taken) => {
                 on_stored(Durability::AlreadyStored);
-                return Delivery::AlreadyStored;
+                return None;
             }
             Err(error) => {
                 // A store that stopped answering is a warning: it may well
@@ -120,52 +200,9 @@ where
                 None
             }
         };
-        let mut request = entry.keyed(request);
-        let mut fell_back = false;
-        loop {
-            let attempts = Arc::new(AtomicU32::new(0));
-            request
-                .extensions_mut()
-                .insert(AttemptCounter(attempts.clone()));
-            let sent = self.send_through(self.retrying.clone(), request).await;
-            let attempts = attempts.load(Ordering::Relaxed);
-            match self.settle(&entry, seq, sent, attempts, fell_back).await {
-                Step::Retired(delivery, Some(seq)) => {
-                    // The caller need not wait for the removal: the claim,
-                    // held until it is committed, keeps the replay off.
-                    let shared = self.clone();
-                    tokio::spawn(async move {
-                        shared.remove(claim.key(), seq).await;
-                        claim.settle();
-                    });
-                    return delivery;
-                }
-                Step::Retired(delivery, None) => {
-                    claim.settle();
-                    if let Some(insert) = late {
-                        let shared = self.clone();
-                        let key = entry.key.clone();
-                        tokio::spawn(async move {
-                            if let Ok(Inserted::Stored(seq)) = insert.await {
-                                shared.remove(&key, seq).await;
-                            }
-                        });
-                    }
-                    return delivery;
-                }
-                Step::Done(delivery) => {
-                    claim.settle();
-                    return delivery;
-                }
-                Step::Queued => {
-                    drop(claim);
-                    return Delivery::Queued;
-                }
-                Step::FallBack(fallback) => {
-                    fell_back = true;
-                    (request, entry) = *fallback;
-                }
-            }
-        }
+        Some((claim, seq, late))
     }
 }
+
+/// An insert into the store that may outlive the store wait.
+type LateInsert = Pin<Box<dyn Future<Output = Result<Inserted, OutboxError>> + Send>>;

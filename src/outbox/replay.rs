@@ -121,10 +121,10 @@ where
         // No replay while the store cannot record a delivery (it would be
         // sent again and again), asked to recover once per interval; nor
         // while the server asked for a pause.
-        let mut writable = shared.outbox.is_writable();
+        let mut writable = shared.store().is_writable();
         if !writable && Instant::now() >= next_recovery {
             next_recovery = Instant::now() + interval;
-            writable = shared.outbox.recover().await;
+            writable = shared.store().recover().await;
             match writable {
                 true => tracing::info!("the outbox can be written again: the replay resumes"),
                 false => tracing::warn!("the outbox cannot be written: the replay waits"),
@@ -148,7 +148,7 @@ where
             continue;
         }
         let oldest = match shared
-            .outbox
+            .store()
             .pending_after(0, 1, &shared.settings.origins)
             .await
         {
@@ -243,7 +243,7 @@ where
     /// took it (or refused it for good: it is up either way).
     async fn probe(self: Arc<Self>, pace: &mut Pace) -> bool {
         let Ok(entries) = self
-            .outbox
+            .store()
             .pending_after(0, REPLAY_PAGE, &self.settings.origins)
             .await
         else {
@@ -254,7 +254,7 @@ where
                 pace.wait().await;
                 tracing::info!(
                     key = entry.key,
-                    pending = self.outbox.pending_count(),
+                    pending = self.store().pending_count(),
                     oldest_pending_age_s = age(entry.stored_at).as_secs(),
                     "probing the server with the oldest stored request"
                 );
@@ -276,7 +276,7 @@ where
         let mut sent = 0;
         'pages: while healthy {
             let entries = match self
-                .outbox
+                .store()
                 .pending_after(after, REPLAY_PAGE, &self.settings.origins)
                 .await
             {
@@ -306,7 +306,7 @@ where
                 pace.wait().await;
                 // Asked for a pause, or a removal failed, meanwhile: the
                 // claim's release wakes the replay for this record later.
-                if self.quiet().is_some() || !self.outbox.is_writable() {
+                if self.quiet().is_some() || !self.store().is_writable() {
                     healthy = false;
                     break 'pages;
                 }
@@ -314,7 +314,7 @@ where
                     key = entry.key,
                     attempts = entry.attempts,
                     stored_for_s = age(entry.stored_at).as_secs(),
-                    pending = self.outbox.pending_count(),
+                    pending = self.store().pending_count(),
                     "replaying a stored request"
                 );
                 running.spawn(self.clone().replay_one(entry, claim));
@@ -341,11 +341,11 @@ where
         }
         // Another dispatcher's, on a shared outbox: not claimed, not
         // changed, left to the one whose allow-list holds its origin.
-        if self.outbox.is_shared() && !self.allows(&listed.uri) {
+        if self.store().is_shared() && !self.allows(&listed.uri) {
             return None;
         }
-        let claim = self.outbox.claim(&listed.key).await?;
-        let entry = match self.outbox.get(listed.seq).await {
+        let claim = self.store().claim(&listed.key).await?;
+        let entry = match self.store().get(listed.seq).await {
             Ok(Some(entry)) if entry.idempotency_key == listed.idempotency_key => entry,
             // Replaced (by a fallback): the next pass reads it as it is now.
             Ok(Some(_)) => return None,
@@ -365,7 +365,7 @@ where
                 failure,
                 "stored request not sent: quarantined in the outbox"
             );
-            let written = self.outbox.quarantine(entry.seq, failure).await;
+            let written = self.store().quarantine(entry.seq, failure).await;
             Self::recorded(&entry.key, written);
             claim.settle();
             return None;
@@ -483,12 +483,12 @@ mod tests {
             .body(Bytes::new())
             .unwrap();
         assert_eq!(dispatcher.send("r1", request).await, Delivery::Queued);
-        let seq = dispatcher.outbox().pending().unwrap()[0].seq;
+        let seq = dispatcher.outbox().unwrap().pending().unwrap()[0].seq;
         // As if it had been delivered and its removal had failed.
         lock(&dispatcher.shared.unremoved).insert(seq);
 
         tokio::time::sleep(Duration::from_secs(120)).await;
-        assert!(dispatcher.outbox().pending().unwrap().is_empty());
+        assert!(dispatcher.outbox().unwrap().pending().unwrap().is_empty());
         assert!(lock(&dispatcher.shared.unremoved).is_empty());
         assert_eq!(server.requests().len(), 1, "not sent again");
         drop(dispatcher);

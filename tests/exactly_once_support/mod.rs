@@ -289,6 +289,7 @@ pub fn sender(role: &str, url: &str, file: &Path, events: &str) {
         for _ in 0..400 {
             if dispatcher
                 .outbox()
+                .unwrap()
                 .pending()
                 .is_ok_and(|pending| pending.is_empty())
             {

@@ -5,6 +5,7 @@
 //! outbox's users. Every change to a stored entry goes through the methods
 //! here, which the store calls.
 
+#[cfg(feature = "outbox")]
 mod format;
 
 use std::time::{SystemTime, UNIX_EPOCH};

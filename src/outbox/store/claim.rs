@@ -24,11 +24,6 @@ impl Claim {
         }
     }
 
-    /// The key claimed.
-    pub(crate) fn key(&self) -> &str {
-        &self.key
-    }
-
     /// Releases the key of a settled record.
     pub(crate) fn settle(mut self) {
         self.settled = true;

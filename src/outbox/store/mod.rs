@@ -33,17 +33,14 @@
 mod claim;
 #[cfg(feature = "postgres")]
 mod postgres;
+#[cfg(feature = "outbox")]
 mod redb;
 
 pub(super) use claim::Claim;
 
-use std::{
-    future::Future,
-    path::{Path, PathBuf},
-    pin::Pin,
-    sync::Arc,
-    time::Duration,
-};
+#[cfg(feature = "outbox")]
+use std::path::PathBuf;
+use std::{future::Future, path::Path, pin::Pin, sync::Arc, time::Duration};
 
 use tokio::sync::Notify;
 
@@ -198,6 +195,8 @@ impl Outbox {
     /// left exactly as it was; it is not safe to keep requests in
     /// ([`OutboxError::is_unsafe`]), left as it was too; it cannot be read or
     /// created; or there is no tokio runtime. The error names the path.
+    #[cfg(feature = "outbox")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "outbox")))]
     pub fn open(path: impl Into<PathBuf>) -> Result<Outbox, OutboxError> {
         let store = redb::RedbStore::open(path.into())?;
         Ok(Outbox {
