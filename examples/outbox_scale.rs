@@ -104,7 +104,7 @@ async fn run(concurrency: usize) {
         ))
         .recovery(Some(recovery.clone()))
         .replay(Replay {
-            concurrency: concurrency,
+            concurrency,
             ..Replay::default()
         })
         // A loopback server takes the whole backlog at once; the default rate

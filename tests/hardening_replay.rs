@@ -76,7 +76,7 @@ async fn switched(up: Reply, down: Reply) -> (Arc<AtomicBool>, TestServer) {
 fn replaying(file: &Path, interval: Duration) -> Dispatcher<HttpClient> {
     dispatcher(file)
         .replay(Replay {
-            interval: interval,
+            interval,
             ..Replay::default()
         })
         .build()

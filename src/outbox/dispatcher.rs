@@ -104,9 +104,9 @@ impl<S, C> Clone for Dispatcher<S, C> {
 }
 
 /// How the replay worker sends what is stored, given to
-/// [`DispatcherBuilder::replay`] (and to the task client's
+/// [`DispatcherBuilder::replay`](super::DispatcherBuilder::replay) (and to the task client's
 /// [`replay`](crate::client::TaskClientBuilder::replay)); a zero in any
-/// field is an error of [`build`](DispatcherBuilder::build).
+/// field is an error of [`build`](super::DispatcherBuilder::build).
 ///
 /// ```
 /// use std::time::Duration;

@@ -169,8 +169,8 @@ fn candidate(entry: &[u8]) -> Option<Candidate> {
 /// Why a request was refused: its [`status`](Refusal::status), and a short
 /// reason (its `Display`), which holds no secret and no signature.
 ///
-/// [`VerifyLayer`] answers with the status, and the reason in
-/// `WWW-Authenticate` on a 401; [`VerifyLayer::verify`] returns it.
+/// [`VerifyLayer`](super::VerifyLayer) answers with the status, and the reason in
+/// `WWW-Authenticate` on a 401; [`VerifyLayer::verify`](super::VerifyLayer::verify) returns it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal(Kind);
 
