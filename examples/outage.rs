@@ -22,8 +22,9 @@ use http::StatusCode;
 use tokio::time::Instant;
 use tower_terminal_retry::{
     client::{ReportOutcome, TaskClient, TaskResult},
+    outbox::Replay,
     test_server::{Action, Attempt, Fault, Handling, TaskServer, TaskState},
-    Schedule,
+    Recovery, Schedule, TerminalRetryPolicy,
 };
 
 const TASKS: usize = 300;
@@ -383,12 +384,19 @@ impl Daemon {
     fn client(&self) -> Result<TaskClient, tower_terminal_retry::client::Error> {
         let builder = TaskClient::builder(&self.url)
             .client_version(env!("CARGO_PKG_VERSION"))
-            .terminal_schedule(self.schedule.clone())
+            .policy(
+                TerminalRetryPolicy::default()
+                    .with_schedule(self.schedule.clone())
+                    .with_recovery(Recovery::default()),
+            )
             .timeout(ATTEMPT_TIMEOUT);
         match &self.outbox {
             Some(path) => builder
                 .outbox(path)
-                .replay_interval(Duration::from_secs(30) / SCALE)
+                .replay(Replay {
+                    interval: Duration::from_secs(30) / SCALE,
+                    ..Replay::default()
+                })
                 .build(),
             None => builder.build(),
         }

@@ -34,7 +34,7 @@ use http_body_util::Full;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use tower::{Layer, ServiceExt};
 use tower_terminal_retry::{
-    outbox::{Delivery, Dispatcher, Outbox},
+    outbox::{Delivery, Dispatcher, Outbox, Replay},
     Recovery, Schedule, TerminalRetryLayer, TerminalRetryPolicy,
 };
 
@@ -103,10 +103,16 @@ async fn run(concurrency: usize) {
             TerminalRetryPolicy::default().with_schedule(Schedule::new([]).expect("no retry")),
         ))
         .recovery(Some(recovery.clone()))
-        .replay_concurrency(concurrency)
+        .replay(Replay {
+            concurrency,
+            ..Replay::default()
+        })
         // A loopback server takes the whole backlog at once; the default rate
         // protects a real one recovering from an outage.
-        .replay_rate(1_000_000)
+        .replay(Replay {
+            rate: 1_000_000,
+            ..Replay::default()
+        })
         .build()
         .expect("a dispatcher");
     let next = Arc::new(AtomicU64::new(0));

@@ -37,7 +37,7 @@ use hyper_util::{
 };
 use tower::ServiceBuilder;
 use tower_terminal_retry::{
-    outbox::{Delivery, Dispatcher, Durability, Outbox},
+    outbox::{Delivery, Dispatcher, Durability, Outbox, Replay},
     test_server::{RecordedRequest, Reply, TestServer},
     webhooks::{Key, Sign, SignLayer, VerifyLayer},
     Schedule, TerminalRetryLayer, TerminalRetryPolicy,
@@ -158,7 +158,10 @@ fn sender(file: &std::path::Path) -> Result<Dispatcher<Stack>, Box<dyn std::erro
     );
     let dispatcher = Dispatcher::builder(Outbox::open(file)?, stack)
         .layer(layer)
-        .replay_interval(Duration::from_secs(1))
+        .replay(Replay {
+            interval: Duration::from_secs(1),
+            ..Replay::default()
+        })
         .build()?;
     Ok(dispatcher)
 }
@@ -331,7 +334,10 @@ fn postgres_sender(
             let dispatcher = Dispatcher::builder(outbox, hangs)
                 .origin(&receiver.parse()?)
                 .lease(LEASE)
-                .replay_interval(REPLAY_INTERVAL)
+                .replay(Replay {
+                    interval: REPLAY_INTERVAL,
+                    ..Replay::default()
+                })
                 .build()?;
             let mut sends = Vec::new();
             for order in 0..EVENTS {
@@ -349,7 +355,10 @@ fn postgres_sender(
         let dispatcher = Dispatcher::builder(outbox, signed_stack()?)
             .origin(&receiver.parse()?)
             .lease(LEASE)
-            .replay_interval(REPLAY_INTERVAL)
+            .replay(Replay {
+                interval: REPLAY_INTERVAL,
+                ..Replay::default()
+            })
             .build()?;
         println!(
             "sender 2: {} events on the queue, held by sender 1: ready",

@@ -208,6 +208,13 @@ impl<C> TerminalRetryPolicy<C> {
     pub fn retry_after(&self) -> RetryAfter {
         self.config.retry_after
     }
+
+    /// The signal that ends schedule delays early, if any: what a sender
+    /// that makes requests of its own beside the policy's (a client's routes
+    /// tried once, a replay) tells of its successes.
+    pub fn recovery(&self) -> Option<&Recovery> {
+        self.config.recovery.as_ref()
+    }
 }
 
 impl<C> Clone for TerminalRetryPolicy<C> {

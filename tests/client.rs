@@ -429,7 +429,7 @@ async fn a_long_error_body_is_cut_to_4_kib_and_trimmed() {
         .await
         .unwrap();
     let client = TaskClient::builder(server.url(""))
-        .terminal_schedule(client_support::schedule(&[]))
+        .policy(client_support::policy(&[]))
         .build()
         .unwrap();
 
@@ -457,7 +457,7 @@ async fn transport_errors_are_transient_and_carry_their_source() {
     let addr = listener.local_addr().unwrap();
     drop(listener);
     let client = TaskClient::builder(format!("http://{addr}"))
-        .terminal_schedule(client_support::schedule(&[1, 1]))
+        .policy(client_support::policy(&[1, 1]))
         .build()
         .unwrap();
 

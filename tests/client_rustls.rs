@@ -28,7 +28,7 @@ use tokio_rustls::{
 };
 use tower_terminal_retry::{
     client::{TaskClient, TaskResult},
-    Schedule,
+    Recovery, Schedule, TerminalRetryPolicy,
 };
 
 /// A TLS server on 127.0.0.1 that answers 200 to the requests of its first
@@ -95,7 +95,11 @@ async fn an_untrusted_certificate_is_a_transient_transport_error() {
     let (url, _certificate, paths) = tls_server(1).await;
     // The public roots do not vouch for a self-signed certificate.
     let client = TaskClient::builder(url)
-        .terminal_schedule(Schedule::new([]).unwrap())
+        .policy(
+            TerminalRetryPolicy::default()
+                .with_schedule(Schedule::new([]).unwrap())
+                .with_recovery(Recovery::default()),
+        )
         .build()
         .unwrap();
 

@@ -323,7 +323,11 @@ async fn the_outbox_reports_each_step_of_a_stored_report() {
     let refused = Fault::Status(http::StatusCode::UNPROCESSABLE_ENTITY);
     server.script("t2", Action::Fail, [refused]);
     let client = TaskClient::builder(server.url())
-        .terminal_schedule(tower_terminal_retry::Schedule::new([]).unwrap())
+        .policy(
+            TerminalRetryPolicy::default()
+                .with_schedule(tower_terminal_retry::Schedule::new([]).unwrap())
+                .with_recovery(Recovery::default()),
+        )
         .outbox(directory.join("reports.redb"))
         .build()
         .unwrap();
@@ -385,7 +389,7 @@ async fn a_replay_that_panics_is_started_again_and_still_delivers() {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
     use tower_terminal_retry::{
-        outbox::{Delivery, Dispatcher, Outbox},
+        outbox::{Delivery, Dispatcher, Outbox, Replay},
         Classify, DefaultClassifier, Outcome, Schedule, TerminalRetryPolicy,
     };
 
@@ -417,7 +421,10 @@ async fn a_replay_that_panics_is_started_again_and_still_delivers() {
     let outbox = Outbox::open(directory.join("requests.redb")).unwrap();
     let dispatcher = Dispatcher::builder(outbox, client())
         .layer(layer)
-        .replay_interval(Duration::from_secs(1))
+        .replay(Replay {
+            interval: Duration::from_secs(1),
+            ..Replay::default()
+        })
         .build()
         .unwrap();
     let request = http::Request::post(server.url("/hooks/1"))

@@ -17,7 +17,7 @@ use tower_terminal_retry::{
     RetryAfter,
 };
 
-use client_support::{capture, client, schedule, server_with, terminal_calls};
+use client_support::{capture, client, policy, server_with, terminal_calls};
 
 const TOKEN: &str = "tok-4f2c9a7e51";
 
@@ -31,7 +31,7 @@ async fn answering(
 fn client_of(server: &TestServer) -> TaskClient {
     TaskClient::builder(server.url(""))
         .token(TOKEN)
-        .terminal_schedule(schedule(&[1, 1]))
+        .policy(policy(&[1, 1]))
         .timeout(Duration::from_secs(5))
         .build()
         .expect("a valid client")
@@ -268,8 +268,9 @@ async fn the_retry_after_cap_is_the_clients_to_set() {
     server.script("t1", Action::Complete, [slow_down]);
     server.script("t2", Action::Complete, [slow_down]);
     let capped = TaskClient::builder(server.url())
-        .terminal_schedule(schedule(&[1]))
-        .retry_after(RetryAfter::honor_up_to(Duration::from_secs(2)).unwrap())
+        .policy(
+            policy(&[1]).with_retry_after(RetryAfter::honor_up_to(Duration::from_secs(2)).unwrap()),
+        )
         .build()
         .unwrap();
     let start = Instant::now();
@@ -280,8 +281,7 @@ async fn the_retry_after_cap_is_the_clients_to_set() {
     assert_eq!(start.elapsed(), Duration::from_secs(2));
 
     let deaf = TaskClient::builder(server.url())
-        .terminal_schedule(schedule(&[1]))
-        .retry_after(RetryAfter::ignore())
+        .policy(policy(&[1]).with_retry_after(RetryAfter::ignore()))
         .build()
         .unwrap();
     let start = Instant::now();
@@ -330,7 +330,7 @@ async fn a_trickling_server_gets_no_more_connections_than_the_limit() {
     let server = TricklingServer::start().await;
     let client = TaskClient::builder(server.url())
         .concurrency_limit(LIMIT)
-        .terminal_schedule(schedule(&[]))
+        .policy(policy(&[]))
         .timeout(Duration::from_secs(10))
         .build()
         .unwrap();
@@ -514,7 +514,7 @@ async fn the_attempt_timeout_starts_when_the_attempt_is_sent_not_while_it_waits(
     let client = TaskClient::builder(server.url())
         .concurrency_limit(1)
         .timeout(Duration::from_secs(1))
-        .terminal_schedule(schedule(&[]))
+        .policy(policy(&[]))
         .build()
         .unwrap();
     let calls = ["t1", "t2", "t3"].map(|id| {
@@ -643,7 +643,7 @@ fn ten_thousand_reports_child(url: &str, reports: usize) {
     runtime.block_on(async {
         // One attempt each: a report that meets EMFILE is not delivered.
         let client = TaskClient::builder(url)
-            .terminal_schedule(schedule(&[]))
+            .policy(policy(&[]))
             .build()
             .unwrap();
         let futures: Vec<_> = (0..reports)
@@ -663,6 +663,7 @@ fn ten_thousand_reports_child(url: &str, reports: usize) {
 mod with_outbox {
     use super::*;
     use crate::outbox_support::Scratch;
+    use tower_terminal_retry::outbox::Replay;
 
     /// A report stored under another base URL (an old server, or a record
     /// planted in the file) is quarantined, never sent with this client's
@@ -678,9 +679,12 @@ mod with_outbox {
         );
         let first = TaskClient::builder(old.url())
             .token("old-token")
-            .terminal_schedule(schedule(&[1]))
+            .policy(policy(&[1]))
             .outbox(scratch.file())
-            .replay_interval(Duration::from_secs(3600))
+            .replay(Replay {
+                interval: Duration::from_secs(3600),
+                ..Replay::default()
+            })
             .build()
             .unwrap();
         let outcome = first
@@ -695,9 +699,12 @@ mod with_outbox {
         let second = reopen(|| {
             TaskClient::builder(new.url())
                 .token(TOKEN)
-                .terminal_schedule(schedule(&[1]))
+                .policy(policy(&[1]))
                 .outbox(scratch.file())
-                .replay_interval(Duration::from_secs(1))
+                .replay(Replay {
+                    interval: Duration::from_secs(1),
+                    ..Replay::default()
+                })
                 .build()
         })
         .await;
@@ -729,7 +736,7 @@ mod with_outbox {
         let server = answering(echo_authorization(400)).await;
         let client = TaskClient::builder(server.url(""))
             .token(TOKEN)
-            .terminal_schedule(schedule(&[1]))
+            .policy(policy(&[1]))
             .outbox(scratch.file())
             .build()
             .unwrap();
@@ -756,7 +763,7 @@ mod with_outbox {
             [Fault::Status(StatusCode::CONFLICT)],
         );
         let client = TaskClient::builder(server.url())
-            .terminal_schedule(schedule(&[1]))
+            .policy(policy(&[1]))
             .outbox(scratch.file())
             .build()
             .unwrap();
@@ -810,9 +817,12 @@ mod with_outbox {
         let server = server_with(&[]).await;
         server.outage(Duration::ZERO, Duration::from_secs(3600), Fault::Hang);
         let client = TaskClient::builder(server.url())
-            .terminal_schedule(schedule(&[1]))
+            .policy(policy(&[1]))
             .outbox(scratch.file())
-            .replay_interval(Duration::from_secs(3600))
+            .replay(Replay {
+                interval: Duration::from_secs(3600),
+                ..Replay::default()
+            })
             .build()
             .unwrap();
         let ids: Vec<String> = (0..300).map(|n| format!("t{n}")).collect();

@@ -30,8 +30,7 @@ use redb::ReadableTable;
 use tokio::time::Instant;
 use tower_terminal_retry::{
     outbox::{
-        Delivery, Dispatch, Dispatcher, DispatcherBuilder, Durability, Entry, Outbox,
-        DEFAULT_REPLAY_RATE,
+        Delivery, Dispatch, Dispatcher, DispatcherBuilder, Durability, Entry, Outbox, Replay,
     },
     test_server::{Reply, TestServer},
     ConfigError, RetryAfter, TerminalRetryLayer, TerminalRetryPolicy,
@@ -75,7 +74,13 @@ async fn switched(up: Reply, down: Reply) -> (Arc<AtomicBool>, TestServer) {
 
 /// [`dispatcher`], built, replaying every `interval`.
 fn replaying(file: &Path, interval: Duration) -> Dispatcher<HttpClient> {
-    dispatcher(file).replay_interval(interval).build().unwrap()
+    dispatcher(file)
+        .replay(Replay {
+            interval,
+            ..Replay::default()
+        })
+        .build()
+        .unwrap()
 }
 
 /// Sends `count` requests, `r{index}` to `/r/{index}`, one after another,
@@ -237,7 +242,7 @@ fn busiest_second(mut times: Vec<Instant>) -> usize {
 
 #[tokio::test(start_paused = true)]
 async fn six_hundred_stored_requests_are_replayed_at_the_replay_rate() {
-    assert_eq!(DEFAULT_REPLAY_RATE, 100);
+    assert_eq!(Replay::default().rate, 100);
     let scratch = Scratch::new("rate");
     let (up, server) = switched(Reply::status(200), Reply::status(503)).await;
     let dispatcher = replaying(&scratch.file(), Duration::from_secs(5));
@@ -264,7 +269,7 @@ async fn six_hundred_stored_requests_are_replayed_at_the_replay_rate() {
     assert_eq!(replayed.len(), 600);
     let busiest = busiest_second(replayed.clone());
     // The rate, give or take the default replay concurrency (16).
-    let most = DEFAULT_REPLAY_RATE as usize + 16;
+    let most = Replay::default().rate as usize + 16;
     assert!(busiest <= most, "{busiest} requests in one second");
     // Paced, not slowed down further: 600 at 100 a second take about 6 s.
     let span = *replayed.iter().max().unwrap() - *replayed.iter().min().unwrap();
@@ -276,7 +281,10 @@ async fn six_hundred_stored_requests_are_replayed_at_the_replay_rate() {
 async fn a_replay_rate_of_zero_is_refused() {
     let scratch = Scratch::new("zero-rate");
     let error = dispatcher(&scratch.file())
-        .replay_rate(0)
+        .replay(Replay {
+            rate: 0,
+            ..Replay::default()
+        })
         .build()
         .unwrap_err();
     assert!(
@@ -299,7 +307,10 @@ async fn attempts_told_to_retry_after(
     let (up, server) = switched(Reply::status(200), Reply::retry_after(503, value)).await;
     let dispatcher = Dispatcher::builder(Outbox::open(scratch.file()).unwrap(), support::client())
         .layer(layer)
-        .replay_interval(Duration::from_secs(1))
+        .replay(Replay {
+            interval: Duration::from_secs(1),
+            ..Replay::default()
+        })
         .build()
         .unwrap();
     let start = Instant::now();
@@ -375,8 +386,11 @@ async fn a_record_delivered_in_the_foreground_after_the_replay_read_it_is_not_se
     .await
     .unwrap();
     let dispatcher = dispatcher(&scratch.file())
-        .replay_interval(Duration::from_secs(1))
-        .replay_concurrency(1)
+        .replay(Replay {
+            interval: Duration::from_secs(1),
+            concurrency: 1,
+            ..Replay::default()
+        })
         .build()
         .unwrap();
     queue(&dispatcher, &server, 5).await;
@@ -419,7 +433,10 @@ fn child() {
         let outbox = Outbox::open(&file).unwrap();
         let dispatcher = Dispatcher::builder(outbox, support::client())
             .layer(one_attempt())
-            .replay_interval(Duration::from_millis(100))
+            .replay(Replay {
+                interval: Duration::from_millis(100),
+                ..Replay::default()
+            })
             .build()
             .unwrap();
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -722,7 +739,10 @@ async fn secrets_in_what_the_server_sends_back_are_redacted_everywhere() {
     let dispatcher = dispatcher(&scratch.file())
         .redact("unused-secret")
         .redact(SECRET)
-        .replay_interval(Duration::from_secs(1))
+        .replay(Replay {
+            interval: Duration::from_secs(1),
+            ..Replay::default()
+        })
         .fallback({
             let told = told.clone();
             move |_, _, failure| {
@@ -776,7 +796,10 @@ async fn a_conflict_supersedes_the_request_no_fallback_and_the_record_is_retired
     let _guard = capture.install();
     let fallbacks = Arc::new(AtomicUsize::new(0));
     let dispatcher = dispatcher(&scratch.file())
-        .replay_interval(Duration::from_secs(1))
+        .replay(Replay {
+            interval: Duration::from_secs(1),
+            ..Replay::default()
+        })
         .fallback({
             let fallbacks = fallbacks.clone();
             move |entry, _, _| {

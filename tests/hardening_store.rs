@@ -33,7 +33,7 @@ use tokio::{
     process::{Child, ChildStdin, ChildStdout, Command},
 };
 use tower_terminal_retry::{
-    outbox::{Delivery, Dispatcher, Durability, Outbox, OutboxError},
+    outbox::{Delivery, Dispatcher, Durability, Outbox, OutboxError, Replay},
     test_server::{Reply, TestServer},
     Schedule, TerminalRetryLayer, TerminalRetryPolicy,
 };
@@ -69,7 +69,10 @@ fn dispatcher(outbox: Outbox) -> Dispatcher<HttpClient> {
         .layer(TerminalRetryLayer::new(
             TerminalRetryPolicy::default().with_schedule(schedule),
         ))
-        .replay_interval(Duration::from_millis(200))
+        .replay(Replay {
+            interval: Duration::from_millis(200),
+            ..Replay::default()
+        })
         .build()
         .unwrap()
 }

@@ -12,9 +12,9 @@ use std::{path::Path, time::Duration};
 use http::StatusCode;
 use tower_terminal_retry::{
     client::{ReportOutcome, TaskClient, TaskClientBuilder, TaskResult},
-    outbox::Durability,
+    outbox::{Durability, Replay},
     test_server::{Action, Attempt, Fault, Handling, TaskServer, TaskState},
-    Schedule,
+    Recovery, Schedule, TerminalRetryPolicy,
 };
 
 use outbox_support::Scratch;
@@ -24,7 +24,11 @@ use outbox_support::Scratch;
 fn builder(server: &TaskServer, path: &Path) -> TaskClientBuilder {
     TaskClient::builder(server.url())
         .token("s3cret-token")
-        .terminal_schedule(Schedule::new([Duration::from_secs(1); 2]).unwrap())
+        .policy(
+            TerminalRetryPolicy::default()
+                .with_schedule(Schedule::new([Duration::from_secs(1); 2]).unwrap())
+                .with_recovery(Recovery::default()),
+        )
         .timeout(Duration::from_secs(5))
         .outbox(path)
 }
@@ -158,7 +162,10 @@ async fn a_refused_completion_falls_back_to_a_fail_stored_before_it_is_sent() {
     // The fallback meets the end of the server's patience: 502 throughout.
     server.script("t1", Action::Fail, [bad_gateway(); 3]);
     let client = builder(&server, &scratch.file())
-        .replay_interval(Duration::from_secs(3600))
+        .replay(Replay {
+            interval: Duration::from_secs(3600),
+            ..Replay::default()
+        })
         .build()
         .unwrap();
     let result = TaskResult::completed("done").session_id("s-1");
@@ -255,10 +262,17 @@ async fn while_the_server_is_down_one_probe_at_a_time_then_a_bounded_replay() {
     server.outage(Duration::ZERO, outage, bad_gateway());
     server.latency(Duration::from_millis(200));
     let client = TaskClient::builder(server.url())
-        .terminal_schedule(Schedule::new([]).unwrap())
+        .policy(
+            TerminalRetryPolicy::default()
+                .with_schedule(Schedule::new([]).unwrap())
+                .with_recovery(Recovery::default()),
+        )
         .outbox(scratch.file())
-        .replay_interval(Duration::from_secs(20))
-        .replay_concurrency(4)
+        .replay(Replay {
+            interval: Duration::from_secs(20),
+            concurrency: 4,
+            ..Replay::default()
+        })
         .build()
         .unwrap();
     for id in &ids {
@@ -321,7 +335,10 @@ async fn a_report_is_never_in_flight_twice_and_the_first_report_stands() {
     server.latency(Duration::from_millis(700));
     server.outage(Duration::ZERO, Duration::from_secs(30), bad_gateway());
     let client = builder(&server, &scratch.file())
-        .replay_interval(Duration::from_secs(2))
+        .replay(Replay {
+            interval: Duration::from_secs(2),
+            ..Replay::default()
+        })
         .build()
         .unwrap();
     let mut reports = Vec::new();
@@ -364,7 +381,11 @@ async fn after_a_restart_reports_go_oldest_first_beside_new_ones() {
     server.add_tasks(["new"]);
     server.outage(Duration::ZERO, Duration::from_secs(10), bad_gateway());
     let first = builder(&server, &scratch.file())
-        .terminal_schedule(Schedule::new([]).unwrap())
+        .policy(
+            TerminalRetryPolicy::default()
+                .with_schedule(Schedule::new([]).unwrap())
+                .with_recovery(Recovery::default()),
+        )
         .build()
         .unwrap();
     for id in &ids {
@@ -378,7 +399,10 @@ async fn after_a_restart_reports_go_oldest_first_beside_new_ones() {
 
     server.latency(Duration::from_secs(1));
     let second = builder(&server, &scratch.file())
-        .replay_concurrency(1)
+        .replay(Replay {
+            concurrency: 1,
+            ..Replay::default()
+        })
         .build()
         .unwrap();
     tokio::time::sleep(Duration::from_millis(1_500)).await;
@@ -505,7 +529,11 @@ async fn a_file_that_is_not_an_outbox_is_an_error_and_left_as_it_was() {
     // A real outbox with a report in it, to truncate.
     server.outage(Duration::ZERO, Duration::from_secs(3600), bad_gateway());
     let client = builder(&server, &scratch.file())
-        .terminal_schedule(Schedule::new([]).unwrap())
+        .policy(
+            TerminalRetryPolicy::default()
+                .with_schedule(Schedule::new([]).unwrap())
+                .with_recovery(Recovery::default()),
+        )
         .build()
         .unwrap();
     let outcome = client

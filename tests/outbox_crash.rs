@@ -23,9 +23,9 @@ use std::{
 use http::StatusCode;
 use tower_terminal_retry::{
     client::{TaskClient, TaskResult},
-    outbox::Durability,
+    outbox::{Durability, Replay},
     test_server::{Action, Fault, TaskServer, TaskState},
-    Schedule,
+    Recovery, Schedule, TerminalRetryPolicy,
 };
 
 use outbox_support::{as_child, child_command, Random, Scratch};
@@ -46,10 +46,17 @@ fn child() {
         let url = std::env::var(URL).unwrap();
         let file = std::env::var(FILE).unwrap();
         let built = TaskClient::builder(url)
-            .terminal_schedule(Schedule::new([Duration::from_millis(30); 3]).unwrap())
+            .policy(
+                TerminalRetryPolicy::default()
+                    .with_schedule(Schedule::new([Duration::from_millis(30); 3]).unwrap())
+                    .with_recovery(Recovery::default()),
+            )
             .timeout(Duration::from_secs(2))
             .outbox(&file)
-            .replay_interval(Duration::from_millis(200))
+            .replay(Replay {
+                interval: Duration::from_millis(200),
+                ..Replay::default()
+            })
             .build();
         // Said, not panicked: the parent shows what the child says.
         let client = match built {

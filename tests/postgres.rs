@@ -23,7 +23,9 @@ use http::{
     HeaderValue, Request, StatusCode,
 };
 use tower_terminal_retry::{
-    outbox::{Delivery, Dispatcher, DispatcherBuilder, Durability, Outbox, IDEMPOTENCY_KEY},
+    outbox::{
+        Delivery, Dispatcher, DispatcherBuilder, Durability, Outbox, Replay, IDEMPOTENCY_KEY,
+    },
     test_server::{Reply, TestServer},
     ConfigError,
 };
@@ -40,7 +42,10 @@ fn builder(outbox: Outbox) -> DispatcherBuilder<HttpClient> {
     Dispatcher::builder(outbox, http_client())
         .any_origin()
         .lease(Duration::from_secs(1))
-        .replay_interval(Duration::from_millis(200))
+        .replay(Replay {
+            interval: Duration::from_millis(200),
+            ..Replay::default()
+        })
 }
 
 fn post(server: &TestServer, path: &str, body: &str) -> Request<Bytes> {

@@ -31,7 +31,7 @@ use http::{HeaderName, HeaderValue, Request};
 use http_body_util::Full;
 use tower::util::MapRequest;
 use tower_terminal_retry::{
-    outbox::{Dispatcher, Durability, Outbox, IDEMPOTENCY_KEY},
+    outbox::{Dispatcher, Durability, Outbox, Replay, IDEMPOTENCY_KEY},
     test_server::{RecordedRequest, Reply, TestServer},
 };
 
@@ -78,7 +78,10 @@ fn child() {
         let dispatcher = Dispatcher::builder(outbox, service)
             .origin(&server.parse().unwrap())
             .lease(millis(LEASE_MS))
-            .replay_interval(millis(INTERVAL_MS))
+            .replay(Replay {
+                interval: millis(INTERVAL_MS),
+                ..Replay::default()
+            })
             .build()
             .unwrap();
         println!("{SAYS} ready");

@@ -6,7 +6,7 @@ use std::time::Duration;
 use http::StatusCode;
 use tower_terminal_retry::client::{ReportOutcome, TaskClient, TaskResult};
 use tower_terminal_retry::test_server::{Action, Fault, TaskServer, TaskState};
-use tower_terminal_retry::Schedule;
+use tower_terminal_retry::{Schedule, TerminalRetryPolicy};
 
 /// The code under test: how your daemon reports a finished task.
 async fn finish(client: &TaskClient, task_id: &str) -> ReportOutcome {
@@ -21,7 +21,10 @@ async fn a_completion_rides_out_two_bad_gateways() {
     let bad_gateway = Fault::Status(StatusCode::BAD_GATEWAY);
     server.script("t1", Action::Complete, [bad_gateway, bad_gateway]);
     let client = TaskClient::builder(server.url())
-        .terminal_schedule(Schedule::new([Duration::from_secs(1); 3]).expect("a schedule"))
+        .policy(
+            TerminalRetryPolicy::default()
+                .with_schedule(Schedule::new([Duration::from_secs(1); 3]).expect("a schedule")),
+        )
         .build()
         .expect("a client");
 

@@ -423,7 +423,7 @@ async fn the_task_client_releases_parked_reports_on_any_successful_call() {
         );
         let mut builder = TaskClient::builder(server.url());
         if !early_release {
-            builder = builder.recovery(None);
+            builder = builder.policy(TerminalRetryPolicy::default());
         }
         let client = builder.build().unwrap();
         let report = client.report_task_result("t1", TaskResult::completed("done"));

@@ -15,7 +15,7 @@ use http::{HeaderValue, Request};
 use http_body_util::Full;
 use tower::util::MapRequest;
 use tower_terminal_retry::{
-    outbox::{Delivery, Dispatcher, Durability, Listing, Outbox, LIST_CAP, MAX_PAGE},
+    outbox::{Delivery, Dispatcher, Durability, Listing, Outbox, Replay, LIST_CAP, MAX_PAGE},
     test_server::{Reply, TestServer},
     ConfigError,
 };
@@ -155,7 +155,10 @@ async fn two_applications_on_one_queue_deliver_their_own_and_a_planted_record_is
         Dispatcher::builder(outbox, with_token(http_client()))
             .origin(&server.url("/").parse().unwrap())
             .lease(Duration::from_secs(1))
-            .replay_interval(Duration::from_millis(200))
+            .replay(Replay {
+                interval: Duration::from_millis(200),
+                ..Replay::default()
+            })
             .build()
             .unwrap()
     };
@@ -315,7 +318,10 @@ async fn rows_damaged_behind_the_stores_back_are_quarantined_with_their_reason_a
 
     let dispatcher = Dispatcher::builder(outbox.clone(), http_client())
         .origin(&server.url("/").parse().unwrap())
-        .replay_interval(Duration::from_millis(200))
+        .replay(Replay {
+            interval: Duration::from_millis(200),
+            ..Replay::default()
+        })
         .build()
         .unwrap();
     assert!(wait_for(Duration::from_secs(10), || server.requests().len() == 1).await);

@@ -29,7 +29,7 @@ use hyper_util::{
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tower::{service_fn, BoxError, Layer, Service, ServiceBuilder, ServiceExt};
 use tower_terminal_retry::{
-    outbox::{Delivery, Dispatcher, Outbox},
+    outbox::{Delivery, Dispatcher, Outbox, Replay},
     webhooks::{Key, SignError, SignLayer, VerifyLayer, WebhookId},
     Classify, DefaultClassifier, Outcome, Schedule, TerminalRetryLayer, TerminalRetryPolicy,
 };
@@ -741,7 +741,10 @@ async fn an_outbox_replay_hours_after_the_event_is_signed_afresh_with_the_same_i
                 TerminalRetryPolicy::default()
                     .with_schedule(Schedule::new([Duration::from_millis(10); 2]).unwrap()),
             ))
-            .replay_interval(Duration::from_secs(3600))
+            .replay(Replay {
+                interval: Duration::from_secs(3600),
+                ..Replay::default()
+            })
             .build()
             .unwrap()
     };

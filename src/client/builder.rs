@@ -17,7 +17,7 @@ use tower_http::{
     sensitive_headers::SetSensitiveRequestHeadersLayer, set_header::SetRequestHeaderLayer,
 };
 
-use super::durable::{self, OutboxSettings};
+use super::durable;
 use super::{
     error::Error,
     limit::ExchangeLimit,
@@ -25,7 +25,7 @@ use super::{
     transport::{Connector, Credentials, Transport},
 };
 use crate::{
-    origin::has_user_info, Recovery, RetryAfter, Schedule, TerminalRetryLayer, TerminalRetryPolicy,
+    origin::has_user_info, outbox::Replay, Recovery, TerminalRetryLayer, TerminalRetryPolicy,
 };
 
 /// The default per-attempt timeout.
@@ -42,12 +42,12 @@ pub struct TaskClientBuilder {
     base_url: String,
     token: Option<String>,
     client_version: Option<String>,
-    schedule: Schedule,
-    retry_after: RetryAfter,
+    policy: TerminalRetryPolicy,
     timeout: Duration,
     concurrency_limit: usize,
-    recovery: Option<Recovery>,
-    outbox: OutboxSettings,
+    #[cfg(feature = "outbox")]
+    outbox: Option<std::path::PathBuf>,
+    replay: Replay,
     #[cfg(feature = "rustls")]
     roots: Roots,
 }
@@ -77,12 +77,12 @@ impl TaskClientBuilder {
             base_url,
             token: None,
             client_version: None,
-            schedule: Schedule::default(),
-            retry_after: RetryAfter::default(),
+            policy: TerminalRetryPolicy::default().with_recovery(Recovery::default()),
             timeout: DEFAULT_TIMEOUT,
             concurrency_limit: DEFAULT_CONCURRENCY_LIMIT,
-            recovery: Some(Recovery::default()),
-            outbox: OutboxSettings::default(),
+            #[cfg(feature = "outbox")]
+            outbox: None,
+            replay: Replay::default(),
             #[cfg(feature = "rustls")]
             roots: Roots::Webpki,
         }
@@ -104,20 +104,22 @@ impl TaskClientBuilder {
         self
     }
 
-    /// The delays between attempts of `complete` and `fail` (by default 4, 8,
-    /// 16, 32 and 64 s). The other routes are tried once.
-    pub fn terminal_schedule(mut self, schedule: Schedule) -> TaskClientBuilder {
-        self.schedule = schedule;
-        self
-    }
-
-    /// How the server's `Retry-After` on a 429 or 503 is honoured on the
-    /// terminal routes and by the outbox's probes, with the layer's meaning
-    /// (see [`RetryAfter`]): by default up to five minutes. A
-    /// lower cap bounds how long one report can be held by a server asking
-    /// for long waits.
-    pub fn retry_after(mut self, retry_after: RetryAfter) -> TaskClientBuilder {
-        self.retry_after = retry_after;
+    /// The retry policy of the terminal routes, `complete` and `fail`, and
+    /// of the outbox's deliveries (the other routes are tried once): its
+    /// schedule, its `Retry-After` rule (also honoured by the outbox's
+    /// probes), jitter, budget and attempt header, and its
+    /// [`Recovery`]. The signal ends the backoff of parked terminal reports
+    /// once a request to the same server succeeds: a `start`, a `progress`,
+    /// any other call of this client, or one of the stacks you share it
+    /// with.
+    ///
+    /// By default `TerminalRetryPolicy::default().with_recovery(Recovery::default())`:
+    /// delays of 4, 8, 16, 32 and 64 s, `Retry-After` honoured up to five
+    /// minutes, and a signal of the client's own releasing 50 reports a
+    /// second. A policy without a recovery turns early release off and keeps
+    /// the schedule exact.
+    pub fn policy(mut self, policy: TerminalRetryPolicy) -> TaskClientBuilder {
+        self.policy = policy;
         self
     }
 
@@ -143,17 +145,6 @@ impl TaskClientBuilder {
         self
     }
 
-    /// The signal that ends the backoff of parked terminal reports once a
-    /// request to the same server succeeds: a `start`, a `progress`, any
-    /// other call of this client, or one of the stacks you share it with
-    /// (see [`Recovery`]). By default a signal of the client's own,
-    /// [`Recovery::default`], releasing 50 reports a second; `None` turns
-    /// early release off and keeps the schedule exact.
-    pub fn recovery(mut self, recovery: Option<Recovery>) -> TaskClientBuilder {
-        self.recovery = recovery;
-        self
-    }
-
     /// Makes terminal reports durable in the outbox file at `path` (created
     /// if missing, with its folder): each report of
     /// [`report_task_result`](TaskClient::report_task_result) is committed
@@ -166,34 +157,16 @@ impl TaskClientBuilder {
     /// an `error` event naming its host, never sent with this client's token.
     #[cfg(feature = "outbox")]
     pub fn outbox(mut self, path: impl Into<std::path::PathBuf>) -> TaskClientBuilder {
-        self.outbox.path = Some(path.into());
+        self.outbox = Some(path.into());
         self
     }
 
-    /// With an [`outbox`](TaskClientBuilder::outbox): the longest wait between
-    /// two probes of a server that is down (by default 30 s).
+    /// With an [`outbox`](TaskClientBuilder::outbox): how stored reports
+    /// are replayed (see [`Replay`]; by default every 30 s at most while the
+    /// server is down, 16 at once and 100 a second once it is back).
     #[cfg(feature = "outbox")]
-    pub fn replay_interval(mut self, interval: Duration) -> TaskClientBuilder {
-        self.outbox.replay_interval = Some(interval);
-        self
-    }
-
-    /// With an [`outbox`](TaskClientBuilder::outbox): how many stored reports
-    /// are sent at once once the server is back (by default 16).
-    #[cfg(feature = "outbox")]
-    pub fn replay_concurrency(mut self, concurrency: usize) -> TaskClientBuilder {
-        self.outbox.replay_concurrency = Some(concurrency);
-        self
-    }
-
-    /// With an [`outbox`](TaskClientBuilder::outbox): at most this many
-    /// stored reports start a replay in any one second, give or take the
-    /// replay concurrency (by default 100), so that
-    /// a server back from an outage is not met by the whole backlog at once.
-    /// Zero is a configuration error.
-    #[cfg(feature = "outbox")]
-    pub fn replay_rate(mut self, per_second: u32) -> TaskClientBuilder {
-        self.outbox.replay_rate = Some(per_second);
+    pub fn replay(mut self, replay: Replay) -> TaskClientBuilder {
+        self.replay = replay;
         self
     }
 
@@ -281,24 +254,16 @@ impl TaskClientBuilder {
             .service(client);
         // The timeout sits inside the retry layer: a hung attempt is a
         // transient failure, retried like a 502.
-        let policy = TerminalRetryPolicy::default()
-            .with_schedule(self.schedule.clone())
-            .with_retry_after(self.retry_after);
-        let layer = TerminalRetryLayer::new(policy.clone());
-        let dispatcher = durable::dispatcher(
-            &self.outbox,
-            durable::Sending {
-                attempt: single.clone(),
-                layer: layer.clone(),
-                recovery: self.recovery.clone(),
-                base: &base,
-                token: self.token.as_deref(),
-            },
-        )?;
-        let layer = match &self.recovery {
-            Some(recovery) => TerminalRetryLayer::new(policy.with_recovery(recovery.clone())),
-            None => layer,
-        };
+        let layer = TerminalRetryLayer::new(self.policy.clone());
+        let dispatcher = durable::dispatcher(durable::Sending {
+            attempt: single.clone(),
+            layer: layer.clone(),
+            #[cfg(feature = "outbox")]
+            outbox: self.outbox.as_deref(),
+            replay: self.replay,
+            base: &base,
+            token: self.token.as_deref(),
+        })?;
         let terminal = layer.layer(single.clone());
 
         let transport = Transport {
@@ -306,9 +271,9 @@ impl TaskClientBuilder {
             headers,
             token: self.token,
             client_version: self.client_version,
-            schedule: self.schedule,
+            schedule: self.policy.schedule().clone(),
             timeout: self.timeout,
-            recovery: self.recovery,
+            recovery: self.policy.recovery().cloned(),
             single,
             terminal,
         };
@@ -410,13 +375,13 @@ impl fmt::Debug for TaskClientBuilder {
             .field("base_url", &shown_url(&self.base_url))
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("client_version", &self.client_version)
-            .field("terminal_schedule", &self.schedule.delays())
-            .field("retry_after", &self.retry_after)
+            .field("policy", &self.policy)
             .field("timeout", &self.timeout)
-            .field("concurrency_limit", &self.concurrency_limit)
-            .field("recovery", &self.recovery);
+            .field("concurrency_limit", &self.concurrency_limit);
         #[cfg(feature = "outbox")]
-        debug.field("outbox", &self.outbox);
+        debug
+            .field("outbox", &self.outbox)
+            .field("replay", &self.replay);
         debug.finish_non_exhaustive()
     }
 }

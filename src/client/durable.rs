@@ -4,8 +4,8 @@
 //! first and replays it).
 
 #[cfg(feature = "outbox")]
-use std::path::PathBuf;
-use std::{sync::Arc, time::Duration};
+use std::path::Path;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{Request, StatusCode, Uri};
@@ -20,27 +20,19 @@ use super::{
     transport::{Attempt, Transport},
 };
 use crate::{
-    outbox::{Delivery, Dispatch, Dispatcher, Durability, Entry, Tag},
-    Recovery, TerminalRetryLayer,
+    outbox::{Delivery, Dispatch, Dispatcher, Durability, Entry, Replay, Tag},
+    TerminalRetryLayer,
 };
-
-/// Where and how terminal reports are kept on disk; the replay settings
-/// apply once a path is set, whatever the order of the calls. A setting
-/// left unset keeps the dispatcher's default.
-#[derive(Debug, Default)]
-pub(super) struct OutboxSettings {
-    #[cfg(feature = "outbox")]
-    pub(super) path: Option<PathBuf>,
-    pub(super) replay_interval: Option<Duration>,
-    pub(super) replay_concurrency: Option<usize>,
-    pub(super) replay_rate: Option<u32>,
-}
 
 /// How the client's reports are sent: what its dispatcher needs of it.
 pub(super) struct Sending<'a> {
     pub(super) attempt: Attempt,
+    /// With the client's policy, and its recovery signal if any.
     pub(super) layer: TerminalRetryLayer,
-    pub(super) recovery: Option<Recovery>,
+    /// The outbox file, if reports are stored.
+    #[cfg(feature = "outbox")]
+    pub(super) outbox: Option<&'a Path>,
+    pub(super) replay: Replay,
     /// The base URL: only its origin gets stored reports, and a fallback
     /// goes below it.
     pub(super) base: &'a str,
@@ -48,12 +40,9 @@ pub(super) struct Sending<'a> {
     pub(super) token: Option<&'a str>,
 }
 
-/// The client's dispatcher: over the outbox at the settings' path if one is
-/// set (its replay worker started), in memory otherwise.
-pub(super) fn dispatcher(
-    settings: &OutboxSettings,
-    sending: Sending<'_>,
-) -> Result<Dispatcher<Attempt>, Error> {
+/// The client's dispatcher: over the outbox file if one is set (its replay
+/// worker started), in memory otherwise.
+pub(super) fn dispatcher(sending: Sending<'_>) -> Result<Dispatcher<Attempt>, Error> {
     let origin: Uri = sending
         .base
         .parse()
@@ -62,7 +51,7 @@ pub(super) fn dispatcher(
         })?;
     let base = sending.base.to_owned();
     #[cfg(feature = "outbox")]
-    let builder = match &settings.path {
+    let builder = match sending.outbox {
         Some(path) => {
             let outbox = crate::outbox::Outbox::open(path).map_err(Error::outbox)?;
             Dispatcher::builder(outbox, sending.attempt)
@@ -71,22 +60,16 @@ pub(super) fn dispatcher(
     };
     #[cfg(not(feature = "outbox"))]
     let builder = Dispatcher::in_memory(sending.attempt);
+    // The dispatcher's recovery is the policy's: `None` keeps it off.
+    let recovery = sending.layer.policy().recovery().cloned();
     let mut builder = builder
         .layer(sending.layer)
-        .recovery(sending.recovery)
+        .recovery(recovery)
+        .replay(sending.replay)
         .origin(&origin)
         .fallback(move |entry: &Entry, _: StatusCode, failure: &str| {
             fallback(&base, entry, failure)
         });
-    if let Some(interval) = settings.replay_interval {
-        builder = builder.replay_interval(interval);
-    }
-    if let Some(concurrency) = settings.replay_concurrency {
-        builder = builder.replay_concurrency(concurrency);
-    }
-    if let Some(rate) = settings.replay_rate {
-        builder = builder.replay_rate(rate);
-    }
     if let Some(token) = sending.token {
         builder = builder.redact(token);
     }

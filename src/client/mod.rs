@@ -26,8 +26,8 @@
 //! replay worker delivers it once the server is back, across restarts; the
 //! `outbox` module says what that guarantees.
 //!
-//! All routes share one [`Recovery`](crate::Recovery), on by default
-//! ([`TaskClientBuilder::recovery`]): any successful call (a `start`, a
+//! All routes share one [`Recovery`](crate::Recovery), the client's
+//! [`policy`](TaskClientBuilder::policy)'s, on by default: any successful call (a `start`, a
 //! `progress`, a report) ends the backoff of the terminal reports waiting on
 //! the same server, at most 50 a second.
 //!
@@ -56,7 +56,7 @@
 //! use http::StatusCode;
 //! use tower_terminal_retry::client::{ReportOutcome, TaskClient, TaskResult};
 //! use tower_terminal_retry::test_server::{Action, Fault, TaskServer, TaskState};
-//! use tower_terminal_retry::Schedule;
+//! use tower_terminal_retry::{Recovery, Schedule, TerminalRetryPolicy};
 //!
 //! # #[tokio::main(flavor = "current_thread", start_paused = true)]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -68,7 +68,11 @@
 //!
 //! let client = TaskClient::builder(server.url())
 //!     .token("secret")
-//!     .terminal_schedule(Schedule::new([Duration::from_secs(1); 3])?)
+//!     .policy(
+//!         TerminalRetryPolicy::default()
+//!             .with_schedule(Schedule::new([Duration::from_secs(1); 3])?)
+//!             .with_recovery(Recovery::default()),
+//!     )
 //!     .build()?;
 //! let outcome = client.report_task_result("t1", TaskResult::completed("all done")).await;
 //!

@@ -14,23 +14,13 @@ use tokio::sync::Notify;
 use tower::{util::MapRequest, BoxError, Layer, Service};
 
 use super::{
-    dispatcher::{Settings, Shared},
+    dispatcher::{Replay, Settings, Shared},
     foreground::count_attempt,
     replay::supervise,
     Dispatcher, Entry, Outbox,
 };
 use crate::{origin::origin_key, Classify, DefaultClassifier, Recovery, TerminalRetryLayer};
 
-/// The default longest wait between two probes of a server that is down.
-const DEFAULT_REPLAY_INTERVAL: Duration = Duration::from_secs(30);
-/// The default number of stored requests replayed at once.
-const DEFAULT_REPLAY_CONCURRENCY: usize = 16;
-/// The default most replays started in any one second. A server just back
-/// from an outage is cold (empty caches, connection pools still filling, no
-/// extra capacity yet): its whole backlog at once can take it down again.
-/// Without a rate, 600 stored reports went out as 561 requests within one
-/// second; at 100 a second they take six.
-pub const DEFAULT_REPLAY_RATE: u32 = 100;
 /// How long a foreground delivery waits for each write to the store before
 /// it goes on without it, unless set.
 const DEFAULT_STORE_WAIT: Duration = Duration::from_secs(3);
@@ -89,9 +79,7 @@ impl<S> DispatcherBuilder<S> {
             settings: Settings {
                 recovery: Some(Recovery::default()),
                 fallback: None,
-                replay_interval: DEFAULT_REPLAY_INTERVAL,
-                replay_concurrency: DEFAULT_REPLAY_CONCURRENCY,
-                replay_rate: DEFAULT_REPLAY_RATE,
+                replay: Replay::default(),
                 origins: Vec::new(),
                 any_origin: false,
                 store_wait: DEFAULT_STORE_WAIT,
@@ -143,28 +131,11 @@ impl<S, C> DispatcherBuilder<S, C> {
         self
     }
 
-    /// The longest wait between two probes while the server is down (by
-    /// default 30 s); also how often a store that cannot be written is asked
-    /// to recover.
-    pub fn replay_interval(mut self, interval: Duration) -> Self {
-        self.settings.replay_interval = interval;
-        self
-    }
-
-    /// How many stored requests are replayed at once once the server is
-    /// back (by default 16).
-    pub fn replay_concurrency(mut self, concurrency: usize) -> Self {
-        self.settings.replay_concurrency = concurrency;
-        self
-    }
-
-    /// The most replays started in any one second, give or take the replay
-    /// concurrency (by default [`DEFAULT_REPLAY_RATE`], 100). The replay
-    /// spaces its requests evenly, so that a server back from an outage is
-    /// not hit by its whole backlog at once; `0` is an error of
-    /// [`build`](DispatcherBuilder::build).
-    pub fn replay_rate(mut self, per_second: u32) -> Self {
-        self.settings.replay_rate = per_second;
+    /// How the replay worker sends what is stored (see [`Replay`]; by
+    /// default [`Replay::default`]). A dispatcher
+    /// [without a store](Dispatcher::in_memory) replays nothing.
+    pub fn replay(mut self, replay: Replay) -> Self {
+        self.settings.replay = replay;
         self
     }
 
@@ -265,13 +236,14 @@ impl<S, C> DispatcherBuilder<S, C> {
         C: Classify<Response<RB>, E> + Send + Sync + 'static,
     {
         let invalid = |reason| crate::ConfigError::InvalidSetting { reason };
-        if self.settings.replay_interval.is_zero() {
+        let replay = self.settings.replay;
+        if replay.interval.is_zero() {
             return Err(invalid("the replay interval must not be zero"));
         }
-        if self.settings.replay_concurrency == 0 {
+        if replay.concurrency == 0 {
             return Err(invalid("the replay concurrency must not be zero"));
         }
-        if self.settings.replay_rate == 0 {
+        if replay.rate == 0 {
             return Err(invalid("the replay rate must be at least one a second"));
         }
         if self.lease.is_some_and(|lease| lease.is_zero()) {
@@ -309,7 +281,7 @@ impl<S, C> DispatcherBuilder<S, C> {
         let counted: fn(Request<Full<Bytes>>) -> Request<Full<Bytes>> = count_attempt;
         let retrying = layer.layer(MapRequest::new(self.service.clone(), counted));
         if let Some(outbox) = &self.outbox {
-            outbox.hold_for(self.lease, self.settings.replay_interval);
+            outbox.hold_for(self.lease, replay.interval);
         }
         let wake = match &self.outbox {
             Some(outbox) => outbox.requeued(),
@@ -328,8 +300,7 @@ impl<S, C> DispatcherBuilder<S, C> {
         });
         // Without a store there is nothing to replay.
         if replays {
-            let rate = shared.settings.replay_rate;
-            runtime.spawn(supervise(Arc::downgrade(&shared), wake, rate));
+            runtime.spawn(supervise(Arc::downgrade(&shared), wake, replay.rate));
         }
         Ok(Dispatcher { shared })
     }

@@ -1,6 +1,6 @@
-//! The [`Dispatcher`], and what one attempt of a stored request does: send
-//! it, read how it went (classified once), record that in the store, and
-//! say what comes next.
+//! The [`Dispatcher`] and its [`Replay`] settings, and what one attempt of a
+//! stored request does: send it, read how it went (classified once), record
+//! that in the store, and say what comes next.
 
 use std::{
     collections::HashSet,
@@ -103,15 +103,53 @@ impl<S, C> Clone for Dispatcher<S, C> {
     }
 }
 
+/// How the replay worker sends what is stored, given to
+/// [`DispatcherBuilder::replay`](super::DispatcherBuilder::replay) (and to the task client's
+/// [`replay`](crate::client::TaskClientBuilder::replay)); a zero in any
+/// field is an error of [`build`](super::DispatcherBuilder::build).
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_terminal_retry::outbox::Replay;
+///
+/// let replay = Replay { interval: Duration::from_secs(5), ..Replay::default() };
+/// assert_eq!((replay.concurrency, replay.rate), (16, 100));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Replay {
+    /// The longest wait between two probes while the server is down (by
+    /// default 30 s); also how often a store that cannot be written is asked
+    /// to recover.
+    pub interval: Duration,
+    /// How many stored requests are replayed at once once the server is
+    /// back (by default 16).
+    pub concurrency: usize,
+    /// The most replays started in any one second, give or take the
+    /// concurrency (by default 100). The replay spaces its requests evenly:
+    /// a server just back from an outage is cold (empty caches, connection
+    /// pools still filling, no extra capacity yet), and its whole backlog at
+    /// once can take it down again. Without a rate, 600 stored reports went
+    /// out as 561 requests within one second; at 100 a second they take six.
+    pub rate: u32,
+}
+
+impl Default for Replay {
+    fn default() -> Self {
+        Replay {
+            interval: Duration::from_secs(30),
+            concurrency: 16,
+            rate: 100,
+        }
+    }
+}
+
 /// What a dispatcher is set up with besides its outbox, service and layer:
 /// the builder fills it in and hands it over whole, so that the two hold
 /// the same fields in one place.
 pub(super) struct Settings {
     pub(super) recovery: Option<Recovery>,
     pub(super) fallback: Option<Arc<Fallback>>,
-    pub(super) replay_interval: Duration,
-    pub(super) replay_concurrency: usize,
-    pub(super) replay_rate: u32,
+    pub(super) replay: Replay,
     /// The origins requests may go to (`scheme://host:port`); any, if
     /// empty.
     pub(super) origins: Vec<String>,
@@ -132,9 +170,7 @@ impl Settings {
     ) -> &'a mut fmt::DebugStruct<'b, 'c> {
         f.field("recovery", &self.recovery)
             .field("fallback", &self.fallback.is_some())
-            .field("replay_interval", &self.replay_interval)
-            .field("replay_concurrency", &self.replay_concurrency)
-            .field("replay_rate", &self.replay_rate)
+            .field("replay", &self.replay)
             .field("origins", &self.origins)
             .field("any_origin", &self.any_origin)
             .field("store_wait", &self.store_wait)
@@ -613,7 +649,10 @@ mod tests {
         let fail_url = server.url("/hooks/fail");
         let dispatcher = Dispatcher::builder(scratch.outbox(), client())
             .layer(once)
-            .replay_interval(Duration::from_secs(3600))
+            .replay(Replay {
+                interval: Duration::from_secs(3600),
+                ..Replay::default()
+            })
             .fallback(move |entry, _, _| {
                 let request = Request::post(fail_url.as_str()).body(Bytes::new()).unwrap();
                 match entry.key.as_str() {

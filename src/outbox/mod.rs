@@ -25,8 +25,7 @@
 //!   soon as any request succeeds (a probe, a foreground delivery, or any
 //!   call [observed](crate::Recovery::observe) by its [`Recovery`](crate::Recovery))
 //!   it sends everything stored, oldest first, a bounded number at once and
-//!   at most [`DEFAULT_REPLAY_RATE`] a second (see
-//!   [`replay_rate`](DispatcherBuilder::replay_rate)): a server that has just
+//!   at most [`Replay::rate`] a second (100 by default): a server that has just
 //!   come back is not hit by its whole backlog at once. Each record is read
 //!   again once claimed, so that one delivered meanwhile in the foreground
 //!   is not sent again.
@@ -187,9 +186,9 @@ mod replay;
 #[cfg_attr(not(feature = "outbox"), allow(dead_code))]
 mod store;
 
-pub use builder::{DispatcherBuilder, DEFAULT_REPLAY_RATE};
+pub use builder::DispatcherBuilder;
 pub use delivery::{Delivery, Dispatch, Durability};
-pub use dispatcher::Dispatcher;
+pub use dispatcher::{Dispatcher, Replay};
 pub use error::OutboxError;
 pub use listing::{Cursor, Listing, Page, MAX_PAGE};
 pub use record::{Entry, Tag};

@@ -101,7 +101,7 @@ where
     let jitter = Jitter::full();
     let Some(interval) = dispatcher
         .upgrade()
-        .map(|shared| shared.settings.replay_interval)
+        .map(|shared| shared.settings.replay.interval)
     else {
         return;
     };
@@ -267,7 +267,8 @@ where
     }
 
     /// Sends every record the replay may send, oldest first, at most
-    /// `replay_concurrency` at once and at the replay rate; stops at the
+    /// [`Replay::concurrency`](super::Replay::concurrency) at once and at
+    /// its rate; stops at the
     /// first transient failure.
     async fn replay_all(self: Arc<Self>, pace: &mut Pace) -> Replayed {
         let mut after = 0;
@@ -292,7 +293,7 @@ where
             };
             after = last.seq;
             for listed in entries {
-                while running.len() >= self.settings.replay_concurrency {
+                while running.len() >= self.settings.replay.concurrency {
                     if let Some(done) = running.join_next().await {
                         if !answered(done) {
                             healthy = false;

@@ -11,7 +11,7 @@ use std::{
 use tower_terminal_retry::{
     client::TaskClient,
     test_server::{Action, TaskServer},
-    Schedule,
+    Recovery, Schedule, TerminalRetryPolicy,
 };
 
 /// A task server holding `task_ids`, all queued.
@@ -25,10 +25,18 @@ pub async fn server_with(task_ids: &[&str]) -> TaskServer {
 /// a 5 s per-attempt timeout.
 pub fn client(server: &TaskServer, delays: &[u64]) -> TaskClient {
     TaskClient::builder(server.url())
-        .terminal_schedule(schedule(delays))
+        .policy(policy(delays))
         .timeout(Duration::from_secs(5))
         .build()
         .expect("a valid client")
+}
+
+/// The client's default policy (early release on) with `delays` (in
+/// seconds) as its schedule.
+pub fn policy(delays: &[u64]) -> TerminalRetryPolicy {
+    TerminalRetryPolicy::default()
+        .with_schedule(schedule(delays))
+        .with_recovery(Recovery::default())
 }
 
 pub fn schedule(delays: &[u64]) -> Schedule {

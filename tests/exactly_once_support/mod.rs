@@ -37,7 +37,7 @@ use tokio::{net::TcpListener, task::JoinHandle};
 use tower::{Service, ServiceBuilder, ServiceExt};
 use tower_terminal_retry::{
     idempotency::IDEMPOTENT_REPLAYED,
-    outbox::{Dispatcher, Durability, Outbox, IDEMPOTENCY_KEY},
+    outbox::{Dispatcher, Durability, Outbox, Replay, IDEMPOTENCY_KEY},
     Schedule, TerminalRetryLayer, TerminalRetryPolicy,
 };
 
@@ -260,8 +260,11 @@ pub fn sender(role: &str, url: &str, file: &Path, events: &str) {
         let dispatcher = match Outbox::open(file).map(|outbox| {
             Dispatcher::builder(outbox, stack)
                 .layer(layer)
-                .replay_interval(Duration::from_millis(100))
-                .replay_rate(10_000)
+                .replay(Replay {
+                    interval: Duration::from_millis(100),
+                    rate: 10_000,
+                    ..Replay::default()
+                })
                 .build()
         }) {
             Ok(Ok(dispatcher)) => dispatcher,
