@@ -216,7 +216,7 @@ impl fmt::Debug for TaskClient {
             .field("base_url", &transport.base)
             .field("token", &transport.token.as_ref().map(|_| "<redacted>"))
             .field("client_version", &transport.client_version)
-            .field("terminal_schedule", &transport.schedule.delays())
+            .field("schedule", &transport.schedule.delays())
             .field("timeout", &transport.timeout)
             .field("reports_in_flight", &self.inner.reports.len())
             .finish()
