@@ -9,7 +9,6 @@
 #![cfg(all(feature = "idempotency", feature = "outbox", unix))]
 
 mod exactly_once_support;
-mod outbox_support;
 #[cfg(feature = "postgres")]
 mod postgres_support;
 
@@ -18,6 +17,8 @@ use std::process::Command;
 use tower::Layer;
 use tower_terminal_retry::idempotency::{IdempotencyLayer, MemoryStore};
 
+// One copy of the on-disk helpers, which the PostgreSQL helpers use too.
+use exactly_once_support::outbox_support;
 use exactly_once_support::{apply, run, sender, Effects, Random, Receiver, Run};
 use outbox_support::{child_command, Scratch};
 

@@ -8,6 +8,13 @@
 
 #![allow(dead_code)] // The test and the example use their own share of it.
 
+/// The on-disk outbox helpers, shared with the tests: a scratch directory,
+/// a child process, and the random source for kill instants.
+#[path = "../outbox_support/mod.rs"]
+pub mod outbox_support;
+
+pub use outbox_support::Random;
+
 use std::{
     collections::{BTreeMap, BTreeSet, HashSet},
     convert::Infallible,
@@ -341,26 +348,6 @@ impl fmt::Display for Run {
             self.kills,
             self.drained
         )
-    }
-}
-
-/// xorshift64*: enough randomness for kill instants.
-pub struct Random(pub u64);
-
-impl Random {
-    pub fn seeded() -> Random {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::SystemTime::UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos();
-        Random(u64::from(nanos) | 1)
-    }
-
-    pub fn below(&mut self, bound: u64) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) % bound
     }
 }
 
