@@ -2,7 +2,7 @@
 //! layer's retries, the fallback), in process only, said by its
 //! durability; and a delivery stopped with `Dispatch::abort`.
 
-#![cfg(feature = "client")]
+#![cfg(all(feature = "client", feature = "outbox"))]
 
 mod support;
 
@@ -134,4 +134,27 @@ async fn an_aborted_delivery_in_memory_sends_nothing_more() {
     }
     tokio::time::sleep(Duration::from_secs(10)).await;
     assert_eq!(server.requests().len(), 1, "nothing sent after the abort");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_wait_for_durability_given_up_can_be_asked_again() {
+    // The server hangs: the delivery never ends while the test looks.
+    let server = TestServer::start(|_| Reply::Hang).await.unwrap();
+    let directory =
+        std::env::temp_dir().join(format!("in-memory-ask-again-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&directory);
+    let outbox = tower_terminal_retry::outbox::Outbox::open(directory.join("r.redb")).unwrap();
+    let dispatcher = Dispatcher::builder(outbox, support::client())
+        .layer(two_retries())
+        .build()
+        .unwrap();
+    let mut dispatch = dispatcher.send("r1", post(server.url("/hooks/r1")));
+    // A bound that may end before the store answers; either way, asking
+    // again gives the answer rather than a panic.
+    let _ = tokio::time::timeout(Duration::ZERO, dispatch.stored()).await;
+    assert_eq!(dispatch.stored().await, Durability::Stored);
+    assert_eq!(dispatch.stored().await, Durability::Stored);
+    dispatch.abort();
+    drop(dispatcher);
+    let _ = std::fs::remove_dir_all(&directory);
 }

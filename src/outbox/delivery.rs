@@ -163,11 +163,16 @@ impl DurabilityWatch {
 
     /// Waits for the answer; a delivery gone without one may not have stored.
     async fn wait(&mut self) -> Durability {
-        if let Some(receiver) = self.receiver.take() {
+        // Awaited in place: a caller that stops waiting (a timeout around
+        // `stored`) can ask again.
+        if let Some(receiver) = &mut self.receiver {
             let stopped = |_| Durability::NotStored(OutboxError::stopped());
             self.known = Some(receiver.await.unwrap_or_else(stopped));
+            self.receiver = None;
         }
-        self.known.clone().expect("set above")
+        self.known
+            .clone()
+            .unwrap_or_else(|| Durability::NotStored(OutboxError::stopped()))
     }
 
     /// The answer, if it came.
