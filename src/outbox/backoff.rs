@@ -29,6 +29,14 @@ impl Backoff {
         }
     }
 
+    /// A backoff resumed at `delay`, kept within `first` and `longest`.
+    pub(crate) fn resume(first: Duration, longest: Duration, delay: Duration) -> Backoff {
+        Backoff {
+            delay: delay.max(first).min(longest),
+            ..Backoff::new(first, longest)
+        }
+    }
+
     /// The delay to wait now.
     pub(crate) fn delay(&self) -> Duration {
         self.delay

@@ -171,6 +171,7 @@
 mod backoff;
 mod builder;
 mod delivery;
+mod destination;
 mod dispatcher;
 // Without a backend (feature `outbox`), what only a backend calls is unused.
 #[cfg_attr(not(feature = "outbox"), allow(dead_code))]
@@ -188,6 +189,7 @@ mod store;
 
 pub use builder::DispatcherBuilder;
 pub use delivery::{Delivery, Dispatch, Durability};
+pub use destination::Destination;
 pub use dispatcher::{Dispatcher, Replay};
 pub use error::OutboxError;
 pub use listing::{Cursor, Listing, Page, MAX_PAGE};

@@ -31,12 +31,14 @@
 //! ```
 
 mod claim;
+mod lane_state;
 #[cfg(feature = "postgres")]
 mod postgres;
 #[cfg(feature = "outbox")]
 mod redb;
 
 pub(super) use claim::Claim;
+pub(super) use lane_state::{LaneEvent, LaneState};
 
 #[cfg(feature = "outbox")]
 use std::path::PathBuf;
@@ -44,7 +46,7 @@ use std::{future::Future, path::Path, pin::Pin, sync::Arc, time::Duration};
 
 use tokio::sync::Notify;
 
-use super::{Entry, Listing, OutboxError, Page};
+use super::{Destination, Entry, Listing, OutboxError, Page};
 
 /// The most records [`Outbox::pending`] and [`Outbox::quarantined`] return:
 /// a queue of millions is read with [`Outbox::list`], a page at a time.
@@ -152,6 +154,40 @@ trait Store: Send + Sync {
     fn recover(&self) -> BoxFuture<'_, bool>;
 
     fn requeued(&self) -> Arc<Notify>;
+
+    /// The destinations with pending records that no one holds, and the
+    /// state of each; on a shared store only those of `origins` (all, if
+    /// empty). At most `cap` of them, those with the oldest records first.
+    /// Forgets the state of destinations with nothing stored.
+    fn lanes<'a>(
+        &'a self,
+        origins: &'a [String],
+        cap: usize,
+    ) -> Answer<'a, Vec<(String, LaneState)>>;
+
+    /// Claims up to `limit` pending records to `origin` that no one holds,
+    /// oldest first, and reads them as they are once claimed (each claimed
+    /// key then released by [`release`](Store::release), as any claim).
+    fn claim_lane<'a>(&'a self, origin: &'a str, limit: usize) -> Answer<'a, Vec<Entry>>;
+
+    /// Records how an attempt to `origin` went (see [`LaneEvent`]); the
+    /// destination's state after it. Keeps no state for an origin with
+    /// nothing stored.
+    fn note<'a>(&'a self, origin: &'a str, event: LaneEvent) -> Answer<'a, LaneState>;
+
+    /// Takes the probe of `origin`, down, for this store's user: whether it
+    /// was due and no one else held it. Held until the next
+    /// [`note`](Store::note) of an attempt to `origin` from here, or a
+    /// lease's length.
+    fn take_probe<'a>(&'a self, origin: &'a str) -> Answer<'a, bool>;
+
+    /// Quarantines every pending record to `origin` that no other user of
+    /// the store holds, each with `failure`; how many.
+    fn give_up<'a>(&'a self, origin: &'a str, failure: &'a str) -> Answer<'a, u64>;
+
+    /// Each destination with stored records, pending or quarantined, with
+    /// its state; at most [`LIST_CAP`], those with the most pending first.
+    fn destinations(&self) -> Answer<'_, Vec<Destination>>;
 
     /// The store on PostgreSQL, for what only it does
     /// ([`Outbox::enqueue`]).
@@ -471,6 +507,70 @@ impl Outbox {
     /// unsettled by its sender.
     pub(super) fn requeued(&self) -> Arc<Notify> {
         self.store.requeued()
+    }
+}
+
+/// The lanes of the replay: what it asks the store about each destination.
+impl Outbox {
+    /// Each destination with stored requests, pending or quarantined: its
+    /// origin, its counts, whether it is up, down (since when) or paused
+    /// (until when), and its last failure (see [`Destination`]). At most
+    /// [`LIST_CAP`] of them, those with the most pending first. On
+    /// PostgreSQL, the state is the one every dispatcher on the queue
+    /// shares; on a file, that of the dispatcher replaying it since it was
+    /// opened.
+    ///
+    /// # Errors
+    ///
+    /// The store cannot be read.
+    pub async fn destinations(&self) -> Result<Vec<Destination>, OutboxError> {
+        self.store.destinations().await
+    }
+
+    /// The destinations the replay may claim records of now, with their
+    /// state (see [`Store::lanes`]).
+    pub(super) async fn lanes(
+        &self,
+        origins: &[String],
+        cap: usize,
+    ) -> Result<Vec<(String, LaneState)>, OutboxError> {
+        self.store.lanes(origins, cap).await
+    }
+
+    /// Claims up to `limit` pending records to `origin`, oldest first, each
+    /// read as it is once claimed.
+    pub(super) async fn claim_lane(
+        &self,
+        origin: &str,
+        limit: usize,
+    ) -> Result<Vec<(Entry, Claim)>, OutboxError> {
+        let entries = self.store.claim_lane(origin, limit).await?;
+        Ok(entries
+            .into_iter()
+            .map(|entry| {
+                let claim = Claim::new(self.clone(), &entry.key);
+                (entry, claim)
+            })
+            .collect())
+    }
+
+    /// Records how an attempt to `origin` went; its state after it.
+    pub(super) async fn note(
+        &self,
+        origin: &str,
+        event: LaneEvent,
+    ) -> Result<LaneState, OutboxError> {
+        self.store.note(origin, event).await
+    }
+
+    /// Takes the probe of `origin`: whether it was due and free.
+    pub(super) async fn take_probe(&self, origin: &str) -> Result<bool, OutboxError> {
+        self.store.take_probe(origin).await
+    }
+
+    /// Quarantines the pending records to `origin` no one else holds.
+    pub(super) async fn give_up(&self, origin: &str, failure: &str) -> Result<u64, OutboxError> {
+        self.store.give_up(origin, failure).await
     }
 }
 

@@ -42,7 +42,8 @@ use rows::{as_limit, as_seq, decode, listed, COLUMNS};
 use schema::create_schema;
 use writer::{write_loop, Write};
 
-use super::{Answer, BoxFuture, Inserted, Store};
+use super::{Answer, BoxFuture, Inserted, LaneEvent, LaneState, Store};
+use crate::outbox::Destination;
 use crate::{
     origin::{has_user_info, origin_key},
     outbox::{record::Tag, Entry, OutboxError},
@@ -528,6 +529,34 @@ impl Store for PostgresStore {
 
     fn requeued(&self) -> Arc<Notify> {
         self.shared.requeued.clone()
+    }
+
+    fn lanes<'a>(
+        &'a self,
+        origins: &'a [String],
+        cap: usize,
+    ) -> Answer<'a, Vec<(String, LaneState)>> {
+        todo!()
+    }
+
+    fn claim_lane<'a>(&'a self, origin: &'a str, limit: usize) -> Answer<'a, Vec<Entry>> {
+        todo!()
+    }
+
+    fn note<'a>(&'a self, origin: &'a str, event: LaneEvent) -> Answer<'a, LaneState> {
+        todo!()
+    }
+
+    fn take_probe<'a>(&'a self, origin: &'a str) -> Answer<'a, bool> {
+        todo!()
+    }
+
+    fn give_up<'a>(&'a self, origin: &'a str, failure: &'a str) -> Answer<'a, u64> {
+        todo!()
+    }
+
+    fn destinations(&self) -> Answer<'_, Vec<Destination>> {
+        todo!()
     }
 
     fn as_postgres(&self) -> Option<&PostgresStore> {

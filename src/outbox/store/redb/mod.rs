@@ -28,7 +28,8 @@ use file_safety::open_file;
 use schema::{count_pending, last_seq, open_database_caught, PENDING, QUARANTINED};
 use writer::{write_loop, Change, Job, Reply, Shared, Write};
 
-use super::{Answer, BoxFuture, Inserted, Store};
+use super::{Answer, BoxFuture, Inserted, LaneEvent, LaneState, Store};
+use crate::outbox::Destination;
 use crate::{
     outbox::{Entry, OutboxError},
     sync::lock,
@@ -248,6 +249,34 @@ impl Store for RedbStore {
 
     fn requeued(&self) -> Arc<Notify> {
         self.shared.requeued.clone()
+    }
+
+    fn lanes<'a>(
+        &'a self,
+        origins: &'a [String],
+        cap: usize,
+    ) -> Answer<'a, Vec<(String, LaneState)>> {
+        todo!()
+    }
+
+    fn claim_lane<'a>(&'a self, origin: &'a str, limit: usize) -> Answer<'a, Vec<Entry>> {
+        todo!()
+    }
+
+    fn note<'a>(&'a self, origin: &'a str, event: LaneEvent) -> Answer<'a, LaneState> {
+        todo!()
+    }
+
+    fn take_probe<'a>(&'a self, origin: &'a str) -> Answer<'a, bool> {
+        todo!()
+    }
+
+    fn give_up<'a>(&'a self, origin: &'a str, failure: &'a str) -> Answer<'a, u64> {
+        todo!()
+    }
+
+    fn destinations(&self) -> Answer<'_, Vec<Destination>> {
+        todo!()
     }
 }
 
