@@ -381,11 +381,12 @@ async fn the_outbox_reports_each_step_of_a_stored_report() {
     let _ = std::fs::remove_dir_all(&directory);
 }
 
-/// A replay that panics (here in the layer's classifier) is started again,
-/// with an `error` event: what is stored is still delivered.
+/// A replayed attempt that panics (here in the layer's classifier) is
+/// reported with an `error` event naming the panic; the replay goes on, and
+/// what is stored is still delivered.
 #[cfg(feature = "outbox")]
 #[tokio::test(start_paused = true)]
-async fn a_replay_that_panics_is_started_again_and_still_delivers() {
+async fn a_replayed_attempt_that_panics_is_reported_and_the_request_still_delivered() {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
     use tower_terminal_retry::{
@@ -443,17 +444,17 @@ async fn a_replay_that_panics_is_started_again_and_still_delivers() {
         dispatcher.outbox().unwrap().pending().unwrap().is_empty(),
         "still stored"
     );
-    let restarted: Vec<Captured> = capture
+    let panicked: Vec<Captured> = capture
         .at_level(Level::ERROR)
         .into_iter()
         .filter(|event| {
             event
                 .field("message")
-                .is_some_and(|message| message.contains("started again"))
+                .is_some_and(|message| message.contains("attempt panicked"))
         })
         .collect();
-    assert_eq!(restarted.len(), 1, "{:#?}", capture.events());
-    assert!(restarted[0]
+    assert_eq!(panicked.len(), 1, "{:#?}", capture.events());
+    assert!(panicked[0]
         .field("panic")
         .is_some_and(|panic| panic.contains("a classifier bug")));
     drop(dispatcher);

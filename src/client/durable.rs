@@ -66,6 +66,8 @@ pub(super) fn dispatcher(sending: Sending<'_>) -> Result<Dispatcher<Attempt>, Er
         .layer(sending.layer)
         .recovery(recovery)
         .replay(sending.replay)
+        // One server, one destination: no other to leave slots for.
+        .per_destination_concurrency(sending.replay.concurrency)
         .origin(&origin)
         .fallback(move |entry: &Entry, _: StatusCode, failure: &str| {
             fallback(&base, entry, failure)

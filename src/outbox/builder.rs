@@ -16,7 +16,7 @@ use tower::{util::MapRequest, BoxError, Layer, Service};
 use super::{
     dispatcher::{Replay, Settings, Shared},
     foreground::count_attempt,
-    replay::supervise,
+    lanes::supervise,
     Dispatcher, Entry, Outbox,
 };
 use crate::{origin::origin_key, Classify, DefaultClassifier, Recovery, TerminalRetryLayer};
@@ -84,6 +84,8 @@ impl<S> DispatcherBuilder<S> {
                 any_origin: false,
                 store_wait: DEFAULT_STORE_WAIT,
                 secrets: Vec::new(),
+                per_destination: None,
+                give_up_after: None,
             },
             lease: None,
         }
@@ -210,6 +212,27 @@ impl<S, C> DispatcherBuilder<S, C> {
         self
     }
 
+    /// Replay slots one destination may hold at once (by default half the
+    /// replay's [`concurrency`](Replay::concurrency), at least one; at most
+    /// all of them): a destination that answers slowly, or not at all, holds
+    /// at most these, and the others are served meanwhile. `0` is an error
+    /// of [`build`](DispatcherBuilder::build).
+    pub fn per_destination_concurrency(mut self, slots: usize) -> Self {
+        self.settings.per_destination = Some(slots);
+        self
+    }
+
+    /// Gives up on a destination that has been down this long without a
+    /// single success: its stored requests are quarantined (listed by
+    /// [`Outbox::quarantined`], their failure saying why, brought back by
+    /// [`Outbox::requeue`]), with one `warn` event naming its origin. Off
+    /// by default: a terminal report is never given up on. `0` is an error
+    /// of [`build`](DispatcherBuilder::build).
+    pub fn give_up_after(mut self, down_for: Duration) -> Self {
+        self.settings.give_up_after = Some(down_for);
+        self
+    }
+
     /// Checks the settings and starts the replay worker on the current tokio
     /// runtime; it begins with the requests stored by earlier runs, oldest
     /// first.
@@ -248,6 +271,16 @@ impl<S, C> DispatcherBuilder<S, C> {
         }
         if self.lease.is_some_and(|lease| lease.is_zero()) {
             return Err(invalid("the lease must not be zero"));
+        }
+        if self.settings.per_destination == Some(0) {
+            return Err(invalid("the per-destination concurrency must not be zero"));
+        }
+        if self
+            .settings
+            .give_up_after
+            .is_some_and(|after| after.is_zero())
+        {
+            return Err(invalid("give_up_after must not be zero"));
         }
         if self.settings.store_wait.is_zero() {
             return Err(invalid("the store wait must not be zero"));
@@ -294,13 +327,12 @@ impl<S, C> DispatcherBuilder<S, C> {
             retrying,
             policy,
             settings: self.settings,
-            quiet_until: Mutex::new(None),
             unremoved: Mutex::new(Default::default()),
             wake: wake.clone(),
         });
         // Without a store there is nothing to replay.
         if replays {
-            runtime.spawn(supervise(Arc::downgrade(&shared), wake, replay.rate));
+            runtime.spawn(supervise(Arc::downgrade(&shared), wake));
         }
         Ok(Dispatcher { shared })
     }

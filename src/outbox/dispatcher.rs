@@ -12,11 +12,12 @@ use std::{
 use bytes::Bytes;
 use http::{Request, Response, StatusCode, Uri};
 use http_body_util::Full;
-use tokio::{sync::Notify, time::Instant};
+use tokio::sync::Notify;
 use tower::{util::MapRequest, BoxError, Service, ServiceExt};
 
 use super::{
     delivery::{Delivery, Dispatch, DurabilityWatch},
+    store::{LaneEvent, LaneState},
     Entry, Outbox,
 };
 use crate::{
@@ -159,6 +160,12 @@ pub(super) struct Settings {
     pub(super) store_wait: Duration,
     /// Replaced in every text taken from a response.
     pub(super) secrets: Vec<String>,
+    /// Replay slots one destination may hold at once; unless set, half the
+    /// replay concurrency.
+    pub(super) per_destination: Option<usize>,
+    /// A destination down this long without a success has its records
+    /// quarantined; never, unless set.
+    pub(super) give_up_after: Option<Duration>,
 }
 
 impl Settings {
@@ -175,6 +182,16 @@ impl Settings {
             .field("any_origin", &self.any_origin)
             .field("store_wait", &self.store_wait)
             .field("redacted", &self.secrets.len())
+            .field("per_destination_concurrency", &self.per_destination())
+            .field("give_up_after", &self.give_up_after)
+    }
+
+    /// Replay slots one destination may hold at once: as set, at most the
+    /// replay concurrency; unless set, half of it (at least one), so that a
+    /// slow destination always leaves slots to the others.
+    pub(super) fn per_destination(&self) -> usize {
+        let total = self.replay.concurrency.max(1);
+        self.per_destination.unwrap_or(total / 2).clamp(1, total)
     }
 }
 
@@ -192,9 +209,6 @@ pub(super) struct Shared<S, C> {
     /// left alone.
     pub(super) policy: TerminalRetryPolicy<C>,
     pub(super) settings: Settings,
-    /// No replay starts before this: the server asked for a pause
-    /// (`Retry-After` on a 429 or 503).
-    pub(super) quiet_until: Mutex<Option<Instant>>,
     /// Delivered records whose removal could not be committed: the replay
     /// skips them, and their removal is tried again once the store can be
     /// written.
@@ -331,18 +345,26 @@ impl<S, C> Shared<S, C> {
         origins.is_empty() || origins.iter().any(|origin| is_origin(uri, origin))
     }
 
-    /// Starts no replay for `pause` from now (or longer, if asked before).
-    fn quiet_for(&self, pause: Duration) {
-        let until = Instant::now() + pause;
-        let mut quiet = lock(&self.quiet_until);
-        if quiet.is_none_or(|at| at < until) {
-            *quiet = Some(until);
+    /// Records in the store how an attempt to `uri`'s destination went
+    /// (`probe`: it was its probe); the destination's state after it. A
+    /// failure to record it is logged: the replay reads the state again.
+    pub(super) async fn note_lane(&self, uri: &Uri, sent: &Sent, probe: bool) -> Option<LaneState> {
+        let event = match sent.outcome {
+            Outcome::Transient => LaneEvent::Failed {
+                failure: sent.failure.clone(),
+                pause: sent.pause,
+                probe,
+            },
+            Outcome::Success | Outcome::Permanent => LaneEvent::Answered { pause: sent.pause },
+        };
+        let origin = origin_key(uri);
+        match self.within_wait(self.store().note(&origin, event)).await {
+            Ok(state) => Some(state),
+            Err(error) => {
+                tracing::warn!(origin, error = %error, "outbox could not record how a destination answered");
+                None
+            }
         }
-    }
-
-    /// Until when the server asked to be left alone, if that is still ahead.
-    pub(super) fn quiet(&self) -> Option<Instant> {
-        lock(&self.quiet_until).filter(|until| *until > Instant::now())
     }
 
     /// Removes a record the server is done with. If that cannot be
@@ -474,9 +496,6 @@ impl<S, C> Shared<S, C> {
         fell_back: bool,
     ) -> Step {
         let key = entry.key.as_str();
-        if let Some(pause) = sent.pause {
-            self.quiet_for(pause);
-        }
         match sent.outcome {
             Outcome::Success => {
                 if seq.is_some() && entry.attempts > 0 {

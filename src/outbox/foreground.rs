@@ -87,6 +87,9 @@ where
                 .extensions_mut()
                 .insert(AttemptCounter(attempts.clone()));
             let sent = self.send_through(self.retrying.clone(), request).await;
+            if seq.is_some() {
+                self.note_lane(&entry.uri, &sent, false).await;
+            }
             let attempts = attempts.load(Ordering::Relaxed);
             match self.settle(&entry, seq, sent, attempts, fell_back).await {
                 Step::Retired(delivery, Some(seq)) => {

@@ -178,11 +178,10 @@ mod dispatcher;
 mod error;
 mod foreground;
 mod listing;
-mod pace;
 // Without a backend (feature `outbox`), what only a backend calls is unused.
+mod lanes;
 #[cfg_attr(not(feature = "outbox"), allow(dead_code))]
 mod record;
-mod replay;
 // Without a backend (feature `outbox`), what only a backend calls is unused.
 #[cfg_attr(not(feature = "outbox"), allow(dead_code))]
 mod store;

@@ -7,6 +7,7 @@
 //! tables and format), `writer` (the commits, and their recovery).
 
 mod file_safety;
+mod lanes;
 mod schema;
 mod writer;
 
@@ -25,21 +26,29 @@ use redb::{ReadableDatabase, TableDefinition, TableHandle};
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use file_safety::open_file;
-use schema::{count_pending, last_seq, open_database_caught, PENDING, QUARANTINED};
+use lanes::Lanes;
+use schema::{count_pending, last_seq, open_database_caught, KEYS, PENDING, QUARANTINED};
 use writer::{write_loop, Change, Job, Reply, Shared, Write};
 
 use super::{Answer, BoxFuture, Inserted, LaneEvent, LaneState, Store};
 use crate::outbox::Destination;
 use crate::{
-    outbox::{Entry, OutboxError},
+    origin::origin_key,
+    outbox::{Entry, OutboxError, LIST_CAP},
     sync::lock,
 };
+
+/// How many pending records of a destination a claim looks through at a
+/// time, for ones no one here holds.
+const CLAIM_SCAN: usize = 256;
 
 /// The store in one redb file, and the keys being sent.
 pub(super) struct RedbStore {
     shared: Arc<Shared>,
     /// Keys being sent: never twice at once.
     claimed: Mutex<HashSet<String>>,
+    /// The pending records by destination, and each destination's state.
+    lanes: Mutex<Lanes>,
 }
 
 impl RedbStore {
@@ -68,10 +77,117 @@ impl RedbStore {
         // The writer holds the store weakly: the file is unlocked as soon as
         // the last handle is gone, but for a commit under way.
         runtime.spawn(write_loop(receiver, next_seq, Arc::downgrade(&shared)));
-        Ok(RedbStore {
+        let store = RedbStore {
             shared,
             claimed: Mutex::new(HashSet::new()),
-        })
+            lanes: Mutex::new(Lanes::new(super::lane_state::FIRST_PROBE_DELAY)),
+        };
+        store.index()?;
+        Ok(store)
+    }
+
+    /// Indexes the pending records by destination: read once, at open.
+    fn index(&self) -> Result<(), OutboxError> {
+        let mut from = 1;
+        loop {
+            let entries = self.read(PENDING, from, CLAIM_SCAN)?;
+            let Some(last) = entries.last() else {
+                return Ok(());
+            };
+            from = last.seq + 1;
+            let mut lanes = lock(&self.lanes);
+            for entry in &entries {
+                lanes.add(entry.seq, origin_key(&entry.uri));
+            }
+        }
+    }
+
+    /// The records stored as `seqs` in `table` that are there and can be
+    /// read, in the order asked.
+    fn read_seqs(
+        &self,
+        table: TableDefinition<'_, u64, &[u8]>,
+        seqs: &[u64],
+    ) -> Result<Vec<Entry>, OutboxError> {
+        let path = &self.shared.path;
+        let io = |error: redb::Error| OutboxError::io(path, error);
+        let read = self
+            .shared
+            .database()
+            .ok_or_else(|| OutboxError::io(path, "reopening after a failed commit"))?
+            .begin_read()
+            .map_err(|error| io(error.into()))?;
+        let table = read.open_table(table).map_err(|error| io(error.into()))?;
+        let mut entries = Vec::with_capacity(seqs.len());
+        for &seq in seqs {
+            let record = table.get(seq).map_err(|error| io(error.into()))?;
+            if let Some(entry) = record.and_then(|bytes| Entry::decode(seq, bytes.value())) {
+                entries.push(entry);
+            }
+        }
+        Ok(entries)
+    }
+
+    /// The sequence number stored under `key`, if any.
+    fn seq_of(&self, key: &str) -> Option<u64> {
+        let read = self.shared.database()?.begin_read().ok()?;
+        let keys = read.open_table(KEYS).ok()?;
+        let seq = keys.get(key).ok()??.value();
+        Some(seq)
+    }
+
+    /// Every quarantined record's origin, counted.
+    fn quarantined_by_origin(&self) -> Result<std::collections::HashMap<String, u64>, OutboxError> {
+        let mut counts = std::collections::HashMap::new();
+        let mut from = 1;
+        loop {
+            let entries = self.read(QUARANTINED, from, CLAIM_SCAN)?;
+            let Some(last) = entries.last() else {
+                return Ok(counts);
+            };
+            from = last.seq + 1;
+            for origin in entries.iter().map(|entry| origin_key(&entry.uri)) {
+                // A damaged record's origin cannot be read.
+                if !origin.is_empty() {
+                    *counts.entry(origin).or_insert(0) += 1;
+                }
+            }
+        }
+    }
+
+    /// Claims up to `limit` pending records to `origin` that no one here
+    /// holds, oldest first, read once claimed.
+    fn claim_from(&self, origin: &str, limit: usize) -> Result<Vec<Entry>, OutboxError> {
+        let mut claimed = Vec::new();
+        let mut after = 0;
+        while claimed.len() < limit {
+            let seqs = lock(&self.lanes).pending_after(origin, after, CLAIM_SCAN);
+            let Some(&last) = seqs.last() else {
+                break;
+            };
+            after = last;
+            let entries = self.read_seqs(PENDING, &seqs)?;
+            if entries.len() < seqs.len() {
+                // Gone (or damaged, and moved away by a read): no longer
+                // pending here.
+                let mut lanes = lock(&self.lanes);
+                for seq in seqs
+                    .iter()
+                    .filter(|seq| !entries.iter().any(|e| e.seq == **seq))
+                {
+                    lanes.remove(*seq);
+                }
+            }
+            for entry in entries {
+                if claimed.len() == limit {
+                    break;
+                }
+                if self.claim_new(&entry.key) {
+                    claimed.push(entry);
+                }
+            }
+        }
+        Ok(claimed)
     }
 
     async fn change(&self, change: Change) -> Result<bool, OutboxError> {
@@ -148,6 +264,13 @@ impl Store for RedbStore {
         Box::pin(async move {
             let requeued = self.change(Change::Requeue { key: key.into() }).await?;
             if requeued {
+                let seq = self.seq_of(key);
+                let entry = seq.map(|seq| self.read_seqs(PENDING, &[seq]));
+                if let Some(Ok(entry)) = entry {
+                    for entry in entry {
+                        lock(&self.lanes).add(entry.seq, origin_key(&entry.uri));
+                    }
+                }
                 self.shared.requeued.notify_one();
             }
             Ok(requeued)
@@ -155,7 +278,14 @@ impl Store for RedbStore {
     }
 
     fn discard<'a>(&'a self, key: &'a str) -> Answer<'a, bool> {
-        Box::pin(self.change(Change::Discard { key: key.into() }))
+        Box::pin(async move {
+            let seq = self.seq_of(key);
+            let discarded = self.change(Change::Discard { key: key.into() }).await?;
+            if let Some(seq) = seq.filter(|_| discarded) {
+                lock(&self.lanes).remove(seq);
+            }
+            Ok(discarded)
+        })
     }
 
     /// A file is held by one process.
@@ -163,8 +293,11 @@ impl Store for RedbStore {
         false
     }
 
-    /// Claims are held in memory: they need no lease, nor a poll.
-    fn hold_for(&self, _: Option<Duration>, _: Duration) {}
+    /// Claims are held in memory: they need no lease, nor a poll. The replay
+    /// interval is the longest probe delay.
+    fn hold_for(&self, _: Option<Duration>, replay_interval: Duration) {
+        lock(&self.lanes).set_longest_probe(replay_interval);
+    }
 
     fn claim<'a>(&'a self, key: &'a str) -> BoxFuture<'a, bool> {
         Box::pin(ready(self.claim_new(key)))
@@ -187,9 +320,14 @@ impl Store for RedbStore {
 
     fn insert(&self, entry: Entry) -> Answer<'_, Inserted> {
         Box::pin(async move {
+            let origin = origin_key(&entry.uri);
             let (reply, answer) = Reply::new(&self.shared.path);
             let write = Write::Insert(Box::new(entry), reply);
-            self.shared.ask(Job::Write(write), answer).await
+            let inserted = self.shared.ask(Job::Write(write), answer).await?;
+            if let Inserted::Stored(seq) = inserted {
+                lock(&self.lanes).add(seq, origin);
+            }
+            Ok(inserted)
         })
     }
 
@@ -212,7 +350,11 @@ impl Store for RedbStore {
     }
 
     fn complete(&self, seq: u64) -> Answer<'_, bool> {
-        Box::pin(self.change(Change::Complete { seq }))
+        Box::pin(async move {
+            let completed = self.change(Change::Complete { seq }).await?;
+            lock(&self.lanes).remove(seq);
+            Ok(completed)
+        })
     }
 
     fn record_failure(&self, seq: u64, attempts: u32, failure: String) -> Answer<'_, bool> {
@@ -224,12 +366,23 @@ impl Store for RedbStore {
     }
 
     fn replace(&self, seq: u64, entry: Entry) -> Answer<'_, bool> {
-        let entry = Box::new(entry);
-        Box::pin(self.change(Change::Replace { seq, entry }))
+        Box::pin(async move {
+            let origin = origin_key(&entry.uri);
+            let entry = Box::new(entry);
+            let replaced = self.change(Change::Replace { seq, entry }).await?;
+            if replaced {
+                lock(&self.lanes).add(seq, origin);
+            }
+            Ok(replaced)
+        })
     }
 
     fn quarantine(&self, seq: u64, failure: String) -> Answer<'_, bool> {
-        Box::pin(self.change(Change::Quarantine { seq, failure }))
+        Box::pin(async move {
+            let quarantined = self.change(Change::Quarantine { seq, failure }).await?;
+            lock(&self.lanes).remove(seq);
+            Ok(quarantined)
+        })
     }
 
     fn is_writable(&self) -> bool {
@@ -251,32 +404,74 @@ impl Store for RedbStore {
         self.shared.requeued.clone()
     }
 
-    fn lanes<'a>(
-        &'a self,
-        origins: &'a [String],
-        cap: usize,
-    ) -> Answer<'a, Vec<(String, LaneState)>> {
-        todo!()
+    /// Every destination: one process holds the file, and sends to
+    /// whichever origins its dispatcher allows.
+    fn lanes<'a>(&'a self, _: &'a [String], cap: usize) -> Answer<'a, Vec<(String, LaneState)>> {
+        Box::pin(ready(Ok(lock(&self.lanes).lanes(cap))))
     }
 
     fn claim_lane<'a>(&'a self, origin: &'a str, limit: usize) -> Answer<'a, Vec<Entry>> {
-        todo!()
+        Box::pin(ready(self.claim_from(origin, limit)))
     }
 
     fn note<'a>(&'a self, origin: &'a str, event: LaneEvent) -> Answer<'a, LaneState> {
-        todo!()
+        Box::pin(ready(Ok(lock(&self.lanes).note(origin, event))))
     }
 
     fn take_probe<'a>(&'a self, origin: &'a str) -> Answer<'a, bool> {
-        todo!()
+        Box::pin(ready(Ok(lock(&self.lanes).take_probe(origin))))
     }
 
     fn give_up<'a>(&'a self, origin: &'a str, failure: &'a str) -> Answer<'a, u64> {
-        todo!()
+        Box::pin(async move {
+            let seqs = lock(&self.lanes).pending_to(origin);
+            let entries = self.read_seqs(PENDING, &seqs)?;
+            let claimed = lock(&self.claimed).clone();
+            // Every change is queued before any is awaited: the writer
+            // commits them together.
+            let mut answers = Vec::new();
+            for entry in entries.iter().filter(|entry| !claimed.contains(&entry.key)) {
+                let (reply, answer) = Reply::new(&self.shared.path);
+                let change = Change::Quarantine {
+                    seq: entry.seq,
+                    failure: failure.to_owned(),
+                };
+                if self
+                    .shared
+                    .jobs
+                    .send(Job::Write(Write::Change(change, reply)))
+                    .is_err()
+                {
+                    return Err(OutboxError::closed(&self.shared.path));
+                }
+                answers.push((entry.seq, answer));
+            }
+            let mut quarantined = 0;
+            for (seq, answer) in answers {
+                let moved = answer
+                    .await
+                    .unwrap_or_else(|_| Err(OutboxError::closed(&self.shared.path)))?;
+                lock(&self.lanes).remove(seq);
+                quarantined += u64::from(moved);
+            }
+            Ok(quarantined)
+        })
     }
 
     fn destinations(&self) -> Answer<'_, Vec<Destination>> {
-        todo!()
+        Box::pin(async move {
+            let mut destinations = lock(&self.lanes).destinations();
+            for (origin, count) in self.quarantined_by_origin()? {
+                destinations
+                    .entry(origin.clone())
+                    .or_insert_with(|| Destination::new(origin))
+                    .quarantined = count;
+            }
+            let mut destinations: Vec<Destination> = destinations.into_values().collect();
+            destinations.sort_by(|a, b| b.pending.cmp(&a.pending).then(a.origin.cmp(&b.origin)));
+            destinations.truncate(LIST_CAP);
+            Ok(destinations)
+        })
     }
 }
 

@@ -1,9 +1,9 @@
-//! The replay's pace: its requests spaced evenly, at most the replay rate a
-//! second.
+//! A destination's pace: the replay's requests to it spaced evenly, at most
+//! the replay rate a second.
 
 use std::time::Duration;
 
-use tokio::time::{sleep_until, Instant};
+use tokio::time::Instant;
 
 /// tokio's timer resolution.
 const TIMER_TICK: Duration = Duration::from_millis(1);
@@ -23,14 +23,20 @@ impl Pace {
         }
     }
 
-    /// Waits for the next start.
-    pub(super) async fn wait(&mut self) {
-        // A start due within the timer's tick goes now, and a sleep ends a
-        // tick early: the timer rounds a sleep up to its next tick, which
-        // would cap any rate near one start a millisecond.
-        if self.next > Instant::now() + TIMER_TICK {
-            sleep_until(self.next - TIMER_TICK).await;
-        }
+    /// When the next start may go: a tick early, for a start due within
+    /// the timer's tick goes now (the timer rounds a sleep up to its next
+    /// tick, which would cap any rate near one start a millisecond).
+    pub(super) fn next_start(&self) -> Instant {
+        self.next - TIMER_TICK
+    }
+
+    /// Whether a start may go now.
+    pub(super) fn is_due(&self) -> bool {
+        self.next_start() <= Instant::now()
+    }
+
+    /// Records a start, now.
+    pub(super) fn start(&mut self) {
         let now = Instant::now();
         // Late by less than a gap: keep to the grid, so that timer delays do
         // not add up; idle longer: from now, with no burst to catch up.
@@ -39,6 +45,13 @@ impl Pace {
             false => now,
         };
         self.next = from + self.gap;
+    }
+
+    /// Waits for the next start, and records it.
+    #[cfg(test)]
+    async fn wait(&mut self) {
+        tokio::time::sleep_until(self.next_start()).await;
+        self.start();
     }
 }
 
