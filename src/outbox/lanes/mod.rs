@@ -95,6 +95,10 @@ struct Lane {
     read_at: Instant,
     /// Its probe is under way, from here.
     probing: bool,
+    /// New here: one attempt first, the rest once it answers, so that a
+    /// destination that is down (after a restart, say) gets one request,
+    /// not a slot's worth, before it is known to be.
+    trial: bool,
 }
 
 impl Lane {
@@ -108,6 +112,7 @@ impl Lane {
             state,
             read_at: Instant::now(),
             probing: false,
+            trial: true,
         }
     }
 
@@ -458,7 +463,11 @@ where
                 }
             }
         } else {
-            if lane.in_flight >= per_destination {
+            let slots = match lane.trial {
+                true => 1,
+                false => per_destination,
+            };
+            if lane.in_flight >= slots {
                 return Turn::Idle;
             }
             if !lane.pace.is_due() {
@@ -581,6 +590,10 @@ where
             lane.in_flight = lane.in_flight.saturating_sub(1);
             if probe {
                 lane.probing = false;
+            }
+            // Its first attempt answered: the rest may go.
+            if state.as_ref().is_some_and(|state| !state.is_down()) {
+                lane.trial = false;
             }
         }
         match state {

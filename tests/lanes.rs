@@ -1,0 +1,489 @@
+//! A lane per destination: one dead, paused, slow or flooded receiver holds
+//! up no other. Each scenario runs on a file (tokio's paused clock) and on a
+//! real PostgreSQL (the real clock), against independent loopback
+//! receivers; on PostgreSQL, two dispatchers share each destination's state.
+
+mod outbox_support;
+mod postgres_support;
+
+use std::{
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, SystemTime},
+};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::Full;
+use tokio::time::Instant;
+use tower_terminal_retry::{
+    outbox::{Delivery, Destination, Dispatcher, Outbox, Replay},
+    test_server::{RecordedRequest, Reply, TestServer},
+    Schedule, TerminalRetryLayer, TerminalRetryPolicy,
+};
+
+use outbox_support::{wait_every, Scratch};
+use postgres_support::{http_client, postgres, HttpClient, Postgres};
+
+/// Where a scenario keeps its requests.
+enum Store<'a> {
+    File(&'a Scratch),
+    Queue {
+        postgres: &'a Postgres,
+        queue: String,
+    },
+}
+
+impl Store<'_> {
+    /// The outbox, opened again (a file once no other handle holds it).
+    async fn open(&self) -> Outbox {
+        match self {
+            Store::File(scratch) => {
+                for _ in 0..100 {
+                    if let Ok(outbox) = Outbox::open(scratch.file()) {
+                        return outbox;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                panic!("the file stays locked");
+            }
+            Store::Queue { postgres, queue } => {
+                Outbox::connect(postgres.url(), queue).await.unwrap()
+            }
+        }
+    }
+
+    /// Stores `requests`, in order, without sending them: on a file, through
+    /// a dispatcher whose every attempt fails at once, closed before its
+    /// replay; on PostgreSQL, enqueued in one transaction.
+    async fn store_unsent(&self, requests: Vec<(String, String)>) {
+        match self {
+            Store::File(_) => {
+                let outbox = self.open().await;
+                let down = tower::service_fn(|_: Request<Full<Bytes>>| async {
+                    Err::<Response<Full<Bytes>>, std::io::Error>(std::io::Error::other("down"))
+                });
+                let dispatcher = Dispatcher::builder(outbox, down)
+                    .layer(once())
+                    .replay(Replay {
+                        interval: Duration::from_secs(3600),
+                        ..Replay::default()
+                    })
+                    .recovery(None)
+                    .build()
+                    .unwrap();
+                for (key, url) in requests {
+                    assert_eq!(dispatcher.send(key, post(&url)).await, Delivery::Queued);
+                }
+            }
+            Store::Queue { postgres, .. } => {
+                let outbox = self.open().await;
+                let mut application = postgres.client().await;
+                let transaction = application.transaction().await.unwrap();
+                for (key, url) in requests {
+                    outbox
+                        .enqueue(&transaction, &key, post(&url))
+                        .await
+                        .unwrap();
+                }
+                transaction.commit().await.unwrap();
+            }
+        }
+    }
+
+    /// A dispatcher on the store, over a loopback client, each request sent
+    /// once in the foreground.
+    async fn dispatcher(&self, interval: Duration) -> Dispatcher<HttpClient> {
+        self.dispatcher_with(interval, None).await
+    }
+
+    async fn dispatcher_with(
+        &self,
+        interval: Duration,
+        give_up_after: Option<Duration>,
+    ) -> Dispatcher<HttpClient> {
+        let mut builder = Dispatcher::builder(self.open().await, http_client())
+            .layer(once())
+            .replay(Replay {
+                interval,
+                ..Replay::default()
+            })
+            .any_origin();
+        if let Some(after) = give_up_after {
+            builder = builder.give_up_after(after);
+        }
+        builder.build().unwrap()
+    }
+}
+
+fn once() -> TerminalRetryLayer {
+    TerminalRetryLayer::new(
+        TerminalRetryPolicy::default().with_schedule(Schedule::new([]).unwrap()),
+    )
+}
+
+fn post(url: &str) -> Request<Bytes> {
+    Request::post(url).body(Bytes::from_static(b"{}")).unwrap()
+}
+
+/// `count` requests to `server`, keyed `{prefix}{index}`.
+fn requests(server: &TestServer, prefix: &str, count: usize) -> Vec<(String, String)> {
+    (0..count)
+        .map(|index| {
+            (
+                format!("{prefix}{index}"),
+                server.url(&format!("/hooks/{prefix}{index}")),
+            )
+        })
+        .collect()
+}
+
+/// A receiver answering `status` to everything, after `latency`.
+async fn receiver(status: u16, latency: Duration) -> TestServer {
+    TestServer::start(move |_| Reply::Delayed {
+        after: latency,
+        reply: Box::new(Reply::status(status)),
+    })
+    .await
+    .unwrap()
+}
+
+/// When each request arrived, from the first.
+fn arrivals(requests: &[RecordedRequest]) -> Vec<Duration> {
+    let Some(first) = requests.first() else {
+        return Vec::new();
+    };
+    requests
+        .iter()
+        .map(|request| request.at - first.at)
+        .collect()
+}
+
+/// The pending records of `outbox` to `server`.
+fn pending_to(outbox: &Outbox, server: &TestServer) -> usize {
+    let port = server.addr().port();
+    outbox
+        .pending()
+        .unwrap()
+        .iter()
+        .filter(|entry| entry.uri.port_u16() == Some(port))
+        .count()
+}
+
+/// Waits on tokio's clock, 10 ms at a time, until `done` or `limit`.
+async fn wait_for(limit: Duration, done: impl FnMut() -> bool) -> bool {
+    wait_every(Duration::from_millis(10), limit, done).await
+}
+
+/// A dead destination first in the store does not delay another: it gets
+/// one probe at a time, and the other is served meanwhile; again after a
+/// restart, with more requests for the healthy one stored behind the dead
+/// one's.
+async fn a_dead_destination_first_does_not_delay_another(store: Store<'_>) {
+    let dead = receiver(502, Duration::from_millis(100)).await;
+    let healthy = receiver(200, Duration::ZERO).await;
+    store.store_unsent(requests(&dead, "dead-", 20)).await;
+    store.store_unsent(requests(&healthy, "ok-", 5)).await;
+
+    let dispatcher = store.dispatcher(Duration::from_secs(10)).await;
+    let outbox = dispatcher.outbox().unwrap().clone();
+    let start = Instant::now();
+    assert!(wait_for(Duration::from_secs(3), || healthy.requests().len() == 5).await);
+    assert!(start.elapsed() < Duration::from_secs(3));
+    // Each probe takes 100 ms at the server: none starts before the last
+    // ended, and only a few went in the meantime.
+    let probes = arrivals(&dead.requests());
+    assert!(!probes.is_empty() && probes.len() <= 4, "{probes:?}");
+    assert!(probes
+        .windows(2)
+        .all(|pair| pair[1] - pair[0] >= Duration::from_millis(100)));
+    assert!(
+        wait_for(Duration::from_secs(3), || pending_to(&outbox, &healthy)
+            == 0)
+        .await
+    );
+    assert_eq!(pending_to(&outbox, &dead), 20);
+    drop((dispatcher, outbox));
+
+    // After a restart, the healthy destination's new requests behind the
+    // dead one's go at once too.
+    store.store_unsent(requests(&healthy, "later-", 5)).await;
+    let dispatcher = store.dispatcher(Duration::from_secs(10)).await;
+    assert!(wait_for(Duration::from_secs(3), || healthy.requests().len() == 10).await);
+    let outbox = dispatcher.outbox().unwrap();
+    assert!(wait_for(Duration::from_secs(3), || pending_to(outbox, &healthy) == 0).await);
+    assert_eq!(pending_to(outbox, &dead), 20);
+}
+
+/// A destination's `Retry-After` pauses it alone.
+async fn a_pause_holds_its_destination_alone(store: Store<'_>) {
+    let paused = TestServer::start(|_| Reply::retry_after(503, "4"))
+        .await
+        .unwrap();
+    let healthy = receiver(200, Duration::ZERO).await;
+    store.store_unsent(requests(&paused, "paused-", 10)).await;
+    store.store_unsent(requests(&healthy, "ok-", 10)).await;
+
+    let dispatcher = store.dispatcher(Duration::from_secs(1)).await;
+    assert!(wait_for(Duration::from_secs(2), || healthy.requests().len() == 10).await);
+    // The paused one had its one request; nothing more within its pause,
+    // though its probe interval is a second.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        paused.requests().len(),
+        1,
+        "{:?}",
+        arrivals(&paused.requests())
+    );
+    assert!(wait_for(Duration::from_secs(3), || paused.requests().len() >= 2).await);
+    let resumed = arrivals(&paused.requests())[1];
+    assert!(resumed >= Duration::from_secs(4), "{resumed:?}");
+    drop(dispatcher);
+}
+
+/// With 600 pending for one destination and 10 for another, the 10 go out
+/// before the 600 have had a tenth of theirs.
+async fn destinations_are_served_in_turn(store: Store<'_>) {
+    let flooded = receiver(200, Duration::ZERO).await;
+    let other = receiver(200, Duration::ZERO).await;
+    store.store_unsent(requests(&flooded, "flood-", 600)).await;
+    store.store_unsent(requests(&other, "other-", 10)).await;
+
+    let dispatcher = store.dispatcher(Duration::from_secs(10)).await;
+    assert!(wait_for(Duration::from_secs(10), || other.requests().len() == 10).await);
+    let last = other.requests()[9].at;
+    let before = flooded
+        .requests()
+        .iter()
+        .filter(|request| request.at <= last)
+        .count();
+    assert!(
+        before < 60,
+        "{before} of the 600 went before the other's 10"
+    );
+    // And the flood is still paced, all of it delivered.
+    assert!(wait_for(Duration::from_secs(20), || flooded.requests().len() == 600).await);
+    let outbox = dispatcher.outbox().unwrap();
+    assert!(
+        wait_for(Duration::from_secs(5), || outbox
+            .pending()
+            .unwrap()
+            .is_empty())
+        .await
+    );
+}
+
+/// A receiver that takes 8 s to answer holds at most its share of the
+/// replay's slots: another is served meanwhile.
+async fn a_slow_receiver_holds_up_no_other(store: Store<'_>) {
+    let slow = receiver(200, Duration::from_secs(8)).await;
+    let fast = receiver(200, Duration::ZERO).await;
+    store.store_unsent(requests(&slow, "slow-", 40)).await;
+    store.store_unsent(requests(&fast, "fast-", 10)).await;
+
+    let dispatcher = store.dispatcher(Duration::from_secs(10)).await;
+    let start = Instant::now();
+    assert!(wait_for(Duration::from_secs(2), || fast.requests().len() == 10).await);
+    assert!(start.elapsed() < Duration::from_secs(2));
+    // One first; once it answers (at 8 s), half the replay's 16 slots, not
+    // more, until those answer (at 16 s).
+    assert_eq!(slow.requests().len(), 1);
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    assert_eq!(slow.requests().len(), 1 + 8);
+    drop(dispatcher);
+}
+
+/// A destination down longer than `give_up_after` has its requests
+/// quarantined; `requeue` brings them back.
+async fn a_destination_down_too_long_is_given_up_on(store: Store<'_>) {
+    let up = Arc::new(AtomicBool::new(false));
+    let answer = up.clone();
+    let dead = TestServer::start(move |_| match answer.load(Ordering::SeqCst) {
+        true => Reply::status(200),
+        false => Reply::text(502, "down for maintenance"),
+    })
+    .await
+    .unwrap();
+    let healthy = receiver(200, Duration::ZERO).await;
+    store.store_unsent(requests(&dead, "dead-", 10)).await;
+    store.store_unsent(requests(&healthy, "ok-", 3)).await;
+
+    let dispatcher = store
+        .dispatcher_with(Duration::from_secs(1), Some(Duration::from_secs(3)))
+        .await;
+    let outbox = dispatcher.outbox().unwrap().clone();
+    let given_up = || outbox.quarantined().unwrap().len() == 10;
+    assert!(wait_for(Duration::from_secs(10), given_up).await);
+    assert!(outbox.pending().unwrap().is_empty());
+    assert_eq!(healthy.requests().len(), 3);
+    for entry in outbox.quarantined().unwrap() {
+        let failure = entry.last_failure.unwrap();
+        assert!(failure.contains("given up"), "{failure}");
+    }
+
+    up.store(true, Ordering::SeqCst);
+    for index in 0..10 {
+        assert!(outbox.requeue(&format!("dead-{index}")).await.unwrap());
+    }
+    assert!(
+        wait_for(Duration::from_secs(10), || outbox
+            .pending()
+            .unwrap()
+            .is_empty())
+        .await
+    );
+    assert!(outbox.quarantined().unwrap().is_empty());
+    drop(dispatcher);
+}
+
+/// `destinations()` tells which receiver is broken: down since when and
+/// why, paused until when, or up, with its counts.
+async fn destinations_report_each_state(store: Store<'_>) {
+    let dead = TestServer::start(|_| Reply::text(502, "upstream is gone"))
+        .await
+        .unwrap();
+    let paused = TestServer::start(|_| Reply::retry_after(429, "240"))
+        .await
+        .unwrap();
+    let refusing = TestServer::start(|request| match request.uri.path() {
+        "/hooks/refused-0" => Reply::status(422),
+        _ => Reply::status(200),
+    })
+    .await
+    .unwrap();
+    store.store_unsent(requests(&dead, "dead-", 3)).await;
+    store.store_unsent(requests(&paused, "paused-", 2)).await;
+    store.store_unsent(requests(&refusing, "refused-", 2)).await;
+
+    let dispatcher = store.dispatcher(Duration::from_secs(30)).await;
+    let outbox = dispatcher.outbox().unwrap();
+    let settled = || {
+        !dead.requests().is_empty()
+            && !paused.requests().is_empty()
+            && refusing.requests().len() == 2
+            && outbox.quarantined().unwrap().len() == 1
+    };
+    assert!(wait_for(Duration::from_secs(5), settled).await);
+    let started = SystemTime::now();
+    let listed = outbox.destinations().await.unwrap();
+    let find = |server: &TestServer| -> Destination {
+        let origin = format!("http://{}", server.addr());
+        listed
+            .iter()
+            .find(|destination| destination.origin == origin)
+            .cloned()
+            .unwrap_or_else(|| panic!("{origin} not in {listed:#?}"))
+    };
+    let down = find(&dead);
+    assert_eq!((down.pending, down.quarantined), (3, 0));
+    assert!(down.down_since.is_some_and(|since| since <= started));
+    let failure = down.last_failure.unwrap();
+    assert!(
+        failure.contains("502") && failure.contains("upstream is gone"),
+        "{failure}"
+    );
+    let asleep = find(&paused);
+    assert_eq!(asleep.pending, 2);
+    let until = asleep.paused_until.unwrap();
+    assert!(until > started + Duration::from_secs(200), "{until:?}");
+    let up = find(&refusing);
+    assert_eq!((up.pending, up.quarantined), (0, 1));
+    assert_eq!(up.down_since, None);
+    assert_eq!(listed[0].origin, down.origin, "the most pending first");
+    drop(dispatcher);
+}
+
+mod file {
+    use super::*;
+
+    fn scratch(name: &str) -> Scratch {
+        Scratch::new(&format!("lanes-{name}"))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dead_destination_first_in_the_store_does_not_delay_another() {
+        let scratch = scratch("dead");
+        a_dead_destination_first_does_not_delay_another(Store::File(&scratch)).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_destinations_retry_after_pauses_it_alone() {
+        let scratch = scratch("pause");
+        a_pause_holds_its_destination_alone(Store::File(&scratch)).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn six_hundred_pending_for_one_do_not_hold_up_ten_for_another() {
+        let scratch = scratch("fair");
+        destinations_are_served_in_turn(Store::File(&scratch)).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_receiver_answering_in_eight_seconds_does_not_hold_up_another() {
+        let scratch = scratch("slow");
+        a_slow_receiver_holds_up_no_other(Store::File(&scratch)).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn give_up_after_quarantines_and_requeue_brings_back() {
+        let scratch = scratch("give-up");
+        a_destination_down_too_long_is_given_up_on(Store::File(&scratch)).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn destinations_reports_each_state() {
+        let scratch = scratch("destinations");
+        destinations_report_each_state(Store::File(&scratch)).await;
+    }
+}
+
+mod shared {
+    use super::*;
+
+    /// Runs `scenario` on a queue of its own of the test server.
+    macro_rules! on_a_queue {
+        ($name:literal, $scenario:ident) => {{
+            let Some(postgres) = postgres().await else {
+                return;
+            };
+            let queue = postgres.queue(concat!("lanes-", $name));
+            $scenario(Store::Queue {
+                postgres: &postgres,
+                queue,
+            })
+            .await;
+        }};
+    }
+
+    #[tokio::test]
+    async fn a_dead_destination_first_in_the_queue_does_not_delay_another() {
+        on_a_queue!("dead", a_dead_destination_first_does_not_delay_another);
+    }
+
+    #[tokio::test]
+    async fn one_destinations_retry_after_pauses_it_alone() {
+        on_a_queue!("pause", a_pause_holds_its_destination_alone);
+    }
+
+    #[tokio::test]
+    async fn six_hundred_pending_for_one_do_not_hold_up_ten_for_another() {
+        on_a_queue!("fair", destinations_are_served_in_turn);
+    }
+
+    #[tokio::test]
+    async fn a_receiver_answering_in_eight_seconds_does_not_hold_up_another() {
+        on_a_queue!("slow", a_slow_receiver_holds_up_no_other);
+    }
+
+    #[tokio::test]
+    async fn give_up_after_quarantines_and_requeue_brings_back() {
+        on_a_queue!("give-up", a_destination_down_too_long_is_given_up_on);
+    }
+
+    #[tokio::test]
+    async fn destinations_reports_each_state() {
+        on_a_queue!("destinations", destinations_report_each_state);
+    }
+}
