@@ -103,16 +103,15 @@ async fn run(concurrency: usize) {
             TerminalRetryPolicy::default().with_schedule(Schedule::new([]).expect("no retry")),
         ))
         .recovery(Some(recovery.clone()))
-        .replay(Replay {
-            concurrency,
-            ..Replay::default()
-        })
         // A loopback server takes the whole backlog at once; the default rate
         // protects a real one recovering from an outage.
         .replay(Replay {
+            concurrency,
             rate: 1_000_000,
             ..Replay::default()
         })
+        // One server: every replay slot may go to it.
+        .per_destination_concurrency(concurrency)
         .build()
         .expect("a dispatcher");
     let next = Arc::new(AtomicU64::new(0));

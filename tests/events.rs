@@ -460,3 +460,86 @@ async fn a_replayed_attempt_that_panics_is_reported_and_the_request_still_delive
     drop(dispatcher);
     let _ = std::fs::remove_dir_all(&directory);
 }
+
+/// Each destination's changes are one event each, with its origin: down,
+/// back, paused, given up on.
+#[cfg(feature = "outbox")]
+#[tokio::test(start_paused = true)]
+async fn a_destination_down_back_paused_and_given_up_on_is_one_event_each() {
+    use std::time::Duration;
+    use tower_terminal_retry::{
+        outbox::{Delivery, Dispatcher, Outbox, Replay},
+        Schedule, TerminalRetryPolicy,
+    };
+
+    let capture = Capture::default();
+    let _guard = capture.install();
+    let directory = std::env::temp_dir().join(format!("events-lanes-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&directory);
+    let flapping = TestServer::scripted([Reply::status(502), Reply::status(502)])
+        .await
+        .unwrap();
+    let pausing = TestServer::scripted([Reply::retry_after(429, "3")])
+        .await
+        .unwrap();
+    let dead = TestServer::start(|_| Reply::status(502)).await.unwrap();
+    let once = TerminalRetryLayer::new(
+        TerminalRetryPolicy::default().with_schedule(Schedule::new([]).unwrap()),
+    );
+    let outbox = Outbox::open(directory.join("requests.redb")).unwrap();
+    let dispatcher = Dispatcher::builder(outbox, client())
+        .layer(once)
+        .replay(Replay {
+            interval: Duration::from_secs(2),
+            ..Replay::default()
+        })
+        .give_up_after(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    for (key, server) in [
+        ("flapping", &flapping),
+        ("pausing", &pausing),
+        ("dead", &dead),
+    ] {
+        let request = http::Request::post(server.url("/hooks/1"))
+            .body(bytes::Bytes::new())
+            .unwrap();
+        assert_eq!(dispatcher.send(key, request).await, Delivery::Queued);
+    }
+    tokio::time::sleep(Duration::from_secs(40)).await;
+    let outbox = dispatcher.outbox().unwrap();
+    assert!(outbox.pending().unwrap().is_empty());
+    assert_eq!(outbox.quarantined().unwrap().len(), 1);
+
+    let of = |server: &TestServer, text: &str| -> Vec<Captured> {
+        let origin = format!("http://{}", server.addr());
+        capture
+            .events()
+            .into_iter()
+            .filter(|event| {
+                event.field("origin") == Some(origin.as_str())
+                    && event
+                        .field("message")
+                        .is_some_and(|message| message.contains(text))
+            })
+            .collect()
+    };
+    for server in [&flapping, &pausing, &dead] {
+        let down = of(server, "a destination is down");
+        assert_eq!(down.len(), 1, "{down:#?}");
+        assert_eq!(down[0].level, Level::WARN);
+    }
+    assert_eq!(of(&flapping, "is back").len(), 1);
+    assert_eq!(of(&pausing, "is back").len(), 1);
+    assert_eq!(of(&dead, "is back").len(), 0);
+    let paused = of(&pausing, "asked for a pause");
+    assert_eq!(paused.len(), 1, "{paused:#?}");
+    assert_eq!(of(&flapping, "asked for a pause").len(), 0);
+    let given_up = of(&dead, "given up on");
+    assert_eq!(given_up.len(), 1, "{given_up:#?}");
+    assert_eq!(given_up[0].level, Level::WARN);
+    assert_eq!(given_up[0].field("quarantined"), Some("1"));
+    assert_eq!(of(&flapping, "given up on").len(), 0);
+    drop(dispatcher);
+    let _ = std::fs::remove_dir_all(&directory);
+}

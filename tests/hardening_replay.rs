@@ -294,6 +294,29 @@ async fn a_replay_rate_of_zero_is_refused() {
     assert!(error.to_string().contains("rate"), "{error}");
 }
 
+#[tokio::test]
+async fn a_per_destination_concurrency_or_give_up_after_of_zero_is_refused() {
+    let scratch = Scratch::new("zero-lanes");
+    let slots = dispatcher(&scratch.path("slots.redb"))
+        .per_destination_concurrency(0)
+        .build()
+        .unwrap_err();
+    assert!(
+        matches!(slots, ConfigError::InvalidSetting { .. }),
+        "{slots}"
+    );
+    assert!(slots.to_string().contains("per-destination"), "{slots}");
+    let give_up = dispatcher(&scratch.path("give-up.redb"))
+        .give_up_after(Duration::ZERO)
+        .build()
+        .unwrap_err();
+    assert!(
+        matches!(give_up, ConfigError::InvalidSetting { .. }),
+        "{give_up}"
+    );
+    assert!(give_up.to_string().contains("give_up_after"), "{give_up}");
+}
+
 /// When each request reached a server answering 503 with `Retry-After:
 /// value` for `outage`, sent by a dispatcher with `layer` and a replay
 /// interval of 1 s; then the server is back and takes the request.

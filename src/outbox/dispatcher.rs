@@ -320,23 +320,25 @@ impl<S, C> Shared<S, C> {
     /// in the URI, or another origin than the dispatcher's. Names the host,
     /// never the credentials.
     pub(super) fn refusal(&self, uri: &Uri) -> Option<String> {
+        let credentials = has_user_info(uri);
+        if !credentials && self.allows(uri) {
+            return None;
+        }
         let target = clean(&origin_key(uri), &[]);
         let target = match target.is_empty() {
             true => "a URI without a host",
             false => target.as_str(),
         };
-        if has_user_info(uri) {
+        if credentials {
             return Some(format!(
                 "not sent: the URI to {target} holds credentials (user information before the \
                  host); put them in a header the sending service adds"
             ));
         }
-        (!self.allows(uri)).then(|| {
-            format!(
-                "not sent: it goes to {target}, not to an origin of the dispatcher's ({})",
-                self.settings.origins.join(", ")
-            )
-        })
+        Some(format!(
+            "not sent: it goes to {target}, not to an origin of the dispatcher's ({})",
+            self.settings.origins.join(", ")
+        ))
     }
 
     /// Whether `uri` goes to an origin of the allow-list (any, without one).

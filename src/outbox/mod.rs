@@ -18,15 +18,25 @@
 //!   [`TerminalRetryLayer`](crate::TerminalRetryLayer) inside. Only a 2xx
 //!   delivers a request. One whose retries run out stays stored
 //!   ([`Delivery::Queued`]); a replay worker delivers it once the server is
-//!   back, however long that takes. While the server is down the worker
-//!   sends one probe at a time (the oldest request), on a jittered backoff
-//!   capped at the replay interval, and never sooner than a `Retry-After`
-//!   asked for (up to the layer's [`RetryAfter`](crate::RetryAfter) cap); as
-//!   soon as any request succeeds (a probe, a foreground delivery, or any
-//!   call [observed](crate::Recovery::observe) by its [`Recovery`](crate::Recovery))
-//!   it sends everything stored, oldest first, a bounded number at once and
-//!   at most [`Replay::rate`] a second (100 by default): a server that has just
-//!   come back is not hit by its whole backlog at once. Each record is read
+//!   back, however long that takes.
+//! - The replay keeps a lane per destination (the origin of the request's
+//!   URI: scheme, host and port), so that one receiver that is dead, paused,
+//!   slow or flooded holds up no other. While a destination is down it gets
+//!   one probe at a time (its oldest request), on a jittered backoff capped
+//!   at the replay interval, and nothing sooner than a `Retry-After` it
+//!   asked for (up to the layer's [`RetryAfter`](crate::RetryAfter) cap);
+//!   as soon as a request to it succeeds (a probe, a foreground delivery,
+//!   or any call [observed](crate::Recovery::observe) by its
+//!   [`Recovery`](crate::Recovery)) it sends what is stored for it, oldest
+//!   first, at most [`Replay::rate`] a second (100 by default): a server
+//!   that has just come back is not hit by its whole backlog at once.
+//!   Destinations with work are served in turn, each holding at most
+//!   [`DispatcherBuilder::per_destination_concurrency`] of the
+//!   [`Replay::concurrency`] slots; a destination new to the replay (after
+//!   a restart, say) gets one request first, the rest once it answers.
+//!   [`DispatcherBuilder::give_up_after`] quarantines the requests of a
+//!   destination down too long; [`Outbox::destinations`] lists each
+//!   destination with its state ([`Destination`]). Each record is read
 //!   again once claimed, so that one delivered meanwhile in the foreground
 //!   is not sent again.
 //! - A request refused for good (any 4xx but 408 and 429, and 1xx and 3xx:
@@ -110,6 +120,13 @@
 //!   statements are prepared once per connection. A second connection
 //!   listens for notifications; a poll every replay interval (at most a few
 //!   seconds) finds the records of dead holders.
+//! - **Destinations are shared.** Each destination's state (down since
+//!   when, its last failure, its pause, when its next probe is due and who
+//!   holds it) is kept in the queue, so that every dispatcher on it honours
+//!   it: one probe at a time to a destination that is down, across all of
+//!   them (the probe is held as a lease: a dispatcher that dies holding it
+//!   loses it), and a pause given to one is kept by all. Records are
+//!   claimed a batch per destination in one statement.
 //! - **A lost connection** is a transient failure: the operations under way
 //!   fail, the store is not writable until it connects again (the replay
 //!   waits, asking it to recover), nothing stored is lost.
@@ -122,10 +139,12 @@
 //!
 //! The module, by file: `delivery` (what a sender hears back), `builder`,
 //! `dispatcher` (the handle and what one attempt does), `foreground` (a
-//! request's first delivery), `replay` (the worker), `pace` and `backoff`
-//! (its timing), `store` (the seam in front of the stores, claims
-//! included, and the stores behind it: redb, PostgreSQL), `record` (the
-//! entry and its encoding), `error`.
+//! request's first delivery), `lanes` (the replay: a scheduler over
+//! destinations, each with its pace), `backoff` (the probes' and the
+//! store's recoveries' delays), `destination` (what an operator sees of
+//! one), `store` (the seam in front of the stores, claims and each
+//! destination's shared state included, and the stores behind it: redb,
+//! PostgreSQL), `record` (the entry and its encoding), `error`.
 //!
 //! A webhook sender that survives a restart:
 //!

@@ -4,7 +4,7 @@
 //! (every destination up) when the file is opened.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeMap, HashMap},
     time::{Duration, SystemTime},
 };
 
@@ -21,8 +21,8 @@ const PROBE_HOLD: Duration = Duration::from_secs(300);
 /// with pending records.
 #[derive(Default)]
 pub(super) struct Lanes {
-    /// Sequence numbers of the pending records, by origin.
-    pending: HashMap<String, BTreeSet<u64>>,
+    /// The pending records by origin: their keys by sequence number.
+    pending: HashMap<String, BTreeMap<u64, String>>,
     /// The origin of each pending record.
     origin_of: HashMap<u64, String>,
     /// The state of destinations that are down or paused; one up and
@@ -95,11 +95,14 @@ impl Lanes {
         self.longest_probe = longest;
     }
 
-    /// Records `seq` as pending to `origin` (in its place, if it was
-    /// pending to another).
-    pub(super) fn add(&mut self, seq: u64, origin: String) {
+    /// Records `seq`, under `key`, as pending to `origin` (in its place, if
+    /// it was pending to another).
+    pub(super) fn add(&mut self, seq: u64, origin: String, key: String) {
         self.remove(seq);
-        self.pending.entry(origin.clone()).or_default().insert(seq);
+        self.pending
+            .entry(origin.clone())
+            .or_default()
+            .insert(seq, key);
         self.origin_of.insert(seq, origin);
     }
 
@@ -109,9 +112,9 @@ impl Lanes {
         let Some(origin) = self.origin_of.remove(&seq) else {
             return;
         };
-        if let Some(seqs) = self.pending.get_mut(&origin) {
-            seqs.remove(&seq);
-            if seqs.is_empty() {
+        if let Some(records) = self.pending.get_mut(&origin) {
+            records.remove(&seq);
+            if records.is_empty() {
                 self.pending.remove(&origin);
                 self.state.remove(&origin);
             }
@@ -122,21 +125,27 @@ impl Lanes {
     pub(super) fn pending_to(&self, origin: &str) -> Vec<u64> {
         self.pending
             .get(origin)
-            .map(|seqs| seqs.iter().copied().collect())
+            .map(|records| records.keys().copied().collect())
             .unwrap_or_default()
     }
 
-    /// Up to `limit` pending records to `origin` after `after`, oldest first.
-    pub(super) fn pending_after(&self, origin: &str, after: u64, limit: usize) -> Vec<u64> {
-        self.pending
-            .get(origin)
-            .map(|seqs| {
-                seqs.range(after.saturating_add(1)..)
-                    .take(limit)
-                    .copied()
-                    .collect()
-            })
-            .unwrap_or_default()
+    /// Up to `limit` pending records to `origin` whose keys `free` takes,
+    /// oldest first: their sequence numbers and keys.
+    pub(super) fn take(
+        &self,
+        origin: &str,
+        limit: usize,
+        mut free: impl FnMut(&str) -> bool,
+    ) -> Vec<(u64, String)> {
+        let Some(records) = self.pending.get(origin) else {
+            return Vec::new();
+        };
+        records
+            .iter()
+            .filter(|(_, key)| free(key))
+            .take(limit)
+            .map(|(seq, key)| (*seq, key.clone()))
+            .collect()
     }
 
     /// The destinations with pending records, oldest record first, and the
@@ -145,7 +154,7 @@ impl Lanes {
         let mut lanes: Vec<(u64, &String)> = self
             .pending
             .iter()
-            .filter_map(|(origin, seqs)| Some((*seqs.first()?, origin)))
+            .filter_map(|(origin, records)| Some((*records.keys().next()?, origin)))
             .collect();
         lanes.sort_unstable();
         lanes
@@ -162,7 +171,11 @@ impl Lanes {
     /// Records how an attempt to `origin` went; its state after it. Keeps
     /// nothing for an origin with nothing pending.
     pub(super) fn note(&mut self, origin: &str, event: LaneEvent) -> LaneState {
-        if !self.pending.contains_key(origin) {
+        // Nothing pending to it, or an answer from one up and unpaused (the
+        // healthy path): nothing to keep.
+        let plain = matches!(event, LaneEvent::Answered { pause: None })
+            && !self.state.contains_key(origin);
+        if plain || !self.pending.contains_key(origin) {
             return LaneState::default();
         }
         let longest = self.longest_probe;
@@ -222,9 +235,9 @@ impl Lanes {
         let now = Instant::now();
         self.pending
             .iter()
-            .map(|(origin, seqs)| {
+            .map(|(origin, records)| {
                 let mut destination = Destination::new(origin.clone());
-                destination.pending = seqs.len() as u64;
+                destination.pending = records.len() as u64;
                 if let Some(kept) = self.state.get(origin) {
                     destination.down_since = kept.down_since.map(|(_, at)| at);
                     destination.paused_until = kept
@@ -260,13 +273,17 @@ mod tests {
             LaneState::default()
         );
         assert!(lanes.state.is_empty());
-        lanes.add(1, "http://a:80".into());
-        lanes.add(2, "http://b:80".into());
-        lanes.add(3, "http://a:80".into());
+        lanes.add(1, "http://a:80".into(), "k1".into());
+        lanes.add(2, "http://b:80".into(), "k2".into());
+        lanes.add(3, "http://a:80".into(), "k3".into());
         let state = lanes.note("http://a:80", failed(false));
         assert!(state.is_down());
         assert_eq!(state.probe_delay, Duration::from_secs(1));
         assert_eq!(lanes.pending_to("http://a:80"), [1, 3]);
+        assert_eq!(
+            lanes.take("http://a:80", 5, |key| key != "k1"),
+            [(3, "k3".to_owned())]
+        );
         assert_eq!(
             lanes
                 .lanes(10)
@@ -287,7 +304,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn one_probe_at_a_time_once_due_and_never_while_paused() {
         let mut lanes = Lanes::new(Duration::from_secs(30));
-        lanes.add(1, "http://a:80".into());
+        lanes.add(1, "http://a:80".into(), "k1".into());
         assert!(!lanes.take_probe("http://a:80"), "up: nothing to probe");
         lanes.note(
             "http://a:80",

@@ -97,7 +97,7 @@ impl RedbStore {
             from = last.seq + 1;
             let mut lanes = lock(&self.lanes);
             for entry in &entries {
-                lanes.add(entry.seq, origin_key(&entry.uri));
+                lanes.add(entry.seq, origin_key(&entry.uri), entry.key.clone());
             }
         }
     }
@@ -156,38 +156,38 @@ impl RedbStore {
     }
 
     /// Claims up to `limit` pending records to `origin` that no one here
-    /// holds, oldest first, read once claimed.
+    /// holds, oldest first, and reads them once claimed: one delivered and
+    /// removed meanwhile (its claim just released) is not sent again.
     fn claim_from(&self, origin: &str, limit: usize) -> Result<Vec<Entry>, OutboxError> {
-        let mut claimed = Vec::new();
-        let mut after = 0;
-        while claimed.len() < limit {
-            let seqs = lock(&self.lanes).pending_after(origin, after, CLAIM_SCAN);
-            let Some(&last) = seqs.last() else {
-                break;
-            };
-            after = last;
-            let entries = self.read_seqs(PENDING, &seqs)?;
-            if entries.len() < seqs.len() {
-                // Gone (or damaged, and moved away by a read): no longer
-                // pending here.
+        let taken = {
+            let lanes = lock(&self.lanes);
+            let mut claimed = lock(&self.claimed);
+            lanes.take(origin, limit, |key| claimed.insert(key.to_owned()))
+        };
+        let seqs: Vec<u64> = taken.iter().map(|(seq, _)| *seq).collect();
+        let read = self.read_seqs(PENDING, &seqs);
+        let found = |seq: u64| {
+            read.as_ref()
+                .is_ok_and(|entries| entries.iter().any(|entry| entry.seq == seq))
+        };
+        // Not read (gone, damaged and moved away by a read, or the read
+        // failed): no longer claimed; no longer pending, unless the read
+        // failed.
+        let lost: Vec<&(u64, String)> = taken.iter().filter(|(seq, _)| !found(*seq)).collect();
+        if !lost.is_empty() {
+            let mut claimed = lock(&self.claimed);
+            for (_, key) in &lost {
+                claimed.remove(key);
+            }
+            drop(claimed);
+            if read.is_ok() {
                 let mut lanes = lock(&self.lanes);
-                for seq in seqs
-                    .iter()
-                    .filter(|seq| !entries.iter().any(|e| e.seq == **seq))
-                {
+                for (seq, _) in lost {
                     lanes.remove(*seq);
                 }
             }
-            for entry in entries {
-                if claimed.len() == limit {
-                    break;
-                }
-                if self.claim_new(&entry.key) {
-                    claimed.push(entry);
-                }
-            }
         }
-        Ok(claimed)
+        read
     }
 
     async fn change(&self, change: Change) -> Result<bool, OutboxError> {
@@ -268,7 +268,7 @@ impl Store for RedbStore {
                 let entry = seq.map(|seq| self.read_seqs(PENDING, &[seq]));
                 if let Some(Ok(entry)) = entry {
                     for entry in entry {
-                        lock(&self.lanes).add(entry.seq, origin_key(&entry.uri));
+                        lock(&self.lanes).add(entry.seq, origin_key(&entry.uri), entry.key);
                     }
                 }
                 self.shared.requeued.notify_one();
@@ -321,11 +321,12 @@ impl Store for RedbStore {
     fn insert(&self, entry: Entry) -> Answer<'_, Inserted> {
         Box::pin(async move {
             let origin = origin_key(&entry.uri);
+            let key = entry.key.clone();
             let (reply, answer) = Reply::new(&self.shared.path);
             let write = Write::Insert(Box::new(entry), reply);
             let inserted = self.shared.ask(Job::Write(write), answer).await?;
             if let Inserted::Stored(seq) = inserted {
-                lock(&self.lanes).add(seq, origin);
+                lock(&self.lanes).add(seq, origin, key);
             }
             Ok(inserted)
         })
@@ -368,10 +369,11 @@ impl Store for RedbStore {
     fn replace(&self, seq: u64, entry: Entry) -> Answer<'_, bool> {
         Box::pin(async move {
             let origin = origin_key(&entry.uri);
+            let key = entry.key.clone();
             let entry = Box::new(entry);
             let replaced = self.change(Change::Replace { seq, entry }).await?;
             if replaced {
-                lock(&self.lanes).add(seq, origin);
+                lock(&self.lanes).add(seq, origin, key);
             }
             Ok(replaced)
         })
