@@ -5,7 +5,9 @@
 //! `INSERT` before the first attempt and one committed `DELETE` once
 //! delivered, per request, pipelined on one tokio-postgres connection as the
 //! outbox's own. Then the time from an `enqueue` transaction's commit to the
-//! first attempt of its request.
+//! first attempt of its request; and the relay: [`RELAYED`] requests
+//! enqueued in one transaction, drained by one dispatcher (replay rate
+//! 1,000,000 a second), to 1 destination and to 100.
 //!
 //! `cargo bench --bench postgres`: against `DATABASE_URL` when it is set,
 //! else a throwaway server (`initdb` and `pg_ctl` on a temporary directory, a
@@ -30,7 +32,7 @@ use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use tokio_postgres::{NoTls, Statement};
 use tower::{Layer, ServiceExt};
 use tower_terminal_retry::{
-    outbox::{Delivery, Dispatcher, Outbox},
+    outbox::{Delivery, Dispatcher, Outbox, Replay},
     test_server::{Reply, TestServer},
     TerminalRetry, TerminalRetryLayer,
 };
@@ -51,6 +53,8 @@ const SENDS_PER_ROUND: u64 = 2_000;
 const ROUNDS: usize = 5;
 /// Enqueues timed one after the other, from commit to first attempt.
 const LATENCY_SAMPLES: usize = 200;
+/// Requests enqueued at once for the relay.
+const RELAYED: u64 = 10_000;
 
 type HyperClient = Client<HttpConnector, Full<Bytes>>;
 
@@ -195,6 +199,19 @@ fn main() {
     });
     drop(contenders);
     runtime.block_on(commit_to_first_attempt(&url));
+    println!("\nrelay: {RELAYED} requests enqueued in one transaction, drained by one dispatcher\n");
+    println!("| destinations | drained in | deliveries a second |");
+    println!("|---:|---:|---:|");
+    // A sender's runtime: its worker threads, one per core.
+    let relaying = tokio::runtime::Runtime::new().expect("a runtime");
+    for destinations in [1, 100] {
+        let (elapsed, delivered) = relaying.block_on(relay(&url, destinations));
+        println!(
+            "| {destinations} | {:.2} s | {:.0} |",
+            elapsed.as_secs_f64(),
+            delivered as f64 / elapsed.as_secs_f64()
+        );
+    }
     let _ = std::fs::remove_dir_all(&directory);
 }
 
@@ -257,4 +274,57 @@ async fn commit_to_first_attempt(url: &str) {
             at(1.0).as_secs_f64() * 1e3
         );
     }
+}
+
+/// Enqueues [`RELAYED`] requests for `destinations` loopback receivers (in
+/// turn) in one transaction, and times the drain from the commit to the
+/// last delivery: how long, and how many were delivered.
+async fn relay(url: &str, destinations: usize) -> (Duration, u64) {
+    let delivered = Arc::new(AtomicU64::new(0));
+    let mut receivers = Vec::new();
+    for _ in 0..destinations {
+        let delivered = delivered.clone();
+        let receiver = TestServer::start_unrecorded(move |_| {
+            delivered.fetch_add(1, Ordering::Relaxed);
+            Reply::status(204)
+        })
+        .await
+        .expect("a loopback port");
+        receivers.push(receiver);
+    }
+    let outbox = Outbox::connect(url, &format!("relay-{destinations}"))
+        .await
+        .expect("a postgres outbox");
+    let dispatcher = Dispatcher::builder(outbox, hyper_client())
+        .any_origin()
+        .replay(Replay {
+            rate: 1_000_000,
+            ..Replay::default()
+        })
+        .build()
+        .expect("a dispatcher");
+    let (mut application, connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .expect("the application's connection");
+    tokio::spawn(connection);
+    let transaction = application.transaction().await.expect("a transaction");
+    for index in 0..RELAYED {
+        let receiver = &receivers[index as usize % destinations];
+        let request = Request::post(receiver.url("/hooks/relay"))
+            .body(Bytes::from(format!(r#"{{"event":{index}}}"#)))
+            .expect("a request");
+        dispatcher
+            .outbox()
+            .unwrap()
+            .enqueue(&transaction, &format!("relay-{index}"), request)
+            .await
+            .expect("enqueued");
+    }
+    let committed = Instant::now();
+    transaction.commit().await.expect("committed");
+    let limit = Duration::from_secs(120);
+    while delivered.load(Ordering::Relaxed) < RELAYED && committed.elapsed() < limit {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    (committed.elapsed(), delivered.load(Ordering::Relaxed))
 }

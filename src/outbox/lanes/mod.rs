@@ -669,10 +669,16 @@ where
                     entry = fallback.1;
                 }
                 Step::Retired(_, seq) => {
-                    if let Some(seq) = seq {
-                        self.remove(&entry.key, seq).await;
-                    }
-                    claim.settle();
+                    // The slot is free once the destination answered; the
+                    // claim, held until the removal is committed, keeps
+                    // every sender off the record meanwhile.
+                    let shared = self.clone();
+                    tokio::spawn(async move {
+                        if let Some(seq) = seq {
+                            shared.remove(&entry.key, seq).await;
+                        }
+                        claim.settle();
+                    });
                     return state;
                 }
                 // The replay itself goes on with what is queued.
