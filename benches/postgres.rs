@@ -199,7 +199,9 @@ fn main() {
     });
     drop(contenders);
     runtime.block_on(commit_to_first_attempt(&url));
-    println!("\nrelay: {RELAYED} requests enqueued in one transaction, drained by one dispatcher\n");
+    println!(
+        "\nrelay: {RELAYED} requests enqueued in one transaction, drained by one dispatcher\n"
+    );
     println!("| destinations | drained in | deliveries a second |");
     println!("|---:|---:|---:|");
     // A sender's runtime: its worker threads, one per core.

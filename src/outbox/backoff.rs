@@ -1,5 +1,6 @@
 //! A delay that doubles after each failure: the one backoff of the outbox,
-//! for the replay's probes and the store's recoveries alike.
+//! for the probes of a destination that is down and the store's recoveries
+//! alike.
 
 use std::time::Duration;
 
@@ -18,14 +19,6 @@ impl Backoff {
             first,
             longest,
             delay: first.min(longest),
-        }
-    }
-
-    /// A backoff at no delay, then at `first`.
-    pub(crate) fn immediate(first: Duration, longest: Duration) -> Backoff {
-        Backoff {
-            delay: Duration::ZERO,
-            ..Backoff::new(first, longest)
         }
     }
 
@@ -60,13 +53,19 @@ mod tests {
     #[test]
     fn delays_double_from_the_first_up_to_the_longest() {
         let second = Duration::from_secs(1);
-        let mut probe = Backoff::immediate(second, 5 * second);
+        let mut probe = Backoff::new(second, 5 * second);
         let mut delays = Vec::new();
-        for _ in 0..6 {
+        for _ in 0..5 {
             delays.push(probe.delay().as_secs());
             probe.failed();
         }
-        assert_eq!(delays, [0, 1, 2, 4, 5, 5]);
+        assert_eq!(delays, [1, 2, 4, 5, 5]);
+        let resumed = Backoff::resume(second, 5 * second, 3 * second);
+        assert_eq!(resumed.delay(), 3 * second);
+        assert_eq!(
+            Backoff::resume(second, 5 * second, 9 * second).delay(),
+            5 * second
+        );
         let mut short = Backoff::new(second, second / 2);
         assert_eq!(short.delay(), second / 2);
         short.failed();

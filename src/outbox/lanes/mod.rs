@@ -669,16 +669,23 @@ where
                     entry = fallback.1;
                 }
                 Step::Retired(_, seq) => {
-                    // The slot is free once the destination answered; the
-                    // claim, held until the removal is committed, keeps
-                    // every sender off the record meanwhile.
                     let shared = self.clone();
-                    tokio::spawn(async move {
+                    let removal = async move {
                         if let Some(seq) = seq {
                             shared.remove(&entry.key, seq).await;
                         }
                         claim.settle();
-                    });
+                    };
+                    // A probe's removal is awaited: the destination's
+                    // backlog goes once the store took it (a store that
+                    // cannot record a delivery holds the replay). Otherwise
+                    // the slot is free once the destination answered; the
+                    // claim, held until the removal is committed, keeps
+                    // every sender off the record meanwhile.
+                    match probe {
+                        true => removal.await,
+                        false => drop(tokio::spawn(removal)),
+                    }
                     return state;
                 }
                 // The replay itself goes on with what is queued.
