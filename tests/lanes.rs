@@ -338,6 +338,45 @@ async fn a_destination_down_too_long_is_given_up_on(store: Store<'_>) {
     drop(dispatcher);
 }
 
+/// The replay rate bounds each destination, not the queue: 20 healthy
+/// destinations, 50 requests each, go out in about the time one
+/// destination's 50 take at 100 a second.
+async fn each_destination_has_its_own_pace(store: Store<'_>) {
+    let mut receivers = Vec::new();
+    for index in 0..20 {
+        let receiver = receiver(200, Duration::ZERO).await;
+        store
+            .store_unsent(requests(&receiver, &format!("d{index}-"), 50))
+            .await;
+        receivers.push(receiver);
+    }
+    let dispatcher = store.dispatcher(Duration::from_secs(10)).await;
+    let start = Instant::now();
+    let all = || {
+        receivers
+            .iter()
+            .all(|receiver| receiver.requests().len() == 50)
+    };
+    assert!(wait_for(Duration::from_secs(5), all).await);
+    // 1,000 requests: 10 s at one pace for the queue, 0.5 s at one per
+    // destination (give or take the first, tried alone).
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
+    for receiver in &receivers {
+        let arrived = arrivals(&receiver.requests());
+        // Each at its pace: 49 gaps of 10 ms at least, but the tick's slack.
+        assert!(
+            arrived[49] >= Duration::from_millis(450),
+            "{:?}",
+            arrived[49]
+        );
+    }
+    drop(dispatcher);
+}
+
 /// `destinations()` tells which receiver is broken: down since when and
 /// why, paused until when, or up, with its counts.
 async fn destinations_report_each_state(store: Store<'_>) {
@@ -437,6 +476,12 @@ mod file {
         let scratch = scratch("destinations");
         destinations_report_each_state(Store::File(&scratch)).await;
     }
+
+    #[tokio::test(start_paused = true)]
+    async fn twenty_healthy_destinations_get_twenty_times_the_rate_of_one() {
+        let scratch = scratch("pace");
+        each_destination_has_its_own_pace(Store::File(&scratch)).await;
+    }
 }
 
 mod shared {
@@ -485,5 +530,111 @@ mod shared {
     #[tokio::test]
     async fn destinations_reports_each_state() {
         on_a_queue!("destinations", destinations_report_each_state);
+    }
+
+    #[tokio::test]
+    async fn twenty_healthy_destinations_get_twenty_times_the_rate_of_one() {
+        on_a_queue!("pace", each_destination_has_its_own_pace);
+    }
+
+    /// Two dispatchers on one queue: a destination that is down gets one
+    /// probe at a time across both.
+    #[tokio::test]
+    async fn two_dispatchers_send_one_probe_at_a_time_to_a_down_destination() {
+        let Some(postgres) = postgres().await else {
+            return;
+        };
+        let store = Store::Queue {
+            postgres: &postgres,
+            queue: postgres.queue("lanes-two-probe"),
+        };
+        let dead = receiver(502, Duration::from_millis(300)).await;
+        store.store_unsent(requests(&dead, "dead-", 10)).await;
+        let first = store.dispatcher(Duration::from_secs(1)).await;
+        // The second once the destination is known to be down.
+        assert!(wait_for(Duration::from_secs(5), || !dead.requests().is_empty()).await);
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let second = store.dispatcher(Duration::from_secs(1)).await;
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        let probes = arrivals(&dead.requests());
+        assert!(probes.len() >= 4, "{probes:?}");
+        // Each probe takes 300 ms at the receiver: none started before the
+        // last one ended, whichever dispatcher sent it.
+        for pair in probes.windows(2) {
+            assert!(
+                pair[1] - pair[0] >= Duration::from_millis(300),
+                "{probes:?}"
+            );
+        }
+        drop((first, second));
+    }
+
+    /// A pause one dispatcher was given is kept by the other.
+    #[tokio::test]
+    async fn a_pause_given_to_one_dispatcher_is_kept_by_the_other() {
+        let Some(postgres) = postgres().await else {
+            return;
+        };
+        let store = Store::Queue {
+            postgres: &postgres,
+            queue: postgres.queue("lanes-two-pause"),
+        };
+        let paused = TestServer::scripted([Reply::retry_after(503, "4")])
+            .await
+            .unwrap();
+        store.store_unsent(requests(&paused, "paused-", 5)).await;
+        let first = store.dispatcher(Duration::from_secs(1)).await;
+        assert!(wait_for(Duration::from_secs(5), || !paused.requests().is_empty()).await);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let second = store.dispatcher(Duration::from_secs(1)).await;
+        assert!(wait_for(Duration::from_secs(10), || paused.requests().len() == 5 + 1).await);
+        let arrived = arrivals(&paused.requests());
+        // Nothing from either within the pause.
+        assert!(arrived[1] >= Duration::from_secs(4), "{arrived:?}");
+        drop((first, second));
+    }
+
+    /// 2,000 requests enqueued for 20 healthy destinations are delivered
+    /// within 10 s by two dispatchers with the default settings.
+    #[tokio::test]
+    async fn two_thousand_requests_for_twenty_destinations_go_within_ten_seconds() {
+        let Some(postgres) = postgres().await else {
+            return;
+        };
+        let store = Store::Queue {
+            postgres: &postgres,
+            queue: postgres.queue("lanes-two-thousand"),
+        };
+        let first = Dispatcher::builder(store.open().await, http_client())
+            .any_origin()
+            .build()
+            .unwrap();
+        let second = Dispatcher::builder(store.open().await, http_client())
+            .any_origin()
+            .build()
+            .unwrap();
+        let mut receivers = Vec::new();
+        let mut all = Vec::new();
+        for index in 0..20 {
+            let receiver = receiver(200, Duration::ZERO).await;
+            all.extend(requests(&receiver, &format!("d{index}-"), 100));
+            receivers.push(receiver);
+        }
+        let start = Instant::now();
+        store.store_unsent(all).await;
+        let delivered = || receivers.iter().map(|r| r.requests().len()).sum::<usize>() >= 2_000;
+        assert!(wait_for(Duration::from_secs(10), delivered).await);
+        let outbox = first.outbox().unwrap();
+        assert!(
+            wait_for(Duration::from_secs(5), || outbox
+                .pending()
+                .unwrap()
+                .is_empty())
+            .await
+        );
+        let total: usize = receivers.iter().map(|r| r.requests().len()).sum();
+        assert_eq!(total, 2_000, "each once");
+        eprintln!("2,000 for 20 destinations in {:?}", start.elapsed());
+        drop((first, second));
     }
 }
