@@ -28,11 +28,11 @@ use http::Request;
 use http_body_util::Full;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use tokio_postgres::{NoTls, Statement};
-use tower::{Layer, ServiceExt};
+use tower::{retry::Retry, Layer, ServiceExt};
 use tower_terminal_retry::{
     outbox::{Delivery, Dispatcher, Outbox},
     test_server::{Reply, TestServer},
-    TerminalRetry, TerminalRetryLayer,
+    TerminalRetryLayer, TerminalRetryPolicy,
 };
 
 use common::{
@@ -94,7 +94,7 @@ impl Naive {
 /// The four ways to send, against one server.
 struct Contenders {
     base: String,
-    layered: TerminalRetry<HyperClient>,
+    layered: Retry<TerminalRetryPolicy, HyperClient>,
     redb: Dispatcher<HyperClient>,
     postgres: Dispatcher<HyperClient>,
     naive: Naive,

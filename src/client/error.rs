@@ -128,7 +128,7 @@ impl Error {
     /// (including an elapsed per-attempt timeout). A configuration error and
     /// any other 4xx are permanent.
     pub fn is_transient(&self) -> bool {
-        self.inner.outcome.is_transient()
+        self.inner.outcome == Outcome::Transient
     }
 
     /// Whether the client was refused when it was built (a bad base URL, token
