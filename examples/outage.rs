@@ -21,7 +21,7 @@ use std::{collections::BTreeMap, fmt::Write as _, ops::Range, process::ExitCode,
 use http::StatusCode;
 use tokio::time::Instant;
 use tower_terminal_retry::{
-    client::{ReportOutcome, TaskClient, TaskResult},
+    client::{Failure, ReportOutcome, TaskClient, TaskResult},
     outbox::Replay,
     test_server::{Action, Attempt, Fault, Handling, TaskServer, TaskState},
     Recovery, Schedule, TerminalRetryPolicy,
@@ -179,7 +179,8 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
             _ => "left_running",
         };
         *counts.entry(name).or_default() += 1;
-        if agent_result(n, id).is_completed() && state == Some(TaskState::Failed) {
+        let completed = matches!(agent_result(n, id), TaskResult::Completed(_));
+        if completed && state == Some(TaskState::Failed) {
             wrongly_failed += 1;
         }
         if !matches!(state, Some(TaskState::Completed | TaskState::Failed)) {
@@ -222,7 +223,7 @@ fn output(id: &str) -> String {
 /// The behaviour before the terminal retries: one attempt at `complete`, and
 /// on any error, one at `fail`.
 async fn report_fire_once(client: &TaskClient, id: &str, result: TaskResult) {
-    if !result.is_completed() {
+    if let TaskResult::Failed(_) = result {
         // A failed result only needs the one `fail`: the same in both modes.
         let _ = client.report_task_result(id, result).await;
         return;
@@ -231,8 +232,11 @@ async fn report_fire_once(client: &TaskClient, id: &str, result: TaskResult) {
         .send_task_result(id, &TaskResult::completed(output(id)))
         .await
     {
-        let fail = TaskResult::failed(format!("complete task failed: {error}"))
-            .failure_reason("agent_error");
+        let fail = TaskResult::Failed(Failure {
+            error: format!("complete task failed: {error}"),
+            failure_reason: "agent_error".into(),
+            ..Failure::default()
+        });
         // Whatever happens now is what the server keeps.
         let _ = client.send_task_result(id, &fail).await;
     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use http::StatusCode;
 use serde_json::json;
 use tower_terminal_retry::{
-    client::{ReportOutcome, TaskClient, TaskResult, UsageEntry},
+    client::{Completion, ErrorKind, Failure, ReportOutcome, TaskClient, TaskResult, UsageEntry},
     test_server::{Action, Fault, Reply, TaskServer, TaskState, TestServer},
 };
 use tracing::Instrument;
@@ -80,7 +80,12 @@ async fn permanent_complete_falls_back_to_fail() {
     );
     let client = client(&server, &[1, 1, 1]);
 
-    let result = TaskResult::completed("ok").session_id("s1").work_dir("/w");
+    let result = TaskResult::Completed(Completion {
+        output: "ok".into(),
+        session_id: "s1".into(),
+        work_dir: "/w".into(),
+        ..Completion::default()
+    });
     let outcome = client.report_task_result("task-bad", result).await;
 
     assert_eq!(outcome, ReportOutcome::FellBackToFail);
@@ -103,9 +108,12 @@ async fn non_completed_hits_fail_endpoint() {
     let server = server_with(&["task-failed"]).await;
     let client = client(&server, &[1]);
 
-    let result = TaskResult::failed("agent crashed")
-        .failure_reason("timeout")
-        .branch_name("ignored-for-failures");
+    // A failure has no branch to report: none can be sent.
+    let result = TaskResult::Failed(Failure {
+        error: "agent crashed".into(),
+        failure_reason: "timeout".into(),
+        ..Failure::default()
+    });
     let outcome = client.report_task_result("task-failed", result).await;
 
     assert_eq!(outcome, ReportOutcome::Failed);
@@ -252,12 +260,18 @@ async fn requests_have_the_agreed_routes_bodies_and_headers() {
     };
     client.report_usage("t1", &[usage]).await.unwrap();
     client.pin_session("t1", "sess", "").await.unwrap();
-    let complete = TaskResult::completed("done")
-        .branch_name("feature/x")
-        .session_id("sess")
-        .work_dir("/w");
+    let complete = TaskResult::Completed(Completion {
+        output: "done".into(),
+        branch_name: "feature/x".into(),
+        session_id: "sess".into(),
+        work_dir: "/w".into(),
+    });
     client.send_task_result("t1", &complete).await.unwrap();
-    let fail = TaskResult::failed("late").failure_reason("agent_error");
+    let fail = TaskResult::Failed(Failure {
+        error: "late".into(),
+        failure_reason: "agent_error".into(),
+        ..Failure::default()
+    });
     client.send_task_result("t1", &fail).await.unwrap();
 
     let requests = server.requests();
@@ -360,10 +374,12 @@ async fn nul_bytes_are_stripped_from_every_string_sent() {
     let server = server_with(&["t1", "t2"]).await;
     let client = client(&server, &[]);
 
-    let result = TaskResult::completed("out\0put")
-        .branch_name("b\0r")
-        .session_id("\0s")
-        .work_dir("w\0");
+    let result = TaskResult::Completed(Completion {
+        output: "out\0put".into(),
+        branch_name: "b\0r".into(),
+        session_id: "\0s".into(),
+        work_dir: "w\0".into(),
+    });
     client.report_task_result("t1", result).await;
     client.report_progress("t2", "st\0ep", 1, 2).await.unwrap();
 
@@ -415,7 +431,7 @@ async fn a_rejection_names_route_status_and_body() {
         error.to_string(),
         "POST /api/daemon/tasks/ghost/complete returned 404: task not found"
     );
-    assert_eq!(error.status(), Some(StatusCode::NOT_FOUND));
+    assert_eq!(error.kind(), ErrorKind::Status(StatusCode::NOT_FOUND));
     assert!(!error.is_transient());
     assert!(std::error::Error::source(&error).is_none());
     // Permanent: one attempt only.
@@ -444,7 +460,7 @@ async fn a_long_error_body_is_cut_to_4_kib_and_trimmed() {
     // Trimmed, then cut to 4 KiB of text.
     assert_eq!(message[prefix.len()..], "x".repeat(4096));
     assert!(error.is_transient());
-    assert_eq!(error.status(), Some(StatusCode::BAD_GATEWAY));
+    assert_eq!(error.kind(), ErrorKind::Status(StatusCode::BAD_GATEWAY));
 }
 
 #[tokio::test(start_paused = true)]
@@ -464,8 +480,7 @@ async fn transport_errors_are_transient_and_carry_their_source() {
     let error = client.start_task("t1").await.unwrap_err();
 
     assert!(error.is_transient());
-    assert!(!error.is_timeout());
-    assert_eq!(error.status(), None);
+    assert_eq!(error.kind(), ErrorKind::Transport);
     assert_eq!(
         error.to_string(),
         "POST /api/daemon/tasks/t1/start failed before any response"
@@ -485,7 +500,7 @@ async fn a_hung_attempt_times_out_and_is_retried() {
         .await
         .unwrap_err();
 
-    assert!(error.is_timeout());
+    assert_eq!(error.kind(), ErrorKind::Timeout);
     assert!(error.is_transient());
     assert_eq!(
         error.to_string(),
@@ -524,7 +539,7 @@ async fn bad_configuration_is_an_error_at_build() {
         ),
     ];
     for (error, expected) in cases {
-        assert!(error.is_config(), "{error}");
+        assert_eq!(error.kind(), ErrorKind::Config, "{error}");
         assert!(!error.is_transient(), "{error}");
         assert!(error.to_string().contains(expected), "{error}");
         assert!(!error.to_string().contains("line"), "{error}");
@@ -540,7 +555,7 @@ fn building_outside_a_tokio_runtime_is_an_error() {
     let error = TaskClient::builder("http://127.0.0.1:8080")
         .build()
         .unwrap_err();
-    assert!(error.is_config());
+    assert_eq!(error.kind(), ErrorKind::Config);
     assert!(error.to_string().contains("tokio runtime"), "{error}");
 }
 

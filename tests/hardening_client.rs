@@ -12,7 +12,7 @@ use std::time::Duration;
 use http::{header::AUTHORIZATION, StatusCode};
 use tokio::time::Instant;
 use tower_terminal_retry::{
-    client::{ReportOutcome, TaskClient, TaskResult},
+    client::{ErrorKind, ReportOutcome, TaskClient, TaskResult},
     test_server::{Action, Fault, Reply, TestServer},
     RetryAfter,
 };
@@ -96,7 +96,10 @@ async fn a_redirect_is_refused_for_good_and_the_error_names_its_location() {
         .await
         .expect_err("a 301 is no success");
     assert!(!error.is_transient(), "a redirect is not retried");
-    assert_eq!(error.status(), Some(StatusCode::MOVED_PERMANENTLY));
+    assert_eq!(
+        error.kind(),
+        ErrorKind::Status(StatusCode::MOVED_PERMANENTLY)
+    );
     let message = error.to_string();
     assert!(message.contains("https://elsewhere.test/api"), "{message}");
     assert!(message.contains("final URL"), "{message}");
@@ -217,13 +220,13 @@ async fn invalid_task_ids_are_refused_before_anything_is_sent() {
         long.as_str(),
     ] {
         let error = client.start_task(bad).await.expect_err("refused");
-        assert!(error.is_config(), "{bad:?}: {error}");
+        assert_eq!(error.kind(), ErrorKind::Config, "{bad:?}: {error}");
         assert!(!error.to_string().contains(bad) || bad.is_empty());
         let error = client
             .send_task_result(bad, &TaskResult::completed(""))
             .await
             .expect_err("refused");
-        assert!(error.is_config(), "{bad:?}: {error}");
+        assert_eq!(error.kind(), ErrorKind::Config, "{bad:?}: {error}");
         assert!(client.pin_session(bad, "s", "w").await.is_err());
         let outcome = client
             .report_task_result(bad, TaskResult::completed("done"))
@@ -349,7 +352,7 @@ async fn a_trickling_server_gets_no_more_connections_than_the_limit() {
     }
     for start in starts {
         let error = start.await.unwrap().expect_err("a 409");
-        assert_eq!(error.status(), Some(StatusCode::CONFLICT));
+        assert_eq!(error.kind(), ErrorKind::Status(StatusCode::CONFLICT));
         assert!(
             error.to_string().ends_with(TricklingServer::BODY),
             "{error}"
@@ -543,7 +546,7 @@ fn a_zero_concurrency_limit_is_a_configuration_error() {
         .concurrency_limit(0)
         .build()
         .expect_err("zero is refused");
-    assert!(error.is_config(), "{error}");
+    assert_eq!(error.kind(), ErrorKind::Config, "{error}");
 }
 
 /// A password, even one holding the URL's reserved characters, or a query
@@ -568,7 +571,7 @@ fn a_base_url_with_a_password_or_a_query_is_refused_without_showing_it() {
         let debug = format!("{builder:?}");
         assert!(!debug.contains(secret), "{debug}");
         let error = builder.build().expect_err(url);
-        assert!(error.is_config());
+        assert_eq!(error.kind(), ErrorKind::Config);
         let shown = format!("{error} {error:?}");
         assert!(!shown.contains(secret), "{shown}");
         assert!(shown.contains("[redacted]"), "{shown}");
@@ -582,7 +585,7 @@ fn a_base_url_with_a_password_or_a_query_is_refused_without_showing_it() {
         "http://127.0.0.1:8080/#f",
     ] {
         let error = TaskClient::builder(url).build().expect_err(url);
-        assert!(error.is_config(), "{url}: {error}");
+        assert_eq!(error.kind(), ErrorKind::Config, "{url}: {error}");
     }
 }
 
@@ -868,7 +871,7 @@ mod with_outbox {
         for _ in 0..100 {
             match build() {
                 Ok(client) => return client,
-                Err(error) if error.is_outbox() => {
+                Err(error) if error.kind() == ErrorKind::Outbox => {
                     tokio::time::sleep(Duration::from_millis(10)).await
                 }
                 Err(error) => panic!("{error}"),

@@ -11,7 +11,7 @@ use std::{path::Path, time::Duration};
 
 use http::StatusCode;
 use tower_terminal_retry::{
-    client::{ReportOutcome, TaskClient, TaskClientBuilder, TaskResult},
+    client::{Completion, ErrorKind, ReportOutcome, TaskClient, TaskClientBuilder, TaskResult},
     outbox::{Durability, Replay},
     test_server::{Action, Attempt, Fault, Handling, TaskServer, TaskState},
     Recovery, Schedule, TerminalRetryPolicy,
@@ -168,7 +168,11 @@ async fn a_refused_completion_falls_back_to_a_fail_stored_before_it_is_sent() {
         })
         .build()
         .unwrap();
-    let result = TaskResult::completed("done").session_id("s-1");
+    let result = TaskResult::Completed(Completion {
+        output: "done".into(),
+        session_id: "s-1".into(),
+        ..Completion::default()
+    });
     let outcome = client.report_task_result("t1", result).await;
     assert_eq!(outcome, ReportOutcome::Queued);
     let pending = client.outbox().unwrap().pending().unwrap();
@@ -492,7 +496,7 @@ async fn a_file_held_by_another_live_client_is_an_error_naming_it() {
     server.add_tasks(["t1"]);
     let first = builder(&server, &scratch.file()).build().unwrap();
     let error = builder(&server, &scratch.file()).build().unwrap_err();
-    assert!(error.is_outbox(), "{error}");
+    assert_eq!(error.kind(), ErrorKind::Outbox, "{error}");
     let message = error.to_string();
     assert!(
         message.contains(scratch.file().to_str().unwrap()),
@@ -514,7 +518,7 @@ async fn a_file_held_by_another_live_client_is_an_error_naming_it() {
                 reopened = Some(client);
                 break;
             }
-            Err(error) => assert!(error.is_outbox(), "{error}"),
+            Err(error) => assert_eq!(error.kind(), ErrorKind::Outbox, "{error}"),
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -564,7 +568,7 @@ async fn a_file_that_is_not_an_outbox_is_an_error_and_left_as_it_was() {
         let path = scratch.0.join(format!("{name}.redb"));
         std::fs::write(&path, &bytes).unwrap();
         let error = builder(&server, &path).build().unwrap_err();
-        assert!(error.is_outbox(), "{name}: {error}");
+        assert_eq!(error.kind(), ErrorKind::Outbox, "{name}: {error}");
         let message = error.to_string();
         assert!(
             message.contains(path.to_str().unwrap()),

@@ -22,7 +22,7 @@ use std::{
 
 use http::StatusCode;
 use tower_terminal_retry::{
-    client::{TaskClient, TaskResult},
+    client::{ErrorKind, TaskClient, TaskResult},
     outbox::{Durability, Replay},
     test_server::{Action, Fault, TaskServer, TaskState},
     Recovery, Schedule, TerminalRetryPolicy,
@@ -286,7 +286,7 @@ async fn a_file_held_by_another_process_is_an_error_until_it_dies() {
         .expect("the child reported");
     let builder = || TaskClient::builder(server.url()).outbox(&file);
     let error = builder().build().unwrap_err();
-    assert!(error.is_outbox(), "{error}");
+    assert_eq!(error.kind(), ErrorKind::Outbox, "{error}");
     assert!(error.to_string().contains("held by another"), "{error}");
     child.kill().unwrap();
     child.wait().unwrap();

@@ -101,7 +101,9 @@ mod transport;
 // delivery (in_flight, durable, delivery), the client, its builder.
 pub use body::UsageEntry;
 pub use builder::TaskClientBuilder;
+#[cfg(feature = "rustls")]
+pub use builder::TlsRoots;
 pub use delivery::ReportFuture;
-pub use error::Error;
-pub use report::{ReportOutcome, TaskResult, UndeliveredReport};
+pub use error::{Error, ErrorKind};
+pub use report::{Completion, Failure, ReportOutcome, TaskResult, UndeliveredReport};
 pub use task_client::TaskClient;
