@@ -203,7 +203,7 @@ fn main() {
 /// to the request's first arrival at the server (woken by `NOTIFY`).
 async fn commit_to_first_attempt(url: &str) {
     let (arrived, mut arrivals) = tokio::sync::mpsc::unbounded_channel();
-    let server = TestServer::start_unrecorded(move |_| {
+    let server = TestServer::start(move |_| {
         // The receiver ends with the bench; a send after that has no reader.
         let _ = arrived.send(Instant::now());
         Reply::status(204)

@@ -72,6 +72,8 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
         }
     };
 
+    // The origin of the outage windows: the server's start.
+    let start = Instant::now();
     let server = TaskServer::start().await?;
     let ids: Vec<String> = (0..TASKS).map(|n| format!("task-{n:03}")).collect();
     server.add_tasks(ids.iter().map(String::as_str));
@@ -115,7 +117,6 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
     };
     start_tasks(&daemon.client()?, &ids).await?;
 
-    let start = server.started();
     // Agents finishing before the crash report to the first daemon, which
     // runs on a runtime of its own; dropping that runtime is the crash.
     let before_crash = (CRASH_AT.as_millis() / FINISH_EVERY.as_millis()) as usize;
@@ -279,7 +280,7 @@ fn timeline(attempts: &[Attempt], start: Instant) -> String {
     ];
     let mut buckets = BTreeMap::<u128, [usize; 8]>::new();
     for attempt in attempts {
-        let bucket = (attempt.at - start).as_millis() / BUCKET.as_millis();
+        let bucket = (attempt.request.at - start).as_millis() / BUCKET.as_millis();
         buckets.entry(bucket).or_default()[column(attempt)] += 1;
     }
     let mut out = format!("{:>11}", "time (s)");
@@ -364,8 +365,9 @@ fn stories(attempts: &[Attempt], start: Instant) -> String {
                     (_, Some(status)) => status.as_u16().to_string(),
                     (_, None) => "no answer".to_owned(),
                 };
-                let at = (attempt.at - start).as_secs_f64();
-                format!("{at:.2}s {} {got}", attempt.action.as_str())
+                let at = (attempt.request.at - start).as_secs_f64();
+                let route = attempt.request.uri.path().rsplit('/').next().unwrap_or("");
+                format!("{at:.2}s {route} {got}")
             })
             .collect();
         let _ = writeln!(out, "  {id}: {}", steps.join(" -> "));

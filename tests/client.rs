@@ -2,6 +2,7 @@
 //! tests of the Go original, the request shape, errors and shutdown.
 
 mod client_support;
+mod support;
 
 use std::time::Duration;
 
@@ -9,7 +10,7 @@ use http::StatusCode;
 use serde_json::json;
 use tower_terminal_retry::{
     client::{Completion, ErrorKind, Failure, ReportOutcome, TaskClient, TaskResult, UsageEntry},
-    test_server::{Action, Fault, Reply, TaskServer, TaskState, TestServer},
+    test_server::{Action, Fault, TaskServer, TaskState, TestServer},
 };
 use tracing::Instrument;
 
@@ -92,7 +93,7 @@ async fn permanent_complete_falls_back_to_fail() {
     assert_eq!(terminal_calls(&server, "task-bad"), (1, 1));
     assert_eq!(server.state("task-bad"), Some(TaskState::Failed));
     assert_eq!(
-        server.final_report("task-bad"),
+        support::final_report(&server, "task-bad"),
         Some(json!({
             "error": "complete task failed: POST /api/daemon/tasks/task-bad/complete returned 400",
             "session_id": "s1",
@@ -119,7 +120,7 @@ async fn non_completed_hits_fail_endpoint() {
     assert_eq!(outcome, ReportOutcome::Failed);
     assert_eq!(terminal_calls(&server, "task-failed"), (0, 1));
     assert_eq!(
-        server.final_report("task-failed"),
+        support::final_report(&server, "task-failed"),
         Some(json!({"error": "agent crashed", "failure_reason": "timeout"}))
     );
 }
@@ -146,7 +147,11 @@ async fn fail_task_retries_on_transient_5xx_then_succeeds() {
 
     assert_eq!(terminal_calls(&server, "task-fail"), (0, 3));
     assert_eq!(server.state("task-fail"), Some(TaskState::Failed));
-    let offsets: Vec<_> = server.attempts().iter().map(|a| a.at - start).collect();
+    let offsets: Vec<_> = server
+        .attempts()
+        .iter()
+        .map(|a| a.request.at - start)
+        .collect();
     let secs = |s| Duration::from_secs(s);
     assert_eq!(offsets, [secs(0), secs(4), secs(12)]);
 }
@@ -274,7 +279,7 @@ async fn requests_have_the_agreed_routes_bodies_and_headers() {
     });
     client.send_task_result("t1", &fail).await.unwrap();
 
-    let requests = server.requests();
+    let requests = support::requests(&server);
     let sent: Vec<_> = requests
         .iter()
         .map(|request| {
@@ -336,7 +341,7 @@ async fn optional_headers_and_fields_are_omitted_when_unset() {
         .await
         .unwrap();
 
-    let request = &server.requests()[0];
+    let request = &support::requests(&server)[0];
     assert!(request.headers.get("x-client-version").is_none());
     assert!(request.headers.get("authorization").is_none());
     assert_eq!(&request.body[..], br#"{"output":""}"#);
@@ -351,7 +356,7 @@ async fn empty_usage_and_empty_session_send_nothing() {
     client.pin_session("t1", "", "").await.unwrap();
     client.pin_session("t1", "\0", "").await.unwrap();
 
-    assert!(server.requests().is_empty());
+    assert!(support::requests(&server).is_empty());
 }
 
 #[tokio::test(start_paused = true)]
@@ -363,7 +368,7 @@ async fn task_ids_are_path_escaped() {
     client.start_task(id).await.unwrap();
 
     assert_eq!(
-        server.requests()[0].uri.path(),
+        support::requests(&server)[0].uri.path(),
         "/api/daemon/tasks/team%20a%2Ftask%3F1%23x%25/start"
     );
     assert_eq!(server.state(id), Some(TaskState::Running));
@@ -384,11 +389,14 @@ async fn nul_bytes_are_stripped_from_every_string_sent() {
     client.report_progress("t2", "st\0ep", 1, 2).await.unwrap();
 
     assert_eq!(
-        server.final_report("t1"),
+        support::final_report(&server, "t1"),
         Some(json!({"output": "output", "branch_name": "br", "session_id": "s", "work_dir": "w"}))
     );
-    assert!(!server.requests().iter().any(|r| r.body.contains(&0)));
-    let progress: serde_json::Value = serde_json::from_slice(&server.requests()[1].body).unwrap();
+    assert!(!support::requests(&server)
+        .iter()
+        .any(|r| r.body.contains(&0)));
+    let progress: serde_json::Value =
+        serde_json::from_slice(&support::requests(&server)[1].body).unwrap();
     assert_eq!(progress["summary"], "step");
 }
 
@@ -435,13 +443,13 @@ async fn a_rejection_names_route_status_and_body() {
     assert!(!error.is_transient());
     assert!(std::error::Error::source(&error).is_none());
     // Permanent: one attempt only.
-    assert_eq!(server.attempts_of("ghost", Action::Complete), 1);
+    assert_eq!(support::calls(&server, "ghost", Action::Complete), 1);
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_long_error_body_is_cut_to_4_kib_and_trimmed() {
     let body = format!("  {}\n", "x".repeat(10_000));
-    let server = TestServer::start(move |_| Reply::text(502, body.clone()))
+    let server = TestServer::start(move |_| support::text_reply(502, body.clone()))
         .await
         .unwrap();
     let client = TaskClient::builder(server.url(""))
@@ -508,7 +516,7 @@ async fn a_hung_attempt_times_out_and_is_retried() {
     );
     // Two attempts of 5 s with 1 s between them.
     assert_eq!(start.elapsed(), Duration::from_secs(11));
-    assert_eq!(server.attempts_of("t1", Action::Complete), 2);
+    assert_eq!(support::calls(&server, "t1", Action::Complete), 2);
 }
 
 #[tokio::test]
@@ -607,5 +615,8 @@ async fn the_task_server_rejects_unknown_tasks_and_bad_bodies() {
     assert_eq!(done.status(), 200);
     assert_eq!(again.status(), 200);
     assert_eq!(server.state("t1"), Some(TaskState::Failed));
-    assert_eq!(server.final_report("t1"), Some(json!({"error": "x"})));
+    assert_eq!(
+        support::final_report(&server, "t1"),
+        Some(json!({"error": "x"}))
+    );
 }

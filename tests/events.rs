@@ -142,7 +142,7 @@ async fn retry_events_carry_the_delay_actually_slept() {
     let layer = TerminalRetryLayer::new(
         TerminalRetryPolicy::default().with_jitter(Jitter::full().with_random(|| 0.5)),
     );
-    let mock = Mock::scripted([Reply::retry_after(429, "7"), Reply::status(503)]);
+    let mock = Mock::scripted([support::retry_after_reply(429, "7"), Reply::status(503)]);
     let start = Instant::now();
     layer.layer(mock.clone()).oneshot(request()).await.unwrap();
 
@@ -231,7 +231,7 @@ async fn header_values_never_appear_in_events_or_debug_output() {
     let server = TestServer::scripted([
         Reply::status(502),
         Reply::Close,
-        Reply::retry_after(503, "1"),
+        support::retry_after_reply(503, "1"),
         Reply::status(500),
     ])
     .await
@@ -370,7 +370,7 @@ async fn the_outbox_reports_each_step_of_a_stored_report() {
     let delivered = with("delivered from the outbox");
     assert_eq!(delivered.len(), 1, "{delivered:#?}");
     // Every attempt, the foreground's and the probes' during the outage.
-    let attempts = server.attempts_of("t1", Action::Complete).to_string();
+    let attempts = support::calls(&server, "t1", Action::Complete).to_string();
     assert_eq!(delivered[0].field("attempts"), Some(attempts.as_str()));
     let quarantine = with("quarantined");
     assert_eq!(quarantine.len(), 1, "{quarantine:#?}");

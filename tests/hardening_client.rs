@@ -6,6 +6,7 @@
 mod client_support;
 #[cfg(feature = "outbox")]
 mod outbox_support;
+mod support;
 
 use std::time::Duration;
 
@@ -65,7 +66,7 @@ fn echo_authorization(
             .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned())
             .unwrap_or_default();
         let encoded = percent_encoded(&header);
-        Reply::text(
+        support::text_reply(
             status,
             format!(
                 "bad request, you sent authorization: {header}, or {}, or {encoded}, or {}",
@@ -176,7 +177,7 @@ async fn an_echoed_token_is_redacted_from_errors_events_and_the_fallback() {
 async fn an_error_body_is_escaped_and_capped_after_decoding() {
     // Three bytes a character once decoded, with a forged log line.
     let body = format!("{}\nINFO forged line\u{1b}[31m", "\u{fffd}".repeat(20_000));
-    let server = answering(move |_| Reply::text(400, body.clone())).await;
+    let server = answering(move |_| support::text_reply(400, body.clone())).await;
     let client = client_of(&server);
 
     let error = client
@@ -194,7 +195,7 @@ async fn an_error_body_is_escaped_and_capped_after_decoding() {
     assert!(kept.len() > 4000, "{} bytes kept", kept.len());
 
     let forged = "x\nINFO forged\u{1b}[2J";
-    let server = answering(move |_| Reply::text(400, forged)).await;
+    let server = answering(move |_| support::text_reply(400, forged)).await;
     let error = client_of(&server)
         .send_task_result("t1", &TaskResult::completed(""))
         .await
@@ -234,7 +235,7 @@ async fn invalid_task_ids_are_refused_before_anything_is_sent() {
         assert_eq!(outcome, ReportOutcome::InvalidTaskId, "{bad:?}");
     }
     assert!(server.attempts().is_empty(), "nothing was sent");
-    assert!(server.requests().is_empty(), "nothing was sent");
+    assert!(support::requests(&server).is_empty(), "nothing was sent");
     // 1 KiB exactly is accepted.
     let longest = "y".repeat(1024);
     server.add_tasks([&longest]);
@@ -298,7 +299,8 @@ async fn the_retry_after_cap_is_the_clients_to_set() {
 async fn the_concurrency_limit_bounds_requests_in_flight_across_routes() {
     let ids: Vec<String> = (0..120).map(|n| format!("t{n}")).collect();
     let server = server_with(&ids.iter().map(String::as_str).collect::<Vec<_>>()).await;
-    server.latency(Duration::from_millis(100));
+    let latency = Duration::from_millis(100);
+    server.latency(latency);
     let client = TaskClient::builder(server.url())
         .concurrency_limit(8)
         .build()
@@ -318,7 +320,7 @@ async fn the_concurrency_limit_bounds_requests_in_flight_across_routes() {
         // Started after completion is refused (409) or taken: both answered.
         let _ = start.await.unwrap();
     }
-    assert_eq!(server.max_in_flight(|_| true), 8);
+    assert_eq!(support::max_in_flight(&server.attempts(), latency), 8);
 }
 
 /// A server that sends its headers at once and then trickles the body holds
@@ -724,7 +726,7 @@ mod with_outbox {
             attempts_before,
             "nothing more to the old host"
         );
-        assert!(new.requests().is_empty(), "nor elsewhere");
+        assert!(support::requests(&new).is_empty(), "nor elsewhere");
         let text = events.text();
         assert!(
             text.contains("127.0.0.1"),
@@ -800,7 +802,7 @@ mod with_outbox {
         );
         assert_eq!(report.await, ReportOutcome::InvalidTaskId);
         assert!(client.outbox().unwrap().pending().unwrap().is_empty());
-        assert!(server.requests().is_empty());
+        assert!(support::requests(&server).is_empty());
     }
 
     /// `shutdown` right after many reports start, while their commits are

@@ -11,6 +11,7 @@
 #![cfg(all(feature = "outbox", unix))]
 
 mod outbox_support;
+mod support;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -221,7 +222,7 @@ async fn killed_at_random_instants_nothing_stored_is_lost_and_no_success_turns_r
         assert_eq!(state, expected, "seed {seed}: {id} was stored or seen");
         if completed {
             assert_eq!(
-                server.attempts_of(id, Action::Fail),
+                support::calls(&server, id, Action::Fail),
                 0,
                 "seed {seed}: {id} turned red"
             );

@@ -78,8 +78,8 @@
 //!
 //! assert_eq!(outcome, ReportOutcome::Completed);
 //! assert_eq!(server.state("t1"), Some(TaskState::Completed));
-//! assert_eq!(server.attempts_of("t1", Action::Complete), 3);
-//! assert_eq!(server.attempts_of("t1", Action::Fail), 0);
+//! let routes: Vec<Action> = server.attempts().iter().map(|attempt| attempt.action).collect();
+//! assert_eq!(routes, [Action::Complete; 3]);
 //! # Ok(())
 //! # }
 //! ```
