@@ -22,10 +22,10 @@ use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use tower::{Layer, ServiceExt};
+use tower::{retry::Retry, Layer, ServiceExt};
 use tower_terminal_retry::{
     outbox::{Delivery, Dispatcher, Outbox},
-    TerminalRetry, TerminalRetryLayer,
+    TerminalRetryLayer, TerminalRetryPolicy,
 };
 
 use common::{
@@ -40,7 +40,7 @@ type HyperClient = Client<HttpConnector, Full<Bytes>>;
 /// The three ways to send, against one server.
 struct Contenders {
     base: String,
-    layered: TerminalRetry<HyperClient>,
+    layered: Retry<TerminalRetryPolicy, HyperClient>,
     dispatcher: Dispatcher<HyperClient>,
     directory: PathBuf,
     next_key: Arc<AtomicU64>,

@@ -113,7 +113,7 @@ fn config() -> Criterion {
 
 /// The default layer with early release on, nobody waiting: a success reads
 /// one atomic.
-fn layer_with_recovery() -> tower_terminal_retry::TerminalRetry<common::Answer200> {
+fn layer_with_recovery() -> tower::retry::Retry<TerminalRetryPolicy, common::Answer200> {
     let recovery = Recovery::new(50_000).expect("a rate");
     TerminalRetryLayer::new(TerminalRetryPolicy::default().with_recovery(recovery))
         .layer(answer_200())

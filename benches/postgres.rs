@@ -30,11 +30,11 @@ use http::Request;
 use http_body_util::Full;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use tokio_postgres::{NoTls, Statement};
-use tower::{Layer, ServiceExt};
+use tower::{retry::Retry, Layer, ServiceExt};
 use tower_terminal_retry::{
     outbox::{Delivery, Dispatcher, Outbox, Replay},
     test_server::{Reply, TestServer},
-    TerminalRetry, TerminalRetryLayer,
+    TerminalRetryLayer, TerminalRetryPolicy,
 };
 
 use common::{
@@ -98,7 +98,7 @@ impl Naive {
 /// The four ways to send, against one server.
 struct Contenders {
     base: String,
-    layered: TerminalRetry<HyperClient>,
+    layered: Retry<TerminalRetryPolicy, HyperClient>,
     redb: Dispatcher<HyperClient>,
     postgres: Dispatcher<HyperClient>,
     naive: Naive,
@@ -222,7 +222,7 @@ fn main() {
 /// to the request's first arrival at the server (woken by `NOTIFY`).
 async fn commit_to_first_attempt(url: &str) {
     let (arrived, mut arrivals) = tokio::sync::mpsc::unbounded_channel();
-    let server = TestServer::start_unrecorded(move |_| {
+    let server = TestServer::start(move |_| {
         // The receiver ends with the bench; a send after that has no reader.
         let _ = arrived.send(Instant::now());
         Reply::status(204)

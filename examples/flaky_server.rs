@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::Request;
+use http::{header::RETRY_AFTER, Request, Response};
 use http_body_util::{BodyExt, Full};
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 use tokio::time::Instant;
@@ -21,10 +21,15 @@ use tower_terminal_retry::{
 async fn main() -> Result<(), tower::BoxError> {
     let start = Instant::now();
     let script = [
-        Reply::text(502, "upstream hiccup"),
-        Reply::text(502, "upstream hiccup"),
+        text(502, "upstream hiccup"),
+        text(502, "upstream hiccup"),
         Reply::Close,
-        Reply::retry_after(503, "1"),
+        Reply::Respond(
+            Response::builder()
+                .status(503)
+                .header(RETRY_AFTER, "1")
+                .body(Full::default())?,
+        ),
     ];
     let replies = std::sync::Mutex::new(script.into_iter());
     let server = TestServer::start(move |request| {
@@ -32,7 +37,7 @@ async fn main() -> Result<(), tower::BoxError> {
             .lock()
             .expect("the script lock")
             .next()
-            .unwrap_or_else(|| Reply::text(200, "recorded"));
+            .unwrap_or_else(|| text(200, "recorded"));
         let attempt = request
             .headers
             .get("x-retry-attempt")
@@ -86,4 +91,11 @@ fn describe(reply: &Reply) -> String {
         Reply::Hang => "no answer".to_owned(),
         Reply::Delayed { after, reply } => format!("after {after:?}: {}", describe(reply)),
     }
+}
+
+/// A plain-text reply.
+fn text(status: u16, body: &'static str) -> Reply {
+    let mut response = Response::new(Full::from(body));
+    *response.status_mut() = http::StatusCode::from_u16(status).expect("a valid status");
+    Reply::Respond(response)
 }

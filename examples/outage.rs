@@ -21,7 +21,7 @@ use std::{collections::BTreeMap, fmt::Write as _, ops::Range, process::ExitCode,
 use http::StatusCode;
 use tokio::time::Instant;
 use tower_terminal_retry::{
-    client::{ReportOutcome, TaskClient, TaskResult},
+    client::{Failure, ReportOutcome, TaskClient, TaskResult},
     outbox::Replay,
     test_server::{Action, Attempt, Fault, Handling, TaskServer, TaskState},
     Recovery, Schedule, TerminalRetryPolicy,
@@ -72,6 +72,8 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
         }
     };
 
+    // The origin of the outage windows: the server's start.
+    let start = Instant::now();
     let server = TaskServer::start().await?;
     let ids: Vec<String> = (0..TASKS).map(|n| format!("task-{n:03}")).collect();
     server.add_tasks(ids.iter().map(String::as_str));
@@ -115,7 +117,6 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
     };
     start_tasks(&daemon.client()?, &ids).await?;
 
-    let start = server.started();
     // Agents finishing before the crash report to the first daemon, which
     // runs on a runtime of its own; dropping that runtime is the crash.
     let before_crash = (CRASH_AT.as_millis() / FINISH_EVERY.as_millis()) as usize;
@@ -179,7 +180,8 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
             _ => "left_running",
         };
         *counts.entry(name).or_default() += 1;
-        if agent_result(n, id).is_completed() && state == Some(TaskState::Failed) {
+        let completed = matches!(agent_result(n, id), TaskResult::Completed(_));
+        if completed && state == Some(TaskState::Failed) {
             wrongly_failed += 1;
         }
         if !matches!(state, Some(TaskState::Completed | TaskState::Failed)) {
@@ -222,7 +224,7 @@ fn output(id: &str) -> String {
 /// The behaviour before the terminal retries: one attempt at `complete`, and
 /// on any error, one at `fail`.
 async fn report_fire_once(client: &TaskClient, id: &str, result: TaskResult) {
-    if !result.is_completed() {
+    if let TaskResult::Failed(_) = result {
         // A failed result only needs the one `fail`: the same in both modes.
         let _ = client.report_task_result(id, result).await;
         return;
@@ -231,8 +233,11 @@ async fn report_fire_once(client: &TaskClient, id: &str, result: TaskResult) {
         .send_task_result(id, &TaskResult::completed(output(id)))
         .await
     {
-        let fail = TaskResult::failed(format!("complete task failed: {error}"))
-            .failure_reason("agent_error");
+        let fail = TaskResult::Failed(Failure {
+            error: format!("complete task failed: {error}"),
+            failure_reason: "agent_error".into(),
+            ..Failure::default()
+        });
         // Whatever happens now is what the server keeps.
         let _ = client.send_task_result(id, &fail).await;
     }
@@ -275,7 +280,7 @@ fn timeline(attempts: &[Attempt], start: Instant) -> String {
     ];
     let mut buckets = BTreeMap::<u128, [usize; 8]>::new();
     for attempt in attempts {
-        let bucket = (attempt.at - start).as_millis() / BUCKET.as_millis();
+        let bucket = (attempt.request.at - start).as_millis() / BUCKET.as_millis();
         buckets.entry(bucket).or_default()[column(attempt)] += 1;
     }
     let mut out = format!("{:>11}", "time (s)");
@@ -360,8 +365,9 @@ fn stories(attempts: &[Attempt], start: Instant) -> String {
                     (_, Some(status)) => status.as_u16().to_string(),
                     (_, None) => "no answer".to_owned(),
                 };
-                let at = (attempt.at - start).as_secs_f64();
-                format!("{at:.2}s {} {got}", attempt.action.as_str())
+                let at = (attempt.request.at - start).as_secs_f64();
+                let route = attempt.request.uri.path().rsplit('/').next().unwrap_or("");
+                format!("{at:.2}s {route} {got}")
             })
             .collect();
         let _ = writeln!(out, "  {id}: {}", steps.join(" -> "));

@@ -161,7 +161,7 @@ async fn run(
     let heartbeat = early_release && jitter != "full";
     let jitter = match jitter {
         "full" => Jitter::full(),
-        _ => Jitter::none(),
+        _ => Jitter::default(),
     };
     let recovery = early_release.then(|| Recovery::new(RELEASE_PER_SECOND).expect("a rate"));
     let server = LoopbackServer::start(503);

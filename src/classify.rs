@@ -51,11 +51,6 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    /// Whether this outcome is worth a retry.
-    pub fn is_transient(self) -> bool {
-        self == Outcome::Transient
-    }
-
     /// The name used in `tracing` events: `success`, `transient` or `permanent`.
     pub(crate) fn as_str(self) -> &'static str {
         match self {

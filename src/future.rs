@@ -56,7 +56,7 @@ impl Backoff {
     }
 
     /// When the wait ends, unless a [`Recovery`] releases it earlier.
-    pub fn deadline(&self) -> Instant {
+    fn deadline(&self) -> Instant {
         match &self.wait {
             Wait::Sleep { sleep } => sleep.deadline(),
             Wait::Parked { parked } => parked.deadline(),

@@ -38,6 +38,8 @@ use std::{fmt, sync::Arc, time::Duration};
 use tower::util::rng::{HasherRng, Rng};
 
 /// How a schedule's delay is randomised before the policy sleeps.
+///
+/// `Jitter::default()` is no jitter: the schedule's delays, exactly.
 #[derive(Clone, Default)]
 pub struct Jitter {
     kind: Kind,
@@ -53,11 +55,6 @@ enum Kind {
 }
 
 impl Jitter {
-    /// No jitter: the schedule's delays, exactly. The default.
-    pub fn none() -> Jitter {
-        Jitter::default()
-    }
-
     /// Full jitter: a uniformly random delay in `[0, delay]`.
     pub fn full() -> Jitter {
         Jitter {
@@ -179,6 +176,6 @@ mod tests {
     fn none_is_exact_and_default() {
         assert_eq!(Jitter::default().kind, Kind::None);
         assert_eq!(Jitter::full().kind, Kind::Full);
-        assert_eq!(Jitter::none().apply(EIGHT), EIGHT);
+        assert_eq!(Jitter::default().apply(EIGHT), EIGHT);
     }
 }

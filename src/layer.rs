@@ -1,7 +1,7 @@
 //! The layer: [`TerminalRetryLayer`] wraps any `Service<http::Request<B>>`.
 //!
-//! The wrapped service, [`TerminalRetry`], is tower's own
-//! [`Retry`] driven by a [`TerminalRetryPolicy`]. It has
+//! The wrapped service is tower's own [`Retry`] driven by a
+//! [`TerminalRetryPolicy`]. It has
 //! exactly the inner service's `Response` and `Error` types: after the last
 //! attempt the caller gets the last response (a 502 stays an `Ok` response with
 //! its body readable) or the last error, unchanged, and can still classify it.
@@ -44,15 +44,16 @@ use tower::{retry::Retry, Layer};
 
 use crate::{classify::DefaultClassifier, policy::TerminalRetryPolicy};
 
-/// The service [`TerminalRetryLayer`] produces: tower's `Retry` with the
-/// terminal policy.
-pub type TerminalRetry<S, C = DefaultClassifier> = Retry<TerminalRetryPolicy<C>, S>;
+/// The service [`TerminalRetryLayer`] produces, as the client and the outbox
+/// name it: tower's `Retry` with the terminal policy.
+#[cfg(any(feature = "client", feature = "outbox"))]
+pub(crate) type TerminalRetry<S, C = DefaultClassifier> = Retry<TerminalRetryPolicy<C>, S>;
 
 /// Retries idempotent requests on transient failures: see the
 /// [crate docs](crate).
 ///
-/// Wraps any `Service<http::Request<B>>` (with `B: Clone`) into
-/// [`TerminalRetry`], tower's `Retry` with a [`TerminalRetryPolicy`]: the
+/// Wraps any `Service<http::Request<B>>` (with `B: Clone`) into tower's
+/// [`Retry`] with a [`TerminalRetryPolicy`]: the
 /// inner service's `Response` and `Error` types are kept, and after the last
 /// attempt the caller gets the last response or error, unchanged. Clones
 /// share the schedule, classifier and budget.
@@ -69,9 +70,9 @@ impl<C> TerminalRetryLayer<C> {
         TerminalRetryLayer { policy }
     }
 
-    /// The policy each wrapped service starts from: a
-    /// [`tower::retry::Policy`], for tower's own `RetryLayer`.
-    pub fn policy(&self) -> &TerminalRetryPolicy<C> {
+    /// The policy each wrapped service starts from.
+    #[cfg(any(feature = "client", feature = "outbox"))]
+    pub(crate) fn policy(&self) -> &TerminalRetryPolicy<C> {
         &self.policy
     }
 }
@@ -85,7 +86,7 @@ impl Default for TerminalRetryLayer {
 }
 
 impl<S, C> Layer<S> for TerminalRetryLayer<C> {
-    type Service = TerminalRetry<S, C>;
+    type Service = Retry<TerminalRetryPolicy<C>, S>;
 
     fn layer(&self, inner: S) -> Self::Service {
         Retry::new(self.policy.clone(), inner)

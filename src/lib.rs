@@ -26,7 +26,7 @@
 //!
 //! | what | where | feature |
 //! | --- | --- | --- |
-//! | the layer and its policy | [`TerminalRetryLayer`], [`TerminalRetry`], [`TerminalRetryPolicy`], [`Backoff`] | none: always there |
+//! | the layer and its policy | [`TerminalRetryLayer`], [`TerminalRetryPolicy`], [`Backoff`] | none: always there |
 //! | classifying an answer | [`Classify`], [`ClassifyFn`], [`DefaultClassifier`], [`classify_status`], [`Outcome`] | none |
 //! | when to retry | [`Schedule`], [`RetryAfter`], [`parse_retry_after`], [`Jitter`], [`RetryBudget`] | none |
 //! | early release | [`Recovery`] | none |
@@ -204,7 +204,9 @@ pub use classify::{classify_status, Classify, ClassifyFn, DefaultClassifier, Out
 pub use error::ConfigError;
 pub use future::Backoff;
 pub use jitter::Jitter;
-pub use layer::{TerminalRetry, TerminalRetryLayer};
+#[cfg(any(feature = "client", feature = "outbox"))]
+pub(crate) use layer::TerminalRetry;
+pub use layer::TerminalRetryLayer;
 pub use policy::TerminalRetryPolicy;
 pub use recovery::Recovery;
 pub use retry_after::{parse_retry_after, RetryAfter};

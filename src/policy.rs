@@ -121,7 +121,7 @@ impl<C> TerminalRetryPolicy<C> {
                 schedule: Schedule::default(),
                 classifier: Arc::new(classifier),
                 retry_after: RetryAfter::default(),
-                jitter: Jitter::none(),
+                jitter: Jitter::default(),
                 budget: None,
                 attempt_header: None,
                 recovery: None,
@@ -192,27 +192,33 @@ impl<C> TerminalRetryPolicy<C> {
     pub fn with_recovery(self, recovery: Recovery) -> Self {
         self.configure(|config| config.recovery = Some(recovery))
     }
+}
 
+// Read back by the senders that make requests of their own beside the
+// policy's: the client's routes tried once and the outbox's replay.
+#[cfg(any(feature = "client", feature = "outbox"))]
+impl<C> TerminalRetryPolicy<C> {
     /// The schedule in use.
-    pub fn schedule(&self) -> &Schedule {
+    #[cfg(feature = "client")]
+    pub(crate) fn schedule(&self) -> &Schedule {
         &self.config.schedule
     }
 
-    /// The classifier in use: what a sender that makes single attempts of
-    /// its own (the outbox's replay) classifies them with.
-    pub fn classifier(&self) -> &C {
+    /// The classifier in use: what the outbox's single attempts are
+    /// classified with.
+    pub(crate) fn classifier(&self) -> &C {
         &self.config.classifier
     }
 
     /// How the server's `Retry-After` is honoured.
-    pub fn retry_after(&self) -> RetryAfter {
+    pub(crate) fn retry_after(&self) -> RetryAfter {
         self.config.retry_after
     }
 
-    /// The signal that ends schedule delays early, if any: what a sender
-    /// that makes requests of its own beside the policy's (a client's routes
-    /// tried once, a replay) tells of its successes.
-    pub fn recovery(&self) -> Option<&Recovery> {
+    /// The signal that ends schedule delays early, if any, which those
+    /// senders tell of their successes.
+    #[cfg(feature = "client")]
+    pub(crate) fn recovery(&self) -> Option<&Recovery> {
         self.config.recovery.as_ref()
     }
 }

@@ -181,11 +181,6 @@ impl Recovery {
         })
     }
 
-    /// The most retries released a second.
-    pub fn release_per_second(&self) -> u32 {
-        self.shared.release_per_second
-    }
-
     /// How many retries are waiting on a schedule delay now.
     pub fn waiting(&self) -> usize {
         self.shared.waiting.load(Ordering::Acquire)

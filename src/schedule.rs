@@ -10,7 +10,7 @@
 //!
 //! let default = Schedule::default();
 //! assert_eq!(default.delays().len(), 5);
-//! assert_eq!(default.total(), Duration::from_secs(124));
+//! assert_eq!(default.delays().iter().sum::<Duration>(), Duration::from_secs(124));
 //!
 //! // 100 ms doubling, at most 1 s: 100, 200, 400, 800, 1000, 1000 ms.
 //! let scaled = Schedule::exponential(Duration::from_millis(100), 2.0, 6, Duration::from_secs(1))?;
@@ -99,20 +99,10 @@ impl Schedule {
         }))
     }
 
-    /// The delays, in order.
+    /// The delays, in order. Their sum is how long the schedule waits when
+    /// every attempt fails at once.
     pub fn delays(&self) -> &[Duration] {
         &self.delays
-    }
-
-    /// The most attempts this schedule allows: one more than its delays.
-    pub fn max_attempts(&self) -> usize {
-        self.delays.len() + 1
-    }
-
-    /// The sum of the delays: how long the schedule waits when every attempt
-    /// fails at once.
-    pub fn total(&self) -> Duration {
-        self.delays.iter().sum()
     }
 }
 
@@ -145,14 +135,13 @@ mod tests {
     #[test]
     fn default_is_the_agreed_plan() {
         assert_eq!(Schedule::default().delays(), &secs(&[4, 8, 16, 32, 64])[..]);
-        assert_eq!(Schedule::default().max_attempts(), 6);
+        assert_eq!(Schedule::default().delays().len() + 1, 6);
     }
 
     #[test]
     fn empty_schedule_allows_one_attempt() {
         let schedule = Schedule::new([]).unwrap();
         assert!(schedule.delays().is_empty());
-        assert_eq!(schedule.max_attempts(), 1);
     }
 
     #[test]

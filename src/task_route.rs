@@ -23,8 +23,8 @@ pub enum Action {
 }
 
 impl Action {
-    /// The last segment of the route.
-    pub fn as_str(self) -> &'static str {
+    /// The last segment of the route, as each variant names it.
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Action::Start => "start",
             Action::Progress => "progress",

@@ -2,14 +2,15 @@
 //! tests of the Go original, the request shape, errors and shutdown.
 
 mod client_support;
+mod support;
 
 use std::time::Duration;
 
 use http::StatusCode;
 use serde_json::json;
 use tower_terminal_retry::{
-    client::{ReportOutcome, TaskClient, TaskResult, UsageEntry},
-    test_server::{Action, Fault, Reply, TaskServer, TaskState, TestServer},
+    client::{Completion, ErrorKind, Failure, ReportOutcome, TaskClient, TaskResult, UsageEntry},
+    test_server::{Action, Fault, TaskServer, TaskState, TestServer},
 };
 use tracing::Instrument;
 
@@ -80,14 +81,19 @@ async fn permanent_complete_falls_back_to_fail() {
     );
     let client = client(&server, &[1, 1, 1]);
 
-    let result = TaskResult::completed("ok").session_id("s1").work_dir("/w");
+    let result = TaskResult::Completed(Completion {
+        output: "ok".into(),
+        session_id: "s1".into(),
+        work_dir: "/w".into(),
+        ..Completion::default()
+    });
     let outcome = client.report_task_result("task-bad", result).await;
 
     assert_eq!(outcome, ReportOutcome::FellBackToFail);
     assert_eq!(terminal_calls(&server, "task-bad"), (1, 1));
     assert_eq!(server.state("task-bad"), Some(TaskState::Failed));
     assert_eq!(
-        server.final_report("task-bad"),
+        support::final_report(&server, "task-bad"),
         Some(json!({
             "error": "complete task failed: POST /api/daemon/tasks/task-bad/complete returned 400",
             "session_id": "s1",
@@ -103,15 +109,18 @@ async fn non_completed_hits_fail_endpoint() {
     let server = server_with(&["task-failed"]).await;
     let client = client(&server, &[1]);
 
-    let result = TaskResult::failed("agent crashed")
-        .failure_reason("timeout")
-        .branch_name("ignored-for-failures");
+    // A failure has no branch to report: none can be sent.
+    let result = TaskResult::Failed(Failure {
+        error: "agent crashed".into(),
+        failure_reason: "timeout".into(),
+        ..Failure::default()
+    });
     let outcome = client.report_task_result("task-failed", result).await;
 
     assert_eq!(outcome, ReportOutcome::Failed);
     assert_eq!(terminal_calls(&server, "task-failed"), (0, 1));
     assert_eq!(
-        server.final_report("task-failed"),
+        support::final_report(&server, "task-failed"),
         Some(json!({"error": "agent crashed", "failure_reason": "timeout"}))
     );
 }
@@ -138,7 +147,11 @@ async fn fail_task_retries_on_transient_5xx_then_succeeds() {
 
     assert_eq!(terminal_calls(&server, "task-fail"), (0, 3));
     assert_eq!(server.state("task-fail"), Some(TaskState::Failed));
-    let offsets: Vec<_> = server.attempts().iter().map(|a| a.at - start).collect();
+    let offsets: Vec<_> = server
+        .attempts()
+        .iter()
+        .map(|a| a.request.at - start)
+        .collect();
     let secs = |s| Duration::from_secs(s);
     assert_eq!(offsets, [secs(0), secs(4), secs(12)]);
 }
@@ -252,15 +265,21 @@ async fn requests_have_the_agreed_routes_bodies_and_headers() {
     };
     client.report_usage("t1", &[usage]).await.unwrap();
     client.pin_session("t1", "sess", "").await.unwrap();
-    let complete = TaskResult::completed("done")
-        .branch_name("feature/x")
-        .session_id("sess")
-        .work_dir("/w");
+    let complete = TaskResult::Completed(Completion {
+        output: "done".into(),
+        branch_name: "feature/x".into(),
+        session_id: "sess".into(),
+        work_dir: "/w".into(),
+    });
     client.send_task_result("t1", &complete).await.unwrap();
-    let fail = TaskResult::failed("late").failure_reason("agent_error");
+    let fail = TaskResult::Failed(Failure {
+        error: "late".into(),
+        failure_reason: "agent_error".into(),
+        ..Failure::default()
+    });
     client.send_task_result("t1", &fail).await.unwrap();
 
-    let requests = server.requests();
+    let requests = support::requests(&server);
     let sent: Vec<_> = requests
         .iter()
         .map(|request| {
@@ -322,7 +341,7 @@ async fn optional_headers_and_fields_are_omitted_when_unset() {
         .await
         .unwrap();
 
-    let request = &server.requests()[0];
+    let request = &support::requests(&server)[0];
     assert!(request.headers.get("x-client-version").is_none());
     assert!(request.headers.get("authorization").is_none());
     assert_eq!(&request.body[..], br#"{"output":""}"#);
@@ -337,7 +356,7 @@ async fn empty_usage_and_empty_session_send_nothing() {
     client.pin_session("t1", "", "").await.unwrap();
     client.pin_session("t1", "\0", "").await.unwrap();
 
-    assert!(server.requests().is_empty());
+    assert!(support::requests(&server).is_empty());
 }
 
 #[tokio::test(start_paused = true)]
@@ -349,7 +368,7 @@ async fn task_ids_are_path_escaped() {
     client.start_task(id).await.unwrap();
 
     assert_eq!(
-        server.requests()[0].uri.path(),
+        support::requests(&server)[0].uri.path(),
         "/api/daemon/tasks/team%20a%2Ftask%3F1%23x%25/start"
     );
     assert_eq!(server.state(id), Some(TaskState::Running));
@@ -360,19 +379,24 @@ async fn nul_bytes_are_stripped_from_every_string_sent() {
     let server = server_with(&["t1", "t2"]).await;
     let client = client(&server, &[]);
 
-    let result = TaskResult::completed("out\0put")
-        .branch_name("b\0r")
-        .session_id("\0s")
-        .work_dir("w\0");
+    let result = TaskResult::Completed(Completion {
+        output: "out\0put".into(),
+        branch_name: "b\0r".into(),
+        session_id: "\0s".into(),
+        work_dir: "w\0".into(),
+    });
     client.report_task_result("t1", result).await;
     client.report_progress("t2", "st\0ep", 1, 2).await.unwrap();
 
     assert_eq!(
-        server.final_report("t1"),
+        support::final_report(&server, "t1"),
         Some(json!({"output": "output", "branch_name": "br", "session_id": "s", "work_dir": "w"}))
     );
-    assert!(!server.requests().iter().any(|r| r.body.contains(&0)));
-    let progress: serde_json::Value = serde_json::from_slice(&server.requests()[1].body).unwrap();
+    assert!(!support::requests(&server)
+        .iter()
+        .any(|r| r.body.contains(&0)));
+    let progress: serde_json::Value =
+        serde_json::from_slice(&support::requests(&server)[1].body).unwrap();
     assert_eq!(progress["summary"], "step");
 }
 
@@ -415,17 +439,17 @@ async fn a_rejection_names_route_status_and_body() {
         error.to_string(),
         "POST /api/daemon/tasks/ghost/complete returned 404: task not found"
     );
-    assert_eq!(error.status(), Some(StatusCode::NOT_FOUND));
+    assert_eq!(error.kind(), ErrorKind::Status(StatusCode::NOT_FOUND));
     assert!(!error.is_transient());
     assert!(std::error::Error::source(&error).is_none());
     // Permanent: one attempt only.
-    assert_eq!(server.attempts_of("ghost", Action::Complete), 1);
+    assert_eq!(support::calls(&server, "ghost", Action::Complete), 1);
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_long_error_body_is_cut_to_4_kib_and_trimmed() {
     let body = format!("  {}\n", "x".repeat(10_000));
-    let server = TestServer::start(move |_| Reply::text(502, body.clone()))
+    let server = TestServer::start(move |_| support::text_reply(502, body.clone()))
         .await
         .unwrap();
     let client = TaskClient::builder(server.url(""))
@@ -444,7 +468,7 @@ async fn a_long_error_body_is_cut_to_4_kib_and_trimmed() {
     // Trimmed, then cut to 4 KiB of text.
     assert_eq!(message[prefix.len()..], "x".repeat(4096));
     assert!(error.is_transient());
-    assert_eq!(error.status(), Some(StatusCode::BAD_GATEWAY));
+    assert_eq!(error.kind(), ErrorKind::Status(StatusCode::BAD_GATEWAY));
 }
 
 #[tokio::test(start_paused = true)]
@@ -464,8 +488,7 @@ async fn transport_errors_are_transient_and_carry_their_source() {
     let error = client.start_task("t1").await.unwrap_err();
 
     assert!(error.is_transient());
-    assert!(!error.is_timeout());
-    assert_eq!(error.status(), None);
+    assert_eq!(error.kind(), ErrorKind::Transport);
     assert_eq!(
         error.to_string(),
         "POST /api/daemon/tasks/t1/start failed before any response"
@@ -485,7 +508,7 @@ async fn a_hung_attempt_times_out_and_is_retried() {
         .await
         .unwrap_err();
 
-    assert!(error.is_timeout());
+    assert_eq!(error.kind(), ErrorKind::Timeout);
     assert!(error.is_transient());
     assert_eq!(
         error.to_string(),
@@ -493,7 +516,7 @@ async fn a_hung_attempt_times_out_and_is_retried() {
     );
     // Two attempts of 5 s with 1 s between them.
     assert_eq!(start.elapsed(), Duration::from_secs(11));
-    assert_eq!(server.attempts_of("t1", Action::Complete), 2);
+    assert_eq!(support::calls(&server, "t1", Action::Complete), 2);
 }
 
 #[tokio::test]
@@ -524,7 +547,7 @@ async fn bad_configuration_is_an_error_at_build() {
         ),
     ];
     for (error, expected) in cases {
-        assert!(error.is_config(), "{error}");
+        assert_eq!(error.kind(), ErrorKind::Config, "{error}");
         assert!(!error.is_transient(), "{error}");
         assert!(error.to_string().contains(expected), "{error}");
         assert!(!error.to_string().contains("line"), "{error}");
@@ -540,7 +563,7 @@ fn building_outside_a_tokio_runtime_is_an_error() {
     let error = TaskClient::builder("http://127.0.0.1:8080")
         .build()
         .unwrap_err();
-    assert!(error.is_config());
+    assert_eq!(error.kind(), ErrorKind::Config);
     assert!(error.to_string().contains("tokio runtime"), "{error}");
 }
 
@@ -592,5 +615,8 @@ async fn the_task_server_rejects_unknown_tasks_and_bad_bodies() {
     assert_eq!(done.status(), 200);
     assert_eq!(again.status(), 200);
     assert_eq!(server.state("t1"), Some(TaskState::Failed));
-    assert_eq!(server.final_report("t1"), Some(json!({"error": "x"})));
+    assert_eq!(
+        support::final_report(&server, "t1"),
+        Some(json!({"error": "x"}))
+    );
 }

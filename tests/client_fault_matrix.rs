@@ -134,7 +134,7 @@ async fn five_hundred_tasks_through_every_fault() {
         }
         for pair in mine.windows(2) {
             if let Some(Fault::RateLimited { retry_after_secs }) = pair[0].fault {
-                let waited = pair[1].at - pair[0].at;
+                let waited = pair[1].request.at - pair[0].request.at;
                 assert_eq!(waited, Duration::from_secs(retry_after_secs.into()), "{id}");
             }
         }

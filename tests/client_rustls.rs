@@ -27,7 +27,7 @@ use tokio_rustls::{
     TlsAcceptor,
 };
 use tower_terminal_retry::{
-    client::{TaskClient, TaskResult},
+    client::{ErrorKind, TaskClient, TaskResult, TlsRoots},
     Recovery, Schedule, TerminalRetryPolicy,
 };
 
@@ -77,7 +77,7 @@ async fn tls_server(
 async fn completes_over_https_with_a_trusted_self_signed_certificate() {
     let (url, certificate, paths) = tls_server(1).await;
     let client = TaskClient::builder(url)
-        .root_certificate(certificate.to_vec())
+        .tls_roots(TlsRoots::Only(vec![certificate.to_vec()]))
         .token("secret")
         .build()
         .unwrap();
@@ -108,7 +108,7 @@ async fn an_untrusted_certificate_is_a_transient_transport_error() {
         .await
         .unwrap_err();
 
-    assert_eq!(error.status(), None);
+    assert_eq!(error.kind(), ErrorKind::Transport);
     assert!(error.is_transient());
     assert!(paths.lock().unwrap().is_empty());
 }
@@ -116,9 +116,9 @@ async fn an_untrusted_certificate_is_a_transient_transport_error() {
 #[tokio::test]
 async fn a_bad_root_certificate_is_an_error_at_build() {
     let error = TaskClient::builder("https://127.0.0.1:8443")
-        .root_certificate(b"not a certificate".to_vec())
+        .tls_roots(TlsRoots::Only(vec![b"not a certificate".to_vec()]))
         .build()
         .unwrap_err();
 
-    assert!(error.is_config(), "{error}");
+    assert_eq!(error.kind(), ErrorKind::Config, "{error}");
 }

@@ -142,7 +142,7 @@ async fn retry_events_carry_the_delay_actually_slept() {
     let layer = TerminalRetryLayer::new(
         TerminalRetryPolicy::default().with_jitter(Jitter::full().with_random(|| 0.5)),
     );
-    let mock = Mock::scripted([Reply::retry_after(429, "7"), Reply::status(503)]);
+    let mock = Mock::scripted([support::retry_after_reply(429, "7"), Reply::status(503)]);
     let start = Instant::now();
     layer.layer(mock.clone()).oneshot(request()).await.unwrap();
 
@@ -231,16 +231,15 @@ async fn header_values_never_appear_in_events_or_debug_output() {
     let server = TestServer::scripted([
         Reply::status(502),
         Reply::Close,
-        Reply::retry_after(503, "1"),
+        support::retry_after_reply(503, "1"),
         Reply::status(500),
     ])
     .await
     .unwrap();
-    let layer = TerminalRetryLayer::new(
-        TerminalRetryPolicy::default()
-            .with_schedule(schedule(&[1, 1, 1]))
-            .with_attempt_header(HeaderName::from_static("x-retry-attempt")),
-    );
+    let policy = TerminalRetryPolicy::default()
+        .with_schedule(schedule(&[1, 1, 1]))
+        .with_attempt_header(HeaderName::from_static("x-retry-attempt"));
+    let layer = TerminalRetryLayer::new(policy.clone());
     let service = layer.layer(client());
     let response = service
         .clone()
@@ -272,7 +271,7 @@ async fn header_values_never_appear_in_events_or_debug_output() {
         assert_no_secret("an event", &event.all_text());
     }
     assert_no_secret("the layer's Debug", &format!("{layer:?}"));
-    assert_no_secret("the policy's Debug", &format!("{:?}", layer.policy()));
+    assert_no_secret("the policy's Debug", &format!("{policy:?}"));
     assert_no_secret("the service's Debug", &format!("{service:?}"));
 }
 
@@ -371,7 +370,7 @@ async fn the_outbox_reports_each_step_of_a_stored_report() {
     let delivered = with("delivered from the outbox");
     assert_eq!(delivered.len(), 1, "{delivered:#?}");
     // Every attempt, the foreground's and the probes' during the outage.
-    let attempts = server.attempts_of("t1", Action::Complete).to_string();
+    let attempts = support::calls(&server, "t1", Action::Complete).to_string();
     assert_eq!(delivered[0].field("attempts"), Some(attempts.as_str()));
     let quarantine = with("quarantined");
     assert_eq!(quarantine.len(), 1, "{quarantine:#?}");

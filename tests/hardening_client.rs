@@ -6,13 +6,14 @@
 mod client_support;
 #[cfg(feature = "outbox")]
 mod outbox_support;
+mod support;
 
 use std::time::Duration;
 
 use http::{header::AUTHORIZATION, StatusCode};
 use tokio::time::Instant;
 use tower_terminal_retry::{
-    client::{ReportOutcome, TaskClient, TaskResult},
+    client::{ErrorKind, ReportOutcome, TaskClient, TaskResult},
     test_server::{Action, Fault, Reply, TestServer},
     RetryAfter,
 };
@@ -65,7 +66,7 @@ fn echo_authorization(
             .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned())
             .unwrap_or_default();
         let encoded = percent_encoded(&header);
-        Reply::text(
+        support::text_reply(
             status,
             format!(
                 "bad request, you sent authorization: {header}, or {}, or {encoded}, or {}",
@@ -96,7 +97,10 @@ async fn a_redirect_is_refused_for_good_and_the_error_names_its_location() {
         .await
         .expect_err("a 301 is no success");
     assert!(!error.is_transient(), "a redirect is not retried");
-    assert_eq!(error.status(), Some(StatusCode::MOVED_PERMANENTLY));
+    assert_eq!(
+        error.kind(),
+        ErrorKind::Status(StatusCode::MOVED_PERMANENTLY)
+    );
     let message = error.to_string();
     assert!(message.contains("https://elsewhere.test/api"), "{message}");
     assert!(message.contains("final URL"), "{message}");
@@ -173,7 +177,7 @@ async fn an_echoed_token_is_redacted_from_errors_events_and_the_fallback() {
 async fn an_error_body_is_escaped_and_capped_after_decoding() {
     // Three bytes a character once decoded, with a forged log line.
     let body = format!("{}\nINFO forged line\u{1b}[31m", "\u{fffd}".repeat(20_000));
-    let server = answering(move |_| Reply::text(400, body.clone())).await;
+    let server = answering(move |_| support::text_reply(400, body.clone())).await;
     let client = client_of(&server);
 
     let error = client
@@ -191,7 +195,7 @@ async fn an_error_body_is_escaped_and_capped_after_decoding() {
     assert!(kept.len() > 4000, "{} bytes kept", kept.len());
 
     let forged = "x\nINFO forged\u{1b}[2J";
-    let server = answering(move |_| Reply::text(400, forged)).await;
+    let server = answering(move |_| support::text_reply(400, forged)).await;
     let error = client_of(&server)
         .send_task_result("t1", &TaskResult::completed(""))
         .await
@@ -217,13 +221,13 @@ async fn invalid_task_ids_are_refused_before_anything_is_sent() {
         long.as_str(),
     ] {
         let error = client.start_task(bad).await.expect_err("refused");
-        assert!(error.is_config(), "{bad:?}: {error}");
+        assert_eq!(error.kind(), ErrorKind::Config, "{bad:?}: {error}");
         assert!(!error.to_string().contains(bad) || bad.is_empty());
         let error = client
             .send_task_result(bad, &TaskResult::completed(""))
             .await
             .expect_err("refused");
-        assert!(error.is_config(), "{bad:?}: {error}");
+        assert_eq!(error.kind(), ErrorKind::Config, "{bad:?}: {error}");
         assert!(client.pin_session(bad, "s", "w").await.is_err());
         let outcome = client
             .report_task_result(bad, TaskResult::completed("done"))
@@ -231,7 +235,7 @@ async fn invalid_task_ids_are_refused_before_anything_is_sent() {
         assert_eq!(outcome, ReportOutcome::InvalidTaskId, "{bad:?}");
     }
     assert!(server.attempts().is_empty(), "nothing was sent");
-    assert!(server.requests().is_empty(), "nothing was sent");
+    assert!(support::requests(&server).is_empty(), "nothing was sent");
     // 1 KiB exactly is accepted.
     let longest = "y".repeat(1024);
     server.add_tasks([&longest]);
@@ -295,7 +299,8 @@ async fn the_retry_after_cap_is_the_clients_to_set() {
 async fn the_concurrency_limit_bounds_requests_in_flight_across_routes() {
     let ids: Vec<String> = (0..120).map(|n| format!("t{n}")).collect();
     let server = server_with(&ids.iter().map(String::as_str).collect::<Vec<_>>()).await;
-    server.latency(Duration::from_millis(100));
+    let latency = Duration::from_millis(100);
+    server.latency(latency);
     let client = TaskClient::builder(server.url())
         .concurrency_limit(8)
         .build()
@@ -315,7 +320,7 @@ async fn the_concurrency_limit_bounds_requests_in_flight_across_routes() {
         // Started after completion is refused (409) or taken: both answered.
         let _ = start.await.unwrap();
     }
-    assert_eq!(server.max_in_flight(|_| true), 8);
+    assert_eq!(support::max_in_flight(&server.attempts(), latency), 8);
 }
 
 /// A server that sends its headers at once and then trickles the body holds
@@ -349,7 +354,7 @@ async fn a_trickling_server_gets_no_more_connections_than_the_limit() {
     }
     for start in starts {
         let error = start.await.unwrap().expect_err("a 409");
-        assert_eq!(error.status(), Some(StatusCode::CONFLICT));
+        assert_eq!(error.kind(), ErrorKind::Status(StatusCode::CONFLICT));
         assert!(
             error.to_string().ends_with(TricklingServer::BODY),
             "{error}"
@@ -543,7 +548,7 @@ fn a_zero_concurrency_limit_is_a_configuration_error() {
         .concurrency_limit(0)
         .build()
         .expect_err("zero is refused");
-    assert!(error.is_config(), "{error}");
+    assert_eq!(error.kind(), ErrorKind::Config, "{error}");
 }
 
 /// A password, even one holding the URL's reserved characters, or a query
@@ -568,7 +573,7 @@ fn a_base_url_with_a_password_or_a_query_is_refused_without_showing_it() {
         let debug = format!("{builder:?}");
         assert!(!debug.contains(secret), "{debug}");
         let error = builder.build().expect_err(url);
-        assert!(error.is_config());
+        assert_eq!(error.kind(), ErrorKind::Config);
         let shown = format!("{error} {error:?}");
         assert!(!shown.contains(secret), "{shown}");
         assert!(shown.contains("[redacted]"), "{shown}");
@@ -582,7 +587,7 @@ fn a_base_url_with_a_password_or_a_query_is_refused_without_showing_it() {
         "http://127.0.0.1:8080/#f",
     ] {
         let error = TaskClient::builder(url).build().expect_err(url);
-        assert!(error.is_config(), "{url}: {error}");
+        assert_eq!(error.kind(), ErrorKind::Config, "{url}: {error}");
     }
 }
 
@@ -721,7 +726,7 @@ mod with_outbox {
             attempts_before,
             "nothing more to the old host"
         );
-        assert!(new.requests().is_empty(), "nor elsewhere");
+        assert!(support::requests(&new).is_empty(), "nor elsewhere");
         let text = events.text();
         assert!(
             text.contains("127.0.0.1"),
@@ -797,7 +802,7 @@ mod with_outbox {
         );
         assert_eq!(report.await, ReportOutcome::InvalidTaskId);
         assert!(client.outbox().unwrap().pending().unwrap().is_empty());
-        assert!(server.requests().is_empty());
+        assert!(support::requests(&server).is_empty());
     }
 
     /// `shutdown` right after many reports start, while their commits are
@@ -868,7 +873,7 @@ mod with_outbox {
         for _ in 0..100 {
             match build() {
                 Ok(client) => return client,
-                Err(error) if error.is_outbox() => {
+                Err(error) if error.kind() == ErrorKind::Outbox => {
                     tokio::time::sleep(Duration::from_millis(10)).await
                 }
                 Err(error) => panic!("{error}"),

@@ -327,7 +327,7 @@ async fn attempts_told_to_retry_after(
     outage: Duration,
 ) -> Vec<Duration> {
     let scratch = Scratch::new(name);
-    let (up, server) = switched(Reply::status(200), Reply::retry_after(503, value)).await;
+    let (up, server) = switched(Reply::status(200), support::retry_after_reply(503, value)).await;
     let dispatcher = Dispatcher::builder(Outbox::open(scratch.file()).unwrap(), support::client())
         .layer(layer)
         .replay(Replay {
@@ -749,8 +749,8 @@ async fn secrets_in_what_the_server_sends_back_are_redacted_everywhere() {
         .body(Full::from(format!("see {SECRET}")))
         .unwrap();
     let server = TestServer::scripted([
-        Reply::text(502, format!("upstream saw {SECRET}")),
-        Reply::text(422, format!("bad token {SECRET}")),
+        support::text_reply(502, format!("upstream saw {SECRET}")),
+        support::text_reply(422, format!("bad token {SECRET}")),
         Reply::Respond(redirect),
     ])
     .await
@@ -809,7 +809,7 @@ async fn secrets_in_what_the_server_sends_back_are_redacted_everywhere() {
 async fn a_conflict_supersedes_the_request_no_fallback_and_the_record_is_retired() {
     let scratch = Scratch::new("conflict");
     let server = TestServer::scripted([
-        Reply::text(409, "the task belongs to another run"),
+        support::text_reply(409, "the task belongs to another run"),
         Reply::status(502),
         Reply::status(409),
     ])

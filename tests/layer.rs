@@ -144,7 +144,7 @@ async fn transient_then_success_takes_exactly_the_attempts_needed() {
             if attempt <= failures {
                 Reply::status(502)
             } else {
-                Reply::text(200, "accepted")
+                support::text_reply(200, "accepted")
             }
         });
         let (result, elapsed) = call(&TerminalRetryLayer::default(), &mock, request()).await;
@@ -160,7 +160,8 @@ async fn transient_then_success_takes_exactly_the_attempts_needed() {
 async fn transient_to_the_end_returns_the_last_response_unchanged() {
     let statuses = [500, 503, 504, 408, 429, 502];
     let mock = Mock::new(move |_, attempt| {
-        let mut reply = Reply::text(statuses[attempt - 1], format!("upstream down #{attempt}"));
+        let mut reply =
+            support::text_reply(statuses[attempt - 1], format!("upstream down #{attempt}"));
         if let Reply::Respond(response) = &mut reply {
             response
                 .headers_mut()
@@ -170,7 +171,10 @@ async fn transient_to_the_end_returns_the_last_response_unchanged() {
     });
     let (result, elapsed) = call(&TerminalRetryLayer::default(), &mock, request()).await;
     let response = result.unwrap();
-    assert_eq!(mock.attempts().count(), Schedule::default().max_attempts());
+    assert_eq!(
+        mock.attempts().count(),
+        Schedule::default().delays().len() + 1
+    );
     assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
     assert_eq!(response.headers()["x-attempt-seen"], "6");
     assert_eq!(text(response).await, "upstream down #6");
@@ -252,7 +256,7 @@ async fn retry_after_seconds_replace_the_schedule_on_429_and_503() {
         (503, "Tue, 14 Nov 2023 22:13:20 GMT", 4),
     ];
     for (status, value, expected) in cases {
-        let offset = second_attempt_after(&layer, Reply::retry_after(status, value)).await;
+        let offset = second_attempt_after(&layer, support::retry_after_reply(status, value)).await;
         assert_eq!(
             offset,
             Duration::from_secs(expected),
@@ -267,10 +271,10 @@ async fn retry_after_seconds_replace_the_schedule_on_429_and_503() {
 #[tokio::test(start_paused = true)]
 async fn a_409_with_retry_after_is_transient_and_waits_what_it_asks() {
     let layer = TerminalRetryLayer::default();
-    let offset = second_attempt_after(&layer, Reply::retry_after(409, "2")).await;
+    let offset = second_attempt_after(&layer, support::retry_after_reply(409, "2")).await;
     assert_eq!(offset, Duration::from_secs(2));
     // A value that cannot be read still says "ask again": the schedule's 4 s.
-    let offset = second_attempt_after(&layer, Reply::retry_after(409, "soon")).await;
+    let offset = second_attempt_after(&layer, support::retry_after_reply(409, "soon")).await;
     assert_eq!(offset, Duration::from_secs(4));
 }
 
@@ -280,17 +284,18 @@ async fn retry_after_dates_replace_the_schedule_on_429_and_503() {
     for (status, ahead) in [(429, 2), (503, 2), (429, 30), (503, 30)] {
         let date = date_in(ahead);
         let sent = SystemTime::now();
-        let offset = second_attempt_after(&layer, Reply::retry_after(status, &date)).await;
+        let offset = second_attempt_after(&layer, support::retry_after_reply(status, &date)).await;
         assert_date_delay(offset, &date, sent, SystemTime::now());
     }
     // Far ahead: clamped to the default cap.
-    let offset = second_attempt_after(&layer, Reply::retry_after(503, &date_in(3600))).await;
+    let offset =
+        second_attempt_after(&layer, support::retry_after_reply(503, &date_in(3600))).await;
     assert_eq!(offset, Duration::from_secs(300));
     // A date on another status, or already past: the schedule's 4 s.
-    let offset = second_attempt_after(&layer, Reply::retry_after(502, &date_in(2))).await;
+    let offset = second_attempt_after(&layer, support::retry_after_reply(502, &date_in(2))).await;
     assert_eq!(offset, Duration::from_secs(4));
     let past = httpdate::fmt_http_date(SystemTime::now() - Duration::from_secs(60));
-    let offset = second_attempt_after(&layer, Reply::retry_after(429, &past)).await;
+    let offset = second_attempt_after(&layer, support::retry_after_reply(429, &past)).await;
     assert_eq!(offset, Duration::from_secs(4));
 }
 
@@ -301,7 +306,7 @@ async fn retry_after_cap_is_configurable_and_can_be_turned_off() {
             .with_retry_after(RetryAfter::honor_up_to(Duration::from_secs(30)).unwrap()),
     );
     for (value, expected) in [("600", 30), ("30", 30), ("12", 12), ("2", 2)] {
-        let offset = second_attempt_after(&patient, Reply::retry_after(429, value)).await;
+        let offset = second_attempt_after(&patient, support::retry_after_reply(429, value)).await;
         assert_eq!(offset, Duration::from_secs(expected), "Retry-After {value}");
     }
     // A cap shorter than the schedule's entry clamps the server's delay only.
@@ -309,7 +314,7 @@ async fn retry_after_cap_is_configurable_and_can_be_turned_off() {
         TerminalRetryPolicy::default()
             .with_retry_after(RetryAfter::honor_up_to(Duration::from_secs(2)).unwrap()),
     );
-    let offset = second_attempt_after(&hasty, Reply::retry_after(503, "10")).await;
+    let offset = second_attempt_after(&hasty, support::retry_after_reply(503, "10")).await;
     assert_eq!(offset, Duration::from_secs(2));
     let offset = second_attempt_after(&hasty, Reply::status(503)).await;
     assert_eq!(offset, Duration::from_secs(4));
@@ -317,7 +322,7 @@ async fn retry_after_cap_is_configurable_and_can_be_turned_off() {
     let deaf = TerminalRetryLayer::new(
         TerminalRetryPolicy::default().with_retry_after(RetryAfter::ignore()),
     );
-    let offset = second_attempt_after(&deaf, Reply::retry_after(429, "1")).await;
+    let offset = second_attempt_after(&deaf, support::retry_after_reply(429, "1")).await;
     assert_eq!(offset, Duration::from_secs(4));
 }
 
@@ -325,7 +330,7 @@ async fn retry_after_cap_is_configurable_and_can_be_turned_off() {
 async fn retry_after_replaces_only_its_own_retry_and_never_adds_attempts() {
     // The second retry goes back to the schedule's second entry (8 s).
     let mock = Mock::scripted([
-        Reply::retry_after(429, "10"),
+        support::retry_after_reply(429, "10"),
         Reply::status(502),
         Reply::status(200),
     ]);
@@ -337,7 +342,7 @@ async fn retry_after_replaces_only_its_own_retry_and_never_adds_attempts() {
     assert_eq!(mock.attempts().offsets(start), secs(&[0, 10, 18]));
 
     // A server that always asks to come back soon still gets six attempts.
-    let mock = Mock::new(|_, _| Reply::retry_after(503, "1"));
+    let mock = Mock::new(|_, _| support::retry_after_reply(503, "1"));
     let start = Instant::now();
     let (result, _) = call(&TerminalRetryLayer::default(), &mock, request()).await;
     assert_eq!(result.unwrap().status(), StatusCode::SERVICE_UNAVAILABLE);
@@ -382,7 +387,7 @@ async fn jitter_leaves_the_servers_retry_after_alone() {
     let layer = TerminalRetryLayer::new(
         TerminalRetryPolicy::default().with_jitter(Jitter::full().with_random(|| 0.0)),
     );
-    let mock = Mock::scripted([Reply::retry_after(429, "10"), Reply::status(502)]);
+    let mock = Mock::scripted([support::retry_after_reply(429, "10"), Reply::status(502)]);
     let start = Instant::now();
     call(&layer, &mock, request()).await.0.unwrap();
     assert_eq!(mock.attempts().offsets(start), secs(&[0, 10, 10]));
@@ -409,7 +414,7 @@ async fn a_retry_budget_is_shared_by_every_clone_of_a_layer() {
     assert_eq!(elapsed, Duration::from_secs(4));
 
     // With the budget spent, the last outcome comes back at once.
-    let down = Mock::new(|_, _| Reply::text(503, "still down"));
+    let down = Mock::new(|_, _| support::text_reply(503, "still down"));
     let (result, elapsed) = call(&first, &down, request()).await;
     let response = result.unwrap();
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
@@ -538,7 +543,7 @@ async fn two_hundred_concurrent_calls_keep_their_own_attempt_counts() {
         if attempt <= call % 4 {
             Reply::status(503)
         } else {
-            Reply::text(200, format!("call {call}"))
+            support::text_reply(200, format!("call {call}"))
         }
     });
     let layer = TerminalRetryLayer::default();

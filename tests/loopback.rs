@@ -53,7 +53,7 @@ async fn exchange(
 
 /// Three `status` replies, then success: four attempts on the default plan.
 async fn burst_then_success(status: u16) {
-    let burst = vec![Reply::text(status, "hiccup"); 3];
+    let burst = vec![support::text_reply(status, "hiccup"); 3];
     let (server, result, start) = exchange(burst).await;
     let response = result.unwrap();
     assert_eq!(response.status(), StatusCode::OK, "after a {status} burst");
@@ -93,12 +93,12 @@ async fn a_burst_of_429_is_retried() {
 #[tokio::test(start_paused = true)]
 async fn a_burst_longer_than_the_schedule_returns_the_last_502_with_its_body() {
     let (server, result, start) = exchange([
-        Reply::text(500, "#1"),
-        Reply::text(502, "#2"),
-        Reply::text(503, "#3"),
-        Reply::text(504, "#4"),
-        Reply::text(408, "#5"),
-        Reply::text(502, "bad gateway #6"),
+        support::text_reply(500, "#1"),
+        support::text_reply(502, "#2"),
+        support::text_reply(503, "#3"),
+        support::text_reply(504, "#4"),
+        support::text_reply(408, "#5"),
+        support::text_reply(502, "bad gateway #6"),
     ])
     .await;
     let response = result.unwrap();
@@ -110,7 +110,7 @@ async fn a_burst_longer_than_the_schedule_returns_the_last_502_with_its_body() {
 #[tokio::test(start_paused = true)]
 async fn a_permanent_4xx_bails_after_one_attempt() {
     for status in [400, 401, 403, 404, 409, 422] {
-        let (server, result, start) = exchange([Reply::text(status, "rejected")]).await;
+        let (server, result, start) = exchange([support::text_reply(status, "rejected")]).await;
         let response = result.unwrap();
         assert_eq!(response.status(), status);
         assert_eq!(text(response).await, "rejected");
@@ -135,7 +135,7 @@ async fn retry_after_seconds_are_honoured_on_429_and_503_only() {
         (429, past.as_str(), 4),
     ];
     for (status, value, expected) in cases {
-        let (server, result, start) = exchange([Reply::retry_after(status, value)]).await;
+        let (server, result, start) = exchange([support::retry_after_reply(status, value)]).await;
         assert_eq!(result.unwrap().status(), StatusCode::OK);
         let arrivals = arrivals(&server, start);
         assert_eq!(arrivals, secs(&[0, expected]), "{status} {value:?}");
@@ -147,14 +147,14 @@ async fn retry_after_dates_are_honoured_on_429_and_503() {
     for (status, ahead) in [(429, 10), (503, 7)] {
         let date = date_in(ahead);
         let sent = SystemTime::now();
-        let (server, result, start) = exchange([Reply::retry_after(status, &date)]).await;
+        let (server, result, start) = exchange([support::retry_after_reply(status, &date)]).await;
         let returned = SystemTime::now();
         assert_eq!(result.unwrap().status(), StatusCode::OK);
         let arrivals = arrivals(&server, start);
         assert_eq!(arrivals.len(), 2, "{status} {date}");
         assert_date_delay(arrivals[1], &date, sent, returned);
     }
-    let (server, _, start) = exchange([Reply::retry_after(503, &date_in(3600))]).await;
+    let (server, _, start) = exchange([support::retry_after_reply(503, &date_in(3600))]).await;
     assert_eq!(
         arrivals(&server, start),
         secs(&[0, 300]),
@@ -234,9 +234,9 @@ async fn two_hundred_concurrent_calls_keep_their_own_attempt_counts() {
         let attempt = counts.entry(path).or_default();
         *attempt += 1;
         if *attempt <= i % 4 {
-            Reply::text(503, "busy")
+            support::text_reply(503, "busy")
         } else {
-            Reply::text(200, format!("call {i} attempt {attempt}"))
+            support::text_reply(200, format!("call {i} attempt {attempt}"))
         }
     })
     .await

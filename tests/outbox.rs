@@ -6,14 +6,15 @@
 #![cfg(feature = "outbox")]
 
 mod outbox_support;
+mod support;
 
 use std::{path::Path, time::Duration};
 
 use http::StatusCode;
 use tower_terminal_retry::{
-    client::{ReportOutcome, TaskClient, TaskClientBuilder, TaskResult},
+    client::{Completion, ErrorKind, ReportOutcome, TaskClient, TaskClientBuilder, TaskResult},
     outbox::{Durability, Replay},
-    test_server::{Action, Attempt, Fault, Handling, TaskServer, TaskState},
+    test_server::{Action, Fault, Handling, TaskServer, TaskState},
     Recovery, Schedule, TerminalRetryPolicy,
 };
 
@@ -87,11 +88,14 @@ fn a_stored_report_survives_its_runtime_and_a_new_client_delivers_it() {
         assert!(wait_for_real(|| client.outbox().unwrap().pending().unwrap().is_empty()).await);
     });
     assert_eq!(
-        server.attempts_of("t1", Action::Fail),
+        support::calls(&server, "t1", Action::Fail),
         0,
         "never turned red"
     );
-    assert_eq!(server.final_report("t1").unwrap()["output"], "done");
+    assert_eq!(
+        support::final_report(&server, "t1").unwrap()["output"],
+        "done"
+    );
 }
 
 /// Waits on tokio's clock, 5 s at most, until `client` has nothing stored.
@@ -116,6 +120,7 @@ async fn wait_for_real(mut done: impl FnMut() -> bool) -> bool {
 #[tokio::test(start_paused = true)]
 async fn a_completion_that_outlives_the_schedule_is_queued_then_delivered() {
     let scratch = Scratch::new("queued");
+    let started = tokio::time::Instant::now();
     let server = TaskServer::start().await.unwrap();
     server.add_tasks(["t1", "t2"]);
     server.outage(Duration::ZERO, Duration::from_secs(600), bad_gateway());
@@ -135,9 +140,9 @@ async fn a_completion_that_outlives_the_schedule_is_queued_then_delivered() {
     assert!(pending[0].stored_at <= std::time::SystemTime::now());
 
     // Ten minutes of outage: the report stays stored and is not failed.
-    tokio::time::sleep_until(server.started() + Duration::from_secs(590)).await;
+    tokio::time::sleep_until(started + Duration::from_secs(590)).await;
     assert_eq!(server.state("t1"), Some(TaskState::Queued));
-    tokio::time::sleep_until(server.started() + Duration::from_secs(600)).await;
+    tokio::time::sleep_until(started + Duration::from_secs(600)).await;
     // The server is back: a successful call releases the replay at once.
     client.start_task("t2").await.unwrap();
     assert!(
@@ -146,7 +151,7 @@ async fn a_completion_that_outlives_the_schedule_is_queued_then_delivered() {
         .await
     );
     assert!(drained(&client).await);
-    assert_eq!(server.attempts_of("t1", Action::Fail), 0);
+    assert_eq!(support::calls(&server, "t1", Action::Fail), 0);
 }
 
 #[tokio::test(start_paused = true)]
@@ -168,7 +173,11 @@ async fn a_refused_completion_falls_back_to_a_fail_stored_before_it_is_sent() {
         })
         .build()
         .unwrap();
-    let result = TaskResult::completed("done").session_id("s-1");
+    let result = TaskResult::Completed(Completion {
+        output: "done".into(),
+        session_id: "s-1".into(),
+        ..Completion::default()
+    });
     let outcome = client.report_task_result("t1", result).await;
     assert_eq!(outcome, ReportOutcome::Queued);
     let pending = client.outbox().unwrap().pending().unwrap();
@@ -178,7 +187,7 @@ async fn a_refused_completion_falls_back_to_a_fail_stored_before_it_is_sent() {
         Some("fail"),
         "the fallback is stored"
     );
-    assert_eq!(server.attempts_of("t1", Action::Complete), 1);
+    assert_eq!(support::calls(&server, "t1", Action::Complete), 1);
     drop(client);
 
     // A restart delivers the stored fallback, not the refused completion.
@@ -188,13 +197,13 @@ async fn a_refused_completion_falls_back_to_a_fail_stored_before_it_is_sent() {
             == Some(TaskState::Failed))
         .await
     );
-    let report = server.final_report("t1").unwrap();
+    let report = support::final_report(&server, "t1").unwrap();
     assert_eq!(report["failure_reason"], "agent_error");
     assert_eq!(report["session_id"], "s-1");
     let error = report["error"].as_str().unwrap();
     assert!(error.starts_with("complete task failed: "), "{error}");
     assert!(error.contains("400"), "{error}");
-    assert_eq!(server.attempts_of("t1", Action::Complete), 1, "once");
+    assert_eq!(support::calls(&server, "t1", Action::Complete), 1, "once");
     assert!(drained(&client).await);
 }
 
@@ -227,7 +236,7 @@ async fn a_refused_fail_is_quarantined_until_requeued_or_discarded() {
     assert!(client.outbox().unwrap().pending().unwrap().is_empty());
     // Kept, not retried.
     tokio::time::sleep(Duration::from_secs(300)).await;
-    assert_eq!(server.attempts_of("t1", Action::Fail), 1);
+    assert_eq!(support::calls(&server, "t1", Action::Fail), 1);
     // A second report for a quarantined task does not replace it.
     let again = client
         .report_task_result("t1", TaskResult::completed("x"))
@@ -254,13 +263,15 @@ async fn a_refused_fail_is_quarantined_until_requeued_or_discarded() {
 #[tokio::test(start_paused = true)]
 async fn while_the_server_is_down_one_probe_at_a_time_then_a_bounded_replay() {
     let scratch = Scratch::new("probe");
+    let started = tokio::time::Instant::now();
     let server = TaskServer::start().await.unwrap();
     let ids: Vec<String> = (0..50).map(|index| format!("t{index}")).collect();
     server.add_tasks(ids.iter().map(String::as_str));
     server.add_tasks(["heartbeat"]);
     let outage = Duration::from_secs(600);
     server.outage(Duration::ZERO, outage, bad_gateway());
-    server.latency(Duration::from_millis(200));
+    let latency = Duration::from_millis(200);
+    server.latency(latency);
     let client = TaskClient::builder(server.url())
         .policy(
             TerminalRetryPolicy::default()
@@ -281,7 +292,7 @@ async fn while_the_server_is_down_one_probe_at_a_time_then_a_bounded_replay() {
             .await;
         assert_eq!(outcome, ReportOutcome::Queued);
     }
-    let queued_at = server.attempts().last().unwrap().at - server.started();
+    let queued_at = server.attempts().last().unwrap().request.at - started;
     tokio::time::sleep(outage - queued_at).await;
 
     // A probe sends the oldest report: t0, after its own first attempt.
@@ -290,7 +301,7 @@ async fn while_the_server_is_down_one_probe_at_a_time_then_a_bounded_replay() {
         .iter()
         .filter(|attempt| attempt.task_id == "t0")
         .skip(1)
-        .map(|attempt| attempt.at - server.started())
+        .map(|attempt| attempt.request.at - started)
         .collect();
     let others = server.attempts().len() - probes.len();
     assert_eq!(
@@ -321,8 +332,11 @@ async fn while_the_server_is_down_one_probe_at_a_time_then_a_bounded_replay() {
     };
     assert!(wait_for(Duration::from_secs(10), delivered).await);
     // The replay's reports; the heartbeat may still be in flight beside them.
-    let reports = |attempt: &Attempt| attempt.action == Action::Complete;
-    assert_eq!(server.max_in_flight(reports), 4);
+    let attempts = server.attempts();
+    let reports = attempts
+        .iter()
+        .filter(|attempt| attempt.action == Action::Complete);
+    assert_eq!(support::max_in_flight(reports, latency), 4);
     assert!(drained(&client).await);
 }
 
@@ -332,7 +346,8 @@ async fn a_report_is_never_in_flight_twice_and_the_first_report_stands() {
     let server = TaskServer::start().await.unwrap();
     let ids: Vec<String> = (0..40).map(|index| format!("t{index}")).collect();
     server.add_tasks(ids.iter().map(String::as_str));
-    server.latency(Duration::from_millis(700));
+    let latency = Duration::from_millis(700);
+    server.latency(latency);
     server.outage(Duration::ZERO, Duration::from_secs(30), bad_gateway());
     let client = builder(&server, &scratch.file())
         .replay(Replay {
@@ -361,14 +376,15 @@ async fn a_report_is_never_in_flight_twice_and_the_first_report_stands() {
             .all(|id| server.state(id) == Some(TaskState::Completed))
     };
     assert!(wait_for(Duration::from_secs(120), delivered).await);
+    let attempts = server.attempts();
     for id in &ids {
+        let of_task = attempts.iter().filter(|attempt| &attempt.task_id == id);
+        assert_eq!(support::max_in_flight(of_task, latency), 1, "{id}");
+        assert_eq!(support::calls(&server, id, Action::Fail), 0);
         assert_eq!(
-            server.max_in_flight(|attempt| &attempt.task_id == id),
-            1,
-            "{id}"
+            support::final_report(&server, id).unwrap()["output"],
+            "first"
         );
-        assert_eq!(server.attempts_of(id, Action::Fail), 0);
-        assert_eq!(server.final_report(id).unwrap()["output"], "first");
     }
 }
 
@@ -447,8 +463,7 @@ async fn the_idempotency_key_is_the_same_on_every_attempt_replay_and_restart() {
     let client = builder(&server, &scratch.file()).build().unwrap();
     assert!(drained(&client).await);
 
-    let keys: Vec<String> = server
-        .requests()
+    let keys: Vec<String> = support::requests(&server)
         .iter()
         .map(|request| {
             request.headers["idempotency-key"]
@@ -461,7 +476,7 @@ async fn the_idempotency_key_is_the_same_on_every_attempt_replay_and_restart() {
     assert!(keys.iter().all(|key| key == &keys[0]), "{keys:?}");
     assert_eq!(keys[0].len(), 36);
     // The token went with every attempt, the replay's too.
-    for request in server.requests() {
+    for request in support::requests(&server) {
         assert_eq!(request.headers["authorization"], "Bearer s3cret-token");
     }
 }
@@ -492,7 +507,7 @@ async fn a_file_held_by_another_live_client_is_an_error_naming_it() {
     server.add_tasks(["t1"]);
     let first = builder(&server, &scratch.file()).build().unwrap();
     let error = builder(&server, &scratch.file()).build().unwrap_err();
-    assert!(error.is_outbox(), "{error}");
+    assert_eq!(error.kind(), ErrorKind::Outbox, "{error}");
     let message = error.to_string();
     assert!(
         message.contains(scratch.file().to_str().unwrap()),
@@ -514,7 +529,7 @@ async fn a_file_held_by_another_live_client_is_an_error_naming_it() {
                 reopened = Some(client);
                 break;
             }
-            Err(error) => assert!(error.is_outbox(), "{error}"),
+            Err(error) => assert_eq!(error.kind(), ErrorKind::Outbox, "{error}"),
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -564,7 +579,7 @@ async fn a_file_that_is_not_an_outbox_is_an_error_and_left_as_it_was() {
         let path = scratch.0.join(format!("{name}.redb"));
         std::fs::write(&path, &bytes).unwrap();
         let error = builder(&server, &path).build().unwrap_err();
-        assert!(error.is_outbox(), "{name}: {error}");
+        assert_eq!(error.kind(), ErrorKind::Outbox, "{name}: {error}");
         let message = error.to_string();
         assert!(
             message.contains(path.to_str().unwrap()),

@@ -11,6 +11,7 @@
 #![cfg(all(feature = "outbox", unix))]
 
 mod outbox_support;
+mod support;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -22,7 +23,7 @@ use std::{
 
 use http::StatusCode;
 use tower_terminal_retry::{
-    client::{TaskClient, TaskResult},
+    client::{ErrorKind, TaskClient, TaskResult},
     outbox::{Durability, Replay},
     test_server::{Action, Fault, TaskServer, TaskState},
     Recovery, Schedule, TerminalRetryPolicy,
@@ -221,7 +222,7 @@ async fn killed_at_random_instants_nothing_stored_is_lost_and_no_success_turns_r
         assert_eq!(state, expected, "seed {seed}: {id} was stored or seen");
         if completed {
             assert_eq!(
-                server.attempts_of(id, Action::Fail),
+                support::calls(&server, id, Action::Fail),
                 0,
                 "seed {seed}: {id} turned red"
             );
@@ -286,7 +287,7 @@ async fn a_file_held_by_another_process_is_an_error_until_it_dies() {
         .expect("the child reported");
     let builder = || TaskClient::builder(server.url()).outbox(&file);
     let error = builder().build().unwrap_err();
-    assert!(error.is_outbox(), "{error}");
+    assert_eq!(error.kind(), ErrorKind::Outbox, "{error}");
     assert!(error.to_string().contains("held by another"), "{error}");
     child.kill().unwrap();
     child.wait().unwrap();

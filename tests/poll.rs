@@ -97,7 +97,7 @@ async fn a_parked_retry_is_woken_by_a_success_to_its_own_origin_not_anothers() {
 
 #[tokio::test(start_paused = true)]
 async fn the_policys_backoff_future_is_pending_until_its_delay_then_ready() {
-    let mut policy = TerminalRetryLayer::default().policy().clone();
+    let mut policy = TerminalRetryPolicy::default();
     let mut request = request("http://a.test/r");
     let mut result: Result<Response<()>, Infallible> =
         Ok(Response::builder().status(502).body(()).unwrap());

@@ -8,6 +8,7 @@
 
 mod outbox_support;
 mod postgres_support;
+mod support;
 
 use std::{
     sync::{
@@ -213,7 +214,7 @@ async fn a_refused_request_is_replaced_by_its_fallback_in_the_same_transaction()
     let queue = postgres.queue("fallback");
     let server = TestServer::start(|request| {
         if request.uri.path() == "/hooks/refused" {
-            Reply::text(422, "unprocessable")
+            support::text_reply(422, "unprocessable")
         } else {
             Reply::status(200)
         }
@@ -254,7 +255,7 @@ async fn a_refused_request_is_quarantined_until_requeued_or_discarded() {
         if accepts.load(Ordering::SeqCst) {
             Reply::status(200)
         } else {
-            Reply::text(422, "unprocessable")
+            support::text_reply(422, "unprocessable")
         }
     })
     .await

@@ -14,6 +14,7 @@
 
 mod outbox_support;
 mod postgres_support;
+mod support;
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -520,7 +521,7 @@ async fn a_holder_whose_lease_ran_out_cannot_undo_the_work_of_the_one_that_took_
             ledger.note(request, takes, false);
             return Reply::Delayed {
                 after: takes,
-                reply: Box::new(Reply::text(422, "refused too late")),
+                reply: Box::new(support::text_reply(422, "refused too late")),
             };
         }
         let delivers = lets.load(Ordering::SeqCst);

@@ -13,7 +13,7 @@ pub mod loopback;
 use std::{
     convert::Infallible,
     future::{ready, Future, Ready},
-    net::SocketAddr,
+    net::{Ipv4Addr, SocketAddr},
     pin::pin,
     sync::{
         atomic::{AtomicU16, AtomicU64, Ordering},
@@ -26,16 +26,15 @@ use std::{
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
+use hyper::{body::Incoming, service::service_fn};
 use hyper_util::{
     client::legacy::{connect::HttpConnector, Client},
-    rt::TokioExecutor,
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
 };
+use tokio::net::TcpListener;
 use tower::{retry::Policy, Service, ServiceExt};
-use tower_terminal_retry::{
-    test_server::{Reply, TestServer},
-    Jitter, RetryBudget, TerminalRetryLayer, TerminalRetryPolicy,
-};
+use tower_terminal_retry::{Jitter, RetryBudget, TerminalRetryLayer, TerminalRetryPolicy};
 
 /// The path of the callback, as the daemon of the original sends it.
 pub const CALLBACK_PATH: &str = "/api/daemon/tasks/7f3c9b2e-4d1a-4c8e-9b6f-2a5d8e1c0f93/complete";
@@ -155,9 +154,10 @@ where
 // ---------------------------------------------------------------------------
 // Loopback
 
-/// The crate's loopback test server, unrecorded (a bench sends millions of
-/// requests), on a thread and runtime of its own so that it does not share the
-/// client's. It answers an empty response with the current status.
+/// A loopback HTTP server (HTTP/1.1 and HTTP/2, as the crate's test server)
+/// that keeps no record of the requests, as a bench sends millions, on a
+/// thread and runtime of its own so that it does not share the client's. It
+/// answers an empty response with the current status.
 pub struct LoopbackServer {
     addr: SocketAddr,
     status: Arc<AtomicU16>,
@@ -180,15 +180,37 @@ impl LoopbackServer {
                     .build()
                     .expect("a runtime");
                 runtime.block_on(async move {
-                    let server = TestServer::start_unrecorded(move |_| {
-                        serve_answered.fetch_add(1, Ordering::Relaxed);
-                        Reply::status(serve_status.load(Ordering::Relaxed))
-                    })
-                    .await
-                    .expect("a loopback port");
-                    addr_sender.send(server.addr()).expect("the bench waits");
+                    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+                        .await
+                        .expect("a loopback port");
+                    let local = listener.local_addr().expect("the server's address");
+                    addr_sender.send(local).expect("the bench waits");
                     // Serve until the process ends.
-                    std::future::pending::<()>().await;
+                    loop {
+                        let Ok((stream, _)) = listener.accept().await else {
+                            continue;
+                        };
+                        // Small replies leave at once, not after Nagle's delay.
+                        let _ = stream.set_nodelay(true);
+                        let (status, answered) = (serve_status.clone(), serve_answered.clone());
+                        let answer = service_fn(move |request: Request<Incoming>| {
+                            let (status, answered) = (status.clone(), answered.clone());
+                            async move {
+                                let _ = request.into_body().collect().await;
+                                answered.fetch_add(1, Ordering::Relaxed);
+                                let mut response = Response::new(Full::<Bytes>::default());
+                                *response.status_mut() =
+                                    StatusCode::from_u16(status.load(Ordering::Relaxed))
+                                        .expect("a valid status");
+                                Ok::<_, Infallible>(response)
+                            }
+                        });
+                        tokio::spawn(async move {
+                            let _ = auto::Builder::new(TokioExecutor::new())
+                                .serve_connection(TokioIo::new(stream), answer)
+                                .await;
+                        });
+                    }
                 });
             })
             .expect("a server thread");

@@ -8,58 +8,88 @@
 use bytes::Bytes;
 use serde::{Deserialize, Serialize, Serializer};
 
+use super::{
+    report::{Completion, Failure, TaskResult},
+    route::Action,
+};
+
 /// The body of `complete`: `{output, branch_name?, session_id?, work_dir?}`.
-///
-/// Read back from the outbox to build the fallback `fail` of a completion
-/// refused after a restart.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub(super) struct Completion {
+#[derive(Serialize)]
+struct CompletionBody<'a> {
     #[serde(serialize_with = "without_nul")]
-    pub(super) output: String,
-    #[serde(
-        default,
-        serialize_with = "without_nul",
-        skip_serializing_if = "is_blank"
-    )]
-    pub(super) branch_name: String,
-    #[serde(
-        default,
-        serialize_with = "without_nul",
-        skip_serializing_if = "is_blank"
-    )]
-    pub(super) session_id: String,
-    #[serde(
-        default,
-        serialize_with = "without_nul",
-        skip_serializing_if = "is_blank"
-    )]
-    pub(super) work_dir: String,
+    output: &'a str,
+    #[serde(serialize_with = "without_nul", skip_serializing_if = "is_blank")]
+    branch_name: &'a str,
+    #[serde(serialize_with = "without_nul", skip_serializing_if = "is_blank")]
+    session_id: &'a str,
+    #[serde(serialize_with = "without_nul", skip_serializing_if = "is_blank")]
+    work_dir: &'a str,
 }
 
 /// The body of `fail`: `{error, session_id?, work_dir?, failure_reason?}`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub(super) struct Failure {
+#[derive(Serialize)]
+struct FailureBody<'a> {
     #[serde(serialize_with = "without_nul")]
-    pub(super) error: String,
+    error: &'a str,
     #[serde(serialize_with = "without_nul", skip_serializing_if = "is_blank")]
-    pub(super) session_id: String,
+    session_id: &'a str,
     #[serde(serialize_with = "without_nul", skip_serializing_if = "is_blank")]
-    pub(super) work_dir: String,
+    work_dir: &'a str,
     #[serde(serialize_with = "without_nul", skip_serializing_if = "is_blank")]
-    pub(super) failure_reason: String,
+    failure_reason: &'a str,
 }
 
-impl Completion {
-    /// The fail report sent when the server refuses this completion for good:
-    /// same session and work dir, reason `agent_error`.
-    pub(super) fn fallback(&self, error: String) -> Failure {
-        Failure {
-            error,
-            session_id: self.session_id.clone(),
-            work_dir: self.work_dir.clone(),
-            failure_reason: "agent_error".to_owned(),
-        }
+/// A completion as the outbox stored it, read back to build the fallback
+/// `fail` of a completion refused after a restart.
+#[derive(Deserialize)]
+struct StoredCompletion {
+    output: String,
+    #[serde(default)]
+    branch_name: String,
+    #[serde(default)]
+    session_id: String,
+    #[serde(default)]
+    work_dir: String,
+}
+
+/// The route of `result` and its body.
+pub(super) fn terminal(result: &TaskResult) -> (Action, Bytes) {
+    match result {
+        TaskResult::Completed(completion) => (Action::Complete, completed(completion)),
+        TaskResult::Failed(failure) => (Action::Fail, failed(failure)),
     }
+}
+
+/// The body of `complete`.
+fn completed(completion: &Completion) -> Bytes {
+    json(&CompletionBody {
+        output: &completion.output,
+        branch_name: &completion.branch_name,
+        session_id: &completion.session_id,
+        work_dir: &completion.work_dir,
+    })
+}
+
+/// The body of `fail`.
+pub(super) fn failed(failure: &Failure) -> Bytes {
+    json(&FailureBody {
+        error: &failure.error,
+        session_id: &failure.session_id,
+        work_dir: &failure.work_dir,
+        failure_reason: &failure.failure_reason,
+    })
+}
+
+/// The completion a stored body of `complete` holds; `None` for one that is
+/// not.
+pub(super) fn stored_completion(body: &[u8]) -> Option<Completion> {
+    let stored: StoredCompletion = serde_json::from_slice(body).ok()?;
+    Some(Completion {
+        output: stored.output,
+        branch_name: stored.branch_name,
+        session_id: stored.session_id,
+        work_dir: stored.work_dir,
+    })
 }
 
 /// One entry of a usage report: the tokens a model used for the task.
@@ -144,16 +174,14 @@ mod tests {
 
     #[test]
     fn optionals_are_omitted_when_unset_or_empty() {
-        let body = parse(json(&Completion {
-            output: "done".into(),
-            ..Completion::default()
-        }));
-        assert_eq!(body, json!({"output": "done"}));
+        let (route, body) = terminal(&TaskResult::completed("done"));
+        assert_eq!(route, Action::Complete);
+        assert_eq!(parse(body), json!({"output": "done"}));
     }
 
     #[test]
     fn nul_bytes_are_removed_from_every_string() {
-        let body = parse(json(&Failure {
+        let body = parse(failed(&Failure {
             error: "bad\0 input".into(),
             session_id: "s1\0".into(),
             failure_reason: "agent\0_error".into(),
@@ -182,8 +210,8 @@ mod tests {
             session_id: "s1".into(),
             ..Completion::default()
         };
-        let read: Completion = serde_json::from_slice(&json(&completion)).unwrap();
-        assert_eq!(read, completion);
-        assert!(serde_json::from_slice::<Completion>(br#"{"output":1}"#).is_err());
+        let result = TaskResult::Completed(completion.clone());
+        assert_eq!(stored_completion(&terminal(&result).1), Some(completion));
+        assert_eq!(stored_completion(br#"{"output":1}"#), None);
     }
 }

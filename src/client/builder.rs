@@ -49,17 +49,22 @@ pub struct TaskClientBuilder {
     outbox: Option<std::path::PathBuf>,
     replay: Replay,
     #[cfg(feature = "rustls")]
-    roots: Roots,
+    tls_roots: TlsRoots,
 }
 
-/// Which certificate authorities an HTTPS connection trusts.
+/// The certificate authorities the client trusts for HTTPS (feature
+/// `rustls`): [`TaskClientBuilder::tls_roots`].
 #[cfg(feature = "rustls")]
-enum Roots {
-    /// Mozilla's, as shipped by `webpki-roots`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TlsRoots {
+    /// Mozilla's, as shipped by `webpki-roots`. The default.
+    #[default]
     Webpki,
-    /// The platform's store.
+    /// The platform's certificate store.
     Native,
-    /// Only these, DER-encoded.
+    /// Only these DER-encoded certificates, *instead of* any public root:
+    /// for a private certificate authority or a self-signed server.
     Only(Vec<Vec<u8>>),
 }
 
@@ -84,7 +89,7 @@ impl TaskClientBuilder {
             outbox: None,
             replay: Replay::default(),
             #[cfg(feature = "rustls")]
-            roots: Roots::Webpki,
+            tls_roots: TlsRoots::default(),
         }
     }
 
@@ -170,23 +175,12 @@ impl TaskClientBuilder {
         self
     }
 
-    /// Trusts the platform's certificate store for HTTPS instead of Mozilla's
-    /// roots.
+    /// The certificate authorities trusted for HTTPS (by default Mozilla's
+    /// roots): the platform's store, or only the certificates of a private
+    /// authority or a self-signed server.
     #[cfg(feature = "rustls")]
-    pub fn native_roots(mut self) -> TaskClientBuilder {
-        self.roots = Roots::Native;
-        self
-    }
-
-    /// Trusts this DER-encoded certificate for HTTPS, *instead of* the public
-    /// roots: for a private certificate authority or a self-signed server.
-    /// Call it again to trust several.
-    #[cfg(feature = "rustls")]
-    pub fn root_certificate(mut self, der: impl Into<Vec<u8>>) -> TaskClientBuilder {
-        match &mut self.roots {
-            Roots::Only(certificates) => certificates.push(der.into()),
-            Roots::Webpki | Roots::Native => self.roots = Roots::Only(vec![der.into()]),
-        }
+    pub fn tls_roots(mut self, roots: TlsRoots) -> TaskClientBuilder {
+        self.tls_roots = roots;
         self
     }
 
@@ -333,19 +327,21 @@ impl TaskClientBuilder {
         let tls_error =
             |error: rustls::Error| Error::config("TLS cannot be set up", Some(error.into()));
         let builder = HttpsConnectorBuilder::new();
-        let builder = match &self.roots {
-            Roots::Webpki => builder
+        let builder = match &self.tls_roots {
+            TlsRoots::Webpki => builder
                 .with_provider_and_webpki_roots(provider)
                 .map_err(tls_error)?,
-            Roots::Native => builder
-                .with_provider_and_native_roots(provider)
-                .map_err(|error| {
-                    Error::config(
-                        "the platform's certificates cannot be loaded",
-                        Some(error.into()),
-                    )
-                })?,
-            Roots::Only(certificates) => {
+            TlsRoots::Native => {
+                builder
+                    .with_provider_and_native_roots(provider)
+                    .map_err(|error| {
+                        Error::config(
+                            "the platform's certificates cannot be loaded",
+                            Some(error.into()),
+                        )
+                    })?
+            }
+            TlsRoots::Only(certificates) => {
                 let mut roots = RootCertStore::empty();
                 for der in certificates {
                     roots
@@ -467,6 +463,7 @@ fn shown_url(url: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::super::ErrorKind;
     use super::*;
 
     #[test]
@@ -509,7 +506,7 @@ mod tests {
             "http://[::1]:0/",
         ] {
             let error = base_url(bad).unwrap_err();
-            assert!(error.is_config(), "{bad:?}: {error}");
+            assert_eq!(error.kind(), ErrorKind::Config, "{bad:?}: {error}");
             assert!(!error.is_transient());
         }
         assert_eq!(base_url("http://[::1]:8080/").unwrap(), "http://[::1]:8080");
@@ -524,7 +521,7 @@ mod tests {
             "http://user:pa55word@ho st/x",
         ] {
             let error = base_url(bad).unwrap_err();
-            assert!(error.is_config(), "{bad:?}: {error}");
+            assert_eq!(error.kind(), ErrorKind::Config, "{bad:?}: {error}");
             let shown = format!("{error} {error:?}");
             assert!(!shown.contains("pa55word"), "{shown}");
         }

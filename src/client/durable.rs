@@ -12,10 +12,10 @@ use http::{Request, StatusCode, Uri};
 use tokio::sync::oneshot;
 
 use super::{
-    body::{self, Completion},
+    body,
     error::Error,
     in_flight::StoreState,
-    report::{Report, ReportOutcome, TaskResult},
+    report::{ReportOutcome, TaskResult},
     route::Action,
     transport::{Attempt, Transport},
 };
@@ -87,13 +87,13 @@ fn fallback(base: &str, entry: &Entry, failure: &str) -> Option<Request<Bytes>> 
     if entry.tag.as_deref() != Some(Action::Complete.as_str()) {
         return None;
     }
-    let completion: Completion = serde_json::from_slice(&entry.body).ok()?;
+    let completion = body::stored_completion(&entry.body)?;
     let failure = completion.fallback(format!("complete task failed: {failure}"));
     let mut request = entry.request();
     *request.uri_mut() = format!("{base}{}", Action::Fail.path(&entry.key))
         .parse()
         .ok()?;
-    *request.body_mut() = body::json(&failure);
+    *request.body_mut() = body::failed(&failure);
     request.extensions_mut().insert(tag(Action::Fail));
     Some(request)
 }
@@ -176,10 +176,7 @@ pub(super) async fn deliver(
     result: &TaskResult,
     signal: StoredSignal,
 ) -> ReportOutcome {
-    let (route, body) = match &result.report {
-        Report::Completed(completion) => (Action::Complete, body::json(completion)),
-        Report::Failed(failure) => (Action::Fail, body::json(failure)),
-    };
+    let (route, body) = body::terminal(result);
     let completed = route == Action::Complete;
     let mut request = match transport.request(&route.path(task_id), body) {
         Ok(request) => request,

@@ -8,13 +8,35 @@ use tower::BoxError;
 use crate::classify::Outcome;
 
 /// Why a call of the [`TaskClient`](super::TaskClient) failed, or why it could
-/// not be built.
+/// not be built: of which [`kind`](Error::kind), and whether a replay may
+/// help ([`is_transient`](Error::is_transient)).
 ///
 /// Whether a replay may help is decided once, by the crate's classifier (the
-/// rule the retry layer used), and kept: [`is_transient`](Error::is_transient).
+/// rule the retry layer used), and kept.
 pub struct Error {
     /// Boxed, so that a `Result<(), Error>` is one word wide.
     inner: Box<Inner>,
+}
+
+/// What kind of failure an [`Error`] is: [`Error::kind`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The client was refused when it was built: a bad base URL, token or
+    /// version, a zero timeout or concurrency limit, no tokio runtime, a
+    /// trust store that cannot be loaded.
+    Config,
+    /// The server answered with this status, which is not a success.
+    Status(StatusCode),
+    /// No status came back: a refused or reset connection, TLS, a body that
+    /// could not be read.
+    Transport,
+    /// The per-attempt timeout elapsed before an answer.
+    Timeout,
+    /// The outbox (feature `outbox`) could not be opened (held by another
+    /// live client, or not an outbox: the message names the file), read or
+    /// written.
+    Outbox,
 }
 
 struct Inner {
@@ -116,11 +138,18 @@ impl Error {
         )
     }
 
-    /// The status the server answered with, if it answered.
-    pub fn status(&self) -> Option<StatusCode> {
+    /// What kind of failure this is: the status the server answered with,
+    /// if it answered.
+    pub fn kind(&self) -> ErrorKind {
         match &self.inner.kind {
-            Kind::Status { status, .. } => Some(*status),
-            _ => None,
+            Kind::Config { .. } => ErrorKind::Config,
+            Kind::Status { status, .. } => ErrorKind::Status(*status),
+            Kind::Transport { source, .. } if source.is::<tower::timeout::error::Elapsed>() => {
+                ErrorKind::Timeout
+            }
+            Kind::Transport { .. } => ErrorKind::Transport,
+            #[cfg(feature = "outbox")]
+            Kind::Outbox { .. } => ErrorKind::Outbox,
         }
     }
 
@@ -128,28 +157,7 @@ impl Error {
     /// (including an elapsed per-attempt timeout). A configuration error and
     /// any other 4xx are permanent.
     pub fn is_transient(&self) -> bool {
-        self.inner.outcome.is_transient()
-    }
-
-    /// Whether the client was refused when it was built (a bad base URL, token
-    /// or version, a zero timeout, no tokio runtime).
-    pub fn is_config(&self) -> bool {
-        matches!(self.inner.kind, Kind::Config { .. })
-    }
-
-    /// Whether the outbox could not be opened (held by another live client,
-    /// or not an outbox: the message names the file), read or written.
-    #[cfg(feature = "outbox")]
-    pub fn is_outbox(&self) -> bool {
-        matches!(self.inner.kind, Kind::Outbox { .. })
-    }
-
-    /// Whether the request timed out (the per-attempt timeout elapsed).
-    pub fn is_timeout(&self) -> bool {
-        match &self.inner.kind {
-            Kind::Transport { source, .. } => source.is::<tower::timeout::error::Elapsed>(),
-            _ => false,
-        }
+        self.inner.outcome == Outcome::Transient
     }
 }
 

@@ -20,7 +20,7 @@ use tokio::{
     task::{AbortHandle, JoinHandle},
 };
 
-use super::report::{ReportOutcome, UndeliveredReport};
+use super::report::{ReportOutcome, TaskResult, UndeliveredReport};
 
 /// The registry of reports in flight; clones share it.
 #[derive(Debug, Clone, Default)]
@@ -161,7 +161,8 @@ impl Pending {
 
     /// The report, unless it stays stored for the replay.
     fn into_undelivered(self, stored: bool) -> Option<UndeliveredReport> {
-        let (task_id, completed) = (&self.report.task_id, self.report.result.is_completed());
+        let task_id = &self.report.task_id;
+        let completed = matches!(self.report.result, TaskResult::Completed(_));
         if stored {
             tracing::info!(
                 task_id,

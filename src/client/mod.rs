@@ -78,8 +78,8 @@
 //!
 //! assert_eq!(outcome, ReportOutcome::Completed);
 //! assert_eq!(server.state("t1"), Some(TaskState::Completed));
-//! assert_eq!(server.attempts_of("t1", Action::Complete), 3);
-//! assert_eq!(server.attempts_of("t1", Action::Fail), 0);
+//! let routes: Vec<Action> = server.attempts().iter().map(|attempt| attempt.action).collect();
+//! assert_eq!(routes, [Action::Complete; 3]);
 //! # Ok(())
 //! # }
 //! ```
@@ -101,7 +101,9 @@ mod transport;
 // delivery (in_flight, durable, delivery), the client, its builder.
 pub use body::UsageEntry;
 pub use builder::TaskClientBuilder;
+#[cfg(feature = "rustls")]
+pub use builder::TlsRoots;
 pub use delivery::ReportFuture;
-pub use error::Error;
-pub use report::{ReportOutcome, TaskResult, UndeliveredReport};
+pub use error::{Error, ErrorKind};
+pub use report::{Completion, Failure, ReportOutcome, TaskResult, UndeliveredReport};
 pub use task_client::TaskClient;

@@ -1,87 +1,96 @@
 //! The data of terminal reports: what a daemon reports when an agent
 //! finishes, how a report ended, and what is left of one undelivered.
 
-use super::body::{Completion, Failure};
-
-/// An agent's result, the one report of the terminal routes: a completion
-/// (`complete`) or a failure (`fail`), with what goes along.
+/// An agent's result, the one report of the terminal routes: a completion,
+/// sent to `complete`, or a failure, sent to `fail`.
 ///
 /// Sent by [`TaskClient::report_task_result`](super::TaskClient::report_task_result),
 /// with its fallback rules, or by
 /// [`TaskClient::send_task_result`](super::TaskClient::send_task_result).
+///
+/// ```
+/// use tower_terminal_retry::client::{Completion, TaskResult};
+///
+/// let done = TaskResult::completed("all done");
+/// let pushed = TaskResult::Completed(Completion {
+///     output: "all done".into(),
+///     branch_name: "feature/x".into(),
+///     ..Completion::default()
+/// });
+/// assert!(matches!(done, TaskResult::Completed(_)));
+/// # let _ = pushed;
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TaskResult {
-    pub(super) report: Report,
-}
-
-/// The body a [`TaskResult`] is sent as, and so its route.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) enum Report {
+pub enum TaskResult {
+    /// The agent finished its work.
     Completed(Completion),
+    /// The agent failed.
     Failed(Failure),
 }
 
 impl TaskResult {
-    /// The agent finished its work, with this output.
+    /// The agent finished its work, with this output and nothing else.
     pub fn completed(output: impl Into<String>) -> TaskResult {
-        TaskResult {
-            report: Report::Completed(Completion {
-                output: output.into(),
-                ..Completion::default()
-            }),
-        }
+        TaskResult::Completed(Completion {
+            output: output.into(),
+            ..Completion::default()
+        })
     }
 
-    /// The agent failed, with this error.
+    /// The agent failed, with this error and nothing else.
     pub fn failed(error: impl Into<String>) -> TaskResult {
-        TaskResult {
-            report: Report::Failed(Failure {
-                error: error.into(),
-                ..Failure::default()
-            }),
-        }
+        TaskResult::Failed(Failure {
+            error: error.into(),
+            ..Failure::default()
+        })
     }
+}
 
-    /// The branch the agent pushed to; sent with a completed result only.
-    pub fn branch_name(mut self, branch_name: impl Into<String>) -> TaskResult {
-        if let Report::Completed(completion) = &mut self.report {
-            completion.branch_name = branch_name.into();
-        }
-        self
-    }
-
-    /// The failure's machine-readable reason, such as `agent_error` or
-    /// `timeout`; sent with a failed result only.
-    pub fn failure_reason(mut self, failure_reason: impl Into<String>) -> TaskResult {
-        if let Report::Failed(failure) = &mut self.report {
-            failure.failure_reason = failure_reason.into();
-        }
-        self
-    }
-
+/// What a completed agent reports: the body of `complete`,
+/// `{output, branch_name?, session_id?, work_dir?}`.
+///
+/// An empty string is not sent (the server takes absent and empty alike),
+/// and NUL bytes are removed from every string.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Completion {
+    /// The agent's output.
+    pub output: String,
+    /// The branch the agent pushed to.
+    pub branch_name: String,
     /// The agent's session, so the task can be resumed.
-    pub fn session_id(mut self, session_id: impl Into<String>) -> TaskResult {
-        let session_id = session_id.into();
-        match &mut self.report {
-            Report::Completed(completion) => completion.session_id = session_id,
-            Report::Failed(failure) => failure.session_id = session_id,
-        }
-        self
-    }
-
+    pub session_id: String,
     /// The directory the agent worked in.
-    pub fn work_dir(mut self, work_dir: impl Into<String>) -> TaskResult {
-        let work_dir = work_dir.into();
-        match &mut self.report {
-            Report::Completed(completion) => completion.work_dir = work_dir,
-            Report::Failed(failure) => failure.work_dir = work_dir,
-        }
-        self
-    }
+    pub work_dir: String,
+}
 
-    /// Whether the agent completed its work.
-    pub fn is_completed(&self) -> bool {
-        matches!(self.report, Report::Completed(_))
+/// What a failed agent reports: the body of `fail`,
+/// `{error, session_id?, work_dir?, failure_reason?}`.
+///
+/// An empty string is not sent, and NUL bytes are removed from every
+/// string, as for a [`Completion`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Failure {
+    /// What went wrong.
+    pub error: String,
+    /// The failure's machine-readable reason, such as `agent_error` or
+    /// `timeout`.
+    pub failure_reason: String,
+    /// The agent's session, so the task can be resumed.
+    pub session_id: String,
+    /// The directory the agent worked in.
+    pub work_dir: String,
+}
+
+impl Completion {
+    /// The failure sent when the server refuses this completion for good:
+    /// same session and work dir, reason `agent_error`.
+    pub(super) fn fallback(&self, error: String) -> Failure {
+        Failure {
+            error,
+            failure_reason: "agent_error".to_owned(),
+            session_id: self.session_id.clone(),
+            work_dir: self.work_dir.clone(),
+        }
     }
 }
 

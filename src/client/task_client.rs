@@ -10,7 +10,7 @@ use super::{
     delivery::{Destination, ReportFuture},
     error::Error,
     in_flight::InFlight,
-    report::{Report, ReportOutcome, TaskResult, UndeliveredReport},
+    report::{ReportOutcome, TaskResult, UndeliveredReport},
     route::{check_task_id, Action},
     transport::Transport,
 };
@@ -145,10 +145,7 @@ impl TaskClient {
     /// schedule is exhausted; see [`Error::is_transient`].
     pub async fn send_task_result(&self, task_id: &str, result: &TaskResult) -> Result<(), Error> {
         let transport = &self.inner.transport;
-        let (route, body) = match &result.report {
-            Report::Completed(completion) => (Action::Complete, body::json(completion)),
-            Report::Failed(failure) => (Action::Fail, body::json(failure)),
-        };
+        let (route, body) = body::terminal(result);
         transport.send_terminal(route, task_id, body).await
     }
 

@@ -45,7 +45,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{header::RETRY_AFTER, HeaderMap, HeaderValue, Method, Response, StatusCode, Uri};
+use http::{HeaderMap, Method, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::{
@@ -57,6 +57,22 @@ use tokio::{net::TcpListener, task::JoinSet, time::Instant};
 use crate::sync::lock;
 
 /// How the server answers one request.
+///
+/// [`Reply::status`] is an empty response; any other, with headers or a
+/// body, is a [`Reply::Respond`]:
+///
+/// ```
+/// use http::{header::RETRY_AFTER, Response};
+/// use http_body_util::Full;
+/// use tower_terminal_retry::test_server::Reply;
+///
+/// let not_found = Reply::Respond(Response::builder().status(404).body(Full::from("not found"))?);
+/// let slow_down = Reply::Respond(
+///     Response::builder().status(429).header(RETRY_AFTER, "3").body(Full::default())?,
+/// );
+/// # let _ = (not_found, slow_down);
+/// # Ok::<(), http::Error>(())
+/// ```
 #[derive(Debug, Clone)]
 pub enum Reply {
     /// Send this response.
@@ -82,34 +98,9 @@ impl Reply {
     ///
     /// When `status` is not a valid status code (100 to 999).
     pub fn status(status: u16) -> Reply {
-        Reply::text(status, "")
-    }
-
-    /// A plain-text response with this status and body.
-    ///
-    /// # Panics
-    ///
-    /// When `status` is not a valid status code (100 to 999).
-    pub fn text(status: u16, body: impl Into<Bytes>) -> Reply {
-        let mut response = Response::new(Full::new(body.into()));
+        let mut response = Response::new(Full::default());
         *response.status_mut() = StatusCode::from_u16(status).expect("a valid status code");
         Reply::Respond(response)
-    }
-
-    /// An empty response with this status and a `Retry-After` header holding
-    /// `value`, verbatim (valid or not).
-    ///
-    /// # Panics
-    ///
-    /// When `status` is not a valid status code or `value` holds bytes a header
-    /// cannot.
-    pub fn retry_after(status: u16, value: &str) -> Reply {
-        let mut reply = Reply::status(status);
-        if let Reply::Respond(response) = &mut reply {
-            let value = HeaderValue::from_str(value).expect("a header value");
-            response.headers_mut().insert(RETRY_AFTER, value);
-        }
-        reply
     }
 }
 
@@ -146,8 +137,7 @@ type Handler = dyn Fn(&RecordedRequest) -> Reply + Send + Sync;
 /// A loopback HTTP server: see the [module docs](self).
 pub struct TestServer {
     addr: SocketAddr,
-    /// `None` when the server keeps no record.
-    requests: Option<Arc<Mutex<Vec<RecordedRequest>>>>,
+    requests: Arc<Mutex<Vec<RecordedRequest>>>,
     // Aborted on drop, and with it every connection it spawned.
     accept: tokio::task::JoinHandle<()>,
 }
@@ -162,29 +152,14 @@ impl TestServer {
     pub async fn start(
         handler: impl Fn(&RecordedRequest) -> Reply + Send + Sync + 'static,
     ) -> io::Result<TestServer> {
-        TestServer::bind(Arc::new(handler), Some(Arc::default())).await
-    }
-
-    /// Like [`start`](TestServer::start), but keeps no record of the requests
-    /// ([`requests`](TestServer::requests) stays empty): for load and
-    /// benchmarks, where millions of requests would pile up in memory.
-    ///
-    /// # Errors
-    ///
-    /// When no loopback port can be bound.
-    pub async fn start_unrecorded(
-        handler: impl Fn(&RecordedRequest) -> Reply + Send + Sync + 'static,
-    ) -> io::Result<TestServer> {
-        TestServer::bind(Arc::new(handler), None).await
-    }
-
-    async fn bind(
-        handler: Arc<Handler>,
-        requests: Option<Arc<Mutex<Vec<RecordedRequest>>>>,
-    ) -> io::Result<TestServer> {
         let listener = TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).await?;
         let addr = listener.local_addr()?;
-        let accept = tokio::spawn(accept_loop(listener, handler, requests.clone()));
+        let requests = Arc::default();
+        let accept = tokio::spawn(accept_loop(
+            listener,
+            Arc::new(handler),
+            Arc::clone(&requests),
+        ));
         Ok(TestServer {
             addr,
             requests,
@@ -218,12 +193,9 @@ impl TestServer {
         format!("http://{}{}", self.addr, path_and_query)
     }
 
-    /// Every request seen so far, in order of arrival; empty for a server
-    /// started unrecorded.
+    /// Every request seen so far, in order of arrival.
     pub fn requests(&self) -> Vec<RecordedRequest> {
-        self.requests
-            .as_ref()
-            .map_or_else(Vec::new, |requests| lock(requests).clone())
+        lock(&self.requests).clone()
     }
 }
 
@@ -231,10 +203,7 @@ impl fmt::Debug for TestServer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TestServer")
             .field("addr", &self.addr)
-            .field(
-                "requests",
-                &self.requests.as_ref().map(|requests| lock(requests).len()),
-            )
+            .field("requests", &lock(&self.requests).len())
             .finish()
     }
 }
@@ -248,7 +217,7 @@ impl Drop for TestServer {
 async fn accept_loop(
     listener: TcpListener,
     handler: Arc<Handler>,
-    requests: Option<Arc<Mutex<Vec<RecordedRequest>>>>,
+    requests: Arc<Mutex<Vec<RecordedRequest>>>,
 ) {
     let mut connections = JoinSet::new();
     loop {
@@ -265,7 +234,7 @@ async fn accept_loop(
         let (handler, requests) = (handler.clone(), requests.clone());
         let service = service_fn(move |request| {
             let (handler, requests) = (handler.clone(), requests.clone());
-            async move { answer(request, &*handler, requests.as_deref()).await }
+            async move { answer(request, &*handler, &requests).await }
         });
         connections.spawn(async move {
             // A connection ending in error is what `Reply::Close` asks for.
@@ -291,7 +260,7 @@ impl std::error::Error for CloseConnection {}
 async fn answer(
     request: http::Request<Incoming>,
     handler: &Handler,
-    requests: Option<&Mutex<Vec<RecordedRequest>>>,
+    requests: &Mutex<Vec<RecordedRequest>>,
 ) -> Result<Response<Full<Bytes>>, CloseConnection> {
     let (parts, body) = request.into_parts();
     let body = match body.collect().await {
@@ -306,9 +275,7 @@ async fn answer(
         at: Instant::now(),
     };
     let reply = handler(&recorded);
-    if let Some(requests) = requests {
-        lock(requests).push(recorded);
-    }
+    lock(requests).push(recorded);
     let mut reply = reply;
     loop {
         break match reply {

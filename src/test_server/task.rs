@@ -8,7 +8,8 @@ use std::{
     time::Duration,
 };
 
-use http::{Method, StatusCode};
+use http::{header::RETRY_AFTER, HeaderValue, Method, Response, StatusCode};
+use http_body_util::Full;
 use percent_encoding::percent_decode_str;
 use serde_json::Value;
 use tokio::time::Instant;
@@ -89,12 +90,23 @@ impl Fault {
         match self {
             Fault::Status(status) => Reply::status(status.as_u16()),
             Fault::RateLimited { retry_after_secs } => {
-                Reply::retry_after(429, &retry_after_secs.to_string())
+                let mut response = Response::new(Full::default());
+                *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+                let seconds = HeaderValue::from(*retry_after_secs);
+                response.headers_mut().insert(RETRY_AFTER, seconds);
+                Reply::Respond(response)
             }
             Fault::Reset | Fault::ReplyLost => Reply::Close,
             Fault::Hang => Reply::Hang,
         }
     }
+}
+
+/// A plain-text answer with this status.
+fn text(status: StatusCode, body: &'static str) -> Reply {
+    let mut response = Response::new(Full::from(body));
+    *response.status_mut() = status;
+    Reply::Respond(response)
 }
 
 /// What the server did with an attempt.
@@ -113,7 +125,8 @@ pub enum Handling {
     Rejected(StatusCode),
 }
 
-/// One request to a task route, as the server saw it.
+/// One request to a task route, as the server saw it, and what became of
+/// it.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct Attempt {
@@ -121,8 +134,8 @@ pub struct Attempt {
     pub task_id: String,
     /// The route.
     pub action: Action,
-    /// When it arrived, on tokio's clock.
-    pub at: Instant,
+    /// The request: its headers, its body, and when it arrived.
+    pub request: RecordedRequest,
     /// The fault that stood in for the server, if any.
     pub fault: Option<Fault>,
     /// What the server did.
@@ -148,13 +161,6 @@ fn status_received(fault: Option<Fault>, handling: Handling) -> Option<StatusCod
 }
 
 #[derive(Debug)]
-struct Task {
-    state: TaskState,
-    /// The body of the request that made the task final.
-    final_report: Option<Value>,
-}
-
-#[derive(Debug)]
 struct Outage {
     window: Range<Duration>,
     fault: Fault,
@@ -165,7 +171,7 @@ struct State {
     started: Instant,
     /// How long every answer to a task route takes.
     latency: Duration,
-    tasks: HashMap<String, Task>,
+    tasks: HashMap<String, TaskState>,
     scripts: HashMap<(String, Action), VecDeque<Fault>>,
     outages: Vec<Outage>,
     attempts: Vec<Attempt>,
@@ -186,7 +192,10 @@ struct State {
 ///   *after* the state was committed, a hang. Faults are scripted per task
 ///   and action ([`script`](TaskServer::script)) or for every request in a window of
 ///   time ([`outage`](TaskServer::outage));
-/// - it keeps each task's state and every attempt it saw ([`Attempt`]).
+/// - it keeps each task's [state](TaskServer::state) and every
+///   [attempt](TaskServer::attempts) it saw, with the request and what
+///   became of it ([`Attempt`]): how often a task called a route, the report
+///   that made it final, when each arrived.
 ///
 /// ```
 /// use bytes::Bytes;
@@ -214,6 +223,8 @@ struct State {
 /// let attempts = server.attempts();
 /// assert_eq!(attempts[0].fault, Some(Fault::ReplyLost));
 /// assert_eq!(attempts[1].handling, Handling::AlreadyTerminal);
+/// // The report that made the task final.
+/// assert_eq!(&attempts[0].request.body[..], br#"{"output":"done"}"#);
 /// # Ok(())
 /// # }
 /// ```
@@ -252,10 +263,7 @@ impl TaskServer {
         let mut state = lock(&self.state);
         for task_id in task_ids {
             let task_id = task_id.as_ref().to_owned();
-            state.tasks.entry(task_id).or_insert(Task {
-                state: TaskState::Queued,
-                final_report: None,
-            });
+            state.tasks.entry(task_id).or_insert(TaskState::Queued);
         }
     }
 
@@ -270,7 +278,7 @@ impl TaskServer {
     }
 
     /// Answers every request to a task route arriving between `from` and
-    /// `until` after the server started (tokio's clock) with `fault`, unless a
+    /// `until` after [`start`](TaskServer::start) (tokio's clock) with `fault`, unless a
     /// script has one for it. The first outage added wins where two overlap.
     pub fn outage(&self, from: Duration, until: Duration, fault: Fault) {
         lock(&self.state).outages.push(Outage {
@@ -280,74 +288,22 @@ impl TaskServer {
     }
 
     /// Makes every answer to a task route (faults included) take `latency`:
-    /// an attempt is then in flight from its [`Attempt::at`] for that long,
-    /// which [`max_in_flight`](TaskServer::max_in_flight) counts.
+    /// an attempt is then in flight from its arrival
+    /// ([`request.at`](RecordedRequest::at)) for that long, or to the end for
+    /// a hang. On tokio's paused clock, where the server's own work takes no
+    /// time, that is exactly when its answer leaves.
     pub fn latency(&self, latency: Duration) {
         lock(&self.state).latency = latency;
     }
 
-    /// The most attempts that were in flight at once among those `which`
-    /// picks: from each attempt's arrival and the server's
-    /// [`latency`](TaskServer::latency) (a hang counts as in flight to the
-    /// end). Meaningful on tokio's paused clock, where the server's own work
-    /// takes no time.
-    pub fn max_in_flight(&self, which: impl Fn(&Attempt) -> bool) -> usize {
-        let state = lock(&self.state);
-        let mut edges: Vec<(Instant, bool)> = Vec::new();
-        for attempt in state.attempts.iter().filter(|attempt| which(attempt)) {
-            edges.push((attempt.at, true));
-            if attempt.fault != Some(Fault::Hang) {
-                edges.push((attempt.at + state.latency, false));
-            }
-        }
-        // Ends before starts at the same instant: back to back is not overlap.
-        edges.sort_by_key(|&(at, start)| (at, start));
-        let (mut now, mut most) = (0usize, 0usize);
-        for (_, start) in edges {
-            if start {
-                now += 1;
-                most = most.max(now);
-            } else {
-                now -= 1;
-            }
-        }
-        most
-    }
-
     /// A task's state, `None` for an unknown task.
     pub fn state(&self, task_id: &str) -> Option<TaskState> {
-        lock(&self.state).tasks.get(task_id).map(|task| task.state)
-    }
-
-    /// The JSON body that made the task final (completed or failed).
-    pub fn final_report(&self, task_id: &str) -> Option<Value> {
-        let state = lock(&self.state);
-        state.tasks.get(task_id)?.final_report.clone()
+        lock(&self.state).tasks.get(task_id).copied()
     }
 
     /// Every attempt on a task route, in order of arrival.
     pub fn attempts(&self) -> Vec<Attempt> {
         lock(&self.state).attempts.clone()
-    }
-
-    /// How many requests `task_id` made on `action`.
-    pub fn attempts_of(&self, task_id: &str, action: Action) -> usize {
-        let state = lock(&self.state);
-        let attempts = state.attempts.iter();
-        attempts
-            .filter(|attempt| attempt.task_id == task_id && attempt.action == action)
-            .count()
-    }
-
-    /// Every request the server saw, with headers and body, in order of
-    /// arrival (including those to no task route).
-    pub fn requests(&self) -> Vec<RecordedRequest> {
-        self.server.requests()
-    }
-
-    /// When the server started, on tokio's clock: the origin of outages.
-    pub fn started(&self) -> Instant {
-        lock(&self.state).started
     }
 }
 
@@ -365,7 +321,7 @@ impl fmt::Debug for TaskServer {
 impl State {
     fn answer(&mut self, request: &RecordedRequest) -> Reply {
         let Some((task_id, action)) = route(request.uri.path()) else {
-            return Reply::text(404, "not found");
+            return text(StatusCode::NOT_FOUND, "not found");
         };
         let fault = self.fault_for(&task_id, action, request.at);
         let (handling, reply) = match &fault {
@@ -378,7 +334,7 @@ impl State {
         self.attempts.push(Attempt {
             task_id,
             action,
-            at: request.at,
+            request: request.clone(),
             fault,
             handling,
             status: status_received(fault, handling),
@@ -412,58 +368,51 @@ impl State {
         request: &RecordedRequest,
     ) -> (Handling, Reply) {
         let rejected = |status: StatusCode, message: &'static str| {
-            (
-                Handling::Rejected(status),
-                Reply::text(status.as_u16(), message),
-            )
+            (Handling::Rejected(status), text(status, message))
         };
         if request.method != Method::POST {
             return rejected(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
         }
-        let Some(task) = self.tasks.get_mut(task_id) else {
+        let Some(task_state) = self.tasks.get_mut(task_id) else {
             return rejected(StatusCode::NOT_FOUND, "task not found");
         };
-        let Some(body) = valid_body(action, &request.body) else {
+        if !valid_body(action, &request.body) {
             return rejected(StatusCode::BAD_REQUEST, "bad request body");
-        };
+        }
         match action {
-            Action::Complete | Action::Fail if task.state.is_terminal() => (
+            Action::Complete | Action::Fail if task_state.is_terminal() => (
                 Handling::AlreadyTerminal,
-                Reply::text(200, "already terminal"),
+                text(StatusCode::OK, "already terminal"),
             ),
             Action::Complete | Action::Fail => {
-                task.state = match action {
+                *task_state = match action {
                     Action::Complete => TaskState::Completed,
                     _ => TaskState::Failed,
                 };
-                task.final_report = Some(body);
-                (Handling::Applied, Reply::text(200, "ok"))
+                (Handling::Applied, text(StatusCode::OK, "ok"))
             }
-            Action::Start if task.state.is_terminal() => {
+            Action::Start if task_state.is_terminal() => {
                 rejected(StatusCode::CONFLICT, "task already terminal")
             }
             Action::Start => {
-                task.state = TaskState::Running;
-                (Handling::Applied, Reply::text(200, "ok"))
+                *task_state = TaskState::Running;
+                (Handling::Applied, text(StatusCode::OK, "ok"))
             }
             Action::Progress | Action::Usage | Action::Session => {
-                (Handling::Applied, Reply::text(200, "ok"))
+                (Handling::Applied, text(StatusCode::OK, "ok"))
             }
         }
     }
 }
 
-/// A JSON object holding what `action` requires, or `None`.
-fn valid_body(action: Action, body: &[u8]) -> Option<Value> {
-    let value: Value = serde_json::from_slice(body).ok()?;
-    let object = value.as_object()?;
-    if let Some(field) = required_text(action) {
-        object.get(field)?.as_str()?;
-    }
-    if action == Action::Usage {
-        object.get("usage")?.as_array()?;
-    }
-    Some(value)
+/// Whether `body` is a JSON object holding what `action` requires.
+fn valid_body(action: Action, body: &[u8]) -> bool {
+    let Ok(Value::Object(object)) = serde_json::from_slice(body) else {
+        return false;
+    };
+    let text_present =
+        required_text(action).is_none_or(|field| object.get(field).is_some_and(Value::is_string));
+    text_present && (action != Action::Usage || object.get("usage").is_some_and(Value::is_array))
 }
 
 /// `/api/daemon/tasks/{id}/{action}` into the decoded id and the action.
@@ -516,11 +465,11 @@ mod tests {
 
     #[test]
     fn bodies_must_hold_what_the_action_requires() {
-        assert!(valid_body(Action::Complete, br#"{"output":"x"}"#).is_some());
-        assert!(valid_body(Action::Complete, br#"{"output":1}"#).is_none());
-        assert!(valid_body(Action::Fail, br#"{"output":"x"}"#).is_none());
-        assert!(valid_body(Action::Usage, br#"{"usage":[]}"#).is_some());
-        assert!(valid_body(Action::Start, b"[]").is_none());
-        assert!(valid_body(Action::Start, b"not json").is_none());
+        assert!(valid_body(Action::Complete, br#"{"output":"x"}"#));
+        assert!(!valid_body(Action::Complete, br#"{"output":1}"#));
+        assert!(!valid_body(Action::Fail, br#"{"output":"x"}"#));
+        assert!(valid_body(Action::Usage, br#"{"usage":[]}"#));
+        assert!(!valid_body(Action::Start, b"[]"));
+        assert!(!valid_body(Action::Start, b"not json"));
     }
 }

@@ -45,10 +45,12 @@ pub fn schedule(delays: &[u64]) -> Schedule {
 
 /// How many times `task_id` called `complete` and `fail`.
 pub fn terminal_calls(server: &TaskServer, task_id: &str) -> (usize, usize) {
-    (
-        server.attempts_of(task_id, Action::Complete),
-        server.attempts_of(task_id, Action::Fail),
-    )
+    let attempts = server.attempts();
+    let calls = |action| {
+        let of_task = attempts.iter().filter(|attempt| attempt.task_id == task_id);
+        of_task.filter(|attempt| attempt.action == action).count()
+    };
+    (calls(Action::Complete), calls(Action::Fail))
 }
 
 /// Formatted `tracing` events, captured while a guard from [`capture`] lives

@@ -1,5 +1,6 @@
 //! Helpers shared by the integration tests: an attempt recorder for any
-//! service, a scripted in-memory service, and the loopback client stack.
+//! service, a scripted in-memory service, the loopback client stack, and
+//! the replies and readings of the test servers.
 
 // Each test binary uses its own subset of these helpers.
 #![allow(dead_code)]
@@ -16,7 +17,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{Request, Response};
+use http::{header::RETRY_AFTER, Request, Response};
 use http_body_util::{BodyExt, Full};
 use hyper_util::{
     client::legacy::{connect::HttpConnector, Client},
@@ -24,7 +25,10 @@ use hyper_util::{
 };
 use tokio::{sync::watch, time::Instant};
 use tower::{Layer, Service};
-use tower_terminal_retry::{test_server::Reply, Schedule};
+use tower_terminal_retry::{
+    test_server::{Action, Attempt, Fault, Handling, RecordedRequest, Reply, TaskServer},
+    Schedule,
+};
 
 /// The request and response body of every test.
 pub type Body = Full<Bytes>;
@@ -37,6 +41,79 @@ pub const DEFAULT_STARTS: [u64; 6] = [0, 4, 12, 28, 60, 124];
 
 /// More attempts than any test makes: reaching it means retries never stop.
 pub const RUNAWAY: usize = 1000;
+
+/// A plain-text reply with this status and body.
+pub fn text_reply(status: u16, body: impl Into<Bytes>) -> Reply {
+    let response = Response::builder()
+        .status(status)
+        .body(Full::new(body.into()));
+    Reply::Respond(response.expect("a valid status"))
+}
+
+/// An empty reply with this status and a `Retry-After` header holding
+/// `value`, verbatim (valid or not).
+pub fn retry_after_reply(status: u16, value: &str) -> Reply {
+    let response = Response::builder()
+        .status(status)
+        .header(RETRY_AFTER, value)
+        .body(Full::default());
+    Reply::Respond(response.expect("a valid status and header value"))
+}
+
+/// Every request to a task route, in order of arrival.
+pub fn requests(server: &TaskServer) -> Vec<RecordedRequest> {
+    let attempts = server.attempts().into_iter();
+    attempts.map(|attempt| attempt.request).collect()
+}
+
+/// How many requests `task_id` made on `action`.
+pub fn calls(server: &TaskServer, task_id: &str, action: Action) -> usize {
+    let attempts = server.attempts();
+    attempts
+        .iter()
+        .filter(|attempt| attempt.task_id == task_id && attempt.action == action)
+        .count()
+}
+
+/// The JSON body of the report that made `task_id` final (completed or
+/// failed).
+pub fn final_report(server: &TaskServer, task_id: &str) -> Option<serde_json::Value> {
+    let attempts = server.attempts();
+    let applied = attempts.iter().find(|attempt| {
+        attempt.task_id == task_id
+            && attempt.handling == Handling::Applied
+            && matches!(attempt.action, Action::Complete | Action::Fail)
+    })?;
+    Some(serde_json::from_slice(&applied.request.body).expect("the server took it as JSON"))
+}
+
+/// The most of `attempts` in flight at once, each from its arrival for the
+/// server's `latency` (a hang to the end). Meaningful on tokio's paused
+/// clock, where the server's own work takes no time.
+pub fn max_in_flight<'a>(
+    attempts: impl IntoIterator<Item = &'a Attempt>,
+    latency: Duration,
+) -> usize {
+    let mut edges: Vec<(Instant, bool)> = Vec::new();
+    for attempt in attempts {
+        edges.push((attempt.request.at, true));
+        if attempt.fault != Some(Fault::Hang) {
+            edges.push((attempt.request.at + latency, false));
+        }
+    }
+    // Ends before starts at the same instant: back to back is not overlap.
+    edges.sort_by_key(|&(at, start)| (at, start));
+    let (mut now, mut most) = (0usize, 0usize);
+    for (_, start) in edges {
+        if start {
+            now += 1;
+            most = most.max(now);
+        } else {
+            now -= 1;
+        }
+    }
+    most
+}
 
 /// Durations from whole seconds.
 pub fn secs(values: &[u64]) -> Vec<Duration> {
