@@ -286,7 +286,7 @@ async fn relay(url: &str, destinations: usize) -> (Duration, u64) {
     let mut receivers = Vec::new();
     for _ in 0..destinations {
         let delivered = delivered.clone();
-        let receiver = TestServer::start_unrecorded(move |_| {
+        let receiver = TestServer::start(move |_| {
             delivered.fetch_add(1, Ordering::Relaxed);
             Reply::status(204)
         })

@@ -478,7 +478,7 @@ async fn a_destination_down_back_paused_and_given_up_on_is_one_event_each() {
     let flapping = TestServer::scripted([Reply::status(502), Reply::status(502)])
         .await
         .unwrap();
-    let pausing = TestServer::scripted([Reply::retry_after(429, "3")])
+    let pausing = TestServer::scripted([support::retry_after_reply(429, "3")])
         .await
         .unwrap();
     let dead = TestServer::start(|_| Reply::status(502)).await.unwrap();

@@ -5,6 +5,7 @@
 
 mod outbox_support;
 mod postgres_support;
+mod support;
 
 use std::{
     sync::{
@@ -26,6 +27,7 @@ use tower_terminal_retry::{
 
 use outbox_support::{wait_every, Scratch};
 use postgres_support::{http_client, postgres, HttpClient, Postgres};
+use support::{retry_after_reply, text_reply};
 
 /// Where a scenario keeps its requests.
 enum Store<'a> {
@@ -219,7 +221,7 @@ async fn a_dead_destination_first_does_not_delay_another(store: Store<'_>) {
 
 /// A destination's `Retry-After` pauses it alone.
 async fn a_pause_holds_its_destination_alone(store: Store<'_>) {
-    let paused = TestServer::start(|_| Reply::retry_after(503, "4"))
+    let paused = TestServer::start(|_| retry_after_reply(503, "4"))
         .await
         .unwrap();
     let healthy = receiver(200, Duration::ZERO).await;
@@ -302,7 +304,7 @@ async fn a_destination_down_too_long_is_given_up_on(store: Store<'_>) {
     let answer = up.clone();
     let dead = TestServer::start(move |_| match answer.load(Ordering::SeqCst) {
         true => Reply::status(200),
-        false => Reply::text(502, "down for maintenance"),
+        false => text_reply(502, "down for maintenance"),
     })
     .await
     .unwrap();
@@ -380,10 +382,10 @@ async fn each_destination_has_its_own_pace(store: Store<'_>) {
 /// `destinations()` tells which receiver is broken: down since when and
 /// why, paused until when, or up, with its counts.
 async fn destinations_report_each_state(store: Store<'_>) {
-    let dead = TestServer::start(|_| Reply::text(502, "upstream is gone"))
+    let dead = TestServer::start(|_| text_reply(502, "upstream is gone"))
         .await
         .unwrap();
-    let paused = TestServer::start(|_| Reply::retry_after(429, "240"))
+    let paused = TestServer::start(|_| retry_after_reply(429, "240"))
         .await
         .unwrap();
     let refusing = TestServer::start(|request| match request.uri.path() {
@@ -579,7 +581,7 @@ mod shared {
             postgres: &postgres,
             queue: postgres.queue("lanes-two-pause"),
         };
-        let paused = TestServer::scripted([Reply::retry_after(503, "4")])
+        let paused = TestServer::scripted([retry_after_reply(503, "4")])
             .await
             .unwrap();
         store.store_unsent(requests(&paused, "paused-", 5)).await;
