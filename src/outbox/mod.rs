@@ -100,9 +100,15 @@
 //!   lease: `holder`, `lease_until`, `generation`; the primary key
 //!   `(queue, seq)` and a partial index on `(queue, seq) WHERE state =
 //!   'pending'`, so that listing one queue never walks another's records;
-//!   a version table,
-//!   `terminal_retry_outbox_schema`, for later migrations. It is created
-//!   when missing, under `pg_advisory_xact_lock`, by whichever process
+//!   the request's `origin`, and an index on `(queue, origin, state, seq)`
+//!   that finds each destination's records. A second table,
+//!   `terminal_retry_outbox_destination`, keeps each destination's state,
+//!   shared by the queue's dispatchers, one row per `(queue, origin)` with
+//!   records: `down_since`, `paused_until`, its probe (`probe_at`,
+//!   `probe_delay_ms`, `probe_holder`, `probe_until`), `last_failure`. A
+//!   version table, `terminal_retry_outbox_schema`, for migrations (version
+//!   3). It is created when missing, and an earlier version migrated, in
+//!   one transaction under `pg_advisory_xact_lock`, by whichever process
 //!   connects first.
 //! - **Claims are leases.** A record is claimed by one `UPDATE` that sets
 //!   the holder (a uuid per [`Outbox`]), `lease_until = now() + lease` and

@@ -7,13 +7,17 @@
 //! its errors), `lease` (claims as leases: taken, fenced, renewed,
 //! released), `writer` (inserts and removals batched into one statement
 //! each), `notify` (the queue's channel and its listener), `rows` (reading
-//! rows column by column, listings).
+//! rows column by column, listings), `destinations` (each origin's records
+//! and shared state: the lanes of the replay).
 
 mod connection;
+mod destinations;
 mod lease;
 mod notify;
 mod rows;
 mod schema;
+#[cfg(test)]
+mod test_server;
 mod writer;
 
 use std::{
@@ -36,6 +40,7 @@ use tokio::{
 use tokio_postgres::Transaction;
 
 use connection::{connect_error, open, Connection, ANSWER_BOUND};
+use destinations::Seen;
 use lease::{upkeep, Lease, DEFAULT_LEASE, LONGEST_POLL};
 use notify::{channel, listen};
 use rows::{as_limit, as_seq, decode, listed, COLUMNS};
@@ -58,6 +63,8 @@ pub(super) struct PostgresStore {
     writes: mpsc::UnboundedSender<Write>,
     /// Keys being sent here, with the record leased for each, once known.
     claimed: Mutex<HashMap<String, Option<u64>>>,
+    /// What this store last read of each destination's state.
+    seen: Mutex<HashMap<String, Seen>>,
     /// The writer, the listener and the lease renewal: stopped with the
     /// store.
     tasks: Vec<JoinHandle<()>>,
@@ -130,6 +137,7 @@ impl PostgresStore {
             shared,
             writes,
             claimed: Mutex::new(HashMap::new()),
+            seen: Mutex::new(HashMap::new()),
             tasks,
         })
     }
@@ -536,27 +544,27 @@ impl Store for PostgresStore {
         origins: &'a [String],
         cap: usize,
     ) -> Answer<'a, Vec<(String, LaneState)>> {
-        todo!()
+        Box::pin(PostgresStore::lanes(self, origins, cap))
     }
 
     fn claim_lane<'a>(&'a self, origin: &'a str, limit: usize) -> Answer<'a, Vec<Entry>> {
-        todo!()
+        Box::pin(PostgresStore::claim_lane(self, origin, limit))
     }
 
     fn note<'a>(&'a self, origin: &'a str, event: LaneEvent) -> Answer<'a, LaneState> {
-        todo!()
+        Box::pin(PostgresStore::note(self, origin, event))
     }
 
     fn take_probe<'a>(&'a self, origin: &'a str) -> Answer<'a, bool> {
-        todo!()
+        Box::pin(PostgresStore::take_probe(self, origin))
     }
 
     fn give_up<'a>(&'a self, origin: &'a str, failure: &'a str) -> Answer<'a, u64> {
-        todo!()
+        Box::pin(PostgresStore::give_up(self, origin, failure))
     }
 
     fn destinations(&self) -> Answer<'_, Vec<Destination>> {
-        todo!()
+        Box::pin(PostgresStore::destinations(self))
     }
 
     fn as_postgres(&self) -> Option<&PostgresStore> {
