@@ -7,6 +7,7 @@
 
 mod outbox_support;
 mod postgres_support;
+mod support;
 
 use std::time::{Duration, SystemTime};
 
@@ -14,7 +15,7 @@ use bytes::Bytes;
 use http::{Request, Uri};
 use tower_terminal_retry::{
     outbox::{Delivery, Dispatcher, Replay},
-    test_server::{Reply, TestServer},
+    test_server::TestServer,
 };
 
 use postgres_support::{connect, http_client, postgres};
@@ -30,7 +31,7 @@ async fn destinations_list_each_origin_with_its_counts_and_the_state_every_outbo
     assert!(one.destinations().await.unwrap().is_empty());
 
     // Refused for good by one receiver: quarantined.
-    let refusing = TestServer::start(|_| Reply::text(422, "unprocessable"))
+    let refusing = TestServer::start(|_| support::text_reply(422, "unprocessable"))
         .await
         .unwrap();
     let refusing_origin = format!("http://{}", refusing.addr());

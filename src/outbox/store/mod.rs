@@ -120,9 +120,6 @@ trait Store: Send + Sync {
     /// replay interval: a store whose claims are leases needs them.
     fn hold_for(&self, lease: Option<Duration>, replay_interval: Duration);
 
-    /// Claims `key`: whether it was free.
-    fn claim<'a>(&'a self, key: &'a str) -> BoxFuture<'a, bool>;
-
     /// Claims `key`, about to be inserted: whether it was free.
     fn claim_new(&self, key: &str) -> bool;
 
@@ -131,15 +128,6 @@ trait Store: Send + Sync {
     fn claimed(&self) -> usize;
 
     fn insert(&self, entry: Entry) -> Answer<'_, Inserted>;
-
-    fn pending_after<'a>(
-        &'a self,
-        after: u64,
-        limit: usize,
-        origins: &'a [String],
-    ) -> Answer<'a, Vec<Entry>>;
-
-    fn get(&self, seq: u64) -> Answer<'_, Option<Entry>>;
 
     fn complete(&self, seq: u64) -> Answer<'_, bool>;
 
@@ -412,12 +400,6 @@ impl Outbox {
         self.store.discard(key).await
     }
 
-    /// Claims `key` for this sender: `None` while another holds it.
-    pub(super) async fn claim(&self, key: &str) -> Option<Claim> {
-        let fresh = self.store.claim(key).await;
-        fresh.then(|| Claim::new(self.clone(), key))
-    }
-
     /// Claims `key`, about to be inserted, for this sender: `None` while
     /// another sender here holds it. Takes no lease in the store: the
     /// insert that must follow stores the record leased here, or answers
@@ -440,26 +422,6 @@ impl Outbox {
     /// Stores `entry` under its key, unless one is stored under it already.
     pub(super) async fn insert(&self, entry: Entry) -> Result<Inserted, OutboxError> {
         self.store.insert(entry).await
-    }
-
-    /// Up to `limit` pending records after sequence number `after`, oldest
-    /// first; on a shared outbox, only those for `origins` (all, if empty),
-    /// the records of other dispatchers left out. Async, as every read the
-    /// dispatcher makes, for a store across the network.
-    pub(super) async fn pending_after(
-        &self,
-        after: u64,
-        limit: usize,
-        origins: &[String],
-    ) -> Result<Vec<Entry>, OutboxError> {
-        self.store.pending_after(after, limit, origins).await
-    }
-
-    /// The pending record stored as `seq`, if it still is: read again by a
-    /// replay after it claimed the record, so that one delivered or changed
-    /// meanwhile is not sent again.
-    pub(super) async fn get(&self, seq: u64) -> Result<Option<Entry>, OutboxError> {
-        self.store.get(seq).await
     }
 
     /// Removes the record `seq`, delivered or superseded. Need not be

@@ -1,11 +1,11 @@
 //! Claims held as leases: taken by one `UPDATE`, renewed while held,
 //! cleared on release; every later write fenced by the claim's generation.
 //!
-//! - A claim is one `UPDATE ... WHERE queue = $1 AND key = $2 AND state =
-//!   'pending' AND (lease_until IS NULL OR lease_until < now())` through the
-//!   unique index: it sets the holder, the lease and the next generation,
-//!   and returns them. PostgreSQL's row lock makes two claims of one record
-//!   at once take turns; the second sees the new lease and takes nothing.
+//! - The replay claims a batch of one destination's oldest free records in
+//!   one `UPDATE` fed by a `FOR UPDATE SKIP LOCKED` select (see
+//!   `destinations`): it sets the holder, the lease and the next generation
+//!   of each, and returns them with the records. Two dispatchers claiming at
+//!   once never take the same record.
 //! - Every later write to the record (removal, failure count, replacement by
 //!   a fallback, quarantine, release) carries `AND generation = $g AND
 //!   holder = $h`: a holder whose lease ran out and was taken over changes
@@ -14,9 +14,7 @@
 //! - A record the dispatcher stores itself is stored leased to it, at
 //!   generation 1 (see `writer`): its foreground claims the key in process
 //!   only, no statement before the insert, which answers `Taken` if a
-//!   record is stored under the key (leased or not). The replay's claims
-//!   are the `UPDATE` above: what it sends is stored, maybe held by
-//!   another.
+//!   record is stored under the key (leased or not).
 
 use std::{
     sync::{atomic::Ordering, Arc},
@@ -41,16 +39,6 @@ pub(super) const LONGEST_POLL: Duration = Duration::from_secs(5);
 const FENCE: &str = "((generation = $3::bigint AND holder = $4::text) \
     OR ($3::bigint IS NULL AND (lease_until IS NULL OR lease_until < now())))";
 
-/// What a claim found in the table.
-pub(super) enum Lease {
-    /// Leased here now, as this generation.
-    Taken { seq: u64, generation: i64 },
-    /// No record under the key: the insert that follows leases it.
-    Absent,
-    /// Leased by another holder, or quarantined.
-    Unavailable,
-}
-
 impl Shared {
     pub(super) fn lease_seconds(&self) -> f64 {
         Duration::from_millis(self.lease_ms.load(Ordering::Relaxed)).as_secs_f64()
@@ -58,41 +46,6 @@ impl Shared {
 
     pub(super) fn generation(&self, seq: u64) -> Option<i64> {
         lock(&self.held).get(&seq).copied()
-    }
-
-    /// Leases the pending record under `key` here, if no one holds it.
-    pub(super) async fn take_lease(&self, key: &str) -> Result<Lease, OutboxError> {
-        let client = self.client().await?;
-        // The outer select sees the table as it was before the update: a
-        // row under the key that was not taken is held by another, or
-        // quarantined.
-        let rows = client
-            .query(
-                "WITH taken AS (
-                     UPDATE terminal_retry_outbox
-                     SET holder = $3, lease_until = now() + $4 * interval '1 second',
-                         generation = generation + 1
-                     WHERE queue = $1 AND key = $2 AND state = 'pending'
-                       AND (lease_until IS NULL OR lease_until < now())
-                     RETURNING seq, generation)
-                 SELECT seq, generation FROM taken
-                 UNION ALL
-                 SELECT NULL, NULL FROM terminal_retry_outbox
-                 WHERE queue = $1 AND key = $2 AND NOT EXISTS (SELECT 1 FROM taken)",
-                &[&self.queue, &key, &self.holder, &self.lease_seconds()],
-            )
-            .await
-            .map_err(|error| self.failed(error))?;
-        Ok(match rows.first() {
-            None => Lease::Absent,
-            Some(row) => match (row.get::<_, Option<i64>>(0), row.get(1)) {
-                (Some(seq), Some(generation)) => Lease::Taken {
-                    seq: seq as u64,
-                    generation,
-                },
-                _ => Lease::Unavailable,
-            },
-        })
     }
 
     /// Runs `update` (setting parameters from `$5` on) on the record `seq`

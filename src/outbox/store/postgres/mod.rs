@@ -41,9 +41,9 @@ use tokio_postgres::Transaction;
 
 use connection::{connect_error, open, Connection, ANSWER_BOUND};
 use destinations::Seen;
-use lease::{upkeep, Lease, DEFAULT_LEASE, LONGEST_POLL};
+use lease::{upkeep, DEFAULT_LEASE, LONGEST_POLL};
 use notify::{channel, listen};
-use rows::{as_limit, as_seq, decode, listed, COLUMNS};
+use rows::{as_limit, as_seq, listed, COLUMNS};
 use schema::create_schema;
 use writer::{write_loop, Write};
 
@@ -292,32 +292,6 @@ impl Store for PostgresStore {
             .store(millis(replay_interval), Ordering::Relaxed);
     }
 
-    fn claim<'a>(&'a self, key: &'a str) -> BoxFuture<'a, bool> {
-        Box::pin(async move {
-            {
-                let mut claimed = lock(&self.claimed);
-                if claimed.contains_key(key) {
-                    return false;
-                }
-                claimed.insert(key.to_owned(), None);
-            }
-            match self.shared.take_lease(key).await {
-                Ok(Lease::Taken { seq, generation }) => {
-                    lock(&self.shared.held).insert(seq, generation);
-                    lock(&self.claimed).insert(key.to_owned(), Some(seq));
-                    true
-                }
-                Ok(Lease::Unavailable) => {
-                    lock(&self.claimed).remove(key);
-                    false
-                }
-                // Not stored yet; or the database cannot be reached, and the
-                // insert or the read that follows fails and says so.
-                Ok(Lease::Absent) | Err(_) => true,
-            }
-        })
-    }
-
     /// Claims in this process a key about to be inserted: no round trip,
     /// as the insert stores the record leased here, or answers `Taken` if
     /// one is stored under the key (leased or not), which is then not sent.
@@ -373,73 +347,6 @@ impl Store for PostgresStore {
                 }
             }
             Ok(inserted)
-        })
-    }
-
-    /// Records of other origins than `origins` (all, if empty) are left
-    /// out; those stored before the schema knew origins are listed, for the
-    /// dispatcher to sort.
-    fn pending_after<'a>(
-        &'a self,
-        after: u64,
-        limit: usize,
-        origins: &'a [String],
-    ) -> Answer<'a, Vec<Entry>> {
-        Box::pin(async move {
-            let client = self.shared.client().await?;
-            let rows = client
-                .query(
-                    &format!(
-                        "SELECT {COLUMNS} FROM terminal_retry_outbox
-                         WHERE queue = $1 AND state = 'pending' AND seq > $2
-                           AND (lease_until IS NULL OR lease_until < now())
-                           AND (cardinality($4::text[]) = 0 OR origin IS NULL OR origin = ANY($4))
-                         ORDER BY seq LIMIT $3"
-                    ),
-                    &[
-                        &self.shared.queue,
-                        &as_seq(after),
-                        &as_limit(limit),
-                        &origins,
-                    ],
-                )
-                .await
-                .map_err(|error| self.shared.failed(error))?;
-            let mut entries = Vec::with_capacity(rows.len());
-            for row in &rows {
-                match decode(row) {
-                    Ok(entry) => entries.push(entry),
-                    Err(unreadable) => self.shared.set_damaged(unreadable).await,
-                }
-            }
-            if after == 0 {
-                self.shared.scanned(!entries.is_empty());
-            }
-            Ok(entries)
-        })
-    }
-
-    fn get(&self, seq: u64) -> Answer<'_, Option<Entry>> {
-        Box::pin(async move {
-            let client = self.shared.client().await?;
-            let row = client
-                .query_opt(
-                    &format!(
-                        "SELECT {COLUMNS} FROM terminal_retry_outbox
-                         WHERE seq = $1 AND queue = $2 AND state = 'pending'"
-                    ),
-                    &[&as_seq(seq), &self.shared.queue],
-                )
-                .await
-                .map_err(|error| self.shared.failed(error))?;
-            match row.as_ref().map(decode) {
-                None => Ok(None),
-                Some(Ok(entry)) => Ok(Some(entry)),
-                Some(Err(unreadable)) => {
-                    self.shared.set_damaged(unreadable).await;
-                    Ok(None)
-                }
-            }
         })
     }
 

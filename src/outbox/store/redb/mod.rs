@@ -299,10 +299,6 @@ impl Store for RedbStore {
         lock(&self.lanes).set_longest_probe(replay_interval);
     }
 
-    fn claim<'a>(&'a self, key: &'a str) -> BoxFuture<'a, bool> {
-        Box::pin(ready(self.claim_new(key)))
-    }
-
     fn claim_new(&self, key: &str) -> bool {
         lock(&self.claimed).insert(key.to_owned())
     }
@@ -330,24 +326,6 @@ impl Store for RedbStore {
             }
             Ok(inserted)
         })
-    }
-
-    /// Every pending record: one process holds the file, and sends to
-    /// whichever origins its dispatcher allows.
-    fn pending_after<'a>(
-        &'a self,
-        after: u64,
-        limit: usize,
-        _: &'a [String],
-    ) -> Answer<'a, Vec<Entry>> {
-        Box::pin(ready(self.read(PENDING, after.saturating_add(1), limit)))
-    }
-
-    fn get(&self, seq: u64) -> Answer<'_, Option<Entry>> {
-        let found = self
-            .read(PENDING, seq, 1)
-            .map(|entries| entries.into_iter().find(|entry| entry.seq == seq));
-        Box::pin(ready(found))
     }
 
     fn complete(&self, seq: u64) -> Answer<'_, bool> {
