@@ -170,7 +170,8 @@ trait Store: Send + Sync {
     fn take_probe<'a>(&'a self, origin: &'a str) -> Answer<'a, bool>;
 
     /// Quarantines every pending record to `origin` that no other user of
-    /// the store holds, each with `failure`; how many.
+    /// the store holds, each with `failure`; how many. Forgets the
+    /// destination's state: requeued, its records start afresh.
     fn give_up<'a>(&'a self, origin: &'a str, failure: &'a str) -> Answer<'a, u64>;
 
     /// Each destination with stored records, pending or quarantined, with

@@ -29,10 +29,11 @@ use tokio::time::Instant;
 use tokio_postgres::{types::ToSql, Row};
 
 use super::{
-    rows::{as_limit, decode, COLUMNS},
+    rows::{as_limit, as_seq, decode, COLUMNS},
     PostgresStore,
 };
 use crate::{
+    origin::origin_key,
     outbox::{
         store::{
             lane_state::{next_probe_delay, probe_wait},
@@ -222,12 +223,53 @@ const TAKE_PROBE: &str = concat!(
     state_columns!("$3")
 );
 
+/// How many pending rows without an origin `lanes` places at a time.
+const UNPLACED_BATCH: i64 = 64;
+
 impl PostgresStore {
+    /// Gives the free pending rows that have no origin (stored by hand, or
+    /// written by a version that did not record it, or damaged) the origin
+    /// of their request, so that a lane finds them; one that cannot be read
+    /// is moved to quarantine with its reason.
+    async fn place_unplaced(&self) -> Result<(), OutboxError> {
+        let shared = &self.shared;
+        let client = shared.client().await?;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT {COLUMNS} FROM terminal_retry_outbox
+                     WHERE queue = $1 AND origin IS NULL AND state = 'pending'
+                       AND (lease_until IS NULL OR lease_until < now())
+                     ORDER BY seq LIMIT $2"
+                ),
+                &[&shared.queue, &UNPLACED_BATCH],
+            )
+            .await
+            .map_err(|error| shared.failed(error))?;
+        for row in &rows {
+            match decode(row) {
+                Ok(entry) => {
+                    client
+                        .execute(
+                            "UPDATE terminal_retry_outbox SET origin = $3
+                             WHERE queue = $1 AND seq = $2 AND origin IS NULL",
+                            &[&shared.queue, &as_seq(entry.seq), &origin_key(&entry.uri)],
+                        )
+                        .await
+                        .map_err(|error| shared.failed(error))?;
+                }
+                Err(unreadable) => shared.set_damaged(unreadable).await,
+            }
+        }
+        Ok(())
+    }
+
     pub(super) async fn lanes(
         &self,
         origins: &[String],
         cap: usize,
     ) -> Result<Vec<(String, LaneState)>, OutboxError> {
+        self.place_unplaced().await?;
         let shared = &self.shared;
         let statement = match origins.is_empty() {
             true => LANES,
@@ -459,11 +501,17 @@ impl PostgresStore {
         let client = shared.client().await?;
         let rows = client
             .query(
-                "UPDATE terminal_retry_outbox
-                 SET state = 'quarantined', last_failure = $3, holder = NULL, lease_until = NULL
-                 WHERE queue = $1 AND origin = $2 AND state = 'pending'
-                   AND (lease_until IS NULL OR lease_until < now() OR holder = $4)
-                 RETURNING seq",
+                "WITH moved AS (
+                     UPDATE terminal_retry_outbox
+                     SET state = 'quarantined', last_failure = $3, holder = NULL,
+                         lease_until = NULL
+                     WHERE queue = $1 AND origin = $2 AND state = 'pending'
+                       AND (lease_until IS NULL OR lease_until < now() OR holder = $4)
+                     RETURNING seq),
+                 forgotten AS (
+                     DELETE FROM terminal_retry_outbox_destination
+                     WHERE queue = $1 AND origin = $2)
+                 SELECT seq FROM moved",
                 &[&shared.queue, &origin, &failure, &shared.holder],
             )
             .await
@@ -479,6 +527,7 @@ impl PostgresStore {
             }
         }
         shared.uncount(given_up);
+        lock(&self.seen).remove(origin);
         Ok(given_up)
     }
 

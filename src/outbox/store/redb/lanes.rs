@@ -212,6 +212,11 @@ impl Lanes {
         state
     }
 
+    /// Forgets `origin`'s state: it starts afresh, up.
+    pub(super) fn forget(&mut self, origin: &str) {
+        self.state.remove(origin);
+    }
+
     /// Takes `origin`'s probe: whether it is down, due and not probed.
     pub(super) fn take_probe(&mut self, origin: &str) -> bool {
         let Some(kept) = self.state.get_mut(origin) else {

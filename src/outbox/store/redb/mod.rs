@@ -426,6 +426,7 @@ impl Store for RedbStore {
                 }
                 answers.push((entry.seq, answer));
             }
+            lock(&self.lanes).forget(origin);
             let mut quarantined = 0;
             for (seq, answer) in answers {
                 let moved = answer
