@@ -100,9 +100,10 @@ async fn run(concurrency: usize) {
     let recovery = Recovery::new(1_000).expect("a rate");
     let dispatcher = Dispatcher::builder(Outbox::open(&file).expect("an outbox"), client.clone())
         .layer(TerminalRetryLayer::new(
-            TerminalRetryPolicy::default().with_schedule(Schedule::new([]).expect("no retry")),
+            TerminalRetryPolicy::default()
+                .with_schedule(Schedule::new([]).expect("no retry"))
+                .with_recovery(recovery.clone()),
         ))
-        .recovery(Some(recovery.clone()))
         // A loopback server takes the whole backlog at once; the default rate
         // protects a real one recovering from an outage.
         .replay(Replay {

@@ -102,7 +102,11 @@ async fn reopen(file: &Path) -> Outbox {
     for _ in 0..500 {
         match Outbox::open(file) {
             Ok(outbox) => return outbox,
-            Err(error) => assert!(error.is_locked(), "{error}"),
+            Err(error) => assert_eq!(
+                error.kind(),
+                tower_terminal_retry::outbox::OutboxErrorKind::Locked,
+                "{error}"
+            ),
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }

@@ -415,7 +415,11 @@ async fn a_symbolic_link_at_the_path_is_refused_naming_it() {
     let link = scratch.path("link.redb");
     std::os::unix::fs::symlink(&target, &link).unwrap();
     let error = Outbox::open(&link).unwrap_err();
-    assert!(error.is_unsafe(), "{error}");
+    assert_eq!(
+        error.kind(),
+        tower_terminal_retry::outbox::OutboxErrorKind::Unsafe,
+        "{error}"
+    );
     assert_eq!(error.path(), link);
     assert_names(&error, &link, "symbolic link");
     assert_eq!(std::fs::read(&target).unwrap(), before, "left as it was");
@@ -425,7 +429,11 @@ async fn a_symbolic_link_at_the_path_is_refused_naming_it() {
     let dangling = scratch.path("dangling.redb");
     std::os::unix::fs::symlink(&nowhere, &dangling).unwrap();
     let error = Outbox::open(&dangling).unwrap_err();
-    assert!(error.is_unsafe(), "{error}");
+    assert_eq!(
+        error.kind(),
+        tower_terminal_retry::outbox::OutboxErrorKind::Unsafe,
+        "{error}"
+    );
     assert!(!nowhere.exists());
 }
 
@@ -437,7 +445,11 @@ async fn a_file_others_may_write_is_refused_naming_it() {
     for mode in [0o666, 0o620, 0o602] {
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).unwrap();
         let error = Outbox::open(&file).unwrap_err();
-        assert!(error.is_unsafe(), "{mode:o}: {error}");
+        assert_eq!(
+            error.kind(),
+            tower_terminal_retry::outbox::OutboxErrorKind::Unsafe,
+            "{mode:o}: {error}"
+        );
         assert_names(&error, &file, "writable by group or others");
     }
     // Readable by the group is fine.
@@ -458,7 +470,11 @@ async fn a_file_owned_by_another_user_is_refused_naming_it() {
         assert_ne!(std::fs::metadata(&file).unwrap().uid(), nobody);
     }
     let error = Outbox::open(&file).unwrap_err();
-    assert!(error.is_unsafe(), "{error}");
+    assert_eq!(
+        error.kind(),
+        tower_terminal_retry::outbox::OutboxErrorKind::Unsafe,
+        "{error}"
+    );
     assert_names(&error, &file, "owned by another user");
 }
 
@@ -490,7 +506,11 @@ async fn a_file_replaced_while_open_fails_the_next_insert_not_silently() {
     for key in ["k2", "k3"] {
         match store(&dispatcher, &server.base(), key).await {
             Durability::NotStored(error) => {
-                assert!(error.is_replaced(), "{error}");
+                assert_eq!(
+                    error.kind(),
+                    tower_terminal_retry::outbox::OutboxErrorKind::Replaced,
+                    "{error}"
+                );
                 assert!(error.to_string().contains(&file.display().to_string()));
             }
             other => panic!("{key}: {other:?}"),
@@ -505,7 +525,11 @@ async fn a_file_removed_while_open_fails_the_next_insert_not_silently() {
     let (file, server, dispatcher) = one_stored(&scratch).await;
     std::fs::remove_file(&file).unwrap();
     match store(&dispatcher, &server.base(), "k2").await {
-        Durability::NotStored(error) => assert!(error.is_replaced(), "{error}"),
+        Durability::NotStored(error) => assert_eq!(
+            error.kind(),
+            tower_terminal_retry::outbox::OutboxErrorKind::Replaced,
+            "{error}"
+        ),
         other => panic!("{other:?}"),
     }
     assert!(!file.exists(), "not created again");

@@ -73,7 +73,6 @@ impl Store<'_> {
                         interval: Duration::from_secs(3600),
                         ..Replay::default()
                     })
-                    .recovery(None)
                     .build()
                     .unwrap();
                 for (key, url) in requests {

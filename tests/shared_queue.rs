@@ -15,7 +15,7 @@ use http::{HeaderValue, Request};
 use http_body_util::Full;
 use tower::util::MapRequest;
 use tower_terminal_retry::{
-    outbox::{Delivery, Dispatcher, Durability, Listing, Outbox, Replay, LIST_CAP, MAX_PAGE},
+    outbox::{Delivery, Dispatcher, Durability, Listing, Outbox, Replay},
     test_server::{Reply, TestServer},
     ConfigError,
 };
@@ -45,6 +45,11 @@ fn post(url: String, body: &str) -> Request<Bytes> {
         .body(Bytes::from(body.to_owned()))
         .unwrap()
 }
+
+/// The most records `pending()` and `quarantined()` return.
+const LIST_CAP: usize = 10_000;
+/// The most records one page of a listing holds.
+const MAX_PAGE: usize = 1_000;
 
 /// Stores `requests` in the queue of `outbox`, in one transaction of the
 /// application's own.

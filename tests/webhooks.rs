@@ -773,7 +773,9 @@ async fn an_outbox_replay_hours_after_the_event_is_signed_afresh_with_the_same_i
                 reopened = Some(outbox);
                 break;
             }
-            Err(error) if error.is_locked() => tokio::time::sleep(Duration::from_millis(20)).await,
+            Err(error) if error.kind() == tower_terminal_retry::outbox::OutboxErrorKind::Locked => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
             Err(error) => panic!("{error}"),
         }
     }

@@ -60,11 +60,9 @@ pub(super) fn dispatcher(sending: Sending<'_>) -> Result<Dispatcher<Attempt>, Er
     };
     #[cfg(not(feature = "outbox"))]
     let builder = Dispatcher::in_memory(sending.attempt);
-    // The dispatcher's recovery is the policy's: `None` keeps it off.
-    let recovery = sending.layer.policy().recovery().cloned();
     let mut builder = builder
+        // Its recovery, if any, releases the replay too.
         .layer(sending.layer)
-        .recovery(recovery)
         .replay(sending.replay)
         // One server, one destination: no other to leave slots for.
         .per_destination_concurrency(sending.replay.concurrency)

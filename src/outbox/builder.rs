@@ -19,7 +19,10 @@ use super::{
     lanes::supervise,
     Dispatcher, Entry, Outbox,
 };
-use crate::{origin::origin_key, Classify, DefaultClassifier, Recovery, TerminalRetryLayer};
+use crate::{
+    origin::origin_key, Classify, DefaultClassifier, Recovery, TerminalRetryLayer,
+    TerminalRetryPolicy,
+};
 
 /// How long a foreground delivery waits for each write to the store before
 /// it goes on without it, unless set.
@@ -75,9 +78,11 @@ impl<S> DispatcherBuilder<S> {
         DispatcherBuilder {
             outbox,
             service,
-            layer: TerminalRetryLayer::default(),
+            layer: TerminalRetryLayer::new(
+                TerminalRetryPolicy::default().with_recovery(Recovery::default()),
+            ),
             settings: Settings {
-                recovery: Some(Recovery::default()),
+                recovery: None,
                 fallback: None,
                 replay: Replay::default(),
                 origins: Vec::new(),
@@ -93,12 +98,15 @@ impl<S> DispatcherBuilder<S> {
 }
 
 impl<S, C> DispatcherBuilder<S, C> {
-    /// The layer foreground deliveries go through (by default
-    /// [`TerminalRetryLayer::new`]), with its classifier: each answer is
-    /// classified once, by the layer, and the replay's single attempts by the
-    /// same classifier. The dispatcher's
-    /// [`Recovery`] is added to the layer, and the replay honours its
-    /// [`RetryAfter`](crate::RetryAfter) rule too.
+    /// The layer foreground deliveries go through, with its policy: each
+    /// answer is classified once, by the layer, and the replay's single
+    /// attempts by the same classifier; the replay honours its
+    /// [`RetryAfter`](crate::RetryAfter) rule too, and its [`Recovery`]
+    /// (if it has one) releases the replay of a destination that is down as
+    /// soon as a request to it succeeds: share it with the other stacks that
+    /// talk to the same servers. By default the default policy with a
+    /// [`Recovery`] of its own; a layer whose policy has none waits for the
+    /// next probe.
     pub fn layer<D>(self, layer: TerminalRetryLayer<D>) -> DispatcherBuilder<S, D> {
         DispatcherBuilder {
             outbox: self.outbox,
@@ -107,15 +115,6 @@ impl<S, C> DispatcherBuilder<S, C> {
             settings: self.settings,
             lease: self.lease,
         }
-    }
-
-    /// The signal that releases parked retries, and the replay, once any
-    /// request succeeds; share it with the other stacks that talk to the same
-    /// server. By default a recovery of its own; `None` turns early release
-    /// off (the replay then waits for its next probe).
-    pub fn recovery(mut self, recovery: Option<Recovery>) -> Self {
-        self.settings.recovery = recovery;
-        self
     }
 
     /// What to send when the server refuses a request for good (by default
@@ -305,12 +304,9 @@ impl<S, C> DispatcherBuilder<S, C> {
         // The replay classifies its single attempts with the layer's own
         // classifier, and honours its `Retry-After` rule.
         let policy = self.layer.policy().clone();
-        let layer = match &self.settings.recovery {
-            Some(recovery) => {
-                TerminalRetryLayer::new(policy.clone().with_recovery(recovery.clone()))
-            }
-            None => self.layer,
-        };
+        let mut settings = self.settings;
+        settings.recovery = policy.recovery().cloned();
+        let layer = self.layer;
         let counted: fn(Request<Full<Bytes>>) -> Request<Full<Bytes>> = count_attempt;
         let retrying = layer.layer(MapRequest::new(self.service.clone(), counted));
         if let Some(outbox) = &self.outbox {
@@ -326,7 +322,7 @@ impl<S, C> DispatcherBuilder<S, C> {
             attempt: self.service,
             retrying,
             policy,
-            settings: self.settings,
+            settings,
             unremoved: Mutex::new(Default::default()),
             wake: wake.clone(),
         });

@@ -100,30 +100,38 @@ impl OutboxError {
         &self.path
     }
 
-    /// Whether the file is held by another live outbox, in this process or
-    /// another.
-    pub fn is_locked(&self) -> bool {
-        matches!(self.kind, Kind::Locked)
+    /// What kind of failure it is, for a caller that acts on it.
+    pub fn kind(&self) -> OutboxErrorKind {
+        match self.kind {
+            Kind::Locked => OutboxErrorKind::Locked,
+            Kind::Invalid(_) => OutboxErrorKind::Invalid,
+            Kind::Unsafe(_) => OutboxErrorKind::Unsafe,
+            Kind::Replaced => OutboxErrorKind::Replaced,
+            _ => OutboxErrorKind::Other,
+        }
     }
+}
 
-    /// Whether the file is not an outbox (garbage, truncated, corrupted, or
-    /// another database). Such a file is left as it was.
-    pub fn is_invalid(&self) -> bool {
-        matches!(self.kind, Kind::Invalid(_))
-    }
-
-    /// Whether the path was refused as unsafe to keep requests in: a symbolic
-    /// link, not a regular file, writable by group or others, or owned by
-    /// another user. Such a file is left as it was.
-    pub fn is_unsafe(&self) -> bool {
-        matches!(self.kind, Kind::Unsafe(_))
-    }
-
-    /// Whether the file was replaced or removed while the outbox had it open:
+/// The kinds of [`OutboxError`] a caller may act on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum OutboxErrorKind {
+    /// The file is held by another live outbox, in this process or another.
+    Locked,
+    /// The file is not an outbox (garbage, truncated, corrupted, another
+    /// database, or a format this version does not read), or a setting of
+    /// the URL is not valid. Such a file is left as it was.
+    Invalid,
+    /// The path was refused as unsafe to keep requests in: a symbolic link,
+    /// not a regular file, writable by group or others, or owned by another
+    /// user. Such a file is left as it was.
+    Unsafe,
+    /// The file was replaced or removed while the outbox had it open:
     /// nothing is reported stored in it any more.
-    pub fn is_replaced(&self) -> bool {
-        matches!(self.kind, Kind::Replaced)
-    }
+    Replaced,
+    /// Anything else: I/O, a refused request, the store not answering in
+    /// time, or closed; the message says which.
+    Other,
 }
 
 impl fmt::Display for OutboxError {

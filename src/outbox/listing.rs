@@ -2,7 +2,7 @@
 //! answers, a [`Cursor`] goes on from where a page ended.
 //!
 //! A queue may hold a million records: a listing never reads more than
-//! [`MAX_PAGE`] of them at once, and leaves their bodies out unless asked.
+//! 1,000 of them at once, and leaves their bodies out unless asked.
 //!
 //! ```
 //! use tower_terminal_retry::outbox::{Listing, Outbox};
@@ -31,7 +31,7 @@
 use super::Entry;
 
 /// The most records one page holds, whatever [`Listing::limit`] asks.
-pub const MAX_PAGE: usize = 1_000;
+pub(super) const MAX_PAGE: usize = 1_000;
 
 /// Which records [`Outbox::list`](super::Outbox::list) reads, oldest first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,7 +41,7 @@ pub struct Listing {
     /// Only the records after this one: the previous page's
     /// [`next`](Page::next); from the oldest when `None`.
     pub after: Option<Cursor>,
-    /// The most records in the page, capped at [`MAX_PAGE`] (by default
+    /// The most records in the page, capped at 1,000 (by default
     /// 100).
     pub limit: usize,
     /// Whether the entries carry their bodies; by default not, each

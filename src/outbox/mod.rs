@@ -215,10 +215,10 @@ pub use builder::DispatcherBuilder;
 pub use delivery::{Delivery, Dispatch, Durability};
 pub use destination::Destination;
 pub use dispatcher::{Dispatcher, Replay};
-pub use error::OutboxError;
-pub use listing::{Cursor, Listing, Page, MAX_PAGE};
+pub use error::{OutboxError, OutboxErrorKind};
+pub use listing::{Cursor, Listing, Page};
 pub use record::{Entry, Tag};
-pub use store::{Outbox, LIST_CAP};
+pub use store::Outbox;
 
 /// The header each stored request is sent with: a key generated when it is
 /// stored, the same on every attempt, replay and restart (the name of the

@@ -50,7 +50,7 @@ use super::{Destination, Entry, Listing, OutboxError, Page};
 
 /// The most records [`Outbox::pending`] and [`Outbox::quarantined`] return:
 /// a queue of millions is read with [`Outbox::list`], a page at a time.
-pub const LIST_CAP: usize = 10_000;
+pub(super) const LIST_CAP: usize = 10_000;
 
 /// A durable store of idempotent requests, one per key, in a single file
 /// ([`open`](Outbox::open)) or in a queue of a PostgreSQL database shared by
@@ -175,7 +175,7 @@ trait Store: Send + Sync {
     fn give_up<'a>(&'a self, origin: &'a str, failure: &'a str) -> Answer<'a, u64>;
 
     /// Each destination with stored records, pending or quarantined, with
-    /// its state; at most [`LIST_CAP`], those with the most pending first.
+    /// its state; at most 10,000, those with the most pending first.
     fn destinations(&self) -> Answer<'_, Vec<Destination>>;
 
     /// The store on PostgreSQL, for what only it does
@@ -206,7 +206,7 @@ impl Outbox {
     /// link; an existing file must be a regular file (not a symbolic link),
     /// owned by the effective user of this process, and not writable by group
     /// or others. Should the file be replaced or removed while open, writes
-    /// fail from then on ([`OutboxError::is_replaced`]): nothing is reported
+    /// fail from then on ([`OutboxErrorKind::Replaced`](super::OutboxErrorKind::Replaced)): nothing is reported
     /// stored in a file that is no longer at the path.
     ///
     /// A file left by a crash is recovered: every commit made before the
@@ -218,7 +218,7 @@ impl Outbox {
     /// it is not an outbox (garbage, truncated, corrupted, another redb
     /// database, or one written by a later version), in which case it is
     /// left exactly as it was; it is not safe to keep requests in
-    /// ([`OutboxError::is_unsafe`]), left as it was too; it cannot be read or
+    /// ([`OutboxErrorKind::Unsafe`](super::OutboxErrorKind::Unsafe)), left as it was too; it cannot be read or
     /// created; or there is no tokio runtime. The error names the path.
     #[cfg(feature = "outbox")]
     #[cfg_attr(docsrs, doc(cfg(feature = "outbox")))]
@@ -270,7 +270,7 @@ impl Outbox {
     /// # Errors
     ///
     /// The URL cannot be parsed, names a parameter libpq does not know, or
-    /// a value that is not one ([`OutboxError::is_invalid`]); the roots
+    /// a value that is not one ([`OutboxErrorKind::Invalid`](super::OutboxErrorKind::Invalid)); the roots
     /// cannot be read; the database cannot be reached, TLS fails or is
     /// refused (the error says so: a certificate not trusted, a host name
     /// mismatch, no TLS offered where `sslmode` requires it), or there is
@@ -339,7 +339,7 @@ impl Outbox {
     }
 
     /// The pending records, oldest first, with their bodies: at most
-    /// [`LIST_CAP`] of them. A convenience for small outboxes; a large one
+    /// 10,000 of them. A convenience for small outboxes; a large one
     /// is read a page at a time with [`list`](Outbox::list).
     ///
     /// # Errors
@@ -350,7 +350,7 @@ impl Outbox {
     }
 
     /// The quarantined records: refused for good by the server, kept, not
-    /// retried, oldest first, with their bodies: at most [`LIST_CAP`] of
+    /// retried, oldest first, with their bodies: at most 10,000 of
     /// them (see [`list`](Outbox::list) for more). A record that cannot be
     /// decoded is listed as `damaged-<seq>` (see [`Outbox`]).
     ///
@@ -363,7 +363,7 @@ impl Outbox {
 
     /// One page of the records, pending or quarantined, oldest first (see
     /// [`Listing`]): however many are stored, it reads at most
-    /// [`MAX_PAGE`](super::MAX_PAGE), without their bodies unless asked. On
+    /// 1,000, without their bodies unless asked. On
     /// PostgreSQL it reads on the store's own connection, pending records
     /// leased by a sender included.
     ///
@@ -478,7 +478,7 @@ impl Outbox {
     /// Each destination with stored requests, pending or quarantined: its
     /// origin, its counts, whether it is up, down (since when) or paused
     /// (until when), and its last failure (see [`Destination`]). At most
-    /// [`LIST_CAP`] of them, those with the most pending first. On
+    /// 10,000 of them, those with the most pending first. On
     /// PostgreSQL, the state is the one every dispatcher on the queue
     /// shares; on a file, that of the dispatcher replaying it since it was
     /// opened.

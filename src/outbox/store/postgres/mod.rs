@@ -543,6 +543,6 @@ mod tests {
             .await
             .err()
             .unwrap();
-        assert!(error.is_invalid());
+        assert_eq!(error.kind(), crate::outbox::OutboxErrorKind::Invalid);
     }
 }

@@ -30,11 +30,11 @@ use lanes::Lanes;
 use schema::{count_pending, last_seq, open_database_caught, KEYS, PENDING, QUARANTINED};
 use writer::{write_loop, Change, Job, Reply, Shared, Write};
 
-use super::{Answer, BoxFuture, Inserted, LaneEvent, LaneState, Store};
+use super::{Answer, BoxFuture, Inserted, LaneEvent, LaneState, Store, LIST_CAP};
 use crate::outbox::Destination;
 use crate::{
     origin::origin_key,
-    outbox::{Entry, OutboxError, LIST_CAP},
+    outbox::{Entry, OutboxError},
     sync::lock,
 };
 
@@ -496,7 +496,11 @@ mod tests {
         let before = std::fs::read(&path).unwrap();
 
         let error = Outbox::open(&path).unwrap_err();
-        assert!(error.is_invalid(), "{error}");
+        assert_eq!(
+            error.kind(),
+            crate::outbox::OutboxErrorKind::Invalid,
+            "{error}"
+        );
         let message = error.to_string();
         assert!(message.contains(&path.display().to_string()), "{message}");
         assert!(message.contains("format 1"), "{message}");
@@ -518,7 +522,11 @@ mod tests {
         let before = std::fs::read(&path).unwrap();
 
         let error = Outbox::open(&path).unwrap_err();
-        assert!(error.is_invalid(), "{error}");
+        assert_eq!(
+            error.kind(),
+            crate::outbox::OutboxErrorKind::Invalid,
+            "{error}"
+        );
         let message = error.to_string();
         assert!(message.contains(&path.display().to_string()), "{message}");
         assert!(message.contains("format 9"), "{message}");
