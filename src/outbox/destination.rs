@@ -51,6 +51,7 @@ pub struct Destination {
 
 impl Destination {
     /// A destination with no state yet: up, no failure.
+    #[cfg(feature = "outbox")]
     pub(crate) fn new(origin: String) -> Destination {
         Destination {
             origin,

@@ -193,6 +193,7 @@
 //! # }
 //! ```
 
+#[cfg(feature = "outbox")]
 mod backoff;
 mod builder;
 mod delivery;
@@ -202,9 +203,9 @@ mod dispatcher;
 #[cfg_attr(not(feature = "outbox"), allow(dead_code))]
 mod error;
 mod foreground;
+mod lanes;
 mod listing;
 // Without a backend (feature `outbox`), what only a backend calls is unused.
-mod lanes;
 #[cfg_attr(not(feature = "outbox"), allow(dead_code))]
 mod record;
 // Without a backend (feature `outbox`), what only a backend calls is unused.

@@ -13,11 +13,13 @@
 
 use std::time::Duration;
 
+#[cfg(feature = "outbox")]
 use crate::outbox::backoff::Backoff;
 
 /// The first wait before a destination that went down is probed (or the
 /// replay interval, if shorter); doubled after each failed probe, up to the
 /// replay interval.
+#[cfg(feature = "outbox")]
 pub(crate) const FIRST_PROBE_DELAY: Duration = Duration::from_secs(1);
 
 /// What a store knows of one destination, as of the moment it was read:
@@ -71,6 +73,7 @@ pub(crate) enum LaneEvent {
 /// The probe delay after a failure, given the state before it: the first
 /// after the destination went down, doubled after a failed probe, kept
 /// otherwise; never over `longest` (the replay interval).
+#[cfg(feature = "outbox")]
 pub(crate) fn next_probe_delay(before: &LaneState, probe: bool, longest: Duration) -> Duration {
     if !before.is_down() {
         return Backoff::new(FIRST_PROBE_DELAY, longest).delay();
@@ -85,11 +88,12 @@ pub(crate) fn next_probe_delay(before: &LaneState, probe: bool, longest: Duratio
 /// The wait before a probe after `delay`: a random part of it (full
 /// jitter), so that dispatchers and destinations that went down together do
 /// not all probe together.
+#[cfg(feature = "outbox")]
 pub(crate) fn probe_wait(delay: Duration) -> Duration {
     crate::Jitter::full().apply(delay)
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "outbox"))]
 mod tests {
     use super::*;
 
