@@ -120,13 +120,16 @@ pub struct DefaultClassifier;
 impl<B, E: 'static> Classify<Response<B>, E> for DefaultClassifier {
     fn classify(&self, result: &Result<Response<B>, E>) -> Outcome {
         match result {
-            Ok(response)
-                if response.status() == StatusCode::CONFLICT
-                    && response.headers().contains_key(RETRY_AFTER) =>
-            {
-                Outcome::Transient
-            }
-            Ok(response) => classify_status(response.status()),
+            // The status first: a success is one range check.
+            Ok(response) => match classify_status(response.status()) {
+                Outcome::Permanent
+                    if response.status() == StatusCode::CONFLICT
+                        && response.headers().contains_key(RETRY_AFTER) =>
+                {
+                    Outcome::Transient
+                }
+                outcome => outcome,
+            },
             Err(error) if refused_unsent(error) => Outcome::Permanent,
             // The inner service failed before a status came back: a refused or
             // reset connection, a TLS or I/O error, an elapsed timeout. None of
@@ -180,11 +183,16 @@ fn refused_unsent<E>(_error: &E) -> bool {
 /// assert_eq!(classify_status(StatusCode::MOVED_PERMANENTLY), Outcome::Permanent);
 /// assert_eq!(classify_status(StatusCode::CONTINUE), Outcome::Permanent);
 /// ```
+#[inline]
 pub fn classify_status(status: StatusCode) -> Outcome {
-    match status.as_u16() {
+    let code = status.as_u16();
+    // Tested first: the answer of nearly every call.
+    if (200..=299).contains(&code) {
+        return Outcome::Success;
+    }
+    match code {
         // 5xx and the non-standard codes above it, as the Go original did.
         500.. | 408 | 429 => Outcome::Transient,
-        200..=299 => Outcome::Success,
         _ => Outcome::Permanent,
     }
 }

@@ -256,6 +256,10 @@ where
 {
     type Future = Backoff;
 
+    // Inlined into tower's future: a success costs the count, the
+    // classification and a look at the budget and the recovery. The rest,
+    // on a failure only, is `after_failure`'s.
+    #[inline]
     fn retry(
         &mut self,
         request: &mut Request<B>,
@@ -263,29 +267,44 @@ where
     ) -> Option<Backoff> {
         let config = &*self.config;
         self.attempts += 1;
-        let attempt = self.attempts;
-        if attempt == 1 {
-            if let Some(budget) = &config.budget {
+        if let Some(budget) = &config.budget {
+            if self.attempts == 1 {
                 budget.deposit();
             }
         }
         let outcome = config.classifier.classify(result);
-        #[cfg(any(feature = "client", feature = "outbox"))]
-        if let Some(slot) = request.extensions().get::<crate::classify::OutcomeSlot>() {
-            slot.set(outcome);
+        if outcome == Outcome::Success {
+            record_outcome(request, Outcome::Success);
+            if let Some(recovery) = &config.recovery {
+                recovery.observe(request.uri());
+            }
+            return None;
         }
-        match outcome {
-            Outcome::Success => {
-                if let Some(recovery) = &config.recovery {
-                    recovery.observe(request.uri());
-                }
-                return None;
-            }
-            Outcome::Permanent => {
-                log_ending(Ending::Permanent, request, result, attempt);
-                return None;
-            }
-            Outcome::Transient => {}
+        self.after_failure(request, result, outcome)
+    }
+
+    fn clone_request(&mut self, request: &Request<B>) -> Option<Request<B>> {
+        Some(request.clone())
+    }
+}
+
+impl<C> TerminalRetryPolicy<C> {
+    /// What follows an attempt that did not succeed: the end of the call, or
+    /// the wait before the next attempt.
+    #[cold]
+    #[inline(never)]
+    fn after_failure<B, RB, E: fmt::Debug>(
+        &self,
+        request: &mut Request<B>,
+        result: &Result<Response<RB>, E>,
+        outcome: Outcome,
+    ) -> Option<Backoff> {
+        record_outcome(request, outcome);
+        let config = &*self.config;
+        let attempt = self.attempts;
+        if outcome == Outcome::Permanent {
+            log_ending(Ending::Permanent, request, result, attempt);
+            return None;
         }
         let Some(&scheduled) = config.schedule.delays().get(attempt as usize - 1) else {
             log_ending(Ending::Exhausted, request, result, attempt);
@@ -330,10 +349,19 @@ where
             _ => Backoff::sleep(deadline, attempt),
         })
     }
+}
 
-    fn clone_request(&mut self, request: &Request<B>) -> Option<Request<B>> {
-        Some(request.clone())
+/// Tells a caller that asked how the attempt was classified: the outbox puts
+/// an [`OutcomeSlot`](crate::classify::OutcomeSlot) in the request's
+/// extensions.
+#[inline]
+fn record_outcome<B>(request: &Request<B>, outcome: Outcome) {
+    #[cfg(any(feature = "client", feature = "outbox"))]
+    if let Some(slot) = request.extensions().get::<crate::classify::OutcomeSlot>() {
+        slot.set(outcome);
     }
+    #[cfg(not(any(feature = "client", feature = "outbox")))]
+    let _ = (request, outcome);
 }
 
 /// Why a call ends without success.
