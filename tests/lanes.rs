@@ -505,6 +505,10 @@ mod shared {
 
     #[tokio::test]
     async fn a_dead_destination_first_in_the_queue_does_not_delay_another() {
+        let _ = tracing_subscriber::fmt()
+            .with_test_writer()
+            .with_max_level(tracing::Level::DEBUG)
+            .try_init();
         on_a_queue!("dead", a_dead_destination_first_does_not_delay_another);
     }
 

@@ -14,7 +14,7 @@ use tokio::sync::Notify;
 use tower::{util::MapRequest, BoxError, Layer, Service};
 
 use super::{
-    dispatcher::{Replay, Settings, Shared},
+    dispatcher::{Handles, Replay, Settings, Shared},
     foreground::count_attempt,
     lanes::supervise,
     Dispatcher, Entry, Outbox,
@@ -317,6 +317,7 @@ impl<S, C> DispatcherBuilder<S, C> {
             None => Arc::new(Notify::new()),
         };
         let replays = self.outbox.is_some();
+        let handles = Arc::new(Handles(wake.clone()));
         let shared = Arc::new(Shared {
             outbox: self.outbox,
             attempt: self.service,
@@ -328,8 +329,12 @@ impl<S, C> DispatcherBuilder<S, C> {
         });
         // Without a store there is nothing to replay.
         if replays {
-            runtime.spawn(supervise(Arc::downgrade(&shared), wake));
+            runtime.spawn(supervise(
+                Arc::downgrade(&shared),
+                Arc::downgrade(&handles),
+                wake,
+            ));
         }
-        Ok(Dispatcher { shared })
+        Ok(Dispatcher::new(shared, handles))
     }
 }

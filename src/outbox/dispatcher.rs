@@ -94,13 +94,33 @@ impl<S: AttemptService, C> AttemptClassifier<S> for C where
 /// is cheap; the replay worker stops when the last clone is dropped.
 pub struct Dispatcher<S, C = DefaultClassifier> {
     pub(super) shared: Arc<Shared<S, C>>,
+    handles: Arc<Handles>,
 }
 
 impl<S, C> Clone for Dispatcher<S, C> {
     fn clone(&self) -> Self {
         Dispatcher {
             shared: self.shared.clone(),
+            handles: self.handles.clone(),
         }
+    }
+}
+
+impl<S, C> Dispatcher<S, C> {
+    pub(super) fn new(shared: Arc<Shared<S, C>>, handles: Arc<Handles>) -> Self {
+        Dispatcher { shared, handles }
+    }
+}
+
+/// Held by every [`Dispatcher`] handle, and by nothing else: the replay
+/// starts no attempt once the last is gone, though attempts under way (which
+/// hold the dispatcher's state) end on their own. Dropped, it wakes the
+/// replay to stop.
+pub(super) struct Handles(pub(super) Arc<Notify>);
+
+impl Drop for Handles {
+    fn drop(&mut self) {
+        self.0.notify_one();
     }
 }
 

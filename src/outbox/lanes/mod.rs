@@ -30,7 +30,7 @@ use tokio::{
 use pace::Pace;
 
 use super::{
-    dispatcher::{AttemptClassifier, AttemptService, Shared, Step},
+    dispatcher::{AttemptClassifier, AttemptService, Handles, Shared, Step},
     store::{Claim, LaneEvent, LaneState},
     Entry,
 };
@@ -55,20 +55,24 @@ const STATE_REFRESH: Duration = Duration::from_secs(1);
 /// whenever it stops unexpectedly (a panic in a classifier, a fallback or a
 /// store): nothing stops the delivery of what is stored but the end of the
 /// dispatcher or of the runtime.
-pub(super) async fn supervise<S, C>(dispatcher: Weak<Shared<S, C>>, wake: Arc<Notify>)
-where
+pub(super) async fn supervise<S, C>(
+    dispatcher: Weak<Shared<S, C>>,
+    handles: Weak<Handles>,
+    wake: Arc<Notify>,
+) where
     S: AttemptService,
     S::Future: Send,
     C: AttemptClassifier<S>,
 {
     loop {
-        let worker = tokio::spawn(Scheduler::new(dispatcher.clone(), wake.clone()).run());
+        let scheduler = Scheduler::new(dispatcher.clone(), handles.clone(), wake.clone());
+        let worker = tokio::spawn(scheduler.run());
         let stopped = match worker.await {
             Ok(()) => return,
             Err(error) if error.is_cancelled() => return,
             Err(error) => error.into_panic(),
         };
-        if dispatcher.strong_count() == 0 {
+        if handles.strong_count() == 0 {
             return;
         }
         tracing::error!(
@@ -149,9 +153,10 @@ enum Turn {
 }
 
 /// The replay worker: the lanes, their attempts, and when to look again.
-/// Holds the dispatcher weakly, so that it ends with the last handle.
+/// Holds the dispatcher weakly, and ends with its last handle.
 struct Scheduler<S, C> {
     dispatcher: Weak<Shared<S, C>>,
+    handles: Weak<Handles>,
     wake: Arc<Notify>,
     lanes: HashMap<String, Lane>,
     /// The lanes in turn: the next to serve first.
@@ -173,9 +178,14 @@ where
     S::Future: Send,
     C: AttemptClassifier<S>,
 {
-    fn new(dispatcher: Weak<Shared<S, C>>, wake: Arc<Notify>) -> Scheduler<S, C> {
+    fn new(
+        dispatcher: Weak<Shared<S, C>>,
+        handles: Weak<Handles>,
+        wake: Arc<Notify>,
+    ) -> Scheduler<S, C> {
         Scheduler {
             dispatcher,
+            handles,
             wake,
             lanes: HashMap::new(),
             turns: VecDeque::new(),
@@ -189,6 +199,11 @@ where
 
     async fn run(mut self) {
         loop {
+            // No attempt starts once the last handle is gone, though those
+            // under way keep the dispatcher's state alive.
+            if self.handles.strong_count() == 0 {
+                return;
+            }
             let Some(shared) = self.dispatcher.upgrade() else {
                 return;
             };
@@ -257,7 +272,7 @@ where
                 self.finished(finished).await;
             }
             () = self.wake.notified() => {
-                if self.dispatcher.strong_count() == 0 {
+                if self.handles.strong_count() == 0 {
                     return false;
                 }
                 self.stale = true;
