@@ -71,8 +71,7 @@ impl<C> TerminalRetryLayer<C> {
     }
 
     /// The policy each wrapped service starts from.
-    #[cfg(any(feature = "client", feature = "outbox"))]
-    pub(crate) fn policy(&self) -> &TerminalRetryPolicy<C> {
+    pub fn policy(&self) -> &TerminalRetryPolicy<C> {
         &self.policy
     }
 }

@@ -194,31 +194,31 @@ impl<C> TerminalRetryPolicy<C> {
     }
 }
 
-// Read back by the senders that make requests of their own beside the
-// policy's: the client's routes tried once and the outbox's replay.
-#[cfg(any(feature = "client", feature = "outbox"))]
+// Read back by senders that make requests of their own beside the
+// policy's: the client's routes tried once, the outbox's replay, a user's
+// own dispatcher.
 impl<C> TerminalRetryPolicy<C> {
     /// The schedule in use.
-    #[cfg(feature = "client")]
-    pub(crate) fn schedule(&self) -> &Schedule {
+    pub fn schedule(&self) -> &Schedule {
         &self.config.schedule
     }
 
-    /// The classifier in use: what the outbox's single attempts are
-    /// classified with.
-    pub(crate) fn classifier(&self) -> &C {
+    /// The classifier in use: what a sender's single attempts beside the
+    /// policy are classified with (the outbox's replay does so).
+    pub fn classifier(&self) -> &C {
         &self.config.classifier
     }
 
-    /// How the server's `Retry-After` is honoured.
-    pub(crate) fn retry_after(&self) -> RetryAfter {
+    /// How the server's `Retry-After` is honoured: how long a sender's own
+    /// attempt may be asked to wait.
+    pub fn retry_after(&self) -> RetryAfter {
         self.config.retry_after
     }
 
-    /// The signal that ends schedule delays early, if any, which those
-    /// senders tell of their successes.
-    #[cfg(feature = "client")]
-    pub(crate) fn recovery(&self) -> Option<&Recovery> {
+    /// The signal that ends schedule delays early, if any: a sender making
+    /// requests of its own tells it of their successes
+    /// ([`Recovery::observe`]).
+    pub fn recovery(&self) -> Option<&Recovery> {
         self.config.recovery.as_ref()
     }
 }
