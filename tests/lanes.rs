@@ -435,112 +435,58 @@ async fn destinations_report_each_state(store: Store<'_>) {
     drop(dispatcher);
 }
 
-mod file {
-    use super::*;
+/// Each scenario as two tests: on a file, on tokio's paused clock; and on a
+/// queue of its own of the test PostgreSQL, on the real clock.
+macro_rules! on_a_file_and_on_postgres {
+    ($($name:ident => $scenario:ident,)*) => {
+        mod file {
+            use super::*;
+            $(
+                #[tokio::test(start_paused = true)]
+                async fn $name() {
+                    let scratch = Scratch::new(concat!("lanes-", stringify!($name)));
+                    $scenario(Store::File(&scratch)).await;
+                }
+            )*
+        }
 
-    fn scratch(name: &str) -> Scratch {
-        Scratch::new(&format!("lanes-{name}"))
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_dead_destination_first_in_the_store_does_not_delay_another() {
-        let scratch = scratch("dead");
-        a_dead_destination_first_does_not_delay_another(Store::File(&scratch)).await;
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn one_destinations_retry_after_pauses_it_alone() {
-        let scratch = scratch("pause");
-        a_pause_holds_its_destination_alone(Store::File(&scratch)).await;
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn six_hundred_pending_for_one_do_not_hold_up_ten_for_another() {
-        let scratch = scratch("fair");
-        destinations_are_served_in_turn(Store::File(&scratch)).await;
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_receiver_answering_in_eight_seconds_does_not_hold_up_another() {
-        let scratch = scratch("slow");
-        a_slow_receiver_holds_up_no_other(Store::File(&scratch)).await;
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn give_up_after_quarantines_and_requeue_brings_back() {
-        let scratch = scratch("give-up");
-        a_destination_down_too_long_is_given_up_on(Store::File(&scratch)).await;
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn destinations_reports_each_state() {
-        let scratch = scratch("destinations");
-        destinations_report_each_state(Store::File(&scratch)).await;
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn twenty_healthy_destinations_get_twenty_times_the_rate_of_one() {
-        let scratch = scratch("pace");
-        each_destination_has_its_own_pace(Store::File(&scratch)).await;
-    }
+        mod shared {
+            use super::*;
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let Some(postgres) = postgres().await else {
+                        return;
+                    };
+                    let queue = postgres.queue(concat!("lanes-", stringify!($name)));
+                    $scenario(Store::Queue {
+                        postgres: &postgres,
+                        queue,
+                    })
+                    .await;
+                }
+            )*
+        }
+    };
 }
 
-mod shared {
+on_a_file_and_on_postgres! {
+    a_dead_destination_first_in_the_store_does_not_delay_another =>
+        a_dead_destination_first_does_not_delay_another,
+    one_destinations_retry_after_pauses_it_alone => a_pause_holds_its_destination_alone,
+    six_hundred_pending_for_one_do_not_hold_up_ten_for_another => destinations_are_served_in_turn,
+    a_receiver_answering_in_eight_seconds_does_not_hold_up_another =>
+        a_slow_receiver_holds_up_no_other,
+    give_up_after_quarantines_and_requeue_brings_back =>
+        a_destination_down_too_long_is_given_up_on,
+    destinations_reports_each_state => destinations_report_each_state,
+    twenty_healthy_destinations_get_twenty_times_the_rate_of_one =>
+        each_destination_has_its_own_pace,
+}
+
+/// Two dispatchers on one queue of the test PostgreSQL.
+mod two_dispatchers {
     use super::*;
-
-    /// Runs `scenario` on a queue of its own of the test server.
-    macro_rules! on_a_queue {
-        ($name:literal, $scenario:ident) => {{
-            let Some(postgres) = postgres().await else {
-                return;
-            };
-            let queue = postgres.queue(concat!("lanes-", $name));
-            $scenario(Store::Queue {
-                postgres: &postgres,
-                queue,
-            })
-            .await;
-        }};
-    }
-
-    #[tokio::test]
-    async fn a_dead_destination_first_in_the_queue_does_not_delay_another() {
-        let _ = tracing_subscriber::fmt()
-            .with_test_writer()
-            .with_max_level(tracing::Level::DEBUG)
-            .try_init();
-        on_a_queue!("dead", a_dead_destination_first_does_not_delay_another);
-    }
-
-    #[tokio::test]
-    async fn one_destinations_retry_after_pauses_it_alone() {
-        on_a_queue!("pause", a_pause_holds_its_destination_alone);
-    }
-
-    #[tokio::test]
-    async fn six_hundred_pending_for_one_do_not_hold_up_ten_for_another() {
-        on_a_queue!("fair", destinations_are_served_in_turn);
-    }
-
-    #[tokio::test]
-    async fn a_receiver_answering_in_eight_seconds_does_not_hold_up_another() {
-        on_a_queue!("slow", a_slow_receiver_holds_up_no_other);
-    }
-
-    #[tokio::test]
-    async fn give_up_after_quarantines_and_requeue_brings_back() {
-        on_a_queue!("give-up", a_destination_down_too_long_is_given_up_on);
-    }
-
-    #[tokio::test]
-    async fn destinations_reports_each_state() {
-        on_a_queue!("destinations", destinations_report_each_state);
-    }
-
-    #[tokio::test]
-    async fn twenty_healthy_destinations_get_twenty_times_the_rate_of_one() {
-        on_a_queue!("pace", each_destination_has_its_own_pace);
-    }
 
     /// Two dispatchers on one queue: a destination that is down gets one
     /// probe at a time across both.
