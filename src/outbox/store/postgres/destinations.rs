@@ -346,21 +346,38 @@ impl PostgresStore {
         }
         leased.sort_unstable_by_key(|(entry, _)| entry.seq);
         let mut entries = Vec::with_capacity(leased.len());
-        let mut claimed = lock(&self.claimed);
-        let mut held = lock(&shared.held);
-        for (entry, generation) in leased {
-            // Leased by this store either way: its generation is the one
-            // every later write is fenced by.
-            held.insert(entry.seq, generation);
-            // A sender here holds the key already (its lease ran out while
-            // it was sending): the record stays theirs, under the new lease;
-            // released, it would be free to claim while they send it.
-            if let Some(sending) = claimed.get_mut(&entry.key) {
-                *sending = Some(entry.seq);
-                continue;
+        let mut given_back = Vec::new();
+        {
+            let mut claimed = lock(&self.claimed);
+            let mut held = lock(&shared.held);
+            for (entry, generation) in leased {
+                let Some(sending) = claimed.get_mut(&entry.key) else {
+                    claimed.insert(entry.key.clone(), Some(entry.seq));
+                    held.insert(entry.seq, generation);
+                    entries.push(entry);
+                    continue;
+                };
+                // A sender here holds the key already. If its lease ran out
+                // while it was sending and no one took the record meanwhile
+                // (the generation before this claim is its own), the record
+                // stays theirs, under the new lease: released, it would be
+                // claimed and sent again while they send it. If another
+                // holder took it meanwhile, their writes stay fenced off,
+                // and the lease is given back.
+                let theirs = sending.and_then(|seq| held.get(&seq).copied());
+                match theirs == Some(generation - 1) {
+                    true => {
+                        *sending = Some(entry.seq);
+                        held.insert(entry.seq, generation);
+                    }
+                    false => given_back.push((entry.seq, generation)),
+                }
             }
-            claimed.insert(entry.key.clone(), Some(entry.seq));
-            entries.push(entry);
+        }
+        for (seq, generation) in given_back {
+            if let Err(error) = shared.release(seq, generation).await {
+                tracing::debug!(seq, error = %error, "a lease could not be cleared: it runs out");
+            }
         }
         Ok(entries)
     }
@@ -747,17 +764,80 @@ pub(super) mod tests {
         assert_eq!(again.len(), 1);
         assert_eq!(&again[0].key, released);
 
-        // A key a sender here holds is not claimed again by the lane: the
-        // record stays theirs, leased here, until they release it.
+        // A key a sender here holds (about to be inserted, so not its
+        // record) is not claimed again by the lane: the lease is given back.
         assert!(one.claim_new("b2"));
         let lane = one.claim_lane(B, 10).await.unwrap();
         assert_eq!(
             lane.iter().map(|e| e.key.as_str()).collect::<Vec<_>>(),
             ["b1"]
         );
-        assert!(other.claim_lane(B, 10).await.unwrap().is_empty());
-        one.release("b2", true);
         assert!(wait_for(|| async { other.claim_lane(B, 10).await.unwrap().len() == 1 }).await);
+    }
+
+    #[tokio::test]
+    async fn a_record_a_sender_here_still_sends_stays_theirs_unless_another_took_it_meanwhile() {
+        let Some(url) = test_server::url() else {
+            return;
+        };
+        let one = store(url, "lanes-handover", LEASE, INTERVAL).await;
+        let other = PostgresStore::connect(url, &one.shared.queue)
+            .await
+            .unwrap();
+        other.hold_for(Some(LEASE), INTERVAL);
+        let queue = one.shared.queue.clone();
+        // As if the lease ran out while the sender was sending.
+        let expire = |key: &'static str| {
+            let queue = queue.clone();
+            async move {
+                client(url)
+                    .await
+                    .execute(
+                        "UPDATE terminal_retry_outbox SET lease_until = now() - interval '1 second'
+                         WHERE queue = $1 AND key = $2",
+                        &[&queue, &key],
+                    )
+                    .await
+                    .unwrap();
+            }
+        };
+        let one = &one;
+        let stored = |key: &'static str| async move {
+            assert!(one.claim_new(key));
+            let request = Request::post(format!("{A}/hooks/{key}"))
+                .body(Bytes::from_static(b"{}"))
+                .unwrap();
+            match one.insert(Entry::new(key.to_owned(), &request, None)).await {
+                Ok(super::super::super::Inserted::Stored(seq)) => seq,
+                other => panic!("{other:?}"),
+            }
+        };
+
+        // No one took it meanwhile: the lane leaves it to the sender, whose
+        // removal applies.
+        let seq = stored("mine").await;
+        expire("mine").await;
+        assert!(
+            one.claim_lane(A, 10).await.unwrap().is_empty(),
+            "not sent again"
+        );
+        assert!(
+            other.claim_lane(A, 10).await.unwrap().is_empty(),
+            "still leased"
+        );
+        assert!(
+            one.complete(seq).await.unwrap(),
+            "the sender's removal applies"
+        );
+
+        // Another holder took it meanwhile (and its lease ran out too): the
+        // sender here stays fenced off.
+        let seq = stored("theirs").await;
+        expire("theirs").await;
+        assert_eq!(other.claim_lane(A, 10).await.unwrap().len(), 1);
+        expire("theirs").await;
+        assert!(one.claim_lane(A, 10).await.unwrap().is_empty());
+        assert!(!one.complete(seq).await.unwrap(), "fenced off");
     }
 
     #[tokio::test]
