@@ -22,7 +22,7 @@ use std::{
     time::Duration,
 };
 
-use redb::{ReadableDatabase, TableDefinition, TableHandle};
+use redb::{ReadOnlyTable, ReadableDatabase, TableDefinition, TableHandle};
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use file_safety::open_file;
@@ -102,6 +102,22 @@ impl RedbStore {
         }
     }
 
+    /// `table`, open for reading as of the last commit.
+    fn open_read(
+        &self,
+        table: TableDefinition<'_, u64, &[u8]>,
+    ) -> Result<ReadOnlyTable<u64, &'static [u8]>, OutboxError> {
+        let path = &self.shared.path;
+        let io = |error: redb::Error| OutboxError::io(path, error);
+        self.shared
+            .database()
+            .ok_or_else(|| OutboxError::io(path, "reopening after a failed commit"))?
+            .begin_read()
+            .map_err(|error| io(error.into()))?
+            .open_table(table)
+            .map_err(|error| io(error.into()))
+    }
+
     /// The records stored as `seqs` in `table` that are there and can be
     /// read, in the order asked.
     fn read_seqs(
@@ -109,15 +125,8 @@ impl RedbStore {
         table: TableDefinition<'_, u64, &[u8]>,
         seqs: &[u64],
     ) -> Result<Vec<Entry>, OutboxError> {
-        let path = &self.shared.path;
-        let io = |error: redb::Error| OutboxError::io(path, error);
-        let read = self
-            .shared
-            .database()
-            .ok_or_else(|| OutboxError::io(path, "reopening after a failed commit"))?
-            .begin_read()
-            .map_err(|error| io(error.into()))?;
-        let table = read.open_table(table).map_err(|error| io(error.into()))?;
+        let io = |error: redb::Error| OutboxError::io(&self.shared.path, error);
+        let table = self.open_read(table)?;
         let mut entries = Vec::with_capacity(seqs.len());
         for &seq in seqs {
             let record = table.get(seq).map_err(|error| io(error.into()))?;
@@ -204,14 +213,8 @@ impl RedbStore {
     ) -> Result<Vec<Entry>, OutboxError> {
         let path = &self.shared.path;
         let io = |error: redb::Error| OutboxError::io(path, error);
-        let read = self
-            .shared
-            .database()
-            .ok_or_else(|| OutboxError::io(path, "reopening after a failed commit"))?
-            .begin_read()
-            .map_err(|error| io(error.into()))?;
         let quarantine = table.name() == QUARANTINED.name();
-        let table = read.open_table(table).map_err(|error| io(error.into()))?;
+        let table = self.open_read(table)?;
         let mut entries = Vec::new();
         for row in table.range(from..).map_err(|error| io(error.into()))? {
             if entries.len() >= limit {
