@@ -229,17 +229,20 @@ async fn report_fire_once(client: &TaskClient, id: &str, result: TaskResult) {
         let _ = client.report_task_result(id, result).await;
         return;
     }
-    if let Err(error) = client
-        .send_task_result(id, &TaskResult::completed(output(id)))
-        .await
-    {
+    // With no retries. A permanent rejection falls back to `fail` by the
+    // client's own rule; a transient failure, left running by that rule,
+    // falls back here, as it did in the original.
+    let outcome = client
+        .report_task_result(id, TaskResult::completed(output(id)))
+        .await;
+    if outcome == ReportOutcome::LeftRunning {
         let fail = TaskResult::Failed(Failure {
-            error: format!("complete task failed: {error}"),
+            error: "complete task failed".into(),
             failure_reason: "agent_error".into(),
             ..Failure::default()
         });
         // Whatever happens now is what the server keeps.
-        let _ = client.send_task_result(id, &fail).await;
+        let _ = client.report_task_result(id, fail).await;
     }
 }
 

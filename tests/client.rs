@@ -140,10 +140,11 @@ async fn fail_task_retries_on_transient_5xx_then_succeeds() {
     let client = client(&server, &[4, 8, 16]);
     let start = tokio::time::Instant::now();
 
-    client
-        .send_task_result("task-fail", &TaskResult::failed("boom"))
-        .await
-        .expect("the third attempt succeeds");
+    let outcome = client
+        .report_task_result("task-fail", TaskResult::failed("boom"))
+        .await;
+
+    assert_eq!(outcome, ReportOutcome::Failed, "the third attempt succeeds");
 
     assert_eq!(terminal_calls(&server, "task-fail"), (0, 3));
     assert_eq!(server.state("task-fail"), Some(TaskState::Failed));
@@ -271,13 +272,16 @@ async fn requests_have_the_agreed_routes_bodies_and_headers() {
         session_id: "sess".into(),
         work_dir: "/w".into(),
     });
-    client.send_task_result("t1", &complete).await.unwrap();
+    let outcome = client.report_task_result("t1", complete).await;
+    assert_eq!(outcome, ReportOutcome::Completed);
     let fail = TaskResult::Failed(Failure {
         error: "late".into(),
         failure_reason: "agent_error".into(),
         ..Failure::default()
     });
-    client.send_task_result("t1", &fail).await.unwrap();
+    // Already terminal: 200, and the failure stands as delivered.
+    let outcome = client.report_task_result("t1", fail).await;
+    assert_eq!(outcome, ReportOutcome::Failed);
 
     let requests = support::requests(&server);
     let sent: Vec<_> = requests
@@ -336,11 +340,11 @@ async fn optional_headers_and_fields_are_omitted_when_unset() {
     let server = server_with(&["t1"]).await;
     let client = TaskClient::builder(server.url()).build().unwrap();
 
-    client
-        .send_task_result("t1", &TaskResult::completed(""))
-        .await
-        .unwrap();
+    let outcome = client
+        .report_task_result("t1", TaskResult::completed(""))
+        .await;
 
+    assert_eq!(outcome, ReportOutcome::Completed);
     let request = &support::requests(&server)[0];
     assert!(request.headers.get("x-client-version").is_none());
     assert!(request.headers.get("authorization").is_none());
@@ -430,20 +434,22 @@ async fn a_rejection_names_route_status_and_body() {
     let server = server_with(&[]).await;
     let client = client(&server, &[1, 1]);
 
-    let error = client
-        .send_task_result("ghost", &TaskResult::completed("x"))
-        .await
-        .unwrap_err();
+    let error = client.start_task("ghost").await.unwrap_err();
 
     assert_eq!(
         error.to_string(),
-        "POST /api/daemon/tasks/ghost/complete returned 404: task not found"
+        "POST /api/daemon/tasks/ghost/start returned 404: task not found"
     );
     assert_eq!(error.kind(), ErrorKind::Status(StatusCode::NOT_FOUND));
     assert!(!error.is_transient());
     assert!(std::error::Error::source(&error).is_none());
-    // Permanent: one attempt only.
-    assert_eq!(support::calls(&server, "ghost", Action::Complete), 1);
+    // Permanent: one attempt of each terminal route only, the second the
+    // fallback of the first.
+    let outcome = client
+        .report_task_result("ghost", TaskResult::completed("x"))
+        .await;
+    assert_eq!(outcome, ReportOutcome::NotDelivered);
+    assert_eq!(terminal_calls(&server, "ghost"), (1, 1));
 }
 
 #[tokio::test(start_paused = true)]
@@ -457,12 +463,9 @@ async fn a_long_error_body_is_cut_to_4_kib_and_trimmed() {
         .build()
         .unwrap();
 
-    let error = client
-        .send_task_result("t1", &TaskResult::completed("x"))
-        .await
-        .unwrap_err();
+    let error = client.start_task("t1").await.unwrap_err();
 
-    let prefix = "POST /api/daemon/tasks/t1/complete returned 502: ";
+    let prefix = "POST /api/daemon/tasks/t1/start returned 502: ";
     let message = error.to_string();
     assert!(message.starts_with(prefix), "{message}");
     // Trimmed, then cut to 4 KiB of text.
@@ -500,23 +503,36 @@ async fn transport_errors_are_transient_and_carry_their_source() {
 async fn a_hung_attempt_times_out_and_is_retried() {
     let server = server_with(&["t1"]).await;
     server.script("t1", Action::Complete, [Fault::Hang, Fault::Hang]);
+    server.script("t1", Action::Start, [Fault::Hang]);
     let client = client(&server, &[1]);
+    let (events, _guard) = capture();
     let start = tokio::time::Instant::now();
 
-    let error = client
-        .send_task_result("t1", &TaskResult::completed("x"))
-        .await
-        .unwrap_err();
+    let outcome = client
+        .report_task_result("t1", TaskResult::completed("x"))
+        .await;
 
+    // Two attempts of 5 s with 1 s between them; a transient failure is
+    // never turned into `fail`.
+    assert_eq!(outcome, ReportOutcome::LeftRunning);
+    assert_eq!(start.elapsed(), Duration::from_secs(11));
+    assert_eq!(terminal_calls(&server, "t1"), (2, 0));
+    let logged = events.text();
+    assert!(
+        logged.contains("POST /api/daemon/tasks/t1/complete failed before any response"),
+        "{logged}"
+    );
+
+    // A route tried once says so in its error.
+    let start = tokio::time::Instant::now();
+    let error = client.start_task("t1").await.unwrap_err();
     assert_eq!(error.kind(), ErrorKind::Timeout);
     assert!(error.is_transient());
     assert_eq!(
         error.to_string(),
-        "POST /api/daemon/tasks/t1/complete timed out"
+        "POST /api/daemon/tasks/t1/start timed out"
     );
-    // Two attempts of 5 s with 1 s between them.
-    assert_eq!(start.elapsed(), Duration::from_secs(11));
-    assert_eq!(support::calls(&server, "t1", Action::Complete), 2);
+    assert_eq!(start.elapsed(), Duration::from_secs(5));
 }
 
 #[tokio::test]

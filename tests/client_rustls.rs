@@ -27,7 +27,7 @@ use tokio_rustls::{
     TlsAcceptor,
 };
 use tower_terminal_retry::{
-    client::{ErrorKind, TaskClient, TaskResult, TlsRoots},
+    client::{ErrorKind, ReportOutcome, TaskClient, TaskResult, TlsRoots},
     Recovery, Schedule, TerminalRetryPolicy,
 };
 
@@ -82,10 +82,11 @@ async fn completes_over_https_with_a_trusted_self_signed_certificate() {
         .build()
         .unwrap();
 
-    client
-        .send_task_result("t1", &TaskResult::completed("done"))
-        .await
-        .unwrap();
+    let outcome = client
+        .report_task_result("t1", TaskResult::completed("done"))
+        .await;
+
+    assert_eq!(outcome, ReportOutcome::Completed);
 
     assert_eq!(*paths.lock().unwrap(), ["/api/daemon/tasks/t1/complete"]);
 }
@@ -103,13 +104,15 @@ async fn an_untrusted_certificate_is_a_transient_transport_error() {
         .build()
         .unwrap();
 
-    let error = client
-        .send_task_result("t1", &TaskResult::completed("done"))
-        .await
-        .unwrap_err();
+    let error = client.start_task("t1").await.unwrap_err();
 
     assert_eq!(error.kind(), ErrorKind::Transport);
     assert!(error.is_transient());
+    // Transient: never turned into `fail`.
+    let outcome = client
+        .report_task_result("t1", TaskResult::completed("done"))
+        .await;
+    assert_eq!(outcome, ReportOutcome::LeftRunning);
     assert!(paths.lock().unwrap().is_empty());
 }
 

@@ -93,7 +93,7 @@ async fn a_redirect_is_refused_for_good_and_the_error_names_its_location() {
     let client = client_of(&server);
 
     let error = client
-        .send_task_result("t1", &TaskResult::completed(""))
+        .start_task("t1")
         .await
         .expect_err("a 301 is no success");
     assert!(!error.is_transient(), "a redirect is not retried");
@@ -134,7 +134,7 @@ async fn a_token_echoed_in_a_redirects_location_is_redacted() {
     })
     .await;
     let error = client_of(&server)
-        .send_task_result("t1", &TaskResult::completed(""))
+        .start_task("t1")
         .await
         .expect_err("a 302 is no success");
     let shown = format!("{error} {error:?}");
@@ -148,10 +148,7 @@ async fn an_echoed_token_is_redacted_from_errors_events_and_the_fallback() {
     let client = client_of(&server);
     let (events, _guard) = capture();
 
-    let error = client
-        .send_task_result("t1", &TaskResult::completed(""))
-        .await
-        .expect_err("a 400");
+    let error = client.start_task("t1").await.expect_err("a 400");
     let shown = format!("{error} {error:?}");
     assert!(!shows_token(&shown), "{shown}");
     assert!(shown.contains("[redacted]"), "{shown}");
@@ -180,16 +177,13 @@ async fn an_error_body_is_escaped_and_capped_after_decoding() {
     let server = answering(move |_| support::text_reply(400, body.clone())).await;
     let client = client_of(&server);
 
-    let error = client
-        .send_task_result("t1", &TaskResult::completed(""))
-        .await
-        .expect_err("a 400");
+    let error = client.start_task("t1").await.expect_err("a 400");
     let message = error.to_string();
     assert!(
         !message.contains('\n') && !message.contains('\u{1b}'),
         "{message}"
     );
-    let prefix = "POST /api/daemon/tasks/t1/complete returned 400: ";
+    let prefix = "POST /api/daemon/tasks/t1/start returned 400: ";
     let kept = message.strip_prefix(prefix).expect("the route and status");
     assert!(kept.len() <= 4096, "{} bytes kept", kept.len());
     assert!(kept.len() > 4000, "{} bytes kept", kept.len());
@@ -197,7 +191,7 @@ async fn an_error_body_is_escaped_and_capped_after_decoding() {
     let forged = "x\nINFO forged\u{1b}[2J";
     let server = answering(move |_| support::text_reply(400, forged)).await;
     let error = client_of(&server)
-        .send_task_result("t1", &TaskResult::completed(""))
+        .start_task("t1")
         .await
         .expect_err("a 400");
     assert!(
@@ -223,11 +217,6 @@ async fn invalid_task_ids_are_refused_before_anything_is_sent() {
         let error = client.start_task(bad).await.expect_err("refused");
         assert_eq!(error.kind(), ErrorKind::Config, "{bad:?}: {error}");
         assert!(!error.to_string().contains(bad) || bad.is_empty());
-        let error = client
-            .send_task_result(bad, &TaskResult::completed(""))
-            .await
-            .expect_err("refused");
-        assert_eq!(error.kind(), ErrorKind::Config, "{bad:?}: {error}");
         assert!(client.pin_session(bad, "s", "w").await.is_err());
         let outcome = client
             .report_task_result(bad, TaskResult::completed("done"))
@@ -278,10 +267,10 @@ async fn the_retry_after_cap_is_the_clients_to_set() {
         .build()
         .unwrap();
     let start = Instant::now();
-    capped
-        .send_task_result("t1", &TaskResult::completed(""))
-        .await
-        .unwrap();
+    let outcome = capped
+        .report_task_result("t1", TaskResult::completed(""))
+        .await;
+    assert_eq!(outcome, ReportOutcome::Completed);
     assert_eq!(start.elapsed(), Duration::from_secs(2));
 
     let deaf = TaskClient::builder(server.url())
@@ -289,9 +278,10 @@ async fn the_retry_after_cap_is_the_clients_to_set() {
         .build()
         .unwrap();
     let start = Instant::now();
-    deaf.send_task_result("t2", &TaskResult::completed(""))
-        .await
-        .unwrap();
+    let outcome = deaf
+        .report_task_result("t2", TaskResult::completed(""))
+        .await;
+    assert_eq!(outcome, ReportOutcome::Completed);
     assert_eq!(start.elapsed(), Duration::from_secs(1));
 }
 
@@ -526,14 +516,17 @@ async fn the_attempt_timeout_starts_when_the_attempt_is_sent_not_while_it_waits(
         let client = client.clone();
         tokio::spawn(async move {
             client
-                .send_task_result(id, &TaskResult::completed(""))
+                .report_task_result(id, TaskResult::completed(""))
                 .await
         })
     });
     for call in calls {
-        call.await
-            .unwrap()
-            .expect("no attempt timed out waiting its turn");
+        let outcome = call.await.unwrap();
+        assert_eq!(
+            outcome,
+            ReportOutcome::Completed,
+            "no attempt timed out waiting its turn"
+        );
     }
     assert_eq!(server.attempts().len(), 3, "each sent once");
 }

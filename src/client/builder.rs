@@ -12,7 +12,7 @@ use http_body_util::Full;
 #[cfg(not(feature = "rustls"))]
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
-use tower::{Layer, ServiceBuilder};
+use tower::ServiceBuilder;
 use tower_http::{
     sensitive_headers::SetSensitiveRequestHeadersLayer, set_header::SetRequestHeaderLayer,
 };
@@ -155,7 +155,6 @@ impl TaskClientBuilder {
     /// [`report_task_result`](TaskClient::report_task_result) is committed
     /// to disk before its first attempt, and delivered, across restarts,
     /// however long the server is away (see [`outbox`](crate::outbox)).
-    /// [`send_task_result`](TaskClient::send_task_result) is not stored.
     ///
     /// Only reports to the base URL's own origin are replayed: one stored
     /// under another base URL (or planted in the file) is quarantined, with
@@ -258,7 +257,6 @@ impl TaskClientBuilder {
             base: &base,
             token: self.token.as_deref(),
         })?;
-        let terminal = layer.layer(single.clone());
 
         let transport = Transport {
             base,
@@ -269,7 +267,6 @@ impl TaskClientBuilder {
             timeout: self.timeout,
             recovery: self.policy.recovery().cloned(),
             single,
-            terminal,
         };
         Ok(TaskClient::new(transport, dispatcher, runtime))
     }

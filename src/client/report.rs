@@ -5,8 +5,7 @@
 /// sent to `complete`, or a failure, sent to `fail`.
 ///
 /// Sent by [`TaskClient::report_task_result`](super::TaskClient::report_task_result),
-/// with its fallback rules, or by
-/// [`TaskClient::send_task_result`](super::TaskClient::send_task_result).
+/// with its fallback rules.
 ///
 /// ```
 /// use tower_terminal_retry::client::{Completion, TaskResult};

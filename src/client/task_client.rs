@@ -133,22 +133,6 @@ impl TaskClient {
             .await
     }
 
-    /// Sends `result` once along the terminal schedule, in this future:
-    /// `POST .../complete` for a completion, `POST .../fail` for a failure,
-    /// retried on transient failures. No fallback, no outbox, no tracking by
-    /// [`shutdown`](TaskClient::shutdown): for those, see
-    /// [`report_task_result`](TaskClient::report_task_result).
-    ///
-    /// # Errors
-    ///
-    /// A permanent rejection at once, or the last transient failure once the
-    /// schedule is exhausted; see [`Error::is_transient`].
-    pub async fn send_task_result(&self, task_id: &str, result: &TaskResult) -> Result<(), Error> {
-        let transport = &self.inner.transport;
-        let (route, body) = body::terminal(result);
-        transport.send_terminal(route, task_id, body).await
-    }
-
     /// Reports an agent's result, completed or failed, with the fallback rules
     /// of the [module docs](super).
     ///

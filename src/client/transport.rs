@@ -4,24 +4,19 @@
 use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Method, Request, Response};
+use http::{HeaderMap, HeaderValue, Method, Request};
 use http_body_util::Full;
-use hyper::body::Incoming;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use tower::{timeout::Timeout, BoxError, Service, ServiceExt};
+use tower::{timeout::Timeout, ServiceExt};
 use tower_http::{
     sensitive_headers::SetSensitiveRequestHeaders,
     set_header::{MakeHeaderValue, SetRequestHeader},
 };
 
-use super::{
-    error::Error,
-    limit::{ExchangeLimit, PermitBody},
-    route::Action,
-};
+use super::{error::Error, limit::ExchangeLimit, route::Action};
 use crate::{
     classify::{Classify, DefaultClassifier, Outcome},
-    Recovery, Schedule, TerminalRetry,
+    Recovery, Schedule,
 };
 
 /// The connector under the client: plain HTTP, or HTTP and HTTPS with the
@@ -41,9 +36,6 @@ pub(super) type Attempt = SetRequestHeader<
     Credentials,
 >;
 
-/// The body of an attempt's response, holding its turn under the limit.
-type ResponseBody = PermitBody<Incoming>;
-
 /// The `Authorization` value, for requests to the client's own origin only:
 /// a stored report, or a redirect target, elsewhere never gets the token.
 #[derive(Clone)]
@@ -60,8 +52,9 @@ impl<B> MakeHeaderValue<Request<B>> for Credentials {
     }
 }
 
-/// How the client reaches its server: the base URL, the headers and the two
-/// stacks, one for the routes tried once and one for the terminal routes.
+/// How the client reaches its server: the base URL, the headers and the
+/// stack of one attempt (the terminal routes go through the client's
+/// dispatcher, over this stack).
 pub(super) struct Transport {
     /// `scheme://authority/prefix`, no trailing slash.
     pub(super) base: String,
@@ -76,8 +69,6 @@ pub(super) struct Transport {
     pub(super) recovery: Option<Recovery>,
     /// The routes tried once.
     pub(super) single: Attempt,
-    /// `complete` and `fail`, retried.
-    pub(super) terminal: TerminalRetry<Attempt>,
 }
 
 impl Transport {
@@ -95,51 +86,21 @@ impl Transport {
         Ok(request)
     }
 
-    /// Sends `body` to `route` once.
+    /// Sends `body` to `route` once, and sorts its result with the
+    /// classifier the retry layer uses.
     pub(super) async fn send_once(
         &self,
         route: Action,
         task_id: &str,
         body: Bytes,
     ) -> Result<(), Error> {
-        self.send(&self.single, route, task_id, body).await
-    }
-
-    /// Sends `body` to `route`, retried along the terminal schedule.
-    pub(super) async fn send_terminal(
-        &self,
-        route: Action,
-        task_id: &str,
-        body: Bytes,
-    ) -> Result<(), Error> {
-        self.send(&self.terminal, route, task_id, body).await
-    }
-
-    /// What never leaves the client in text taken from a response.
-    pub(super) fn secrets(&self) -> Vec<&str> {
-        self.token.as_deref().into_iter().collect()
-    }
-
-    /// Sends one request through `service` and sorts its result with the
-    /// classifier the retry layer uses.
-    async fn send<S>(
-        &self,
-        service: &S,
-        route: Action,
-        task_id: &str,
-        body: Bytes,
-    ) -> Result<(), Error>
-    where
-        S: Service<Request<Full<Bytes>>, Response = Response<ResponseBody>, Error = BoxError>
-            + Clone,
-    {
         super::route::check_task_id(task_id)?;
         let path = route.path(task_id);
         let request = self.request(&path, body)?.map(Full::new);
         // Kept only for the recovery signal.
         let uri = self.recovery.as_ref().map(|_| request.uri().clone());
 
-        let result = service.clone().oneshot(request).await;
+        let result = self.single.clone().oneshot(request).await;
         let outcome = DefaultClassifier.classify(&result);
         if let (Outcome::Success, Some(recovery), Some(uri)) = (outcome, &self.recovery, &uri) {
             // The terminal layer tells it itself; the routes tried once do not.
@@ -160,5 +121,10 @@ impl Transport {
         // echo the token there) instead of its body.
         let body = redirect.map_or(body, |note| crate::response::clean(&note, &secrets));
         Err(Error::rejected(Method::POST, path, status, body, outcome))
+    }
+
+    /// What never leaves the client in text taken from a response.
+    pub(super) fn secrets(&self) -> Vec<&str> {
+        self.token.as_deref().into_iter().collect()
     }
 }
