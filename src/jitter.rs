@@ -80,8 +80,21 @@ impl Jitter {
         self
     }
 
-    /// The delay to sleep instead of `delay`.
-    pub(crate) fn apply(&self, delay: Duration) -> Duration {
+    /// The delay to sleep instead of `delay`: within `[0, delay]` for full
+    /// jitter, `[delay / 2, delay]` for equal jitter, `delay` itself for
+    /// none. Public for a sender of its own that spreads its waits as the
+    /// policy does (the outbox's probes of a destination that is down use
+    /// full jitter).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_terminal_retry::Jitter;
+    ///
+    /// let half = Jitter::full().with_random(|| 0.5);
+    /// assert_eq!(half.apply(Duration::from_secs(8)), Duration::from_secs(4));
+    /// assert_eq!(Jitter::default().apply(Duration::from_secs(8)), Duration::from_secs(8));
+    /// ```
+    pub fn apply(&self, delay: Duration) -> Duration {
         let fraction = match self.kind {
             Kind::None => return delay,
             Kind::Full => self.random_fraction(),

@@ -63,8 +63,28 @@ impl RetryAfter {
     }
 
     /// The server's delay for a response of this status and these headers,
-    /// clamped to the cap; `None` when the schedule's delay applies.
-    pub(crate) fn delay(
+    /// as seen at `now`, clamped to the cap; `None` when the schedule's
+    /// delay applies (another status, no header, a value
+    /// [`parse_retry_after`] refuses, or `Retry-After` ignored). The rule the
+    /// policy follows, public for a sender of its own (the outbox pauses a
+    /// destination by it).
+    ///
+    /// ```
+    /// use std::time::{Duration, SystemTime};
+    /// use http::{header::RETRY_AFTER, HeaderMap, HeaderValue, StatusCode};
+    /// use tower_terminal_retry::RetryAfter;
+    ///
+    /// let mut headers = HeaderMap::new();
+    /// headers.insert(RETRY_AFTER, HeaderValue::from_static("600"));
+    /// let capped = RetryAfter::honor_up_to(Duration::from_secs(60))?;
+    /// let now = SystemTime::now();
+    /// assert_eq!(capped.delay(StatusCode::TOO_MANY_REQUESTS, &headers, now), Some(Duration::from_secs(60)));
+    /// // A 500 is not asked to wait.
+    /// assert_eq!(capped.delay(StatusCode::INTERNAL_SERVER_ERROR, &headers, now), None);
+    /// assert_eq!(RetryAfter::ignore().delay(StatusCode::TOO_MANY_REQUESTS, &headers, now), None);
+    /// # Ok::<(), tower_terminal_retry::ConfigError>(())
+    /// ```
+    pub fn delay(
         &self,
         status: StatusCode,
         headers: &HeaderMap,
