@@ -520,6 +520,50 @@ mod two_dispatchers {
         drop((first, second));
     }
 
+    /// A probe that takes longer than the lease stays the only one: its
+    /// holder renews it while it is in flight.
+    #[tokio::test]
+    async fn a_probe_slower_than_the_lease_stays_the_only_one() {
+        let Some(postgres) = postgres().await else {
+            return;
+        };
+        let store = Store::Queue {
+            postgres: &postgres,
+            queue: postgres.queue("lanes-two-slow-probe"),
+        };
+        let slow = receiver(502, Duration::from_millis(2500)).await;
+        store.store_unsent(requests(&slow, "slow-", 10)).await;
+        let dispatcher = || async {
+            Dispatcher::builder(store.open().await, http_client())
+                .layer(once())
+                .replay(Replay {
+                    interval: Duration::from_secs(1),
+                    ..Replay::default()
+                })
+                .lease(Duration::from_secs(1))
+                .any_origin()
+                .build()
+                .unwrap()
+        };
+        let first = dispatcher().await;
+        // The second once the destination is known to be down.
+        assert!(wait_for(Duration::from_secs(5), || !slow.requests().is_empty()).await);
+        tokio::time::sleep(Duration::from_millis(2800)).await;
+        let second = dispatcher().await;
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let probes = arrivals(&slow.requests());
+        assert!(probes.len() >= 3, "{probes:?}");
+        // Each takes 2.5 s, over twice the lease: none started before the
+        // last one ended, whichever dispatcher sent it.
+        for pair in probes.windows(2) {
+            assert!(
+                pair[1] - pair[0] >= Duration::from_millis(2500),
+                "{probes:?}"
+            );
+        }
+        drop((first, second));
+    }
+
     /// A pause one dispatcher was given is kept by the other.
     #[tokio::test]
     async fn a_pause_given_to_one_dispatcher_is_kept_by_the_other() {

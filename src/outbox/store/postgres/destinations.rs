@@ -455,6 +455,8 @@ impl PostgresStore {
                 (kept, down)
             }
         };
+        // Every outcome gives back a probe held here.
+        lock(&shared.probes).remove(origin);
         let mut seen = lock(&self.seen);
         match kept {
             Some(state) => {
@@ -505,6 +507,7 @@ impl PostgresStore {
         let mut seen = Seen::now(lane_state(&row, 0));
         seen.probing_until = Some(seen.at + Duration::from_secs_f64(shared.lease_seconds()));
         lock(&self.seen).insert(origin.to_owned(), seen);
+        lock(&shared.probes).insert(origin.to_owned());
         Ok(true)
     }
 
@@ -540,6 +543,7 @@ impl PostgresStore {
         }
         shared.uncount(given_up);
         lock(&self.seen).remove(origin);
+        lock(&shared.probes).remove(origin);
         Ok(given_up)
     }
 
@@ -841,7 +845,8 @@ pub(super) mod tests {
     }
 
     #[tokio::test]
-    async fn one_probe_at_a_time_across_stores_until_released_or_its_lease_runs_out() {
+    async fn one_probe_at_a_time_across_stores_renewed_while_held_until_released_or_its_holder_dies(
+    ) {
         let Some(url) = test_server::url() else {
             return;
         };
@@ -887,10 +892,17 @@ pub(super) mod tests {
         probe_due(url, &one, A).await;
         assert!(other.take_probe(A).await.unwrap());
         assert!(!one.take_probe(A).await.unwrap());
-        // Its holder went silent: the probe is free once its lease ran out.
+        // Its holder lives on: its probe is renewed past the lease.
+        tokio::time::sleep(2 * lease).await;
+        assert!(!one.take_probe(A).await.unwrap(), "renewed while held");
+        // Its holder died: the probe is free once its lease ran out.
+        drop(other);
         let started = Instant::now();
         assert!(wait_for(|| async { one.take_probe(A).await.unwrap() }).await);
         assert!(started.elapsed() >= Duration::from_millis(500));
+        let other = PostgresStore::connect(url, &one.shared.queue)
+            .await
+            .unwrap();
 
         // The probe answered: up, released, and no probe left to take.
         let up = one

@@ -86,21 +86,38 @@ impl Shared {
         Ok(())
     }
 
-    /// Extends the leases held here.
+    /// Extends the leases held here: of records, and of the probes of
+    /// destinations.
     async fn renew(&self) -> Result<(), OutboxError> {
         let held: Vec<i64> = lock(&self.held).keys().map(|&seq| as_seq(seq)).collect();
-        if held.is_empty() {
+        let probes: Vec<String> = lock(&self.probes).iter().cloned().collect();
+        if held.is_empty() && probes.is_empty() {
             return Ok(());
         }
         let client = self.client().await?;
-        client
-            .execute(
-                "UPDATE terminal_retry_outbox SET lease_until = now() + $3 * interval '1 second'
-                 WHERE queue = $1 AND holder = $2 AND seq = ANY($4)",
-                &[&self.queue, &self.holder, &self.lease_seconds(), &held],
-            )
-            .await
-            .map_err(|error| self.failed(error))?;
+        if !held.is_empty() {
+            client
+                .execute(
+                    "UPDATE terminal_retry_outbox SET lease_until = now() + $3 * interval '1 second'
+                     WHERE queue = $1 AND holder = $2 AND seq = ANY($4)",
+                    &[&self.queue, &self.holder, &self.lease_seconds(), &held],
+                )
+                .await
+                .map_err(|error| self.failed(error))?;
+        }
+        if !probes.is_empty() {
+            // Only a probe still held: one that ran out was free to take.
+            client
+                .execute(
+                    "UPDATE terminal_retry_outbox_destination
+                     SET probe_until = now() + $3 * interval '1 second'
+                     WHERE queue = $1 AND probe_holder = $2 AND origin = ANY($4)
+                       AND probe_until > now()",
+                    &[&self.queue, &self.holder, &self.lease_seconds(), &probes],
+                )
+                .await
+                .map_err(|error| self.failed(error))?;
+        }
         Ok(())
     }
 }

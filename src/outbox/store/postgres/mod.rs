@@ -21,7 +21,7 @@ mod test_server;
 mod writer;
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -97,6 +97,9 @@ struct Shared {
     replay_interval_ms: AtomicU64,
     /// The generation of each record leased here, by sequence number.
     held: Mutex<HashMap<u64, i64>>,
+    /// The destinations whose probe is held here: renewed with the leases,
+    /// so that a probe slower than a lease stays the only one.
+    probes: Mutex<HashSet<String>>,
 }
 
 impl PostgresStore {
@@ -125,6 +128,7 @@ impl PostgresStore {
             // Until a dispatcher says its replay interval: the longest poll.
             replay_interval_ms: AtomicU64::new(millis(LONGEST_POLL)),
             held: Mutex::new(HashMap::new()),
+            probes: Mutex::new(HashSet::new()),
         });
         shared.count_pending().await?;
         let (writes, received) = mpsc::unbounded_channel();
