@@ -165,6 +165,7 @@ mod future;
 mod jitter;
 mod layer;
 mod origin;
+mod pace;
 mod policy;
 mod recovery;
 mod retry_after;

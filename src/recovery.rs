@@ -8,9 +8,13 @@
 //! it succeeds, the retries waiting on a schedule delay for the same authority
 //! (scheme, host and port) are released:
 //!
-//! - oldest first, at most `release_per_second` a second (a token bucket that
-//!   holds one token when idle: the first goes at once). The others keep
-//!   waiting for a token or their own delay, whichever comes first;
+//! - oldest first, at most `release_per_second` a second, spaced by a
+//!   [`Pace`](crate::pace::Pace), the crate's one pace (the outbox's replay
+//!   keeps one towards each destination): the first at once, then one every
+//!   `1 s / release_per_second`, on a grid that a late wake-up does not
+//!   shift; after idling longer than that, a new episode starts at once, with
+//!   no burst. The others keep waiting for their turn or their own delay,
+//!   whichever comes first;
 //! - only those that were already waiting when the success was seen, and only
 //!   for that authority: calls to a host still down keep waiting;
 //! - never a wait the server asked for with `Retry-After`.
@@ -72,13 +76,12 @@ use std::{
         Arc, Mutex, MutexGuard,
     },
     task::{Context, Poll, Waker},
-    time::Duration,
 };
 
 use http::Uri;
 use tokio::time::Instant;
 
-use crate::error::ConfigError;
+use crate::{error::ConfigError, pace::Pace};
 
 /// The release rate of [`Recovery::default`], which the task client and the
 /// outbox's dispatcher use unless given one: a daemon reports a handful of
@@ -99,16 +102,12 @@ pub struct Recovery {
 
 struct Shared {
     release_per_second: u32,
-    /// The time between two releases: one second over the rate, rounded up so
-    /// the rate is never exceeded.
-    spacing: Duration,
     /// Waiters registered, across every authority: the only thing a success
     /// reads when nobody waits.
     waiting: AtomicUsize,
     state: Mutex<State>,
 }
 
-#[derive(Default)]
 struct State {
     /// Numbers waiters in the order they parked; never reused.
     next_ticket: u64,
@@ -120,10 +119,9 @@ struct State {
     /// once its last waiter leaves, so that a client talking to many hosts
     /// over time keeps only those with waiters.
     free_hosts: Vec<usize>,
-    /// When the token bucket has its next token. A release episode that
-    /// starts later than this starts with one token: the first goes at once;
-    /// within an episode tokens come every `spacing`.
-    next_token: Option<Instant>,
+    /// When releases may go: kept across episodes, so that one starting
+    /// right after another does not exceed the rate.
+    pace: Pace,
     /// Whether a release task is running.
     releasing: bool,
 }
@@ -135,7 +133,7 @@ struct Host {
     /// Waiters by ticket: the oldest first.
     waiters: BTreeMap<u64, Waker>,
     /// Waiters with a ticket below this were parked when a success to this
-    /// authority was seen: they are released as tokens come.
+    /// authority was seen: they are released as the pace allows.
     release_below: u64,
 }
 
@@ -169,14 +167,18 @@ impl Recovery {
         if release_per_second == 0 {
             return Err(ConfigError::InvalidReleaseRate);
         }
-        let spacing =
-            Duration::from_nanos(1_000_000_000u64.div_ceil(u64::from(release_per_second)));
         Ok(Recovery {
             shared: Arc::new(Shared {
                 release_per_second,
-                spacing,
                 waiting: AtomicUsize::new(0),
-                state: Mutex::new(State::default()),
+                state: Mutex::new(State {
+                    next_ticket: 0,
+                    host_ids: HashMap::new(),
+                    hosts: Vec::new(),
+                    free_hosts: Vec::new(),
+                    pace: Pace::new(release_per_second),
+                    releasing: false,
+                }),
             }),
         })
     }
@@ -219,9 +221,6 @@ impl Recovery {
             return;
         }
         state.releasing = true;
-        // A new episode starts with one token: the first goes at once.
-        let now = Instant::now();
-        state.next_token = Some(state.next_token.map_or(now, |token| token.max(now)));
         drop(state);
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
@@ -302,34 +301,30 @@ impl Shared {
     }
 }
 
-/// Releases waiters one token at a time until none is left to release.
+/// Releases the waiters a success marked, oldest first, one per start of the
+/// pace, until none is left to release.
 async fn release(shared: Arc<Shared>) {
     let mut woken = Vec::new();
     loop {
-        let next_token = {
+        let next_start = {
             let mut state = shared.lock();
-            let now = Instant::now();
-            // Not moved up to `now`: the tokens that came while this task
-            // slept past its wake-up (timers are coarse) are owed.
-            let mut next_token = state.next_token.unwrap_or(now);
-            let mut done = false;
-            while next_token <= now {
+            loop {
+                // More than one may be due after a late wake-up, at a rate
+                // above a start per timer tick.
+                if !state.pace.is_due() {
+                    break Some(state.pace.next_start());
+                }
                 let Some(waker) = Shared::next_released(&mut state) else {
-                    done = true;
-                    break;
+                    state.releasing = false;
+                    break None;
                 };
+                state.pace.start();
                 shared.waiting.fetch_sub(1, Ordering::AcqRel);
                 woken.push(waker);
-                next_token += shared.spacing;
             }
-            state.next_token = Some(next_token);
-            if done {
-                state.releasing = false;
-            }
-            (!done).then_some(next_token)
         };
         woken.drain(..).for_each(Waker::wake);
-        match next_token {
+        match next_start {
             Some(at) => tokio::time::sleep_until(at).await,
             None => return,
         }
@@ -420,6 +415,8 @@ impl Future for Parked {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     #[tokio::test(start_paused = true)]
@@ -450,10 +447,6 @@ mod tests {
         assert_eq!(
             Recovery::new(0).unwrap_err(),
             ConfigError::InvalidReleaseRate
-        );
-        assert_eq!(
-            Recovery::new(3).unwrap().shared.spacing,
-            Duration::from_nanos(333_333_334)
         );
     }
 }

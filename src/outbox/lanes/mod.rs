@@ -3,16 +3,15 @@
 //! dead, paused, slow or flooded holds up no other.
 //!
 //! A lane that is up sends its stored requests, oldest first, at most
-//! [`Replay::rate`](super::Replay::rate) a second (its [`Pace`]) and at most
-//! its share of the replay's slots at once; one that is down gets one probe
-//! at a time, on a jittered backoff capped at the replay interval; one that
-//! asked for a pause (`Retry-After`) gets nothing until it ends. Lanes with
-//! work are served in turn, one start each per round, never first in first
-//! out across the whole store. What a lane is (up, down, paused, probed) is
-//! kept by the store ([`Outbox`](super::Outbox)), so that on PostgreSQL every
-//! dispatcher on the queue honours it.
-
-mod pace;
+//! [`Replay::rate`](super::Replay::rate) a second (its [`Pace`], the crate's
+//! one pace, which also spaces a [`Recovery`](crate::Recovery)'s releases)
+//! and at most its share of the replay's slots at once; one that is down
+//! gets one probe at a time, on a jittered backoff capped at the replay
+//! interval; one that asked for a pause (`Retry-After`) gets nothing until it
+//! ends. Lanes with work are served in turn, one start each per round, never
+//! first in first out across the whole store. What a lane is (up, down,
+//! paused, probed) is kept by the store ([`Outbox`](super::Outbox)), so that
+//! on PostgreSQL every dispatcher on the queue honours it.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -27,14 +26,12 @@ use tokio::{
     time::{sleep_until, Instant},
 };
 
-use pace::Pace;
-
 use super::{
     dispatcher::{AttemptClassifier, AttemptService, Handles, Shared, Step},
     store::{Claim, LaneEvent, LaneState},
     Entry,
 };
-use crate::{classify::Outcome, recovery::Woken};
+use crate::{classify::Outcome, pace::Pace, recovery::Woken};
 
 /// The wait before a replay worker that stopped unexpectedly is started
 /// again: a fault that recurs at once does not spin.
