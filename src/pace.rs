@@ -28,25 +28,30 @@ impl Pace {
         }
     }
 
-    /// When the next start may go.
+    /// When the next start may go: on its point of the grid, or, at a rate
+    /// above a start a tick, a tick early. The timer rounds a sleep up to its
+    /// next tick, and wakes later still on a busy runtime: a start due within
+    /// the tick goes now, or such a rate would be capped near one start a
+    /// millisecond. A slower rate keeps to its grid exactly (the grid rule of
+    /// [`start`](Pace::start) makes up for a late wake-up).
     pub(crate) fn next_start(&self) -> Instant {
-        self.next
+        match self.gap < TIMER_TICK {
+            true => self.next - TIMER_TICK,
+            false => self.next,
+        }
     }
 
     /// Whether a start may go now.
     pub(crate) fn is_due(&self) -> bool {
-        self.next <= Instant::now()
+        self.next_start() <= Instant::now()
     }
 
     /// Records a start, now.
     pub(crate) fn start(&mut self) {
         let now = Instant::now();
-        // Late by less than a gap: keep to the grid, so that timer delays do
-        // not add up. Late by less than the timer's tick, at a rate above a
-        // start a tick: keep to it too, the starts owed going at once, for a
-        // sleep rounded up to the tick would otherwise cap the rate near one
-        // start a millisecond. Idle longer: from now, with no burst to catch
-        // up.
+        // Late by less than a gap (or a tick, at a rate above a start a
+        // tick): keep to the grid, so that timer delays do not add up.
+        // Idle longer: from now, with no burst to catch up.
         let from = match now < self.next + self.gap.max(TIMER_TICK) {
             true => self.next,
             false => now,
@@ -79,6 +84,25 @@ mod tests {
             "{:?}",
             start.elapsed()
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn at_a_rate_above_a_start_a_tick_a_start_due_within_the_tick_goes_now() {
+        let mut fast = Pace::new(10_000);
+        fast.start();
+        // The next is 100 us away: due now, with no sleep rounded up to
+        // the next tick.
+        assert!(fast.is_due());
+        for _ in 0..10 {
+            fast.start();
+        }
+        // Eleven starts go within a tick: the next waits.
+        assert!(!fast.is_due());
+        // A slower rate waits for its point of the grid.
+        let mut slow = Pace::new(500);
+        slow.start();
+        assert!(!slow.is_due());
+        assert_eq!(slow.next_start() - Instant::now(), Duration::from_millis(2));
     }
 
     #[tokio::test(start_paused = true)]
