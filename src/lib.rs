@@ -29,7 +29,7 @@
 //! | the layer and its policy | [`TerminalRetryLayer`], [`TerminalRetryPolicy`], [`Backoff`] | none: always there |
 //! | classifying an answer | [`Classify`], [`ClassifyFn`], [`DefaultClassifier`], [`classify_status`], [`Outcome`] | none |
 //! | when to retry | [`Schedule`], [`RetryAfter`], [`parse_retry_after`], [`Jitter`], [`RetryBudget`] | none |
-//! | early release | [`Recovery`] | none |
+//! | early release | [`Recovery`], [`Parked`], [`Woken`] | none |
 //! | bad configuration | [`ConfigError`] | none |
 //! | the task-callback client | [`client`](client/index.html): [`TaskClient`](client/struct.TaskClient.html) | `client` (`rustls` adds HTTPS) |
 //! | the durable outbox, for any tower service | [`outbox`](outbox/index.html): [`Outbox`](outbox/struct.Outbox.html), [`Dispatcher`](outbox/struct.Dispatcher.html) | `outbox` (a redb file); `postgres` (a queue shared by many senders); with `client`, the durable task client |
@@ -164,12 +164,16 @@ mod error;
 mod future;
 mod jitter;
 mod layer;
-mod origin;
-mod pace;
 mod policy;
 mod recovery;
 mod retry_after;
 mod schedule;
+
+// Leaf utilities the concepts share, crate-private and importing none of
+// them: an origin compared one way everywhere, evenly spaced starts (the
+// replay's pace and the early release's), a lock that outlives a panic.
+mod origin;
+mod pace;
 mod sync;
 
 // Reading a server's answer as untrusted text: the client's and the outbox's.
@@ -209,7 +213,7 @@ pub use jitter::Jitter;
 pub(crate) use layer::TerminalRetry;
 pub use layer::TerminalRetryLayer;
 pub use policy::TerminalRetryPolicy;
-pub use recovery::Recovery;
+pub use recovery::{Parked, Recovery, Woken};
 pub use retry_after::{parse_retry_after, RetryAfter};
 pub use schedule::Schedule;
 

@@ -232,8 +232,32 @@ impl Recovery {
     }
 
     /// Parks a caller until `deadline`, or until a success to `uri`'s
-    /// authority releases it.
-    pub(crate) fn park(&self, uri: &Uri, deadline: Instant) -> Parked {
+    /// authority releases it (at the recovery's pace): the policy's wait
+    /// before a retry on a schedule delay, public for a sender of its own
+    /// (the outbox parks its probe of a destination that is down). Dropping
+    /// the [`Parked`] leaves the waiters at once.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use http::Uri;
+    /// use tokio::time::Instant;
+    /// use tower_terminal_retry::{Recovery, Woken};
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let recovery = Recovery::default();
+    /// let server: Uri = "http://server.test/hooks".parse()?;
+    /// let parked = recovery.park(&server, Instant::now() + Duration::from_secs(60));
+    /// // A success to the same authority, from any layer sharing the recovery.
+    /// recovery.observe(&"http://server.test/health".parse()?);
+    /// assert_eq!(parked.await, Woken::Released);
+    ///
+    /// let alone = recovery.park(&server, Instant::now() + Duration::from_secs(1));
+    /// assert_eq!(alone.await, Woken::Deadline);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn park(&self, uri: &Uri, deadline: Instant) -> Parked {
         let key = crate::origin::origin_key(uri);
         let mut state = self.shared.lock();
         let host = match state.host_ids.get(&key) {
@@ -332,8 +356,10 @@ async fn release(shared: Arc<Shared>) {
 }
 
 pin_project_lite::pin_project! {
-    /// A wait until a deadline that a [`Recovery`] may end early.
-    pub(crate) struct Parked {
+    /// A wait until a deadline that a [`Recovery`] may end early: made by
+    /// [`Recovery::park`], ready with how it ended.
+    #[must_use = "a parked wait does nothing unless awaited"]
+    pub struct Parked {
         #[pin]
         sleep: tokio::time::Sleep,
         waiter: Option<Waiter>,
@@ -342,8 +368,16 @@ pin_project_lite::pin_project! {
 
 impl Parked {
     /// When the wait ends if nothing releases it.
-    pub(crate) fn deadline(&self) -> Instant {
+    pub fn deadline(&self) -> Instant {
         self.sleep.deadline()
+    }
+}
+
+impl fmt::Debug for Parked {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Parked")
+            .field("deadline", &self.deadline())
+            .finish_non_exhaustive()
     }
 }
 
@@ -386,7 +420,7 @@ impl Drop for Waiter {
 
 /// How a [`Parked`] wait ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Woken {
+pub enum Woken {
     /// The deadline passed.
     Deadline,
     /// A success released it before its deadline.
