@@ -488,9 +488,15 @@ where
         }
         let Some((entry, claim)) = self.next_record(shared, origin, probe).await else {
             if probe {
-                // Nothing to probe with: the probe goes back.
-                let event = LaneEvent::Answered { pause: None };
-                let _ = shared.store().note(origin, event).await;
+                // Nothing to probe with (its records are held elsewhere, or
+                // gone): the probe goes back unused, the destination still
+                // down, until the next read of the store.
+                if let Err(error) = shared.store().return_probe(origin).await {
+                    tracing::warn!(origin, error = %error, "outbox could not give back a probe");
+                }
+                if let Some(lane) = self.lanes.get_mut(origin) {
+                    lane.state.probed_elsewhere = true;
+                }
             }
             return Turn::Idle;
         };

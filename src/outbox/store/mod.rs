@@ -169,6 +169,10 @@ trait Store: Send + Sync {
     /// lease's length.
     fn take_probe<'a>(&'a self, origin: &'a str) -> Answer<'a, bool>;
 
+    /// Gives back the probe of `origin` taken here, unused (it found
+    /// nothing to send): the destination's state is left as it was, down.
+    fn return_probe<'a>(&'a self, origin: &'a str) -> Answer<'a, ()>;
+
     /// Quarantines every pending record to `origin` that no other user of
     /// the store holds, each with `failure`; how many. Forgets the
     /// destination's state: requeued, its records start afresh.
@@ -529,6 +533,11 @@ impl Outbox {
     /// Takes the probe of `origin`: whether it was due and free.
     pub(super) async fn take_probe(&self, origin: &str) -> Result<bool, OutboxError> {
         self.store.take_probe(origin).await
+    }
+
+    /// Gives back the probe of `origin` taken here, unused.
+    pub(super) async fn return_probe(&self, origin: &str) -> Result<(), OutboxError> {
+        self.store.return_probe(origin).await
     }
 
     /// Quarantines the pending records to `origin` no one else holds.

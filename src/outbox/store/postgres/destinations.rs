@@ -511,6 +511,25 @@ impl PostgresStore {
         Ok(true)
     }
 
+    pub(super) async fn return_probe(&self, origin: &str) -> Result<(), OutboxError> {
+        let shared = &self.shared;
+        lock(&shared.probes).remove(origin);
+        if let Some(seen) = lock(&self.seen).get_mut(origin) {
+            seen.probing_until = None;
+        }
+        let client = shared.client().await?;
+        client
+            .execute(
+                "UPDATE terminal_retry_outbox_destination
+                 SET probe_holder = NULL, probe_until = NULL
+                 WHERE queue = $1 AND origin = $2 AND probe_holder = $3",
+                &[&shared.queue, &origin, &shared.holder],
+            )
+            .await
+            .map_err(|error| shared.failed(error))?;
+        Ok(())
+    }
+
     pub(super) async fn give_up(&self, origin: &str, failure: &str) -> Result<u64, OutboxError> {
         let shared = &self.shared;
         let client = shared.client().await?;
@@ -873,6 +892,11 @@ pub(super) mod tests {
             (Duration::ZERO, down.probe_delay)
         );
 
+        // Given back unused: free to take, the destination still down.
+        assert!(one.take_probe(A).await.unwrap());
+        one.return_probe(A).await.unwrap();
+        assert!(other.take_probe(A).await.unwrap());
+        other.return_probe(A).await.unwrap();
         assert!(one.take_probe(A).await.unwrap());
         assert!(!other.take_probe(A).await.unwrap());
         let lanes = other.lanes(&[], 10).await.unwrap();

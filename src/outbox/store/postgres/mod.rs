@@ -470,6 +470,10 @@ impl Store for PostgresStore {
         Box::pin(PostgresStore::take_probe(self, origin))
     }
 
+    fn return_probe<'a>(&'a self, origin: &'a str) -> Answer<'a, ()> {
+        Box::pin(PostgresStore::return_probe(self, origin))
+    }
+
     fn give_up<'a>(&'a self, origin: &'a str, failure: &'a str) -> Answer<'a, u64> {
         Box::pin(PostgresStore::give_up(self, origin, failure))
     }

@@ -234,6 +234,13 @@ impl Lanes {
         true
     }
 
+    /// Gives back `origin`'s probe, unused: its state stays as it was.
+    pub(super) fn return_probe(&mut self, origin: &str) {
+        if let Some(kept) = self.state.get_mut(origin) {
+            kept.probing_until = None;
+        }
+    }
+
     /// Each destination with pending records, with its count and state,
     /// the most pending first; quarantined counts are added by the caller.
     pub(super) fn destinations(&self) -> HashMap<String, Destination> {
@@ -324,6 +331,10 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(5)).await;
         assert!(lanes.take_probe("http://a:80"));
         assert!(!lanes.take_probe("http://a:80"), "one at a time");
+        // Given back unused: free again, and the destination still down.
+        lanes.return_probe("http://a:80");
+        assert!(lanes.take_probe("http://a:80"));
+        assert!(lanes.state["http://a:80"].view().is_down());
         let state = lanes.note("http://a:80", failed(true));
         assert_eq!(state.probe_delay, Duration::from_secs(2));
         assert!(state.probe_in <= Duration::from_secs(2));

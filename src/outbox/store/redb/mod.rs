@@ -405,6 +405,11 @@ impl Store for RedbStore {
         Box::pin(ready(Ok(lock(&self.lanes).take_probe(origin))))
     }
 
+    fn return_probe<'a>(&'a self, origin: &'a str) -> Answer<'a, ()> {
+        lock(&self.lanes).return_probe(origin);
+        Box::pin(ready(Ok(())))
+    }
+
     fn give_up<'a>(&'a self, origin: &'a str, failure: &'a str) -> Answer<'a, u64> {
         Box::pin(async move {
             let seqs = lock(&self.lanes).pending_to(origin);
