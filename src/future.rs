@@ -15,17 +15,16 @@ use tokio::time::{Instant, Sleep};
 use crate::recovery::Recovery;
 use crate::recovery::{Parked, Woken};
 
-pin_project_lite::pin_project! {
-    /// The wait before a retry, as [`TerminalRetryPolicy`] returns it: the
-    /// schedule's delay (jittered if asked), or the server's `Retry-After`.
-    /// With a [`Recovery`], a schedule delay ends early once the server
-    /// answers again.
-    pub struct Backoff {
-        #[pin]
-        wait: Wait,
-        // The attempt that failed, for the release event.
-        attempt: u32,
-    }
+/// The wait before a retry, as [`TerminalRetryPolicy`] returns it: the
+/// schedule's delay (jittered if asked), or the server's `Retry-After`.
+/// With a [`Recovery`], a schedule delay ends early once the server
+/// answers again.
+pub struct Backoff {
+    // Boxed: the timer is made only for a retry, and a call that succeeds
+    // at once then carries one pointer in its future, not a timer.
+    wait: Pin<Box<Wait>>,
+    // The attempt that failed, for the release event.
+    attempt: u32,
 }
 
 pin_project_lite::pin_project! {
@@ -40,9 +39,9 @@ impl Backoff {
     /// A wait until `deadline`, after the failed `attempt`.
     pub(crate) fn sleep(deadline: Instant, attempt: u32) -> Backoff {
         Backoff {
-            wait: Wait::Sleep {
+            wait: Box::pin(Wait::Sleep {
                 sleep: tokio::time::sleep_until(deadline),
-            },
+            }),
             attempt,
         }
     }
@@ -50,14 +49,14 @@ impl Backoff {
     /// A wait that a [`Recovery`] may end early, after the failed `attempt`.
     pub(crate) fn parked(parked: Parked, attempt: u32) -> Backoff {
         Backoff {
-            wait: Wait::Parked { parked },
+            wait: Box::pin(Wait::Parked { parked }),
             attempt,
         }
     }
 
     /// When the wait ends, unless a [`Recovery`] releases it earlier.
     fn deadline(&self) -> Instant {
-        match &self.wait {
+        match &*self.wait {
             Wait::Sleep { sleep } => sleep.deadline(),
             Wait::Parked { parked } => parked.deadline(),
         }
@@ -68,7 +67,7 @@ impl fmt::Debug for Backoff {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Backoff")
             .field("deadline", &self.deadline())
-            .field("releasable", &matches!(self.wait, Wait::Parked { .. }))
+            .field("releasable", &matches!(*self.wait, Wait::Parked { .. }))
             .field("attempt", &self.attempt)
             .finish()
     }
@@ -78,14 +77,14 @@ impl Future for Backoff {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let this = self.project();
-        match this.wait.project() {
+        let this = self.get_mut();
+        match this.wait.as_mut().project() {
             WaitProjection::Sleep { sleep } => sleep.poll(cx),
             WaitProjection::Parked { parked } => {
                 let deadline = parked.deadline();
                 if ready!(parked.poll(cx)) == Woken::Released {
                     tracing::debug!(
-                        attempt = *this.attempt,
+                        attempt = this.attempt,
                         early_ms = deadline
                             .saturating_duration_since(Instant::now())
                             .as_millis() as u64,
