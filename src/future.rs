@@ -22,7 +22,7 @@ use crate::recovery::{Parked, Woken};
 pub struct Backoff {
     // Boxed: the timer is made only for a retry, and a call that succeeds
     // at once then carries one pointer in its future, not a timer.
-    wait: Pin<Box<Wait>>,
+    wait: Option<Pin<Box<Wait>>>,
     // The attempt that failed, for the release event.
     attempt: u32,
 }
@@ -39,9 +39,9 @@ impl Backoff {
     /// A wait until `deadline`, after the failed `attempt`.
     pub(crate) fn sleep(deadline: Instant, attempt: u32) -> Backoff {
         Backoff {
-            wait: Box::pin(Wait::Sleep {
+            wait: Some(Box::pin(Wait::Sleep {
                 sleep: tokio::time::sleep_until(deadline),
-            }),
+            })),
             attempt,
         }
     }
@@ -49,25 +49,44 @@ impl Backoff {
     /// A wait that a [`Recovery`] may end early, after the failed `attempt`.
     pub(crate) fn parked(parked: Parked, attempt: u32) -> Backoff {
         Backoff {
-            wait: Box::pin(Wait::Parked { parked }),
+            wait: Some(Box::pin(Wait::Parked { parked })),
             attempt,
         }
     }
 
     /// When the wait ends, unless a [`Recovery`] releases it earlier.
-    fn deadline(&self) -> Instant {
-        match &*self.wait {
-            Wait::Sleep { sleep } => sleep.deadline(),
-            Wait::Parked { parked } => parked.deadline(),
+    fn deadline(&self) -> Option<Instant> {
+        match self.wait.as_deref()? {
+            Wait::Sleep { sleep } => Some(sleep.deadline()),
+            Wait::Parked { parked } => Some(parked.deadline()),
         }
     }
+}
+
+impl Drop for Backoff {
+    // The timer is dropped out of line: the drop of every call's future
+    // then holds a test, not a timer's teardown.
+    #[inline]
+    fn drop(&mut self) {
+        if let Some(wait) = self.wait.take() {
+            drop_wait(wait);
+        }
+    }
+}
+
+#[inline(never)]
+fn drop_wait(wait: Pin<Box<Wait>>) {
+    drop(wait);
 }
 
 impl fmt::Debug for Backoff {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Backoff")
             .field("deadline", &self.deadline())
-            .field("releasable", &matches!(*self.wait, Wait::Parked { .. }))
+            .field(
+                "releasable",
+                &matches!(self.wait.as_deref(), Some(Wait::Parked { .. })),
+            )
             .field("attempt", &self.attempt)
             .finish()
     }
@@ -78,7 +97,10 @@ impl Future for Backoff {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = self.get_mut();
-        match this.wait.as_mut().project() {
+        let Some(wait) = this.wait.as_mut() else {
+            return Poll::Ready(());
+        };
+        match wait.as_mut().project() {
             WaitProjection::Sleep { sleep } => sleep.poll(cx),
             WaitProjection::Parked { parked } => {
                 let deadline = parked.deadline();

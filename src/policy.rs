@@ -78,7 +78,7 @@ use crate::{
 /// jitter, no budget and no attempt header.
 pub struct TerminalRetryPolicy<C = DefaultClassifier> {
     config: Arc<Config<C>>,
-    /// Attempts finished so far in this call.
+    /// Attempts of this call that failed so far.
     attempts: u32,
 }
 
@@ -92,6 +92,9 @@ struct Config<C> {
     budget: Option<RetryBudget>,
     attempt_header: Option<HeaderName>,
     recovery: Option<Recovery>,
+    /// Whether a success is told to a budget or a recovery: kept by
+    /// `configure`, so that a plain success tests one flag.
+    success_is_told: bool,
 }
 
 impl<C> Clone for Config<C> {
@@ -104,6 +107,7 @@ impl<C> Clone for Config<C> {
             budget: self.budget.clone(),
             attempt_header: self.attempt_header.clone(),
             recovery: self.recovery.clone(),
+            success_is_told: self.success_is_told,
         }
     }
 }
@@ -125,13 +129,16 @@ impl<C> TerminalRetryPolicy<C> {
                 budget: None,
                 attempt_header: None,
                 recovery: None,
+                success_is_told: false,
             }),
             attempts: 0,
         }
     }
 
     fn configure(mut self, change: impl FnOnce(&mut Config<C>)) -> Self {
-        change(Arc::make_mut(&mut self.config));
+        let config = Arc::make_mut(&mut self.config);
+        change(config);
+        config.success_is_told = config.budget.is_some() || config.recovery.is_some();
         self
     }
 
@@ -155,6 +162,7 @@ impl<C> TerminalRetryPolicy<C> {
                 budget: config.budget.clone(),
                 attempt_header: config.attempt_header.clone(),
                 recovery: config.recovery.clone(),
+                success_is_told: config.success_is_told,
             }),
             attempts: 0,
         }
@@ -256,9 +264,9 @@ where
 {
     type Future = Backoff;
 
-    // Inlined into tower's future: a success costs the count, the
-    // classification and a look at the budget and the recovery. The rest,
-    // on a failure only, is `after_failure`'s.
+    // Inlined into tower's future: a success costs the classification and
+    // a look at the budget and the recovery. The rest, on a failure only, is
+    // `after_failure`'s.
     #[inline]
     fn retry(
         &mut self,
@@ -266,18 +274,12 @@ where
         result: &mut Result<Response<RB>, E>,
     ) -> Option<Backoff> {
         let config = &*self.config;
-        self.attempts += 1;
-        if let Some(budget) = &config.budget {
-            if self.attempts == 1 {
-                budget.deposit();
-            }
-        }
         let outcome = config.classifier.classify(result);
         if outcome == Outcome::Success {
-            record_outcome(request, Outcome::Success);
-            if let Some(recovery) = &config.recovery {
-                recovery.observe(request.uri());
+            if config.success_is_told {
+                self.tell_success(request);
             }
+            record_outcome(request, Outcome::Success);
             return None;
         }
         self.after_failure(request, result, outcome)
@@ -289,19 +291,41 @@ where
 }
 
 impl<C> TerminalRetryPolicy<C> {
+    /// Tells a success to the budget (the call's deposit, if it is its first
+    /// attempt) and to the recovery (its authority answers again).
+    fn tell_success<B>(&self, request: &Request<B>) {
+        let config = &*self.config;
+        if let Some(budget) = &config.budget {
+            if self.attempts == 0 {
+                budget.deposit();
+            }
+        }
+        if let Some(recovery) = &config.recovery {
+            recovery.observe(request.uri());
+        }
+    }
+
     /// What follows an attempt that did not succeed: the end of the call, or
     /// the wait before the next attempt.
     #[cold]
     #[inline(never)]
     fn after_failure<B, RB, E: fmt::Debug>(
-        &self,
+        &mut self,
         request: &mut Request<B>,
         result: &Result<Response<RB>, E>,
         outcome: Outcome,
     ) -> Option<Backoff> {
         record_outcome(request, outcome);
-        let config = &*self.config;
+        // Failures are counted; a success ends the call uncounted.
+        self.attempts += 1;
         let attempt = self.attempts;
+        let config = &*self.config;
+        if let Some(budget) = &config.budget {
+            // The call's deposit, made by its first attempt.
+            if attempt == 1 {
+                budget.deposit();
+            }
+        }
         if outcome == Outcome::Permanent {
             log_ending(Ending::Permanent, request, result, attempt);
             return None;
