@@ -84,6 +84,7 @@
 //! # }
 //! ```
 
+mod base_url;
 mod body;
 mod builder;
 mod delivery;
@@ -94,16 +95,18 @@ mod limit;
 mod report;
 mod route;
 mod task_client;
+mod tls;
 mod transport;
 
 // The layers, each using only those before it: the data (body, report,
-// error, route), one call (limit, transport), the reports in flight and their
-// delivery (in_flight, durable, delivery), the client, its builder.
+// error, route, base_url), one call (tls, limit, transport), the reports in
+// flight and their delivery (in_flight, durable, delivery), the client, its
+// builder.
 pub use body::UsageEntry;
 pub use builder::TaskClientBuilder;
-#[cfg(feature = "rustls")]
-pub use builder::TlsRoots;
 pub use delivery::ReportFuture;
 pub use error::{Error, ErrorKind};
 pub use report::{Completion, Failure, ReportOutcome, TaskResult, UndeliveredReport};
 pub use task_client::TaskClient;
+#[cfg(feature = "rustls")]
+pub use tls::TlsRoots;

@@ -6,27 +6,18 @@ use std::{sync::Arc, time::Duration};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request};
 use http_body_util::Full;
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::client::legacy::Client;
 use tower::{timeout::Timeout, ServiceExt};
 use tower_http::{
     sensitive_headers::SetSensitiveRequestHeaders,
     set_header::{MakeHeaderValue, SetRequestHeader},
 };
 
-use super::{error::Error, limit::ExchangeLimit, route::Action};
+use super::{error::Error, limit::ExchangeLimit, route::Action, tls::Connector};
 use crate::{
     classify::{Classify, DefaultClassifier, Outcome},
     Recovery, Schedule,
 };
-
-/// The connector under the client: plain HTTP, or HTTP and HTTPS with the
-/// `rustls` feature.
-#[cfg(not(feature = "rustls"))]
-pub(super) type Connector = HttpConnector;
-/// The connector under the client: plain HTTP, or HTTP and HTTPS with the
-/// `rustls` feature.
-#[cfg(feature = "rustls")]
-pub(super) type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
 
 /// One attempt: hyper-util's client under a timeout, waiting its turn under
 /// the concurrency limit (held by the response body), with the token for the
