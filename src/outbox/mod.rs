@@ -194,7 +194,6 @@
 //! ```
 
 #[cfg(feature = "outbox")]
-mod backoff;
 mod builder;
 mod delivery;
 mod destination;

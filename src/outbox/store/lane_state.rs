@@ -13,9 +13,6 @@
 
 use std::time::Duration;
 
-#[cfg(feature = "outbox")]
-use crate::outbox::backoff::Backoff;
-
 /// The first wait before a destination that went down is probed (or the
 /// replay interval, if shorter); doubled after each failed probe, up to the
 /// replay interval.
@@ -75,14 +72,16 @@ pub(crate) enum LaneEvent {
 /// otherwise; never over `longest` (the replay interval).
 #[cfg(feature = "outbox")]
 pub(crate) fn next_probe_delay(before: &LaneState, probe: bool, longest: Duration) -> Duration {
+    // Never `clamp`: the replay interval may be shorter than the first.
+    let kept = |delay: Duration| delay.max(FIRST_PROBE_DELAY).min(longest);
     if !before.is_down() {
-        return Backoff::new(FIRST_PROBE_DELAY, longest).delay();
+        return kept(FIRST_PROBE_DELAY);
     }
-    let mut backoff = Backoff::resume(FIRST_PROBE_DELAY, longest, before.probe_delay);
-    if probe {
-        backoff.failed();
+    let resumed = kept(before.probe_delay);
+    match probe {
+        true => kept(resumed.saturating_mul(2)),
+        false => resumed,
     }
-    backoff.delay()
 }
 
 /// The wait before a probe after `delay`: a random part of it (full
@@ -112,5 +111,27 @@ mod tests {
         assert_eq!(delays, [1, 2, 4, 5, 5, 5]);
         let short = Duration::from_millis(500);
         assert_eq!(next_probe_delay(&LaneState::default(), false, short), short);
+        // A replay interval under the first delay bounds every probe.
+        let down = LaneState {
+            down_for: Some(Duration::ZERO),
+            probe_delay: short,
+            ..LaneState::default()
+        };
+        assert_eq!(next_probe_delay(&down, true, short), short);
+        // A delay read back out of bounds (a store shared with another
+        // configuration) is brought within them.
+        let far = LaneState {
+            probe_delay: Duration::from_secs(3600),
+            ..down.clone()
+        };
+        assert_eq!(next_probe_delay(&far, false, longest), longest);
+        let none = LaneState {
+            probe_delay: Duration::ZERO,
+            ..down
+        };
+        assert_eq!(
+            next_probe_delay(&none, true, longest),
+            Duration::from_secs(2)
+        );
     }
 }

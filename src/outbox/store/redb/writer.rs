@@ -24,7 +24,7 @@ use super::{
     schema::{open_database_caught, KEYS, META, PENDING, QUARANTINED},
 };
 use crate::{
-    outbox::{backoff::Backoff, record::damaged_key, store::Inserted, Entry, OutboxError},
+    outbox::{record::damaged_key, store::Inserted, Entry, OutboxError},
     sync::lock,
 };
 
@@ -185,11 +185,12 @@ enum Health {
     Writable,
     /// The last commit failed with `error`: writes fail with it at once,
     /// until a recovery (asked for, or made by a write at `retry_at`)
-    /// succeeds. `backoff` spaces the recoveries.
+    /// succeeds, `delay` after the last one failed.
     Broken {
         error: OutboxError,
         retry_at: Instant,
-        backoff: Backoff,
+        /// The wait before that recovery: doubled after each failed one.
+        delay: Duration,
     },
 }
 
@@ -197,17 +198,14 @@ impl Health {
     /// After a commit that failed with `error`: broken, the next recovery
     /// further off than the last.
     fn failed(self, error: OutboxError) -> Health {
-        let backoff = match self {
-            Health::Writable => Backoff::new(FIRST_RECOVERY_DELAY, LONGEST_RECOVERY_DELAY),
-            Health::Broken { mut backoff, .. } => {
-                backoff.failed();
-                backoff
-            }
+        let delay = match self {
+            Health::Writable => FIRST_RECOVERY_DELAY,
+            Health::Broken { delay, .. } => delay.saturating_mul(2).min(LONGEST_RECOVERY_DELAY),
         };
         Health::Broken {
             error,
-            retry_at: Instant::now() + backoff.delay(),
-            backoff,
+            retry_at: Instant::now() + delay,
+            delay,
         }
     }
 }
