@@ -97,13 +97,14 @@ impl Store<'_> {
     /// A dispatcher on the store, over a loopback client, each request sent
     /// once in the foreground.
     async fn dispatcher(&self, interval: Duration) -> Dispatcher<HttpClient> {
-        self.dispatcher_with(interval, None).await
+        self.dispatcher_with(interval, None, None).await
     }
 
     async fn dispatcher_with(
         &self,
         interval: Duration,
         give_up_after: Option<Duration>,
+        lease: Option<Duration>,
     ) -> Dispatcher<HttpClient> {
         let mut builder = Dispatcher::builder(self.open().await, http_client())
             .layer(once())
@@ -114,6 +115,9 @@ impl Store<'_> {
             .any_origin();
         if let Some(after) = give_up_after {
             builder = builder.give_up_after(after);
+        }
+        if let Some(lease) = lease {
+            builder = builder.lease(lease);
         }
         builder.build().unwrap()
     }
@@ -312,7 +316,7 @@ async fn a_destination_down_too_long_is_given_up_on(store: Store<'_>) {
     store.store_unsent(requests(&healthy, "ok-", 3)).await;
 
     let dispatcher = store
-        .dispatcher_with(Duration::from_secs(1), Some(Duration::from_secs(3)))
+        .dispatcher_with(Duration::from_secs(1), Some(Duration::from_secs(3)), None)
         .await;
     let outbox = dispatcher.outbox().unwrap().clone();
     let given_up = || outbox.quarantined().unwrap().len() == 10;
@@ -488,80 +492,64 @@ on_a_file_and_on_postgres! {
 mod two_dispatchers {
     use super::*;
 
-    /// Two dispatchers on one queue: a destination that is down gets one
-    /// probe at a time across both.
-    #[tokio::test]
-    async fn two_dispatchers_send_one_probe_at_a_time_to_a_down_destination() {
+    /// Two dispatchers on one queue, the second started once the receiver
+    /// is known to be down: it takes `answer_in` to say so each time, and
+    /// none of its probes starts before the last one ended, whichever
+    /// dispatcher sent it.
+    async fn probes_of_two_dispatchers_never_overlap(
+        queue: &str,
+        answer_in: Duration,
+        lease: Option<Duration>,
+        at_least: usize,
+    ) {
         let Some(postgres) = postgres().await else {
             return;
         };
         let store = Store::Queue {
             postgres: &postgres,
-            queue: postgres.queue("lanes-two-probe"),
+            queue: postgres.queue(queue),
         };
-        let dead = receiver(502, Duration::from_millis(300)).await;
+        let dead = receiver(502, answer_in).await;
         store.store_unsent(requests(&dead, "dead-", 10)).await;
-        let first = store.dispatcher(Duration::from_secs(1)).await;
-        // The second once the destination is known to be down.
+        let interval = Duration::from_secs(1);
+        let first = store.dispatcher_with(interval, None, lease).await;
         assert!(wait_for(Duration::from_secs(5), || !dead.requests().is_empty()).await);
-        tokio::time::sleep(Duration::from_millis(400)).await;
-        let second = store.dispatcher(Duration::from_secs(1)).await;
-        tokio::time::sleep(Duration::from_secs(8)).await;
+        tokio::time::sleep(answer_in + Duration::from_millis(300)).await;
+        let second = store.dispatcher_with(interval, None, lease).await;
+        tokio::time::sleep(Duration::from_secs(10)).await;
         let probes = arrivals(&dead.requests());
-        assert!(probes.len() >= 4, "{probes:?}");
-        // Each probe takes 300 ms at the receiver: none started before the
-        // last one ended, whichever dispatcher sent it.
+        assert!(probes.len() >= at_least, "{probes:?}");
         for pair in probes.windows(2) {
-            assert!(
-                pair[1] - pair[0] >= Duration::from_millis(300),
-                "{probes:?}"
-            );
+            assert!(pair[1] - pair[0] >= answer_in, "{probes:?}");
         }
         drop((first, second));
     }
 
-    /// A probe that takes longer than the lease stays the only one: its
-    /// holder renews it while it is in flight.
+    /// Two dispatchers on one queue: a destination that is down gets one
+    /// probe at a time across both.
+    #[tokio::test]
+    async fn two_dispatchers_send_one_probe_at_a_time_to_a_down_destination() {
+        probes_of_two_dispatchers_never_overlap(
+            "lanes-two-probe",
+            Duration::from_millis(300),
+            None,
+            4,
+        )
+        .await;
+    }
+
+    /// A probe that takes longer than the lease (2.5 s against 1 s) stays
+    /// the only one: its holder renews it while it is in flight.
     #[tokio::test]
     async fn a_probe_slower_than_the_lease_stays_the_only_one() {
-        let Some(postgres) = postgres().await else {
-            return;
-        };
-        let store = Store::Queue {
-            postgres: &postgres,
-            queue: postgres.queue("lanes-two-slow-probe"),
-        };
-        let slow = receiver(502, Duration::from_millis(2500)).await;
-        store.store_unsent(requests(&slow, "slow-", 10)).await;
-        let dispatcher = || async {
-            Dispatcher::builder(store.open().await, http_client())
-                .layer(once())
-                .replay(Replay {
-                    interval: Duration::from_secs(1),
-                    ..Replay::default()
-                })
-                .lease(Duration::from_secs(1))
-                .any_origin()
-                .build()
-                .unwrap()
-        };
-        let first = dispatcher().await;
-        // The second once the destination is known to be down.
-        assert!(wait_for(Duration::from_secs(5), || !slow.requests().is_empty()).await);
-        tokio::time::sleep(Duration::from_millis(2800)).await;
-        let second = dispatcher().await;
-        tokio::time::sleep(Duration::from_secs(10)).await;
-        let probes = arrivals(&slow.requests());
-        assert!(probes.len() >= 3, "{probes:?}");
-        // Each takes 2.5 s, over twice the lease: none started before the
-        // last one ended, whichever dispatcher sent it.
-        for pair in probes.windows(2) {
-            assert!(
-                pair[1] - pair[0] >= Duration::from_millis(2500),
-                "{probes:?}"
-            );
-        }
-        drop((first, second));
+        let lease = Some(Duration::from_secs(1));
+        probes_of_two_dispatchers_never_overlap(
+            "lanes-two-slow-probe",
+            Duration::from_millis(2500),
+            lease,
+            3,
+        )
+        .await;
     }
 
     /// A pause one dispatcher was given is kept by the other.

@@ -193,7 +193,6 @@
 //! # }
 //! ```
 
-#[cfg(feature = "outbox")]
 mod builder;
 mod delivery;
 mod destination;
