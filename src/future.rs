@@ -15,7 +15,8 @@ use tokio::time::{Instant, Sleep};
 use crate::recovery::Recovery;
 use crate::recovery::{Parked, Woken};
 
-/// The wait before a retry, as [`TerminalRetryPolicy`] returns it: the
+/// The wait before a retry, as
+/// [`TerminalRetryPolicy`](crate::TerminalRetryPolicy) returns it: the
 /// schedule's delay (jittered if asked), or the server's `Retry-After`.
 /// With a [`Recovery`], a schedule delay ends early once the server
 /// answers again.
