@@ -24,7 +24,7 @@ use std::{
 use http::StatusCode;
 use tower_terminal_retry::{
     client::{ErrorKind, TaskClient, TaskResult},
-    outbox::{Durability, Replay},
+    outbox::{Durability, Outbox, Replay},
     test_server::{Action, Fault, TaskServer, TaskState},
     Recovery, Schedule, TerminalRetryPolicy,
 };
@@ -46,6 +46,14 @@ fn child() {
     as_child(ROLE, |role| async move {
         let url = std::env::var(URL).unwrap();
         let file = std::env::var(FILE).unwrap();
+        if role == "create" {
+            // New outbox files, one after the other, until killed.
+            for n in 0.. {
+                if let Err(error) = Outbox::open(format!("{file}-{n}")) {
+                    return println!("{SAYS} open failed: {error}");
+                }
+            }
+        }
         let built = TaskClient::builder(url)
             .policy(
                 TerminalRetryPolicy::default()
@@ -293,4 +301,41 @@ async fn a_file_held_by_another_process_is_an_error_until_it_dies() {
     child.wait().unwrap();
     // The lock dies with the process.
     builder().build().unwrap();
+}
+
+/// A crash while an outbox file is made leaves either no file at its path
+/// or a whole outbox, which the next open takes: never a half-made file
+/// refused for good. The child spends its time making new files, so most
+/// kills land in the middle of one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_while_making_outbox_files_every_file_left_opens() {
+    let scratch = Scratch::new("making");
+    let server = TaskServer::start().await.unwrap();
+    let mut random = Random::seeded();
+    let mut opened = 0;
+    for round in 0..6 {
+        let base = scratch.path(&format!("round-{round}/outbox"));
+        let folder = base.parent().unwrap().to_owned();
+        let mut child = spawn("create", &server, &base, "", None);
+        tokio::time::sleep(Duration::from_millis(150 + random.below(150))).await;
+        child.kill().unwrap();
+        let lines = said(child);
+        assert!(lines.is_empty(), "seed {}: {lines:?}", random.0);
+        let Ok(made) = std::fs::read_dir(&folder) else {
+            continue;
+        };
+        for made in made {
+            let path = made.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            if name.starts_with('.') {
+                // A draft of the file being made: never at the path.
+                continue;
+            }
+            let outbox = Outbox::open(&path)
+                .unwrap_or_else(|error| panic!("seed {}: {name} is refused: {error}", random.0));
+            assert!(outbox.pending().unwrap().is_empty());
+            opened += 1;
+        }
+    }
+    assert!(opened > 0, "the child made files before it was killed");
 }

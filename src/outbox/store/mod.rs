@@ -214,7 +214,13 @@ impl Outbox {
     /// stored in a file that is no longer at the path.
     ///
     /// A file left by a crash is recovered: every commit made before the
-    /// crash is there. A file written by an earlier version is migrated.
+    /// crash is there. A file written by an earlier version is migrated. A
+    /// new file is made whole under a name of its own beside `path`
+    /// (`.outbox-draft-` and a random suffix), then put at `path`: a crash
+    /// while it is made leaves no file at `path`, never a half-made one that
+    /// no later open could take, and may leave the draft, never read again
+    /// and safe to remove. Two processes making the same file at once open
+    /// the one that was put there first.
     ///
     /// # Errors
     ///

@@ -1,11 +1,13 @@
 //! Keeping requests in a file that is safe: created private, never
-//! through a symbolic link, refused when others may write it or it is
+//! through a symbolic link, and whole (made under a name of its own, then
+//! published at its path, so that a crash while it is made never leaves a
+//! half-made outbox there); refused when others may write it or it is
 //! another user's, and told apart from a file put at its path later.
 
 use std::{
     fs::{File, Metadata, OpenOptions},
     io,
-    path::Path,
+    path::{Path, PathBuf},
 };
 
 use crate::outbox::OutboxError;
@@ -38,26 +40,39 @@ impl FileId {
     }
 }
 
-/// Opens the file at `path` for reading and writing, creating it (and its
-/// folder) if it is missing; refuses one that is not safe to keep requests
-/// in. Returns it, its identity, and whether it held anything.
-pub(super) fn open_file(path: &Path) -> Result<(File, FileId, bool), OutboxError> {
+/// A file opened to keep requests in.
+pub(super) enum Opened {
+    /// The file at the path; `held`: whether it held anything.
+    Existing { file: File, id: FileId, held: bool },
+    /// A new, empty file beside the path, under a name of its own: to be
+    /// made into an outbox, then [`publish`]ed at the path.
+    Draft {
+        file: File,
+        id: FileId,
+        draft: PathBuf,
+    },
+}
+
+/// Opens the file at `path` for reading and writing; where there is none,
+/// creates a draft beside it (and its folder). Refuses a file that is not
+/// safe to keep requests in.
+pub(super) fn open_file(path: &Path) -> Result<Opened, OutboxError> {
     let io = |error: io::Error| OutboxError::io(path, error);
     let seen = match std::fs::symlink_metadata(path) {
         Ok(seen) => seen,
         Err(error) if error.kind() == io::ErrorKind::NotFound => {
-            if let Some(folder) = path.parent() {
-                create_folder(folder).map_err(io)?;
-            }
-            // Fails on anything at the path, a dangling link included: a
+            let folder = path.parent().unwrap_or(Path::new("."));
+            create_folder(folder).map_err(io)?;
+            let draft = folder.join(format!(".outbox-draft-{}", uuid::Uuid::new_v4().simple()));
+            // Fails on anything at that name, a dangling link included: a
             // new file is never created through a link.
             let mut options = OpenOptions::new();
             options.read(true).write(true).create_new(true);
             #[cfg(unix)]
             std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-            let file = options.open(path).map_err(io)?;
+            let file = options.open(&draft).map_err(io)?;
             let id = FileId::of(&file.metadata().map_err(io)?);
-            return Ok((file, id, false));
+            return Ok(Opened::Draft { file, id, draft });
         }
         Err(error) => return Err(io(error)),
     };
@@ -75,7 +90,48 @@ pub(super) fn open_file(path: &Path) -> Result<(File, FileId, bool), OutboxError
             "it changed while being opened",
         ));
     }
-    Ok((file, FileId::of(&opened), opened.len() > 0))
+    Ok(Opened::Existing {
+        file,
+        id: FileId::of(&opened),
+        held: opened.len() > 0,
+    })
+}
+
+/// Puts the finished `draft` at `path`, only if nothing is there yet (a
+/// process that started at the same time may have published its own:
+/// then `false`, and the draft is removed). Its own name is then removed,
+/// and the folder synced, so that the file stays at `path` through a power
+/// cut.
+pub(super) fn publish(draft: &Path, path: &Path) -> Result<bool, OutboxError> {
+    let io = |error: io::Error| OutboxError::io(path, error);
+    let linked = match std::fs::hard_link(draft, path) {
+        Ok(()) => true,
+        Err(error) if error.kind() == io::ErrorKind::AlreadyExists => false,
+        // A file system without hard links: renamed instead, unless a file
+        // came meanwhile (a narrower window, on such file systems only).
+        Err(_) if std::fs::symlink_metadata(path).is_ok() => false,
+        Err(_) => {
+            std::fs::rename(draft, path).map_err(io)?;
+            sync_folder(path).map_err(io)?;
+            return Ok(true);
+        }
+    };
+    std::fs::remove_file(draft).map_err(io)?;
+    if linked {
+        sync_folder(path).map_err(io)?;
+    }
+    Ok(linked)
+}
+
+/// Syncs the folder of `path`, so that its entries are on disk.
+fn sync_folder(path: &Path) -> io::Result<()> {
+    #[cfg(unix)]
+    if let Some(folder) = path.parent() {
+        File::open(folder)?.sync_all()?;
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
 }
 
 fn create_folder(folder: &Path) -> io::Result<()> {

@@ -22,10 +22,10 @@ use std::{
     time::Duration,
 };
 
-use redb::{ReadOnlyTable, ReadableDatabase, TableDefinition, TableHandle};
+use redb::{Database, ReadOnlyTable, ReadableDatabase, TableDefinition, TableHandle};
 use tokio::sync::{mpsc, oneshot, Notify};
 
-use file_safety::open_file;
+use file_safety::{open_file, publish, FileId, Opened};
 use lanes::Lanes;
 use schema::{count_pending, last_seq, open_database_caught, KEYS, PENDING, QUARANTINED};
 use writer::{write_loop, Change, Job, Reply, Shared, Write};
@@ -51,6 +51,37 @@ pub(super) struct RedbStore {
     lanes: Mutex<Lanes>,
 }
 
+/// Opens the outbox at `path`, or makes a new one there: made whole as a
+/// draft, then published, so that a crash meanwhile leaves no file at
+/// `path` rather than a half-made one, which no later open could take.
+fn open_or_create(path: &Path) -> Result<(Database, FileId), OutboxError> {
+    // Another process may publish first: then its outbox is opened. Once
+    // more at most, unless it was removed meanwhile, again and again.
+    for _ in 0..3 {
+        match open_file(path)? {
+            Opened::Existing { file, id, held } => {
+                return Ok((open_database_caught(path, file, id, held)?, id));
+            }
+            Opened::Draft { file, id, draft } => {
+                let made = open_database_caught(path, file, id, false)
+                    .and_then(|database| Ok((database, publish(&draft, path)?)));
+                match made {
+                    Ok((database, true)) => return Ok((database, id)),
+                    Ok((database, false)) => drop(database),
+                    Err(error) => {
+                        let _ = std::fs::remove_file(&draft);
+                        return Err(error);
+                    }
+                }
+            }
+        }
+    }
+    Err(OutboxError::io(
+        path,
+        "another process created and removed the file again and again",
+    ))
+}
+
 impl RedbStore {
     pub(super) fn open(given: PathBuf) -> Result<RedbStore, OutboxError> {
         let path = std::path::absolute(&given).map_err(|error| OutboxError::io(&given, error))?;
@@ -60,8 +91,8 @@ impl RedbStore {
                 format!("an outbox is opened inside a tokio runtime: {error}"),
             )
         })?;
-        let (file, id, existed) = open_file(&path)?;
-        let db = Arc::new(open_database_caught(&path, file, id, existed)?);
+        let (db, id) = open_or_create(&path)?;
+        let db = Arc::new(db);
         let next_seq = last_seq(&db).map_err(|error| OutboxError::io(&path, error))? + 1;
         let pending = count_pending(&db).map_err(|error| OutboxError::io(&path, error))?;
         let (jobs, receiver) = mpsc::unbounded_channel();
