@@ -16,11 +16,9 @@
 #![allow(dead_code)] // Each test file uses its own share of them.
 
 use std::{
-    net::{Ipv4Addr, SocketAddr, TcpListener},
+    net::{Ipv4Addr, SocketAddr},
     ops::Deref,
-    os::unix::{fs::PermissionsExt, process::CommandExt},
-    path::{Path, PathBuf},
-    process::{Command, Stdio},
+    path::PathBuf,
     sync::{
         atomic::{AtomicUsize, Ordering},
         Arc, OnceLock,
@@ -48,6 +46,13 @@ use tokio::{
 use tower_terminal_retry::outbox::Outbox;
 
 use crate::outbox_support::wait_every;
+
+// The cluster itself, from the file the store's own unit tests start theirs
+// with.
+#[path = "../../src/outbox/store/postgres/test_server.rs"]
+mod cluster;
+
+use cluster::{installed, skipped, Cluster, ClusterTls};
 
 pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
@@ -81,19 +86,7 @@ const DATABASE: &str = "postgres";
 pub struct Postgres {
     url: String,
     /// `None` for a server named by `DATABASE_URL`: not ours to restart.
-    local: Option<Local>,
-}
-
-/// A server this process started, and how to run its binaries.
-struct Local {
-    directory: PathBuf,
-    port: u16,
-    /// Whether the binaries run as the `postgres` user (we are root, which
-    /// PostgreSQL refuses to run as).
-    as_postgres: bool,
-    /// Whether it runs with `ssl=on`, its certificate and key in
-    /// `server.crt` and `server.key` of the directory.
-    tls: bool,
+    local: Option<Cluster>,
 }
 
 /// Taken to read by each test while it uses the server, to write by one
@@ -173,7 +166,7 @@ fn server() -> Option<&'static Postgres> {
         if !installed() {
             return None;
         }
-        let local = Local::start("postgres", None);
+        let local = Cluster::start("postgres", None);
         let url = format!("postgresql://postgres@127.0.0.1:{}/{DATABASE}", local.port);
         Some(Postgres {
             url,
@@ -186,26 +179,13 @@ fn server() -> Option<&'static Postgres> {
     server.as_ref()
 }
 
-/// Whether PostgreSQL's binaries are on `PATH`.
-fn installed() -> bool {
-    find_on_path("initdb").is_some() && find_on_path("pg_ctl").is_some()
-}
-
-/// Says on one line why a test is skipped; under CI (`CI=true`), panics
-/// instead.
-fn skipped(why: &str) {
-    let under_ci = std::env::var("CI").is_ok_and(|value| value == "true");
-    assert!(!under_ci, "{why}");
-    println!("skipped: {why}");
-}
-
 /// A throwaway server of its own started with `ssl=on`, its certificate
 /// issued by a test CA to `localhost` and `127.0.0.1`, and taking TCP
 /// connections over TLS only (`hostssl` in its `pg_hba.conf`): a client
 /// that does not use TLS is refused. Shared by the tests of the binary,
 /// none of which restarts it.
 pub struct TlsPostgres {
-    local: Local,
+    local: Cluster,
     ca: PathBuf,
     other_ca: PathBuf,
 }
@@ -219,8 +199,8 @@ pub fn postgres_tls() -> Option<&'static TlsPostgres> {
         if !installed() {
             return None;
         }
-        let certificates = TestCa::issue(&["localhost", "127.0.0.1"]);
-        let local = Local::start("postgres-tls", Some(&certificates));
+        let certificates = issue_certificates(&["localhost", "127.0.0.1"]);
+        let local = Cluster::start("postgres-tls", Some(&certificates));
         Some(TlsPostgres {
             ca: local.directory.join("ca.pem"),
             other_ca: local.directory.join("other-ca.pem"),
@@ -256,44 +236,33 @@ impl TlsPostgres {
     }
 }
 
-/// A test CA's certificate, a server certificate it issued and its key,
-/// and another CA's certificate, all PEM.
-struct TestCa {
-    ca: String,
-    server_certificate: String,
-    server_key: String,
-    other_ca: String,
-}
-
-impl TestCa {
-    /// Certificates for a server known by `names` (host names or IP
-    /// addresses).
-    fn issue(names: &[&str]) -> TestCa {
-        let ca_key = KeyPair::generate().unwrap();
-        let ca = authority("terminal-retry test CA")
-            .self_signed(&ca_key)
-            .unwrap();
-        let other_key = KeyPair::generate().unwrap();
-        let other_ca = authority("another CA").self_signed(&other_key).unwrap();
-        let server_key = KeyPair::generate().unwrap();
-        let mut server = CertificateParams::new(
-            names
-                .iter()
-                .map(|name| (*name).to_owned())
-                .collect::<Vec<_>>(),
-        )
+/// Certificates for a server known by `names` (host names or IP
+/// addresses), from a test CA made here, and another CA's.
+fn issue_certificates(names: &[&str]) -> ClusterTls {
+    let ca_key = KeyPair::generate().unwrap();
+    let ca = authority("terminal-retry test CA")
+        .self_signed(&ca_key)
         .unwrap();
-        server
-            .distinguished_name
-            .push(DnType::CommonName, "terminal-retry test server");
-        server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        let server = server.signed_by(&server_key, &ca, &ca_key).unwrap();
-        TestCa {
-            ca: ca.pem(),
-            server_certificate: server.pem(),
-            server_key: server_key.serialize_pem(),
-            other_ca: other_ca.pem(),
-        }
+    let other_key = KeyPair::generate().unwrap();
+    let other_ca = authority("another CA").self_signed(&other_key).unwrap();
+    let server_key = KeyPair::generate().unwrap();
+    let mut server = CertificateParams::new(
+        names
+            .iter()
+            .map(|name| (*name).to_owned())
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
+    server
+        .distinguished_name
+        .push(DnType::CommonName, "terminal-retry test server");
+    server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let server = server.signed_by(&server_key, &ca, &ca_key).unwrap();
+    ClusterTls {
+        ca: ca.pem(),
+        server_certificate: server.pem(),
+        server_key: server_key.serialize_pem(),
+        other_ca: other_ca.pem(),
     }
 }
 
@@ -319,7 +288,7 @@ impl Postgres {
 
     /// The server's data directory, when this process started it.
     pub fn data_directory(&self) -> Option<PathBuf> {
-        self.local.as_ref().map(Local::data)
+        self.local.as_ref().map(Cluster::data)
     }
 
     /// A plain client of the server, its connection driven on the current
@@ -525,168 +494,4 @@ async fn forward(
         }
     }
     let _ = to.shutdown().await;
-}
-
-impl Local {
-    /// Creates a cluster in a fresh directory named after `name` and starts
-    /// it on a free loopback port, with a watchdog that stops it and removes
-    /// the directory once this process is gone, however it ended. With
-    /// `tls`, the server runs with `ssl=on` and takes TCP connections over
-    /// TLS only.
-    fn start(name: &str, tls: Option<&TestCa>) -> Local {
-        let directory =
-            std::env::temp_dir().join(format!("terminal-retry-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&directory);
-        std::fs::create_dir_all(&directory).unwrap();
-        // Private: it holds the server's socket, which trusts whoever connects.
-        std::fs::set_permissions(&directory, std::fs::Permissions::from_mode(0o700)).unwrap();
-        let local = Local {
-            directory,
-            port: free_port(),
-            as_postgres: is_root(),
-            tls: tls.is_some(),
-        };
-        local.watch();
-        if let Some(tls) = tls {
-            let write = |name: &str, text: &str, mode: u32| {
-                let path = local.directory.join(name);
-                std::fs::write(&path, text).unwrap();
-                // PostgreSQL refuses a key others may read.
-                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
-            };
-            write("ca.pem", &tls.ca, 0o644);
-            write("other-ca.pem", &tls.other_ca, 0o644);
-            write("server.crt", &tls.server_certificate, 0o644);
-            write("server.key", &tls.server_key, 0o600);
-        }
-        if local.as_postgres {
-            let status = Command::new("chown")
-                .args(["-R", "postgres:"])
-                .arg(&local.directory)
-                .status()
-                .unwrap();
-            assert!(status.success(), "chown of the test server's directory");
-        }
-        let data = local.data();
-        local.check(
-            local
-                .command("initdb")
-                .args(["--auth=trust", "--username=postgres", "--encoding=UTF8"])
-                .arg("--no-sync")
-                .arg("-D")
-                .arg(&data),
-        );
-        // Trust, on loopback TCP (over TLS only, for a TLS server) and the
-        // socket in the private directory only.
-        let tcp = if local.tls { "hostssl" } else { "host" };
-        std::fs::write(
-            data.join("pg_hba.conf"),
-            format!("local all all trust\n{tcp} all all 127.0.0.1/32 trust\n"),
-        )
-        .unwrap();
-        local.pg_ctl_start();
-        local
-    }
-
-    fn data(&self) -> PathBuf {
-        self.directory.join("data")
-    }
-
-    /// Starts the server and waits until it takes connections. A test
-    /// server need not survive a power cut: no fsync.
-    fn pg_ctl_start(&self) {
-        let mut options = format!(
-            "-p {} -c listen_addresses=127.0.0.1 -k {} -c fsync=off -c full_page_writes=off",
-            self.port,
-            self.directory.display()
-        );
-        if self.tls {
-            let directory = self.directory.display();
-            options.push_str(&format!(
-                " -c ssl=on -c ssl_cert_file={directory}/server.crt \
-                 -c ssl_key_file={directory}/server.key"
-            ));
-        }
-        let log = self.directory.join("server.log");
-        self.pg_ctl(&["start", "-w", "-o", &options, "-l", log.to_str().unwrap()]);
-    }
-
-    fn pg_ctl(&self, arguments: &[&str]) {
-        let data = self.data();
-        self.check(self.command("pg_ctl").arg("-D").arg(&data).args(arguments));
-    }
-
-    /// The installed `program` (found on `PATH`, as `runuser` may reset
-    /// it), run as the `postgres` user when we are root.
-    fn command(&self, program: &str) -> Command {
-        let program = find_on_path(program).expect("installed beside initdb");
-        if !self.as_postgres {
-            return Command::new(program);
-        }
-        let mut command = Command::new("runuser");
-        command.args(["-u", "postgres", "--"]).arg(program);
-        command
-    }
-
-    /// Runs `command`; panics, with the server's log, unless it succeeds.
-    fn check(&self, command: &mut Command) {
-        let output = command.stdout(Stdio::null()).output().unwrap();
-        let log = std::fs::read_to_string(self.directory.join("server.log")).unwrap_or_default();
-        assert!(
-            output.status.success(),
-            "{command:?}: {}\n{}\n{log}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-
-    /// A shell in a process group of its own (an interrupt of the test run
-    /// does not reach it) that waits for this process to end, then stops
-    /// the server at once and removes its directory.
-    // Never waited for: it outlives this process, by design.
-    #[allow(clippy::zombie_processes)]
-    fn watch(&self) {
-        let directory = self.directory.display().to_string();
-        let as_postgres = if self.as_postgres {
-            "runuser -u postgres -- "
-        } else {
-            ""
-        };
-        let pg_ctl = find_on_path("pg_ctl").expect("installed beside initdb");
-        let script = format!(
-            "while kill -0 {pid} 2>/dev/null; do sleep 0.2; done; \
-             {as_postgres}'{pg_ctl}' -D '{directory}/data' stop -m immediate >/dev/null 2>&1; \
-             rm -rf '{directory}'",
-            pid = std::process::id(),
-            pg_ctl = pg_ctl.display(),
-        );
-        Command::new("sh")
-            .args(["-c", &script])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .process_group(0)
-            .spawn()
-            .unwrap();
-    }
-}
-
-/// A loopback port nothing listens on, as of now.
-fn free_port() -> u16 {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
-    listener.local_addr().unwrap().port()
-}
-
-/// Whether this process runs as root.
-fn is_root() -> bool {
-    let output = Command::new("id").arg("-u").output().unwrap();
-    String::from_utf8_lossy(&output.stdout).trim() == "0"
-}
-
-/// `program` in a directory of `PATH`, if any.
-fn find_on_path(program: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|directory| directory.join(program))
-        .find(|candidate| Path::is_file(candidate))
 }
