@@ -329,6 +329,8 @@ pub struct Run {
     pub kills: usize,
     /// Whether the last sender emptied the outbox.
     pub drained: bool,
+    /// What the last sender said: why it did not, if it did not.
+    pub last_said: Vec<String>,
 }
 
 impl fmt::Display for Run {
@@ -336,7 +338,7 @@ impl fmt::Display for Run {
         write!(
             f,
             "events={} effects={} duplicated={} missing={} attempts={} replies_lost={} \
-             replayed={} conflicts={} senders_killed={} drained={}",
+             replayed={} conflicts={} senders_killed={} drained={} last_sender_said={:?}",
             self.events,
             self.effects,
             self.duplicated.len(),
@@ -346,7 +348,8 @@ impl fmt::Display for Run {
             self.replayed,
             self.conflicts,
             self.kills,
-            self.drained
+            self.drained,
+            self.last_said
         )
     }
 }
@@ -401,7 +404,11 @@ pub async fn run(
         .await
         .unwrap()
         .unwrap();
-    let drained = String::from_utf8_lossy(&lines.stdout).contains(&format!("{SAYS} drained"));
+    let last_said: Vec<String> = String::from_utf8_lossy(&lines.stdout)
+        .lines()
+        .filter_map(|line| Some(line.split_once(SAYS)?.1.trim().to_owned()))
+        .collect();
+    let drained = last_said.iter().any(|said| said == "drained");
 
     let effects = receiver.effects.lock().unwrap().clone();
     let events: BTreeSet<&String> = stored.iter().chain(effects.keys()).collect();
@@ -425,5 +432,6 @@ pub async fn run(
         conflicts: counts.conflicts.load(Ordering::SeqCst),
         kills,
         drained,
+        last_said,
     }
 }
