@@ -671,6 +671,17 @@ pub(super) mod tests {
         store
     }
 
+    /// Two stores on one queue of their own, named after `name`, their
+    /// leases `lease` long: two dispatchers' stores on it.
+    async fn two_stores(url: &str, name: &str, lease: Duration) -> (PostgresStore, PostgresStore) {
+        let one = store(url, name, lease, INTERVAL).await;
+        let other = PostgresStore::connect(url, &one.shared.queue)
+            .await
+            .unwrap();
+        other.hold_for(Some(lease), INTERVAL);
+        (one, other)
+    }
+
     /// A plain client of the test server.
     pub(in crate::outbox::store::postgres) async fn client(url: &str) -> tokio_postgres::Client {
         let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
@@ -727,10 +738,7 @@ pub(super) mod tests {
         let Some(url) = test_server::url() else {
             return;
         };
-        let one = store(url, "lanes-claims", LEASE, INTERVAL).await;
-        let other = PostgresStore::connect(url, &one.shared.queue)
-            .await
-            .unwrap();
+        let (one, other) = two_stores(url, "lanes-claims", LEASE).await;
         enqueue(
             url,
             &one,
@@ -803,11 +811,7 @@ pub(super) mod tests {
         let Some(url) = test_server::url() else {
             return;
         };
-        let one = store(url, "lanes-handover", LEASE, INTERVAL).await;
-        let other = PostgresStore::connect(url, &one.shared.queue)
-            .await
-            .unwrap();
-        other.hold_for(Some(LEASE), INTERVAL);
+        let (one, other) = two_stores(url, "lanes-handover", LEASE).await;
         let queue = one.shared.queue.clone();
         // As if the lease ran out while the sender was sending.
         let expire = |key: &'static str| {
@@ -870,11 +874,7 @@ pub(super) mod tests {
             return;
         };
         let lease = Duration::from_secs(1);
-        let one = store(url, "lanes-probe", lease, INTERVAL).await;
-        let other = PostgresStore::connect(url, &one.shared.queue)
-            .await
-            .unwrap();
-        other.hold_for(Some(lease), INTERVAL);
+        let (one, other) = two_stores(url, "lanes-probe", lease).await;
         enqueue(url, &one, &[("a1", A), ("b1", B)]).await;
         // Up: there is no probe to take.
         assert!(!one.take_probe(A).await.unwrap());
@@ -946,10 +946,7 @@ pub(super) mod tests {
         let Some(url) = test_server::url() else {
             return;
         };
-        let one = store(url, "lanes-pause", LEASE, INTERVAL).await;
-        let other = PostgresStore::connect(url, &one.shared.queue)
-            .await
-            .unwrap();
+        let (one, other) = two_stores(url, "lanes-pause", LEASE).await;
         enqueue(url, &one, &[("a1", A), ("b1", B)]).await;
         let pause = Duration::from_secs(30);
 
@@ -1003,10 +1000,7 @@ pub(super) mod tests {
         let Some(url) = test_server::url() else {
             return;
         };
-        let one = store(url, "lanes-hot-path", LEASE, INTERVAL).await;
-        let other = PostgresStore::connect(url, &one.shared.queue)
-            .await
-            .unwrap();
+        let (one, other) = two_stores(url, "lanes-hot-path", LEASE).await;
         enqueue(url, &one, &[("a1", A)]).await;
         let lanes = one.lanes(&[], 10).await.unwrap();
         assert_eq!(lanes, [(A.to_owned(), LaneState::default())]);
@@ -1080,10 +1074,7 @@ pub(super) mod tests {
         let Some(url) = test_server::url() else {
             return;
         };
-        let one = store(url, "lanes-give-up", LEASE, INTERVAL).await;
-        let other = PostgresStore::connect(url, &one.shared.queue)
-            .await
-            .unwrap();
+        let (one, other) = two_stores(url, "lanes-give-up", LEASE).await;
         enqueue(url, &one, &[("a1", A), ("a2", A), ("a3", A), ("b1", B)]).await;
         one.count_pending_now().await;
         assert_eq!(one.pending_count(), 4);
@@ -1128,10 +1119,7 @@ pub(super) mod tests {
         let Some(url) = test_server::url() else {
             return;
         };
-        let one = store(url, "lanes-destinations", LEASE, INTERVAL).await;
-        let other = PostgresStore::connect(url, &one.shared.queue)
-            .await
-            .unwrap();
+        let (one, other) = two_stores(url, "lanes-destinations", LEASE).await;
         enqueue(
             url,
             &one,
