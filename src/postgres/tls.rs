@@ -108,9 +108,12 @@ fn read_bounded(path: &Path) -> std::io::Result<Vec<u8>> {
 pub(super) fn connector(check: Check) -> Result<MakeRustlsConnect, String> {
     let provider = Arc::new(ring::default_provider());
     let verifier: Arc<dyn ServerCertVerifier> = match check {
-        Check::Nothing => Arc::new(Unchecked(provider.clone())),
-        Check::Chain(roots) => Arc::new(ChainOnly {
-            roots,
+        Check::Nothing => Arc::new(NoName {
+            roots: None,
+            provider: provider.clone(),
+        }),
+        Check::Chain(roots) => Arc::new(NoName {
+            roots: Some(roots),
             provider: provider.clone(),
         }),
         Check::ChainAndName(roots) => {
@@ -131,15 +134,19 @@ pub(super) fn connector(check: Check) -> Result<MakeRustlsConnect, String> {
     Ok(MakeRustlsConnect::new(config))
 }
 
-/// Checks the chain to the roots, not the name (`verify-ca`): what the
-/// web PKI verifier does, without its name check.
+/// A verifier that never checks the server's name: with roots, it checks
+/// the chain to them (`verify-ca`: what the web PKI verifier does, without
+/// its name check); without, it takes any certificate (`prefer` and
+/// `require` without `sslrootcert`). Either way the handshake's signatures
+/// are checked against the certificate, so the session's keys are the
+/// server's, whoever the server is.
 #[derive(Debug)]
-struct ChainOnly {
-    roots: RootCertStore,
+struct NoName {
+    roots: Option<RootCertStore>,
     provider: Arc<CryptoProvider>,
 }
 
-impl ServerCertVerifier for ChainOnly {
+impl ServerCertVerifier for NoName {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -148,14 +155,16 @@ impl ServerCertVerifier for ChainOnly {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let certificate = ParsedCertificate::try_from(end_entity)?;
-        verify_server_cert_signed_by_trust_anchor(
-            &certificate,
-            &self.roots,
-            intermediates,
-            now,
-            self.provider.signature_verification_algorithms.all,
-        )?;
+        if let Some(roots) = &self.roots {
+            let certificate = ParsedCertificate::try_from(end_entity)?;
+            verify_server_cert_signed_by_trust_anchor(
+                &certificate,
+                roots,
+                intermediates,
+                now,
+                self.provider.signature_verification_algorithms.all,
+            )?;
+        }
         Ok(ServerCertVerified::assertion())
     }
 
@@ -165,7 +174,8 @@ impl ServerCertVerifier for ChainOnly {
         certificate: &CertificateDer<'_>,
         signature: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        handshake_signature_12(&self.provider, message, certificate, signature)
+        let algorithms = &self.provider.signature_verification_algorithms;
+        verify_tls12_signature(message, certificate, signature, algorithms)
     }
 
     fn verify_tls13_signature(
@@ -174,87 +184,15 @@ impl ServerCertVerifier for ChainOnly {
         certificate: &CertificateDer<'_>,
         signature: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        handshake_signature_13(&self.provider, message, certificate, signature)
+        let algorithms = &self.provider.signature_verification_algorithms;
+        verify_tls13_signature(message, certificate, signature, algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        supported_schemes(&self.provider)
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
-}
-
-/// Takes any certificate (`prefer` and `require` without `sslrootcert`):
-/// the handshake's signatures are still checked against it, so the
-/// session's keys are the server's, whoever the server is.
-#[derive(Debug)]
-struct Unchecked(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for Unchecked {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        certificate: &CertificateDer<'_>,
-        signature: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        handshake_signature_12(&self.0, message, certificate, signature)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        certificate: &CertificateDer<'_>,
-        signature: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        handshake_signature_13(&self.0, message, certificate, signature)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        supported_schemes(&self.0)
-    }
-}
-
-fn handshake_signature_12(
-    provider: &CryptoProvider,
-    message: &[u8],
-    certificate: &CertificateDer<'_>,
-    signature: &DigitallySignedStruct,
-) -> Result<HandshakeSignatureValid, rustls::Error> {
-    verify_tls12_signature(
-        message,
-        certificate,
-        signature,
-        &provider.signature_verification_algorithms,
-    )
-}
-
-fn handshake_signature_13(
-    provider: &CryptoProvider,
-    message: &[u8],
-    certificate: &CertificateDer<'_>,
-    signature: &DigitallySignedStruct,
-) -> Result<HandshakeSignatureValid, rustls::Error> {
-    verify_tls13_signature(
-        message,
-        certificate,
-        signature,
-        &provider.signature_verification_algorithms,
-    )
-}
-
-fn supported_schemes(provider: &CryptoProvider) -> Vec<SignatureScheme> {
-    provider
-        .signature_verification_algorithms
-        .supported_schemes()
 }
 
 #[cfg(test)]
