@@ -260,29 +260,20 @@ async fn the_retry_after_cap_is_the_clients_to_set() {
     };
     server.script("t1", Action::Complete, [slow_down]);
     server.script("t2", Action::Complete, [slow_down]);
-    let capped = TaskClient::builder(server.url())
-        .policy(
-            policy(&[1]).with_retry_after(RetryAfter::honor_up_to(Duration::from_secs(2)).unwrap()),
-        )
-        .build()
-        .unwrap();
-    let start = Instant::now();
-    let outcome = capped
-        .report_task_result("t1", TaskResult::completed(""))
-        .await;
-    assert_eq!(outcome, ReportOutcome::Completed);
-    assert_eq!(start.elapsed(), Duration::from_secs(2));
-
-    let deaf = TaskClient::builder(server.url())
-        .policy(policy(&[1]).with_retry_after(RetryAfter::ignore()))
-        .build()
-        .unwrap();
-    let start = Instant::now();
-    let outcome = deaf
-        .report_task_result("t2", TaskResult::completed(""))
-        .await;
-    assert_eq!(outcome, ReportOutcome::Completed);
-    assert_eq!(start.elapsed(), Duration::from_secs(1));
+    // Capped at 2 s, then deaf to it: the schedule's 1 s.
+    let capped = RetryAfter::honor_up_to(Duration::from_secs(2)).unwrap();
+    for (task, retry_after, waited) in [("t1", capped, 2), ("t2", RetryAfter::ignore(), 1)] {
+        let client = TaskClient::builder(server.url())
+            .policy(policy(&[1]).with_retry_after(retry_after))
+            .build()
+            .unwrap();
+        let start = Instant::now();
+        let outcome = client
+            .report_task_result(task, TaskResult::completed(""))
+            .await;
+        assert_eq!(outcome, ReportOutcome::Completed, "{task}");
+        assert_eq!(start.elapsed(), Duration::from_secs(waited), "{task}");
+    }
 }
 
 #[tokio::test(start_paused = true)]
