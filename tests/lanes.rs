@@ -552,6 +552,33 @@ mod two_dispatchers {
         .await;
     }
 
+    /// A dispatcher dropped while its probe is under way gives the probe
+    /// back, though its outbox lives on (renewing what it holds): the other
+    /// dispatcher probes within a read of the store, not never.
+    #[tokio::test]
+    async fn a_dispatcher_dropped_mid_probe_gives_its_probe_back() {
+        let Some(postgres) = postgres().await else {
+            return;
+        };
+        let store = Store::Queue {
+            postgres: &postgres,
+            queue: postgres.queue("lanes-two-dropped"),
+        };
+        let slow = receiver(502, Duration::from_secs(3)).await;
+        store.store_unsent(requests(&slow, "slow-", 10)).await;
+        let (interval, lease) = (Duration::from_secs(1), Some(Duration::from_secs(1)));
+        let first = store.dispatcher_with(interval, None, lease).await;
+        // Its first request fails at 3 s: down. The second is its probe.
+        assert!(wait_for(Duration::from_secs(10), || slow.requests().len() >= 2).await);
+        let kept = first.outbox().unwrap().clone();
+        drop(first);
+        let second = store.dispatcher_with(interval, None, lease).await;
+        let before = slow.requests().len();
+        let probed = wait_for(Duration::from_secs(5), || slow.requests().len() > before).await;
+        assert!(probed, "{:?}", arrivals(&slow.requests()));
+        drop((kept, second));
+    }
+
     /// A pause one dispatcher was given is kept by the other.
     #[tokio::test]
     async fn a_pause_given_to_one_dispatcher_is_kept_by_the_other() {

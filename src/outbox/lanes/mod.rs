@@ -29,7 +29,7 @@ use tokio::{
 use super::{
     dispatcher::{AttemptClassifier, AttemptService, Handles, Shared, Step},
     store::{Claim, LaneEvent, LaneState},
-    Entry,
+    Entry, Outbox,
 };
 use crate::{classify::Outcome, pace::Pace, recovery::Woken};
 
@@ -153,6 +153,9 @@ enum Turn {
 /// Holds the dispatcher weakly, and ends with its last handle.
 struct Scheduler<S, C> {
     dispatcher: Weak<Shared<S, C>>,
+    /// The dispatcher's store, if shared: kept to give back the probes held
+    /// here when the replay ends.
+    store: Option<Outbox>,
     handles: Weak<Handles>,
     wake: Arc<Notify>,
     lanes: HashMap<String, Lane>,
@@ -180,8 +183,15 @@ where
         handles: Weak<Handles>,
         wake: Arc<Notify>,
     ) -> Scheduler<S, C> {
+        // A file's probes live and end with its store; only a shared store
+        // keeps them for others, renewed while it lives.
+        let store = dispatcher
+            .upgrade()
+            .map(|shared| shared.store().clone())
+            .filter(Outbox::is_shared);
         Scheduler {
             dispatcher,
+            store,
             handles,
             wake,
             lanes: HashMap::new(),
@@ -195,6 +205,12 @@ where
     }
 
     async fn run(mut self) {
+        self.serve_until_gone().await;
+        self.give_back_probes().await;
+    }
+
+    /// Serves the lanes until the dispatcher is gone.
+    async fn serve_until_gone(&mut self) {
         loop {
             // No attempt starts once the last handle is gone, though those
             // under way keep the dispatcher's state alive.
@@ -238,6 +254,22 @@ where
             drop(shared);
             if !self.wait(until, parked).await {
                 return;
+            }
+        }
+    }
+
+    /// Gives back the probes held here, whose attempts end with the replay
+    /// (on a shared store, the outbox may live on, renewing them): another
+    /// dispatcher may take them at once.
+    async fn give_back_probes(&self) {
+        let Some(store) = &self.store else {
+            return;
+        };
+        for (origin, lane) in &self.lanes {
+            if lane.probing {
+                if let Err(error) = store.return_probe(origin).await {
+                    tracing::warn!(origin, error = %error, "outbox could not give back a probe");
+                }
             }
         }
     }
