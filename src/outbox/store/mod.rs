@@ -218,9 +218,10 @@ impl Outbox {
     /// new file is made whole under a name of its own beside `path`
     /// (`.outbox-draft-` and a random suffix), then put at `path`: a crash
     /// while it is made leaves no file at `path`, never a half-made one that
-    /// no later open could take, and may leave the draft, never read again
-    /// and safe to remove. Two processes making the same file at once open
-    /// the one that was put there first.
+    /// no later open could take, and may leave the draft, never read again:
+    /// an open removes the drafts beside its file older than ten minutes.
+    /// Two processes making the same file at once open the one that was put
+    /// there first.
     ///
     /// # Errors
     ///

@@ -8,6 +8,7 @@ use std::{
     fs::{File, Metadata, OpenOptions},
     io,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use crate::outbox::OutboxError;
@@ -40,6 +41,9 @@ impl FileId {
     }
 }
 
+/// The start of a draft's name.
+const DRAFT_PREFIX: &str = ".outbox-draft-";
+
 /// A file opened to keep requests in.
 pub(super) enum Opened {
     /// The file at the path; `held`: whether it held anything.
@@ -63,7 +67,7 @@ pub(super) fn open_file(path: &Path) -> Result<Opened, OutboxError> {
         Err(error) if error.kind() == io::ErrorKind::NotFound => {
             let folder = path.parent().unwrap_or(Path::new("."));
             create_folder(folder).map_err(io)?;
-            let draft = folder.join(format!(".outbox-draft-{}", uuid::Uuid::new_v4().simple()));
+            let draft = folder.join(format!("{DRAFT_PREFIX}{}", uuid::Uuid::new_v4().simple()));
             // Fails on anything at that name, a dangling link included: a
             // new file is never created through a link.
             let mut options = OpenOptions::new();
@@ -116,11 +120,51 @@ pub(super) fn publish(draft: &Path, path: &Path) -> Result<bool, OutboxError> {
             return Ok(true);
         }
     };
-    std::fs::remove_file(draft).map_err(io)?;
+    // The draft's name only: published, the file is at `path` whatever
+    // becomes of it (a name left is removed once stale).
+    let _ = std::fs::remove_file(draft);
     if linked {
         sync_folder(path).map_err(io)?;
     }
     Ok(linked)
+}
+
+/// How old a draft is when it is taken for one a crash left: far longer
+/// than making a file takes.
+const STALE_DRAFT: Duration = Duration::from_secs(10 * 60);
+
+/// At most this many entries of the folder are looked at for stale drafts.
+const FOLDER_SCAN: usize = 10_000;
+
+/// Removes the drafts beside `path` that a crash left while making a file:
+/// this user's regular files, named as drafts, older than [`STALE_DRAFT`].
+/// Best effort: what cannot be read or removed is left.
+pub(super) fn remove_stale_drafts(path: &Path) {
+    let Some(folder) = path.parent() else {
+        return;
+    };
+    let Ok(entries) = std::fs::read_dir(folder) else {
+        return;
+    };
+    for entry in entries.take(FOLDER_SCAN).flatten() {
+        if !entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(DRAFT_PREFIX)
+        {
+            continue;
+        }
+        let draft = entry.path();
+        let stale = std::fs::symlink_metadata(&draft).is_ok_and(|metadata| {
+            check_safe(&draft, &metadata).is_ok()
+                && metadata
+                    .modified()
+                    .is_ok_and(|at| at.elapsed().is_ok_and(|age| age > STALE_DRAFT))
+        });
+        if stale {
+            let _ = std::fs::remove_file(&draft);
+        }
+    }
 }
 
 /// Syncs the folder of `path`, so that its entries are on disk.

@@ -25,7 +25,7 @@ use std::{
 use redb::{Database, ReadOnlyTable, ReadableDatabase, TableDefinition, TableHandle};
 use tokio::sync::{mpsc, oneshot, Notify};
 
-use file_safety::{open_file, publish, FileId, Opened};
+use file_safety::{open_file, publish, remove_stale_drafts, FileId, Opened};
 use lanes::Lanes;
 use schema::{count_pending, last_seq, open_database_caught, KEYS, PENDING, QUARANTINED};
 use writer::{write_loop, Change, Job, Reply, Shared, Write};
@@ -92,6 +92,7 @@ impl RedbStore {
             )
         })?;
         let (db, id) = open_or_create(&path)?;
+        remove_stale_drafts(&path);
         let db = Arc::new(db);
         let next_seq = last_seq(&db).map_err(|error| OutboxError::io(&path, error))? + 1;
         let pending = count_pending(&db).map_err(|error| OutboxError::io(&path, error))?;
@@ -525,6 +526,37 @@ mod tests {
         let _ = std::fs::remove_dir_all(&directory);
         std::fs::create_dir_all(&directory).unwrap();
         directory
+    }
+
+    #[tokio::test]
+    async fn a_new_file_leaves_no_draft_and_stale_drafts_of_a_crash_are_removed() {
+        let directory = scratch("drafts");
+        let draft = |name: &str, age: Duration| {
+            let path = directory.join(name);
+            std::fs::write(&path, b"half made").unwrap();
+            let file = std::fs::File::options().write(true).open(&path).unwrap();
+            file.set_modified(std::time::SystemTime::now() - age)
+                .unwrap();
+            path
+        };
+        let hour = Duration::from_secs(3600);
+        let stale = draft(".outbox-draft-stale", hour);
+        let fresh = draft(".outbox-draft-fresh", Duration::ZERO);
+        let other = draft("notes", hour);
+
+        let outbox = Outbox::open(directory.join("requests.redb")).unwrap();
+        assert!(outbox.pending().unwrap().is_empty());
+        let mut names: Vec<String> = std::fs::read_dir(&directory)
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        // Its own draft is gone once published; a fresh one may be another
+        // process's file being made; only a stale one is removed.
+        assert_eq!(names, [".outbox-draft-fresh", "notes", "requests.redb"]);
+        assert!(!stale.exists() && fresh.exists() && other.exists());
+        drop(outbox);
+        std::fs::remove_dir_all(&directory).unwrap();
     }
 
     /// Opens the outbox at `path`: refused as invalid, naming the path
