@@ -68,10 +68,7 @@ struct Naive {
 
 impl Naive {
     async fn connect(url: &str) -> Naive {
-        let (client, connection) = tokio_postgres::connect(url, NoTls)
-            .await
-            .expect("a connection");
-        tokio::spawn(connection);
+        let client = connect(url).await;
         client
             .batch_execute(
                 "CREATE TABLE IF NOT EXISTS naive_outbox \
@@ -236,22 +233,20 @@ async fn commit_to_first_attempt(url: &str) {
         .any_origin()
         .build()
         .expect("a dispatcher");
-    let (mut application, connection) = tokio_postgres::connect(url, NoTls)
-        .await
-        .expect("the application's connection");
-    tokio::spawn(connection);
+    let mut application = connect(url).await;
     let (mut commits, mut waits) = (Vec::new(), Vec::new());
     for sample in 0..LATENCY_SAMPLES {
         let transaction = application.transaction().await.expect("a transaction");
         let request = Request::post(server.url("/hooks/latency"))
             .body(Bytes::from(format!(r#"{{"sample":{sample}}}"#)))
             .expect("a request");
-        dispatcher
-            .outbox()
-            .unwrap()
-            .enqueue(&transaction, &format!("latency-{sample}"), request)
-            .await
-            .expect("enqueued");
+        enqueue(
+            &dispatcher,
+            &transaction,
+            &format!("latency-{sample}"),
+            request,
+        )
+        .await;
         let commit_started = Instant::now();
         transaction.commit().await.expect("committed");
         commits.push(commit_started.elapsed());
@@ -276,6 +271,33 @@ async fn commit_to_first_attempt(url: &str) {
             at(1.0).as_secs_f64() * 1e3
         );
     }
+}
+
+/// A plain connection, driven on the current runtime: the application's
+/// own, for the transactions the requests are enqueued in, or the naive
+/// outbox's.
+async fn connect(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .expect("a connection");
+    tokio::spawn(connection);
+    client
+}
+
+/// Enqueues `request` under `key` in the application's `transaction`, on
+/// the dispatcher's outbox.
+async fn enqueue<S>(
+    dispatcher: &Dispatcher<S>,
+    transaction: &tokio_postgres::Transaction<'_>,
+    key: &str,
+    request: Request<Bytes>,
+) {
+    dispatcher
+        .outbox()
+        .unwrap()
+        .enqueue(transaction, key, request)
+        .await
+        .expect("enqueued");
 }
 
 /// Enqueues [`RELAYED`] requests for `destinations` loopback receivers (in
@@ -305,22 +327,20 @@ async fn relay(url: &str, destinations: usize) -> (Duration, u64) {
         })
         .build()
         .expect("a dispatcher");
-    let (mut application, connection) = tokio_postgres::connect(url, NoTls)
-        .await
-        .expect("the application's connection");
-    tokio::spawn(connection);
+    let mut application = connect(url).await;
     let transaction = application.transaction().await.expect("a transaction");
     for index in 0..RELAYED {
         let receiver = &receivers[index as usize % destinations];
         let request = Request::post(receiver.url("/hooks/relay"))
             .body(Bytes::from(format!(r#"{{"event":{index}}}"#)))
             .expect("a request");
-        dispatcher
-            .outbox()
-            .unwrap()
-            .enqueue(&transaction, &format!("relay-{index}"), request)
-            .await
-            .expect("enqueued");
+        enqueue(
+            &dispatcher,
+            &transaction,
+            &format!("relay-{index}"),
+            request,
+        )
+        .await;
     }
     let committed = Instant::now();
     transaction.commit().await.expect("committed");
