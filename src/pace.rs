@@ -36,7 +36,8 @@ impl Pace {
     /// [`start`](Pace::start) makes up for a late wake-up).
     pub(crate) fn next_start(&self) -> Instant {
         match self.gap < TIMER_TICK {
-            true => self.next - TIMER_TICK,
+            // Never before the clock's start, however close to it.
+            true => self.next.checked_sub(TIMER_TICK).unwrap_or(self.next),
             false => self.next,
         }
     }

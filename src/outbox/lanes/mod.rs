@@ -80,6 +80,14 @@ pub(super) async fn supervise<S, C>(
     }
 }
 
+/// Gives back the probe of `origin` taken here, unused; a failure is said,
+/// and the probe runs out at its lease.
+async fn give_back_probe(store: &Outbox, origin: &str) {
+    if let Err(error) = store.return_probe(origin).await {
+        tracing::warn!(origin, error = %error, "outbox could not give back a probe");
+    }
+}
+
 /// One destination, as the replay schedules it.
 struct Lane {
     /// Its origin as a URI, for the recovery signal.
@@ -267,9 +275,7 @@ where
         };
         for (origin, lane) in &self.lanes {
             if lane.probing {
-                if let Err(error) = store.return_probe(origin).await {
-                    tracing::warn!(origin, error = %error, "outbox could not give back a probe");
-                }
+                give_back_probe(store, origin).await;
             }
         }
     }
@@ -523,9 +529,7 @@ where
                 // Nothing to probe with (its records are held elsewhere, or
                 // gone): the probe goes back unused, the destination still
                 // down, until the next read of the store.
-                if let Err(error) = shared.store().return_probe(origin).await {
-                    tracing::warn!(origin, error = %error, "outbox could not give back a probe");
-                }
+                give_back_probe(shared.store(), origin).await;
                 if let Some(lane) = self.lanes.get_mut(origin) {
                     lane.state.probed_elsewhere = true;
                 }
