@@ -140,10 +140,13 @@ proptest! {
         let mut request = Request::post("/cb").body(()).unwrap();
         let honoured = retry_after
             .as_ref()
-            .filter(|_| code == 429 || code == 503)
+            .filter(|_| code == 429 || code == 503 || code == 409)
             .and_then(|value| parse_retry_after(value, SystemTime::now()));
 
-        let transient = expected_outcome(code) == Outcome::Transient;
+        // A 409 with `Retry-After`, whatever its value, is an idempotent
+        // server's "the first request with this key still runs": transient.
+        let still_running = code == 409 && retry_after.is_some();
+        let transient = expected_outcome(code) == Outcome::Transient || still_running;
         let mut attempts = 0;
         loop {
             attempts += 1;
