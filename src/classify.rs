@@ -196,34 +196,3 @@ pub fn classify_status(status: StatusCode) -> Outcome {
         _ => Outcome::Permanent,
     }
 }
-
-/// Where the policy writes how each attempt of a request was classified, for
-/// a caller that acts on the outcome itself (the outbox): put one in the
-/// request's extensions, and every clone the retry layer makes shares it, so
-/// each answer is classified once, by the layer's own classifier.
-#[cfg(any(feature = "client", feature = "outbox"))]
-#[derive(Debug, Clone, Default)]
-pub(crate) struct OutcomeSlot(std::sync::Arc<std::sync::atomic::AtomicU8>);
-
-#[cfg(any(feature = "client", feature = "outbox"))]
-impl OutcomeSlot {
-    /// Records the outcome of the latest attempt.
-    pub(crate) fn set(&self, outcome: Outcome) {
-        let code = match outcome {
-            Outcome::Success => 1,
-            Outcome::Transient => 2,
-            Outcome::Permanent => 3,
-        };
-        self.0.store(code, std::sync::atomic::Ordering::Release);
-    }
-
-    /// The outcome of the latest attempt, if one was classified.
-    pub(crate) fn get(&self) -> Option<Outcome> {
-        match self.0.load(std::sync::atomic::Ordering::Acquire) {
-            1 => Some(Outcome::Success),
-            2 => Some(Outcome::Transient),
-            3 => Some(Outcome::Permanent),
-            _ => None,
-        }
-    }
-}

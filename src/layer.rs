@@ -44,11 +44,6 @@ use tower::{retry::Retry, Layer};
 
 use crate::{classify::DefaultClassifier, policy::TerminalRetryPolicy};
 
-/// The service [`TerminalRetryLayer`] produces, as the client and the outbox
-/// name it: tower's `Retry` with the terminal policy.
-#[cfg(any(feature = "client", feature = "outbox"))]
-pub(crate) type TerminalRetry<S, C = DefaultClassifier> = Retry<TerminalRetryPolicy<C>, S>;
-
 /// Retries idempotent requests on transient failures: see the
 /// [crate docs](crate).
 ///

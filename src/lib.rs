@@ -26,7 +26,7 @@
 //!
 //! | what | where | feature |
 //! | --- | --- | --- |
-//! | the layer and its policy | [`TerminalRetryLayer`], [`TerminalRetryPolicy`], [`Backoff`] | none: always there |
+//! | the layer and its policy | [`TerminalRetryLayer`], [`TerminalRetryPolicy`], [`Backoff`], [`OutcomeSlot`] | none: always there |
 //! | classifying an answer | [`Classify`], [`ClassifyFn`], [`DefaultClassifier`], [`classify_status`], [`Outcome`] | none |
 //! | when to retry | [`Schedule`], [`RetryAfter`], [`parse_retry_after`], [`Jitter`], [`RetryBudget`] | none |
 //! | early release | [`Recovery`], [`Parked`], [`Woken`] | none |
@@ -209,10 +209,8 @@ pub use classify::{classify_status, Classify, ClassifyFn, DefaultClassifier, Out
 pub use error::ConfigError;
 pub use future::Backoff;
 pub use jitter::Jitter;
-#[cfg(any(feature = "client", feature = "outbox"))]
-pub(crate) use layer::TerminalRetry;
 pub use layer::TerminalRetryLayer;
-pub use policy::TerminalRetryPolicy;
+pub use policy::{OutcomeSlot, TerminalRetryPolicy};
 pub use recovery::{Parked, Recovery, Woken};
 pub use retry_after::{parse_retry_after, RetryAfter};
 pub use schedule::Schedule;

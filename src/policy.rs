@@ -48,7 +48,15 @@
 //! # }
 //! ```
 
-use std::{any::type_name, fmt, sync::Arc, time::SystemTime};
+use std::{
+    any::type_name,
+    fmt,
+    sync::{
+        atomic::{AtomicU8, Ordering},
+        Arc,
+    },
+    time::SystemTime,
+};
 
 use http::{HeaderName, HeaderValue, Request, Response};
 use tokio::time::Instant;
@@ -375,17 +383,70 @@ impl<C> TerminalRetryPolicy<C> {
     }
 }
 
-/// Tells a caller that asked how the attempt was classified: the outbox puts
-/// an [`OutcomeSlot`](crate::classify::OutcomeSlot) in the request's
-/// extensions.
+/// Tells a caller that asked how the attempt was classified (see
+/// [`OutcomeSlot`]).
 #[inline]
 fn record_outcome<B>(request: &Request<B>, outcome: Outcome) {
-    #[cfg(any(feature = "client", feature = "outbox"))]
-    if let Some(slot) = request.extensions().get::<crate::classify::OutcomeSlot>() {
+    if let Some(slot) = request.extensions().get::<OutcomeSlot>() {
         slot.set(outcome);
     }
-    #[cfg(not(any(feature = "client", feature = "outbox")))]
-    let _ = (request, outcome);
+}
+
+/// Where the policy tells its caller how each attempt of a request was
+/// classified, so that a caller who acts on the outcome (a dispatcher that
+/// stores, falls back or quarantines, as the crate's outbox does) never
+/// classifies an answer a second time.
+///
+/// Put one in the request's extensions before the call: every clone the
+/// retry layer makes shares it, and after the call [`get`](OutcomeSlot::get)
+/// says how the last attempt was classified, by the policy's own classifier.
+///
+/// ```
+/// use std::convert::Infallible;
+/// use http::{Request, Response, StatusCode};
+/// use tower::{service_fn, Layer, ServiceExt};
+/// use tower_terminal_retry::{Outcome, OutcomeSlot, TerminalRetryLayer};
+///
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// // A receiver that knows no such route: a permanent rejection.
+/// let service = TerminalRetryLayer::default().layer(service_fn(|_: Request<String>| async {
+///     let mut response = Response::new(());
+///     *response.status_mut() = StatusCode::NOT_FOUND;
+///     Ok::<_, Infallible>(response)
+/// }));
+/// let slot = OutcomeSlot::default();
+/// let mut request = Request::post("/hooks").body(String::new())?;
+/// request.extensions_mut().insert(slot.clone());
+/// let response = service.oneshot(request).await?;
+///
+/// assert_eq!(response.status(), StatusCode::NOT_FOUND);
+/// assert_eq!(slot.get(), Some(Outcome::Permanent));
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct OutcomeSlot(Arc<AtomicU8>);
+
+impl OutcomeSlot {
+    /// How the latest attempt was classified; `None` before one was.
+    pub fn get(&self) -> Option<Outcome> {
+        match self.0.load(Ordering::Acquire) {
+            1 => Some(Outcome::Success),
+            2 => Some(Outcome::Transient),
+            3 => Some(Outcome::Permanent),
+            _ => None,
+        }
+    }
+
+    fn set(&self, outcome: Outcome) {
+        let code = match outcome {
+            Outcome::Success => 1,
+            Outcome::Transient => 2,
+            Outcome::Permanent => 3,
+        };
+        self.0.store(code, Ordering::Release);
+    }
 }
 
 /// Why a call ends without success.

@@ -17,8 +17,8 @@ use http_body_util::Full;
 use tokio::{task::JoinSet, time::Instant};
 use tower::{timeout::error::Elapsed, BoxError, Layer, ServiceBuilder, ServiceExt};
 use tower_terminal_retry::{
-    classify_status, test_server::Reply, Jitter, Outcome, RetryAfter, RetryBudget, Schedule,
-    TerminalRetryLayer, TerminalRetryPolicy,
+    classify_status, test_server::Reply, Jitter, Outcome, OutcomeSlot, RetryAfter, RetryBudget,
+    Schedule, TerminalRetryLayer, TerminalRetryPolicy,
 };
 
 use support::{
@@ -179,6 +179,35 @@ async fn transient_to_the_end_returns_the_last_response_unchanged() {
     assert_eq!(response.headers()["x-attempt-seen"], "6");
     assert_eq!(text(response).await, "upstream down #6");
     assert_eq!(elapsed, Duration::from_secs(124));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_outcome_slot_tells_how_the_last_attempt_was_classified() {
+    // (replies, what the slot says after the call, attempts)
+    let cases = [
+        (
+            vec![Reply::status(502), Reply::status(204)],
+            Outcome::Success,
+            2,
+        ),
+        (
+            vec![Reply::status(503), Reply::status(404)],
+            Outcome::Permanent,
+            2,
+        ),
+        (vec![Reply::status(502); 3], Outcome::Transient, 3),
+    ];
+    for (replies, expected, attempts) in cases {
+        let mock = Mock::scripted(replies);
+        let slot = OutcomeSlot::default();
+        let mut request = request();
+        request.extensions_mut().insert(slot.clone());
+        assert_eq!(slot.get(), None, "nothing is classified before the call");
+        let (result, _) = call(&short_layer(), &mock, request).await;
+        result.unwrap();
+        assert_eq!(slot.get(), Some(expected));
+        assert_eq!(mock.attempts().count(), attempts);
+    }
 }
 
 #[tokio::test(start_paused = true)]

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode, Uri};
 use http_body_util::Full;
 use tokio::sync::Notify;
-use tower::{util::MapRequest, BoxError, Service, ServiceExt};
+use tower::{retry::Retry, util::MapRequest, BoxError, Service, ServiceExt};
 
 use super::{
     delivery::{Delivery, Dispatch, DurabilityWatch},
@@ -21,11 +21,12 @@ use super::{
     Entry, Outbox,
 };
 use crate::{
-    classify::{Classify, DefaultClassifier, Outcome, OutcomeSlot},
+    classify::{Classify, DefaultClassifier, Outcome},
     origin::{has_user_info, is_origin, origin_key},
+    policy::{OutcomeSlot, TerminalRetryPolicy},
     response::{body_start, clean, read_start, redirect_note},
     sync::lock,
-    Recovery, TerminalRetry, TerminalRetryPolicy,
+    Recovery,
 };
 
 /// How long reading a refusal's body may take.
@@ -39,7 +40,7 @@ pub(super) type Fallback = dyn Fn(&Entry, StatusCode, &str) -> Option<Request<By
 /// The service a foreground delivery goes through: the terminal retry layer
 /// over the inner service, each attempt counted.
 type Retrying<S, C> =
-    TerminalRetry<MapRequest<S, fn(Request<Full<Bytes>>) -> Request<Full<Bytes>>>, C>;
+    Retry<TerminalRetryPolicy<C>, MapRequest<S, fn(Request<Full<Bytes>>) -> Request<Full<Bytes>>>>;
 
 /// What a [`Dispatcher`] sends each attempt through: a cloneable service of
 /// HTTP requests whose errors can be described. Names the bounds of
