@@ -343,6 +343,53 @@ async fn a_destination_down_too_long_is_given_up_on(store: Store<'_>) {
     drop(dispatcher);
 }
 
+/// `give_up_after` counts from a destination's first failure, across a
+/// restart: a dispatcher started again five seconds into eight gives up
+/// about three seconds later, not eight. On the real clock, as a restart
+/// takes: what a file keeps is the wall-clock time it went down.
+async fn give_up_after_counts_across_a_restart(store: Store<'_>) {
+    const GIVE_UP_AFTER: Duration = Duration::from_secs(8);
+    let dead = receiver(502, Duration::ZERO).await;
+    store.store_unsent(requests(&dead, "dead-", 3)).await;
+
+    let first = store
+        .dispatcher_with(Duration::from_secs(1), Some(GIVE_UP_AFTER), None)
+        .await;
+    let outbox = first.outbox().unwrap().clone();
+    let mut down_since = None;
+    for _ in 0..100 {
+        let destinations = outbox.destinations().await.unwrap();
+        down_since = destinations
+            .iter()
+            .find_map(|destination| destination.down_since);
+        if down_since.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let down_since = down_since.expect("the destination went down");
+    let down_at = Instant::now();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(outbox.quarantined().unwrap().is_empty(), "not given up yet");
+    drop((first, outbox));
+
+    let second = store
+        .dispatcher_with(Duration::from_secs(1), Some(GIVE_UP_AFTER), None)
+        .await;
+    let restarted = Instant::now();
+    let outbox = second.outbox().unwrap().clone();
+    let destinations = outbox.destinations().await.unwrap();
+    assert_eq!(destinations[0].down_since, Some(down_since));
+    let given_up = || outbox.quarantined().unwrap().len() == 3;
+    assert!(wait_for(Duration::from_secs(15), given_up).await);
+    let after_restart = restarted.elapsed();
+    let after_down = down_at.elapsed();
+    assert!(
+        after_restart < Duration::from_secs(6) && after_down >= GIVE_UP_AFTER,
+        "given up {after_restart:?} after the restart, {after_down:?} after it went down"
+    );
+}
+
 /// The replay rate bounds each destination, not the queue: 20 healthy
 /// destinations, 50 requests each, go out in about the time one
 /// destination's 50 take at 100 a second.
@@ -486,6 +533,30 @@ on_a_file_and_on_postgres! {
     destinations_reports_each_state => destinations_report_each_state,
     twenty_healthy_destinations_get_twenty_times_the_rate_of_one =>
         each_destination_has_its_own_pace,
+}
+
+/// Restarts take real time: these run on the real clock, on both stores.
+mod restart {
+    use super::*;
+
+    #[tokio::test]
+    async fn give_up_after_counts_across_a_restart_on_a_file() {
+        let scratch = Scratch::new("lanes-give-up-across-a-restart");
+        give_up_after_counts_across_a_restart(Store::File(&scratch)).await;
+    }
+
+    #[tokio::test]
+    async fn give_up_after_counts_across_a_restart_on_postgres() {
+        let Some(postgres) = postgres().await else {
+            return;
+        };
+        let queue = postgres.queue("lanes-give-up-across-a-restart");
+        give_up_after_counts_across_a_restart(Store::Queue {
+            postgres: &postgres,
+            queue,
+        })
+        .await;
+    }
 }
 
 /// Two dispatchers on one queue of the test PostgreSQL.

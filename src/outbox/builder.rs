@@ -227,6 +227,9 @@ impl<S, C> DispatcherBuilder<S, C> {
     /// [`Outbox::requeue`]), with one `warn` event naming its origin. Off
     /// by default: a terminal report is never given up on. `0` is an error
     /// of [`build`](DispatcherBuilder::build).
+    ///
+    /// The time counts from the destination's first failure, across
+    /// restarts: the store keeps when it went down.
     pub fn give_up_after(mut self, down_for: Duration) -> Self {
         self.settings.give_up_after = Some(down_for);
         self

@@ -1,7 +1,8 @@
 //! The file's destinations, in memory: its pending records by destination,
 //! oldest first, and each destination's state. One process holds the file,
-//! so memory is where the state of its one replay lives; it starts afresh
-//! (every destination up) when the file is opened.
+//! so memory is where the state of its one replay lives. That a destination
+//! is down, since when, is also kept in the file, and restored when it is
+//! opened again; the rest (its pause, its probe's backoff) starts afresh.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -10,7 +11,9 @@ use std::{
 
 use tokio::time::Instant;
 
-use super::super::lane_state::{next_probe_delay, probe_wait, LaneEvent, LaneState};
+use super::super::lane_state::{
+    next_probe_delay, probe_wait, LaneEvent, LaneState, FIRST_PROBE_DELAY,
+};
 use crate::outbox::Destination;
 
 /// How long a probe taken is held at most: far longer than an attempt
@@ -210,6 +213,29 @@ impl Lanes {
             self.state.remove(origin);
         }
         state
+    }
+
+    /// Since when `origin` is down, if it is.
+    pub(super) fn down_since(&self, origin: &str) -> Option<SystemTime> {
+        self.state.get(origin)?.down_since.map(|(_, at)| at)
+    }
+
+    /// Restores `origin` as down since `since`, with `failure` its last, as
+    /// the file kept it: its probe is due at once. Nothing is kept for an
+    /// origin with nothing pending: returns whether it was restored.
+    pub(super) fn restore(&mut self, origin: &str, since: SystemTime, failure: String) -> bool {
+        if !self.pending.contains_key(origin) {
+            return false;
+        }
+        let now = Instant::now();
+        // A time ahead of this clock counts as now.
+        let down_for = SystemTime::now().duration_since(since).unwrap_or_default();
+        let mut kept = Kept::up();
+        kept.down_since = Some((now.checked_sub(down_for).unwrap_or(now), since));
+        kept.probe_delay = FIRST_PROBE_DELAY.min(self.longest_probe);
+        kept.last_failure = Some(failure);
+        self.state.insert(origin.to_owned(), kept);
+        true
     }
 
     /// Forgets `origin`'s state: it starts afresh, up.

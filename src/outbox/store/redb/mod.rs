@@ -19,7 +19,7 @@ use std::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex,
     },
-    time::Duration,
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use redb::{Database, ReadOnlyTable, ReadableDatabase, TableDefinition, TableHandle};
@@ -27,7 +27,9 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 use file_safety::{open_file, publish, remove_stale_drafts, FileId, Opened};
 use lanes::Lanes;
-use schema::{count_pending, last_seq, open_database_caught, KEYS, PENDING, QUARANTINED};
+use schema::{
+    count_pending, last_seq, open_database_caught, read_down, KEYS, PENDING, QUARANTINED,
+};
 use writer::{write_loop, Change, Job, Reply, Shared, Write};
 
 use super::{Answer, BoxFuture, Inserted, LaneEvent, LaneState, Store, LIST_CAP};
@@ -96,6 +98,7 @@ impl RedbStore {
         let db = Arc::new(db);
         let next_seq = last_seq(&db).map_err(|error| OutboxError::io(&path, error))? + 1;
         let pending = count_pending(&db).map_err(|error| OutboxError::io(&path, error))?;
+        let down = read_down(&db).map_err(|error| OutboxError::io(&path, error))?;
         let (jobs, receiver) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             path,
@@ -115,7 +118,24 @@ impl RedbStore {
             lanes: Mutex::new(Lanes::new(super::lane_state::FIRST_PROBE_DELAY)),
         };
         store.index()?;
+        for (origin, since_ms, failure) in down {
+            let since = UNIX_EPOCH + Duration::from_millis(since_ms);
+            if !lock(&store.lanes).restore(&origin, since, failure) {
+                // Nothing pending to it any more.
+                store.remember(Change::Up { origin });
+            }
+        }
         Ok(store)
+    }
+
+    /// Hands `change` to the writer without waiting for it: the state of a
+    /// destination is advisory, and its write never holds a delivery up.
+    fn remember(&self, change: Change) {
+        let (reply, _) = Reply::new(&self.shared.path);
+        let _ = self
+            .shared
+            .jobs
+            .send(Job::Write(Write::Change(change, reply)));
     }
 
     /// Indexes the pending records by destination: read once, at open.
@@ -430,7 +450,31 @@ impl Store for RedbStore {
     }
 
     fn note<'a>(&'a self, origin: &'a str, event: LaneEvent) -> Answer<'a, LaneState> {
-        Box::pin(ready(Ok(lock(&self.lanes).note(origin, event))))
+        let mut lanes = lock(&self.lanes);
+        let was_down = lanes.down_since(origin).is_some();
+        // Written when it goes down and at each failed probe: at most once a
+        // probe delay, whatever the rate of other failures.
+        let failure = match &event {
+            LaneEvent::Failed { failure, probe, .. } if *probe || !was_down => {
+                Some(failure.clone())
+            }
+            _ => None,
+        };
+        let state = lanes.note(origin, event);
+        let since = lanes.down_since(origin);
+        drop(lanes);
+        match (since, failure) {
+            (Some(since), Some(failure)) => self.remember(Change::Down {
+                origin: origin.to_owned(),
+                since_ms: unix_millis(since),
+                failure,
+            }),
+            (None, _) if was_down => self.remember(Change::Up {
+                origin: origin.to_owned(),
+            }),
+            _ => {}
+        }
+        Box::pin(ready(Ok(state)))
     }
 
     fn take_probe<'a>(&'a self, origin: &'a str) -> Answer<'a, bool> {
@@ -467,6 +511,9 @@ impl Store for RedbStore {
                 answers.push((entry.seq, answer));
             }
             lock(&self.lanes).forget(origin);
+            self.remember(Change::Up {
+                origin: origin.to_owned(),
+            });
             let mut quarantined = 0;
             for (seq, answer) in answers {
                 let moved = answer
@@ -494,6 +541,12 @@ impl Store for RedbStore {
             Ok(destinations)
         })
     }
+}
+
+/// `at` in milliseconds since the Unix epoch (zero before it).
+fn unix_millis(at: SystemTime) -> u64 {
+    let since = at.duration_since(UNIX_EPOCH).unwrap_or_default();
+    u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]
@@ -556,6 +609,84 @@ mod tests {
         assert_eq!(names, [".outbox-draft-fresh", "notes", "requests.redb"]);
         assert!(!stale.exists() && fresh.exists() && other.exists());
         drop(outbox);
+        std::fs::remove_dir_all(&directory).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_destination_down_is_down_since_its_first_failure_across_reopens() {
+        const A: &str = "http://a.test:80";
+        const B: &str = "http://b.test:80";
+        let directory = scratch("down");
+        let path = directory.join("requests.redb");
+        async fn stored(
+            store: &RedbStore,
+            origin: &str,
+            key: &str,
+        ) -> Result<Inserted, OutboxError> {
+            let request = http::Request::post(format!("{origin}/hooks/{key}"))
+                .body(bytes::Bytes::from_static(b"{}"))
+                .unwrap();
+            store
+                .insert(Entry::new(key.to_owned(), &request, None))
+                .await
+        }
+        let failed = |failure: &str, probe: bool| LaneEvent::Failed {
+            failure: failure.to_owned(),
+            pause: None,
+            probe,
+        };
+        let down_since = |store: &RedbStore, origin: &str| lock(&store.lanes).down_since(origin);
+        // The writer commits in order: a write awaited after a note is
+        // committed with it, or after it.
+        async fn settled(store: &RedbStore) {
+            stored(store, "http://c.test:80", "c").await.unwrap();
+        }
+
+        let store = RedbStore::open(path.clone()).unwrap();
+        stored(&store, A, "a1").await.unwrap();
+        stored(&store, B, "b1").await.unwrap();
+        store.note(A, failed("503 first", false)).await.unwrap();
+        let since = down_since(&store, A).unwrap();
+        // Later failures keep the first's time; a failed probe writes its
+        // failure.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        store.note(A, failed("503 later", false)).await.unwrap();
+        store.note(A, failed("503 probe", true)).await.unwrap();
+        store.note(B, failed("refused", false)).await.unwrap();
+        store.discard("b1").await.unwrap();
+        settled(&store).await;
+        drop(store);
+
+        let store = RedbStore::open(path.clone()).unwrap();
+        let kept = down_since(&store, A).expect("still down");
+        assert_eq!(unix_millis(kept), unix_millis(since));
+        let state = store.lanes(&[], 10).await.unwrap();
+        let (_, a) = state.iter().find(|(origin, _)| origin == A).unwrap();
+        assert!(a.is_down() && a.probe_in.is_zero(), "{a:?}: probed at once");
+        assert!(a.down_for.unwrap() >= Duration::from_millis(20));
+        let destinations = store.destinations().await.unwrap();
+        let a = destinations.iter().find(|d| d.origin == A).unwrap();
+        assert_eq!(a.down_since.map(unix_millis), Some(unix_millis(since)));
+        assert_eq!(a.last_failure.as_deref(), Some("503 probe"));
+        // B has nothing stored: nothing kept of it, and its row is gone.
+        assert_eq!(down_since(&store, B), None);
+        settled(&store).await;
+        let database = lock(&store.shared.db).clone().unwrap();
+        let rows = schema::read_down(&database).unwrap();
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        assert_eq!(rows[0].0, A);
+        drop(database);
+
+        // An answer: up, and so after the next open too.
+        store
+            .note(A, LaneEvent::Answered { pause: None })
+            .await
+            .unwrap();
+        settled(&store).await;
+        drop(store);
+        let store = RedbStore::open(path).unwrap();
+        assert_eq!(down_since(&store, A), None);
+        drop(store);
         std::fs::remove_dir_all(&directory).unwrap();
     }
 

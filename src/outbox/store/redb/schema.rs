@@ -21,6 +21,12 @@ pub(super) const PENDING: TableDefinition<'_, u64, &[u8]> = TableDefinition::new
 pub(super) const QUARANTINED: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("quarantined");
 /// Each stored key to its sequence number: one record per key.
 pub(super) const KEYS: TableDefinition<'_, &str, u64> = TableDefinition::new("keys");
+/// The destinations that are down, by origin: since when (milliseconds since
+/// the Unix epoch) and their last failure, so that a later open of the file
+/// goes on from there (`give_up_after` counts from the first failure, and
+/// `down_since` says it) rather than starting every destination afresh.
+/// Advisory: a row lost in a crash only restarts the count.
+pub(super) const DOWN: TableDefinition<'_, &str, (u64, &str)> = TableDefinition::new("down");
 /// `format` to the format of the file: what makes a redb file an outbox.
 pub(super) const META: TableDefinition<'_, &str, u64> = TableDefinition::new("outbox_meta");
 /// The format of the files this version writes: records of the second
@@ -164,6 +170,7 @@ fn initialize(database: &Database, existed: bool) -> Result<(), InitError> {
     write.open_table(PENDING)?;
     write.open_table(QUARANTINED)?;
     write.open_table(KEYS)?;
+    write.open_table(DOWN)?;
     write.commit()?;
     Ok(())
 }
@@ -177,6 +184,33 @@ pub(super) fn last_seq(database: &Database) -> Result<u64, redb::Error> {
         }
     }
     Ok(last)
+}
+
+/// The longest failure kept of a destination read back, in bytes: what the
+/// store writes is shorter; a file changed behind its back may say more.
+const MAX_FAILURE_BYTES: usize = 4096;
+
+/// The destinations that were down when the file was last written: origin,
+/// since when (milliseconds since the Unix epoch) and the last failure. A
+/// file of an earlier version of the format has none.
+pub(super) fn read_down(database: &Database) -> Result<Vec<(String, u64, String)>, redb::Error> {
+    let read = database.begin_read()?;
+    let table = match read.open_table(DOWN) {
+        Ok(table) => table,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+        Err(error) => return Err(error.into()),
+    };
+    let mut rows = Vec::new();
+    for row in table.iter()? {
+        let (origin, value) = row?;
+        let (since, failure) = value.value();
+        let mut end = failure.len().min(MAX_FAILURE_BYTES);
+        while !failure.is_char_boundary(end) {
+            end -= 1;
+        }
+        rows.push((origin.value().to_owned(), since, failure[..end].to_owned()));
+    }
+    Ok(rows)
 }
 
 pub(super) fn count_pending(database: &Database) -> Result<u64, redb::Error> {

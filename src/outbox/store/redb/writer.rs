@@ -21,7 +21,7 @@ use tokio::{
 
 use super::{
     file_safety::{reopen_file, FileId},
-    schema::{open_database_caught, KEYS, META, PENDING, QUARANTINED},
+    schema::{open_database_caught, DOWN, KEYS, META, PENDING, QUARANTINED},
 };
 use crate::{
     outbox::{record::damaged_key, store::Inserted, Entry, OutboxError},
@@ -85,14 +85,29 @@ pub(super) enum Change {
     Discard { key: String },
     /// Moves a pending record that cannot be decoded to quarantine, as it is.
     Damaged { seq: u64 },
+    /// Keeps that a destination is down: since when, in milliseconds since
+    /// the Unix epoch, and its last failure.
+    Down {
+        origin: String,
+        since_ms: u64,
+        failure: String,
+    },
+    /// Forgets that a destination was down.
+    Up { origin: String },
 }
 
 impl Change {
     /// Whether the change must be on disk when its commit returns: a lost
     /// removal or failure count only replays a request the server takes as
-    /// a no-op.
+    /// a no-op; a lost destination state only restarts its count.
     fn needs_flush(&self) -> bool {
-        !matches!(self, Change::Complete { .. } | Change::Failed { .. })
+        !matches!(
+            self,
+            Change::Complete { .. }
+                | Change::Failed { .. }
+                | Change::Down { .. }
+                | Change::Up { .. }
+        )
     }
 }
 
@@ -412,6 +427,7 @@ fn commit(
             pending: transaction.open_table(PENDING)?,
             quarantined: transaction.open_table(QUARANTINED)?,
             keys: transaction.open_table(KEYS)?,
+            down: transaction.open_table(DOWN)?,
         };
         let unencodable = |error: postcard::Error| OutboxError::unencodable(&store.path, error);
         for write in writes.iter_mut() {
@@ -466,6 +482,7 @@ struct Tables<'txn> {
     pending: Records<'txn>,
     quarantined: Records<'txn>,
     keys: redb::Table<'txn, &'static str, u64>,
+    down: redb::Table<'txn, &'static str, (u64, &'static str)>,
 }
 
 impl Tables<'_> {
@@ -571,6 +588,16 @@ impl Tables<'_> {
                     _ => false,
                 }
             }
+            Change::Down {
+                origin,
+                since_ms,
+                failure,
+            } => {
+                self.down
+                    .insert(origin.as_str(), (*since_ms, failure.as_str()))?;
+                true
+            }
+            Change::Up { origin } => self.down.remove(origin.as_str())?.is_some(),
         })
     }
 }
