@@ -642,6 +642,15 @@ mod tests {
             stored(store, "http://c.test:80", "c").await.unwrap();
         }
 
+        // A file made before destinations were kept has no table for them:
+        // it opens, and the table is made at the first write.
+        drop(RedbStore::open(path.clone()).unwrap());
+        let database = Database::open(&path).unwrap();
+        let write = database.begin_write().unwrap();
+        assert!(write.delete_table(schema::DOWN).unwrap());
+        write.commit().unwrap();
+        drop(database);
+
         let store = RedbStore::open(path.clone()).unwrap();
         stored(&store, A, "a1").await.unwrap();
         stored(&store, B, "b1").await.unwrap();
