@@ -229,6 +229,7 @@ impl Lanes {
         }
         let now = Instant::now();
         // A time ahead of this clock counts as now.
+        let since = since.min(SystemTime::now());
         let down_for = SystemTime::now().duration_since(since).unwrap_or_default();
         let mut kept = Kept::up();
         kept.down_since = Some((now.checked_sub(down_for).unwrap_or(now), since));

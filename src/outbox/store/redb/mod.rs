@@ -28,7 +28,8 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use file_safety::{open_file, publish, remove_stale_drafts, FileId, Opened};
 use lanes::Lanes;
 use schema::{
-    count_pending, last_seq, open_database_caught, read_down, KEYS, PENDING, QUARANTINED,
+    count_pending, last_seq, open_database_caught, read_down, unix_millis, KEYS, PENDING,
+    QUARANTINED,
 };
 use writer::{write_loop, Change, Job, Reply, Shared, Write};
 
@@ -119,7 +120,11 @@ impl RedbStore {
         };
         store.index()?;
         for (origin, since_ms, failure) in down {
-            let since = UNIX_EPOCH + Duration::from_millis(since_ms);
+            // A time past what the clock can hold (a file changed behind the
+            // store's back) counts as now.
+            let since = UNIX_EPOCH
+                .checked_add(Duration::from_millis(since_ms))
+                .unwrap_or_else(SystemTime::now);
             if !lock(&store.lanes).restore(&origin, since, failure) {
                 // Nothing pending to it any more.
                 store.remember(Change::Up { origin });
@@ -543,12 +548,6 @@ impl Store for RedbStore {
     }
 }
 
-/// `at` in milliseconds since the Unix epoch (zero before it).
-fn unix_millis(at: SystemTime) -> u64 {
-    let since = at.duration_since(UNIX_EPOCH).unwrap_or_default();
-    u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
-}
-
 #[cfg(test)]
 mod tests {
     use redb::Database;
@@ -693,8 +692,25 @@ mod tests {
             .unwrap();
         settled(&store).await;
         drop(store);
-        let store = RedbStore::open(path).unwrap();
+        let store = RedbStore::open(path.clone()).unwrap();
         assert_eq!(down_since(&store, A), None);
+        drop(store);
+
+        // A time past what the clock holds, written behind the store's
+        // back, counts as now: never a panic.
+        let database = Database::open(&path).unwrap();
+        let write = database.begin_write().unwrap();
+        write
+            .open_table(schema::DOWN)
+            .unwrap()
+            .insert(A, (u64::MAX, "x"))
+            .unwrap();
+        write.commit().unwrap();
+        drop(database);
+        let before = SystemTime::now();
+        let store = RedbStore::open(path).unwrap();
+        let since = down_since(&store, A).expect("down");
+        assert!(since >= before && since <= SystemTime::now());
         drop(store);
         std::fs::remove_dir_all(&directory).unwrap();
     }

@@ -5,6 +5,7 @@ use std::{
     fs::File,
     panic::{catch_unwind, AssertUnwindSafe},
     path::Path,
+    time::{SystemTime, UNIX_EPOCH},
 };
 
 use redb::{
@@ -211,6 +212,13 @@ pub(super) fn read_down(database: &Database) -> Result<Vec<(String, u64, String)
         rows.push((origin.value().to_owned(), since, failure[..end].to_owned()));
     }
     Ok(rows)
+}
+
+/// `at` as the file keeps times: milliseconds since the Unix epoch (zero
+/// before it).
+pub(super) fn unix_millis(at: SystemTime) -> u64 {
+    let since = at.duration_since(UNIX_EPOCH).unwrap_or_default();
+    u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
 }
 
 pub(super) fn count_pending(database: &Database) -> Result<u64, redb::Error> {

@@ -10,7 +10,7 @@ use std::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex, Weak,
     },
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime},
 };
 
 use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, StorageError};
@@ -21,7 +21,7 @@ use tokio::{
 
 use super::{
     file_safety::{reopen_file, FileId},
-    schema::{open_database_caught, DOWN, KEYS, META, PENDING, QUARANTINED},
+    schema::{open_database_caught, unix_millis, DOWN, KEYS, META, PENDING, QUARANTINED},
 };
 use crate::{
     outbox::{record::damaged_key, store::Inserted, Entry, OutboxError},
@@ -417,10 +417,7 @@ fn commit(
     let pending_count;
     {
         if recovering {
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap_or_default();
-            let millis = u64::try_from(now.as_millis()).unwrap_or(u64::MAX);
+            let millis = unix_millis(SystemTime::now());
             transaction.open_table(META)?.insert(RECOVERED_AT, millis)?;
         }
         let mut tables = Tables {
