@@ -229,8 +229,9 @@ impl Lanes {
         }
         let now = Instant::now();
         // A time ahead of this clock counts as now.
-        let since = since.min(SystemTime::now());
-        let down_for = SystemTime::now().duration_since(since).unwrap_or_default();
+        let wall = SystemTime::now();
+        let since = since.min(wall);
+        let down_for = wall.duration_since(since).unwrap_or_default();
         let mut kept = Kept::up();
         kept.down_since = Some((now.checked_sub(down_for).unwrap_or(now), since));
         kept.probe_delay = FIRST_PROBE_DELAY.min(self.longest_probe);
