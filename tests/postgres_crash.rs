@@ -34,6 +34,7 @@ use tower::util::MapRequest;
 use tower_terminal_retry::{
     outbox::{Dispatcher, Durability, Outbox, Replay, IDEMPOTENCY_KEY},
     test_server::{RecordedRequest, Reply, TestServer},
+    Recovery, Schedule, TerminalRetryLayer, TerminalRetryPolicy,
 };
 
 use outbox_support::{as_child, child_command, Random};
@@ -76,7 +77,19 @@ fn child() {
             request
         });
         let server = var(SERVER);
+        // The foreground retries on the test's scale: with the default
+        // schedule, a record answered 503 three times in a row once the
+        // other traffic has ended (nothing releases its wait early) sits in
+        // a 16 s backoff, held by its live sender, past the test's bounds.
+        let schedule =
+            Schedule::exponential(Duration::from_millis(100), 2.0, 5, Duration::MAX).unwrap();
+        let layer = TerminalRetryLayer::new(
+            TerminalRetryPolicy::default()
+                .with_schedule(schedule)
+                .with_recovery(Recovery::default()),
+        );
         let dispatcher = Dispatcher::builder(outbox, service)
+            .layer(layer)
             .origin(&server.parse().unwrap())
             .lease(millis(LEASE_MS))
             .replay(Replay {
