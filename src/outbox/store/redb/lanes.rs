@@ -124,6 +124,11 @@ impl Lanes {
         }
     }
 
+    /// Whether any record is pending to `origin`.
+    pub(super) fn holds(&self, origin: &str) -> bool {
+        self.pending.contains_key(origin)
+    }
+
     /// The pending records to `origin`, oldest first.
     pub(super) fn pending_to(&self, origin: &str) -> Vec<u64> {
         self.pending
@@ -222,10 +227,10 @@ impl Lanes {
 
     /// Restores `origin` as down since `since`, with `failure` its last, as
     /// the file kept it: its probe is due at once. Nothing is kept for an
-    /// origin with nothing pending: returns whether it was restored.
-    pub(super) fn restore(&mut self, origin: &str, since: SystemTime, failure: String) -> bool {
-        if !self.pending.contains_key(origin) {
-            return false;
+    /// origin with nothing pending.
+    pub(super) fn restore(&mut self, origin: &str, since: SystemTime, failure: String) {
+        if !self.holds(origin) {
+            return;
         }
         let now = Instant::now();
         // A time ahead of this clock counts as now.
@@ -237,7 +242,6 @@ impl Lanes {
         kept.probe_delay = FIRST_PROBE_DELAY.min(self.longest_probe);
         kept.last_failure = Some(failure);
         self.state.insert(origin.to_owned(), kept);
-        true
     }
 
     /// Forgets `origin`'s state: it starts afresh, up.

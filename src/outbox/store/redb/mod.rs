@@ -97,9 +97,9 @@ impl RedbStore {
         let (db, id) = open_or_create(&path)?;
         remove_stale_drafts(&path);
         let db = Arc::new(db);
+        let reading = db.clone();
         let next_seq = last_seq(&db).map_err(|error| OutboxError::io(&path, error))? + 1;
         let pending = count_pending(&db).map_err(|error| OutboxError::io(&path, error))?;
-        let down = read_down(&db).map_err(|error| OutboxError::io(&path, error))?;
         let (jobs, receiver) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             path,
@@ -119,16 +119,29 @@ impl RedbStore {
             lanes: Mutex::new(Lanes::new(super::lane_state::FIRST_PROBE_DELAY)),
         };
         store.index()?;
-        for (origin, since_ms, failure) in down {
+        let down = {
+            let lanes = lock(&store.lanes);
+            read_down(&reading, |origin| lanes.holds(origin))
+        }
+        .map_err(|error| OutboxError::io(&store.shared.path, error))?;
+        drop(reading);
+        let kept: HashSet<String> = down
+            .kept
+            .iter()
+            .map(|(origin, ..)| origin.clone())
+            .collect();
+        for (origin, since_ms, failure) in down.kept {
             // A time past what the clock can hold (a file changed behind the
             // store's back) counts as now.
             let since = UNIX_EPOCH
                 .checked_add(Duration::from_millis(since_ms))
                 .unwrap_or_else(SystemTime::now);
-            if !lock(&store.lanes).restore(&origin, since, failure) {
-                // Nothing pending to it any more.
-                store.remember(Change::Up { origin });
-            }
+            lock(&store.lanes).restore(&origin, since, failure);
+        }
+        if down.stale > 0 {
+            // Rows of destinations with nothing pending any more: one
+            // write, however many.
+            store.remember(Change::DownOnly { origins: kept });
         }
         Ok(store)
     }
@@ -680,9 +693,9 @@ mod tests {
         assert_eq!(down_since(&store, B), None);
         settled(&store).await;
         let database = lock(&store.shared.db).clone().unwrap();
-        let rows = schema::read_down(&database).unwrap();
-        assert_eq!(rows.len(), 1, "{rows:?}");
-        assert_eq!(rows[0].0, A);
+        let rows = schema::read_down(&database, |_| true).unwrap();
+        assert_eq!(rows.kept.len(), 1, "{rows:?}");
+        assert_eq!(rows.kept[0].0, A);
         drop(database);
 
         // An answer: up, and so after the next open too.
@@ -708,9 +721,39 @@ mod tests {
         write.commit().unwrap();
         drop(database);
         let before = SystemTime::now();
-        let store = RedbStore::open(path).unwrap();
+        let store = RedbStore::open(path.clone()).unwrap();
         let since = down_since(&store, A).expect("down");
         assert!(since >= before && since <= SystemTime::now());
+        drop(store);
+
+        // Many rows of origins with nothing pending, one of them a
+        // megabyte long, written behind the store's back: none is kept,
+        // and one write clears them all.
+        let database = Database::open(&path).unwrap();
+        let write = database.begin_write().unwrap();
+        {
+            let mut table = write.open_table(schema::DOWN).unwrap();
+            for index in 0..1000 {
+                table
+                    .insert(format!("http://gone-{index}.test").as_str(), (1, "x"))
+                    .unwrap();
+            }
+            table
+                .insert("h".repeat(1 << 20).as_str(), (1, "x"))
+                .unwrap();
+        }
+        write.commit().unwrap();
+        drop(database);
+        let store = RedbStore::open(path).unwrap();
+        assert!(down_since(&store, A).is_some());
+        assert_eq!(down_since(&store, "http://gone-0.test"), None);
+        settled(&store).await;
+        let database = lock(&store.shared.db).clone().unwrap();
+        let rows = schema::read_down(&database, |_| true).unwrap();
+        assert_eq!(rows.stale, 0);
+        assert_eq!(rows.kept.len(), 1, "only A's row is left");
+        assert_eq!(rows.kept[0].0, A);
+        drop(database);
         drop(store);
         std::fs::remove_dir_all(&directory).unwrap();
     }

@@ -191,25 +191,46 @@ pub(super) fn last_seq(database: &Database) -> Result<u64, redb::Error> {
 /// store writes is shorter; a file changed behind its back may say more.
 const MAX_FAILURE_BYTES: usize = 4096;
 
-/// The destinations that were down when the file was last written: origin,
-/// since when (milliseconds since the Unix epoch) and the last failure. A
-/// file of an earlier version of the format has none.
-pub(super) fn read_down(database: &Database) -> Result<Vec<(String, u64, String)>, redb::Error> {
+/// The destinations down when the file was last written, of those for
+/// which `pending` holds (the others' rows are not read into memory).
+#[derive(Debug, Default)]
+pub(super) struct DownRows {
+    /// Origin, since when (milliseconds since the Unix epoch) and the last
+    /// failure, capped.
+    pub(super) kept: Vec<(String, u64, String)>,
+    /// How many rows were of other origins.
+    pub(super) stale: u64,
+}
+
+/// The destinations that were down when the file was last written, of the
+/// origins for which `pending` holds. A file of an earlier version of the
+/// format has none.
+pub(super) fn read_down(
+    database: &Database,
+    pending: impl Fn(&str) -> bool,
+) -> Result<DownRows, redb::Error> {
     let read = database.begin_read()?;
     let table = match read.open_table(DOWN) {
         Ok(table) => table,
-        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(DownRows::default()),
         Err(error) => return Err(error.into()),
     };
-    let mut rows = Vec::new();
+    let mut rows = DownRows::default();
     for row in table.iter()? {
         let (origin, value) = row?;
+        // Kept only for an origin a pending record holds: bounded by the
+        // records, whatever the table holds.
+        if !pending(origin.value()) {
+            rows.stale += 1;
+            continue;
+        }
         let (since, failure) = value.value();
         let mut end = failure.len().min(MAX_FAILURE_BYTES);
         while !failure.is_char_boundary(end) {
             end -= 1;
         }
-        rows.push((origin.value().to_owned(), since, failure[..end].to_owned()));
+        rows.kept
+            .push((origin.value().to_owned(), since, failure[..end].to_owned()));
     }
     Ok(rows)
 }

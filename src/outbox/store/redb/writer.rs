@@ -3,6 +3,7 @@
 //! commit that failed; and what the store shares with it.
 
 use std::{
+    collections::HashSet,
     io,
     panic::{catch_unwind, AssertUnwindSafe},
     path::{Path, PathBuf},
@@ -94,6 +95,8 @@ pub(super) enum Change {
     },
     /// Forgets that a destination was down.
     Up { origin: String },
+    /// Forgets every destination down but `origins`.
+    DownOnly { origins: HashSet<String> },
 }
 
 impl Change {
@@ -107,6 +110,7 @@ impl Change {
                 | Change::Failed { .. }
                 | Change::Down { .. }
                 | Change::Up { .. }
+                | Change::DownOnly { .. }
         )
     }
 }
@@ -595,6 +599,10 @@ impl Tables<'_> {
                 true
             }
             Change::Up { origin } => self.down.remove(origin.as_str())?.is_some(),
+            Change::DownOnly { origins } => {
+                self.down.retain(|origin, _| origins.contains(origin))?;
+                true
+            }
         })
     }
 }
