@@ -151,6 +151,9 @@ impl Capture {
     fn install(&self) -> tracing::subscriber::DefaultGuard {
         let writer = self.clone();
         let subscriber = tracing_subscriber::fmt()
+            // No timestamps: a digit of one is never taken for a status.
+            .without_time()
+            .with_ansi(false)
             .with_writer(move || writer.clone())
             .with_max_level(tracing::Level::TRACE)
             .finish();
@@ -861,7 +864,7 @@ async fn a_conflict_supersedes_the_request_no_fallback_and_the_record_is_retired
     let lines = capture.lines();
     let warned = lines
         .iter()
-        .filter(|line| line.contains("WARN") && line.contains("409"))
+        .filter(|line| line.contains("WARN") && line.contains("409 Conflict"))
         .count();
     assert_eq!(warned, 2, "{lines:#?}");
 }

@@ -614,6 +614,9 @@ struct Log(Arc<Mutex<Vec<u8>>>);
 impl Log {
     fn install(&self) -> tracing::subscriber::DefaultGuard {
         let subscriber = tracing_subscriber::fmt()
+            // No timestamps: a digit of one is never taken for a status.
+            .without_time()
+            .with_ansi(false)
             .with_writer(self.clone())
             .with_max_level(tracing::Level::INFO)
             .finish();

@@ -79,6 +79,8 @@ pub fn capture() -> (Captured, tracing::subscriber::DefaultGuard) {
     let captured = Captured::default();
     let writer = captured.clone();
     let subscriber = tracing_subscriber::fmt()
+        // No timestamps: a digit of one is never taken for a status.
+        .without_time()
         .with_writer(move || writer.clone())
         .with_max_level(tracing::Level::DEBUG)
         .with_ansi(false)
