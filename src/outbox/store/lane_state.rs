@@ -6,8 +6,9 @@
 //! foreground records how its deliveries went in it too. The redb store
 //! keeps it in memory, for the one process that holds the file, and keeps
 //! in the file only when each destination went down and why, so that a
-//! restart goes on counting `give_up_after` from there; the PostgreSQL store keeps it in a table of the queue, so that every
-//! dispatcher honours one probe at a time and a pause given to any of them.
+//! restart goes on counting `give_up_after` from there; the PostgreSQL
+//! store keeps it in a table of the queue, so that every dispatcher honours
+//! one probe at a time and a pause given to any of them.
 //! A destination's state lives only while it has stored records: one with
 //! none is forgotten, so a receiver cannot make a store keep state for an
 //! origin nothing is stored for.

@@ -125,11 +125,14 @@ impl RedbStore {
         }
         .map_err(|error| OutboxError::io(&store.shared.path, error))?;
         drop(reading);
-        let kept: HashSet<String> = down
-            .kept
-            .iter()
-            .map(|(origin, ..)| origin.clone())
-            .collect();
+        if down.stale > 0 {
+            // Rows of destinations with nothing pending any more: one
+            // write, however many.
+            let kept = down.kept.iter().map(|(origin, ..)| origin.clone());
+            store.remember(Change::DownOnly {
+                origins: kept.collect(),
+            });
+        }
         for (origin, since_ms, failure) in down.kept {
             // A time past what the clock can hold (a file changed behind the
             // store's back) counts as now.
@@ -137,11 +140,6 @@ impl RedbStore {
                 .checked_add(Duration::from_millis(since_ms))
                 .unwrap_or_else(SystemTime::now);
             lock(&store.lanes).restore(&origin, since, failure);
-        }
-        if down.stale > 0 {
-            // Rows of destinations with nothing pending any more: one
-            // write, however many.
-            store.remember(Change::DownOnly { origins: kept });
         }
         Ok(store)
     }
